@@ -1,0 +1,108 @@
+"""The exceptions paymaster raises, each with a stable machine code."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .money import Money
+
+__all__ = [
+    "GovernanceUnavailable",
+    "HoldNotFound",
+    "HoldAlreadyResolved",
+    "PaymasterError",
+    "PolicyError",
+    "PolicyViolation",
+    "SchemaVersionError",
+    "ViolationCode",
+]
+
+
+class ViolationCode(str, Enum):
+    """Why a governed call was refused. The values are stable: match on them."""
+
+    NO_POLICY = "no_policy"
+    CAP_EXCEEDED = "cap_exceeded"
+    RUN_CAP_EXCEEDED = "run_cap_exceeded"
+    PER_CALL_CAP = "per_call_cap"
+    CALL_LIMIT = "call_limit"
+    ENDPOINT_NOT_ALLOWED = "endpoint_not_allowed"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    CUSTOMER_NOT_ALLOWED = "customer_not_allowed"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    ALREADY_COMPLETED = "already_completed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PaymasterError(Exception):
+    """Base class of every paymaster exception."""
+
+
+class PolicyViolation(PaymasterError):
+    """A governed call was refused before it happened.
+
+    ``code`` is a :class:`ViolationCode`; ``remaining`` is what is left of the budget
+    that refused the call (``None`` when no budget was involved).
+    """
+
+    def __init__(
+        self,
+        code: ViolationCode,
+        message: str,
+        *,
+        policy_id: str | None = None,
+        agent: str | None = None,
+        run: str | None = None,
+        vendor: str | None = None,
+        endpoint: str | None = None,
+        remaining: Money | None = None,
+        calls_remaining: int | None = None,
+    ) -> None:
+        super().__init__(f"[{code.value}] {message}")
+        self.code = code
+        self.message = message
+        self.policy_id = policy_id
+        self.agent = agent
+        self.run = run
+        self.vendor = vendor
+        self.endpoint = endpoint
+        self.remaining = remaining
+        self.calls_remaining = calls_remaining
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keep violations picklable across process pools with their keyword fields.
+        return (_rebuild_violation, (self.code, self.message, dict(self.__dict__)))
+
+
+def _rebuild_violation(
+    code: ViolationCode, message: str, state: dict[str, object]
+) -> PolicyViolation:
+    violation = PolicyViolation(code, message)
+    violation.__dict__.update(state)
+    return violation
+
+
+class GovernanceUnavailable(PaymasterError):
+    """The ledger could not be reached or written: the call did not happen (fail closed)."""
+
+
+class PolicyError(PaymasterError, ValueError):
+    """A policy, run policy or policy file is invalid; the message names where and what."""
+
+
+class SchemaVersionError(PaymasterError):
+    """The database schema is not one this version of paymaster can use."""
+
+
+class HoldNotFound(PaymasterError, LookupError):
+    """No hold has the given id."""
+
+
+class HoldAlreadyResolved(PaymasterError):
+    """A hold was settled, released or resolved already; a hold resolves exactly once."""
