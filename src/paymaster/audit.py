@@ -1,0 +1,383 @@
+"""The per-call audit log: one row per governed call, with tamper evidence.
+
+Every call leaves exactly one call row, whatever happened: ``allowed`` (settled),
+``failed`` (the vendor refused; the hold was released), ``errored`` (an exception in the
+caller's code; released), ``denied`` (a policy violation; nothing reserved) or
+``unknown`` (cancelled or timed out mid-call; the hold stays counted for reconciliation).
+An operator's later resolution of an ``unknown`` hold adds a ``reconciled`` event row.
+
+Tamper evidence is a SHA-256 hash chain *per agent type*: each row carries its chain's
+sequence number and the previous row's hash, and the chain's head lives in one small row.
+A per-agent chain was chosen over batch sealing because every row is protected the moment
+it commits, and the only calls that queue on a chain head are one agent type's, which
+already queue on that type's budget row; unrelated agents never share a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from .db import read_only
+from .money import Money
+from .schema import audit, audit_chain
+
+__all__ = ["AuditEntry", "AuditLog", "AuditRecord", "Outcome", "RunSummary", "VerifyResult"]
+
+MAX_ERROR_CHARS = 2000
+GENESIS = "0" * 64
+
+_SECRETS = [
+    (re.compile(r"\b(sk|rk|pk)_(live|test)_[A-Za-z0-9]{6,}"), "[redacted key]"),
+    (re.compile(r"\bpmk_[A-Za-z0-9_\-]{6,}"), "[redacted key]"),
+    (re.compile(r"(?i)bearer\s+[A-Za-z0-9._\-]{8,}"), "Bearer [redacted]"),
+    (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[redacted number]"),
+]
+
+
+class Outcome(str, Enum):
+    ALLOWED = "allowed"
+    FAILED = "failed"
+    ERRORED = "errored"
+    DENIED = "denied"
+    UNKNOWN = "unknown"
+    RECONCILED = "reconciled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def scrub(text: str | None) -> str | None:
+    """Remove API keys, bearer tokens and card-like numbers; truncate long texts."""
+    if text is None:
+        return None
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 15] + "...[truncated]"
+    return text
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What the governor knows about a call when it writes the call's row."""
+
+    agent: str
+    vendor: str
+    endpoint: str
+    method: str
+    outcome: Outcome
+    run: str | None = None
+    customer: str | None = None
+    http_status: int | None = None
+    vendor_request_id: str | None = None
+    currency: str | None = None
+    estimate: int = 0
+    actual: int = 0
+    policy_id: str | None = None
+    policy_hash: str | None = None
+    violation_code: str | None = None
+    error: str | None = None
+    hold_id: str | None = None
+    duration_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One stored audit row."""
+
+    id: int
+    at: datetime
+    run: str | None
+    agent: str
+    vendor: str
+    endpoint: str
+    method: str
+    customer: str | None
+    outcome: str
+    http_status: int | None
+    vendor_request_id: str | None
+    currency: str | None
+    estimate: int
+    actual: int
+    policy_id: str | None
+    policy_hash: str | None
+    violation_code: str | None
+    error: str | None
+    hold_id: str | None
+    duration_ms: int | None
+    chain: str
+    seq: int
+    prev_hash: str
+    hash: str
+
+    @property
+    def cost(self) -> Money | None:
+        """The actual cost, or ``None`` for a row without a currency."""
+        return Money(self.actual, self.currency) if self.currency else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["at"] = self.at.isoformat()
+        return data
+
+
+_HASHED = (
+    "chain seq prev_hash at run agent vendor endpoint method customer outcome http_status "
+    "vendor_request_id currency estimate actual policy_id policy_hash violation_code error "
+    "hold_id duration_ms"
+).split()
+
+
+def row_hash(values: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of a row's hashed fields."""
+    payload = [
+        values[name].isoformat(timespec="microseconds") if name == "at" else values[name]
+        for name in _HASHED
+    ]
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+
+
+def append(conn: Connection, entry: AuditEntry, at: datetime) -> int:
+    """Append one row in the caller's transaction; returns its id.
+
+    Takes the agent type's chain head with ``FOR UPDATE`` (on SQLite the ``BEGIN
+    IMMEDIATE`` write lock already serialises), so a chain never forks.
+    """
+    chain = entry.agent
+    head = conn.execute(
+        select(audit_chain.c.seq, audit_chain.c.head)
+        .where(audit_chain.c.chain == chain)
+        .with_for_update()
+    ).first()
+    if head is None:
+        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        conn.execute(
+            dialect_insert(audit_chain)
+            .values(chain=chain, seq=0, head=GENESIS)
+            .on_conflict_do_nothing(index_elements=["chain"])
+        )
+        head = conn.execute(
+            select(audit_chain.c.seq, audit_chain.c.head)
+            .where(audit_chain.c.chain == chain)
+            .with_for_update()
+        ).one()
+    seq, prev = int(head.seq) + 1, str(head.head)
+    values: dict[str, Any] = {
+        **{k: v for k, v in asdict(entry).items()},
+        "outcome": str(entry.outcome),
+        "error": scrub(entry.error),
+        "at": at,
+        "chain": chain,
+        "seq": seq,
+        "prev_hash": prev,
+    }
+    values["hash"] = row_hash(values)
+    row_id = conn.execute(insert(audit).values(**values).returning(audit.c.id)).scalar_one()
+    conn.execute(
+        update(audit_chain)
+        .where(audit_chain.c.chain == chain)
+        .values(seq=seq, head=values["hash"])
+    )
+    return int(row_id)
+
+
+@dataclass
+class RunSummary:
+    """Counts per outcome and spend per currency for one run."""
+
+    run: str
+    calls: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    spend: dict[str, Money] = field(default_factory=dict)
+    agents: list[str] = field(default_factory=list)
+    vendors: list[str] = field(default_factory=list)
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of :meth:`AuditLog.verify`."""
+
+    ok: bool
+    rows_checked: int
+    chains: int
+    first_bad_id: int | None = None
+    reason: str | None = None
+
+
+class AuditLog:
+    """Queries over the audit log (reads never take the SQLite write lock)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _filtered(
+        self,
+        *,
+        run: str | None = None,
+        agent: str | None = None,
+        vendor: str | None = None,
+        outcome: str | Outcome | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Any:
+        query = select(audit)
+        if run is not None:
+            query = query.where(audit.c.run == run)
+        if agent is not None:
+            query = query.where(audit.c.agent == agent)
+        if vendor is not None:
+            query = query.where(audit.c.vendor == vendor)
+        if outcome is not None:
+            query = query.where(audit.c.outcome == str(outcome))
+        if since is not None:
+            query = query.where(audit.c.at >= since)
+        if until is not None:
+            query = query.where(audit.c.at < until)
+        return query
+
+    def query(
+        self,
+        *,
+        run: str | None = None,
+        agent: str | None = None,
+        vendor: str | None = None,
+        outcome: str | Outcome | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[AuditRecord]:
+        """Rows matching every given filter, oldest first unless ``newest_first``."""
+        query = self._filtered(
+            run=run, agent=agent, vendor=vendor, outcome=outcome, since=since, until=until
+        )
+        query = query.order_by(audit.c.id.desc() if newest_first else audit.c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        with read_only(self._engine) as conn:
+            return [AuditRecord(**row._mapping) for row in conn.execute(query)]
+
+    def iter_records(
+        self, *, since: datetime | None = None, until: datetime | None = None, batch: int = 1000
+    ) -> Iterator[AuditRecord]:
+        """Stream rows in id order with constant memory (keyset pagination)."""
+        last_id = 0
+        while True:
+            query = (
+                self._filtered(since=since, until=until)
+                .where(audit.c.id > last_id)
+                .order_by(audit.c.id)
+                .limit(batch)
+            )
+            with read_only(self._engine) as conn:
+                rows = [AuditRecord(**row._mapping) for row in conn.execute(query)]
+            yield from rows
+            if len(rows) < batch:
+                return
+            last_id = rows[-1].id
+
+    def count(self, **filters: Any) -> int:
+        query = select(func.count()).select_from(self._filtered(**filters).subquery())
+        with read_only(self._engine) as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def run_summary(self, run: str) -> RunSummary:
+        """Counts per outcome and settled spend per currency of one run."""
+        summary = RunSummary(run=run)
+        with read_only(self._engine) as conn:
+            rows = conn.execute(
+                select(
+                    audit.c.outcome,
+                    audit.c.currency,
+                    func.count().label("n"),
+                    func.sum(audit.c.actual).label("spent"),
+                    func.min(audit.c.at).label("first"),
+                    func.max(audit.c.at).label("last"),
+                )
+                .where(audit.c.run == run)
+                .group_by(audit.c.outcome, audit.c.currency)
+            ).all()
+            summary.agents = sorted(
+                conn.execute(select(audit.c.agent).where(audit.c.run == run).distinct()).scalars()
+            )
+            summary.vendors = sorted(
+                conn.execute(select(audit.c.vendor).where(audit.c.run == run).distinct()).scalars()
+            )
+        for row in rows:
+            if row.outcome != Outcome.RECONCILED.value:
+                summary.calls += int(row.n)
+            summary.outcomes[row.outcome] = summary.outcomes.get(row.outcome, 0) + int(row.n)
+            if row.currency and row.spent:
+                spent = Money(int(row.spent), row.currency)
+                previous = summary.spend.get(row.currency)
+                summary.spend[row.currency] = spent if previous is None else previous + spent
+            first, last = _aware(row.first), _aware(row.last)
+            summary.first_at = min(filter(None, (summary.first_at, first)), default=None)
+            summary.last_at = max(filter(None, (summary.last_at, last)), default=None)
+        return summary
+
+    def verify(self, *, batch: int = 1000) -> VerifyResult:
+        """Recompute every chain; name the first bad row (lowest id) if any."""
+        with read_only(self._engine) as conn:
+            heads = {
+                row.chain: (int(row.seq), row.head) for row in conn.execute(select(audit_chain))
+            }
+        first_bad: tuple[int, str] | None = None
+        checked = 0
+        for chain, (head_seq, head_hash) in sorted(heads.items()):
+            expected_seq, prev, last_id = 1, GENESIS, 0
+            bad: tuple[int, str] | None = None
+            while bad is None:
+                query = (
+                    select(audit)
+                    .where(audit.c.chain == chain, audit.c.seq >= expected_seq)
+                    .order_by(audit.c.seq)
+                    .limit(batch)
+                )
+                with read_only(self._engine) as conn:
+                    rows = [AuditRecord(**r._mapping) for r in conn.execute(query)]
+                for record in rows:
+                    checked += 1
+                    values = record.to_dict()
+                    values["at"] = record.at
+                    if record.seq != expected_seq:
+                        bad = (record.id, f"chain {chain!r}: row(s) missing before seq {record.seq}")
+                    elif record.prev_hash != prev:
+                        bad = (record.id, f"chain {chain!r}: prev_hash does not match row before")
+                    elif row_hash(values) != record.hash:
+                        bad = (record.id, f"chain {chain!r}: row content does not match its hash")
+                    if bad:
+                        break
+                    expected_seq, prev, last_id = record.seq + 1, record.hash, record.id
+                if bad is None and len(rows) < batch:
+                    if expected_seq - 1 != head_seq or prev != head_hash:
+                        bad = (last_id, f"chain {chain!r}: rows after seq {expected_seq - 1} missing")
+                    break
+            if bad and (first_bad is None or bad[0] < first_bad[0]):
+                first_bad = bad
+        if first_bad:
+            return VerifyResult(False, checked, len(heads), first_bad[0], first_bad[1])
+        return VerifyResult(True, checked, len(heads))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    from datetime import timezone
+
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite aggregates come back as text
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

@@ -1,0 +1,530 @@
+"""The facade users hold: policies + ledger + audit log.
+
+::
+
+    gov = Governor("sqlite:///paymaster.db", policies=load_policies("policies.yaml"))
+    with gov.guard(agent="refund-agent", run="run-42", vendor="stripe",
+                   endpoint="/v1/refunds", method="POST", customer="cus_1",
+                   estimate=Money.parse("25.00 USD")) as call:
+        refund = stripe_client.refunds.create(...)   # outside any transaction
+        call.settle(actual=refund.amount, http_status=200, vendor_request_id=...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import getpass
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import Engine
+
+from .audit import AuditEntry, AuditLog, Outcome
+from .db import SQLiteSync, connect, ensure_schema
+from .errors import GovernanceUnavailable, PolicyViolation
+from .ledger import (
+    BudgetStatus,
+    Hold,
+    HoldState,
+    Ledger,
+    Reservation,
+    ReserveRequest,
+    Revocation,
+    RevocationScope,
+)
+from .loading import load_policies
+from .money import Money
+from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
+
+__all__ = ["GovernedCall", "Governor"]
+
+log = logging.getLogger("paymaster")
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exceptions after which nobody knows whether the vendor call moved money: the hold is
+#: kept (still counted) and marked for reconciliation instead of being released.
+OUTCOME_UNKNOWN_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    asyncio.CancelledError,
+    KeyboardInterrupt,
+    SystemExit,
+    GeneratorExit,
+    TimeoutError,
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database in some containers
+        return "unknown"
+
+
+class GovernedCall:
+    """One reserved call. Resolve it once: :meth:`settle`, :meth:`fail` or :meth:`unknown`.
+
+    Leaving the ``guard`` block without resolving settles at the estimate; leaving it by an
+    exception releases the hold (or, for cancellation and timeouts, marks it unknown).
+    """
+
+    def __init__(self, ledger: Ledger, reservation: Reservation, policy: EffectivePolicy) -> None:
+        self._ledger = ledger
+        self.reservation = reservation
+        self.policy = policy
+        self.hold: Hold = reservation.hold
+        self._started = time.monotonic()
+
+    @property
+    def hold_id(self) -> str:
+        return self.hold.id
+
+    @property
+    def estimate(self) -> Money:
+        return self.hold.estimate
+
+    @property
+    def remaining(self) -> Money:
+        """What was left of the daily budget once this call was reserved."""
+        return self.reservation.remaining
+
+    @property
+    def idempotency_key(self) -> str:
+        """The key to send to the vendor so a retry cannot pay twice."""
+        return self.hold.idempotency_key or f"paymaster-{self.hold.id}"
+
+    @property
+    def resolved(self) -> bool:
+        return self.hold.state is not HoldState.PENDING
+
+    def _elapsed_ms(self) -> int:
+        return int((time.monotonic() - self._started) * 1000)
+
+    def _money(self, actual: Money | int | None) -> Money:
+        if actual is None:
+            return self.estimate
+        if isinstance(actual, Money):
+            return actual
+        if isinstance(actual, bool) or not isinstance(actual, int):
+            raise TypeError("actual must be Money or an int of minor units")
+        return Money(actual, self.estimate.currency)
+
+    def settle(
+        self,
+        actual: Money | int | None = None,
+        *,
+        http_status: int | None = None,
+        vendor_request_id: str | None = None,
+    ) -> Hold:
+        """The call succeeded: spend ``actual`` (Money, or int minor units in the call's
+        currency; default the estimate)."""
+        self.hold = self._ledger.settle(
+            self.hold.id, self._money(actual), http_status=http_status,
+            vendor_request_id=vendor_request_id, duration_ms=self._elapsed_ms(),
+        )  # fmt: skip
+        return self.hold
+
+    def fail(
+        self,
+        *,
+        http_status: int | None = None,
+        vendor_request_id: str | None = None,
+        error: str | None = None,
+    ) -> Hold:
+        """The vendor refused the call and no money moved: release the hold."""
+        self.hold = self._ledger.release(
+            self.hold.id, outcome=Outcome.FAILED, http_status=http_status,
+            vendor_request_id=vendor_request_id, error=error, duration_ms=self._elapsed_ms(),
+        )  # fmt: skip
+        return self.hold
+
+    def unknown(self, error: str) -> Hold:
+        """Whether money moved is unknown: keep the hold counted for reconciliation."""
+        self.hold = self._ledger.mark_unknown(
+            self.hold.id, error=error, duration_ms=self._elapsed_ms()
+        )
+        return self.hold
+
+
+class Governor:
+    """Governs calls: pure policy checks, a reserve before the call, a settle after it."""
+
+    def __init__(
+        self,
+        database: str | Engine = "sqlite:///paymaster.db",
+        *,
+        policies: PolicySet | Iterable[Policy] | str | Path,
+        clock: Callable[[], datetime] = _utcnow,
+        sqlite_synchronous: SQLiteSync = "FULL",
+        upgrade_schema: bool = True,
+        unknown_on: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS,
+        max_threads: int = 16,
+    ) -> None:
+        self.engine = (
+            database
+            if isinstance(database, Engine)
+            else connect(database, sqlite_synchronous=sqlite_synchronous, pool_size=max_threads)
+        )
+        ensure_schema(self.engine, upgrade=upgrade_schema)
+        if isinstance(policies, (str, Path)):
+            policies = load_policies(policies)
+        self.policies = policies if isinstance(policies, PolicySet) else PolicySet(policies)
+        self._clock = clock
+        self.ledger = Ledger(self.engine, clock)
+        self.audit = AuditLog(self.engine)
+        self._unknown_on = unknown_on
+        self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="paymaster")
+
+    def close(self) -> None:
+        """Release the connection pool and worker threads."""
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    def __enter__(self) -> Governor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the call path -------------------------------------------------------------------
+    def effective_policy(
+        self, agent: str, vendor: str, run_policy: RunPolicy | None = None
+    ) -> EffectivePolicy:
+        return effective_policy(self.policies.require(agent, vendor), run_policy)
+
+    def _prepare(
+        self,
+        *,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str,
+        estimate: Money | None,
+        customer: str | None,
+        run: str | None,
+        run_policy: RunPolicy | None,
+        idempotency_key: str | None,
+    ) -> ReserveRequest:
+        """The pure checks; a violation is audited (the only I/O) and raised."""
+        method = method.upper()
+        try:
+            policy_set_entry = self.policies.require(agent, vendor, run=run)
+        except PolicyViolation as violation:
+            self.ledger.record_denial(None, violation, entry=AuditEntry(
+                agent=agent, run=run, vendor=vendor, endpoint=endpoint, method=method,
+                customer=customer, outcome=Outcome.DENIED,
+                currency=estimate.currency if estimate else None,
+                estimate=estimate.amount if estimate else 0,
+                violation_code=violation.code.value, error=violation.message,
+            ))  # fmt: skip
+            raise
+        policy = effective_policy(policy_set_entry, run_policy)
+        cost = estimate if estimate is not None else Money.zero(policy.currency)
+        request = ReserveRequest(
+            agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=cost,
+            policy=policy, run=run, customer=customer, idempotency_key=idempotency_key,
+        )  # fmt: skip
+        try:
+            canonical = policy.check(
+                endpoint=endpoint, method=method, customer=customer, estimate=cost,
+                now=self._clock(), run=run,
+            )  # fmt: skip
+        except PolicyViolation as violation:
+            self.ledger.record_denial(request, violation)
+            raise
+        return ReserveRequest(**{**request.__dict__, "endpoint": canonical})
+
+    @contextmanager
+    def guard(
+        self,
+        *,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str = "POST",
+        estimate: Money | None = None,
+        customer: str | None = None,
+        run: str | None = None,
+        run_policy: RunPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> Iterator[GovernedCall]:
+        """Govern one call made inside the ``with`` block.
+
+        Raises :class:`PolicyViolation` before the block runs if the call is refused, and
+        :class:`GovernanceUnavailable` if the ledger cannot be reached (fail closed).
+        ``estimate=None`` governs a call that moves no money (still checked and counted).
+        """
+        request = self._prepare(
+            agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=estimate,
+            customer=customer, run=run, run_policy=run_policy, idempotency_key=idempotency_key,
+        )  # fmt: skip
+        call = GovernedCall(self.ledger, self.ledger.reserve(request), request.policy)
+        try:
+            yield call
+        except BaseException as exc:
+            _close_call(call, exc, self._unknown_on)
+            raise
+        _close_call(call, None, self._unknown_on)
+
+    @asynccontextmanager
+    async def aguard(
+        self,
+        *,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str = "POST",
+        estimate: Money | None = None,
+        customer: str | None = None,
+        run: str | None = None,
+        run_policy: RunPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncIterator[GovernedCall]:
+        """:meth:`guard` for asyncio: ledger work runs in worker threads, never on the loop.
+
+        A task cancelled while its reserve is in flight releases the hold once the reserve
+        lands (the call never ran); cancelled inside the block, the hold is kept and marked
+        unknown, since the vendor may have acted.
+        """
+        request = await self._off_loop(
+            functools.partial(
+                self._prepare, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
+                estimate=estimate, customer=customer, run=run, run_policy=run_policy,
+                idempotency_key=idempotency_key,
+            )
+        )  # fmt: skip
+        reservation, cancelled = await self._to_completion(self.ledger.reserve, request)
+        if cancelled:
+            await self._to_completion(
+                self.ledger.release, reservation.hold.id, outcome=Outcome.ERRORED,
+                error="task cancelled before the call was made",
+            )  # fmt: skip
+            raise asyncio.CancelledError
+        call = _AsyncGovernedCall(self.ledger, reservation, request.policy, self)
+        try:
+            yield call
+        except BaseException as exc:
+            await self._to_completion(_close_call, call, exc, self._unknown_on)
+            raise
+        _, cancelled = await self._to_completion(_close_call, call, None, self._unknown_on)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def _to_completion(
+        self, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> tuple[T, bool]:
+        """Run ``fn`` in a worker thread and wait for it even if this task is cancelled
+        meanwhile (a ledger write cannot be abandoned half-way); report the cancellation."""
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kwargs)
+        )
+        cancelled = False
+        while True:
+            try:
+                return await asyncio.shield(future), cancelled
+            except asyncio.CancelledError:
+                if future.done() and future.cancelled():
+                    raise
+                cancelled = True
+
+    def governed(
+        self,
+        *,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str = "POST",
+        estimate: Money | Callable[..., Money | None] | None = None,
+        customer: str | Callable[..., str | None] | None = None,
+        run: str | Callable[..., str | None] | None = None,
+        actual: Callable[[Any], Money | int | None] | None = None,
+    ) -> Callable[[F], F]:
+        """Decorate a function (sync or async) so each call of it is governed.
+
+        ``estimate``, ``customer`` and ``run`` may be callables of the function's
+        arguments; ``actual`` maps its result to the actual cost (default: the estimate).
+        """
+
+        def resolve(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return value(*args, **kwargs) if callable(value) else value
+
+        def spec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "agent": agent, "vendor": vendor, "endpoint": endpoint, "method": method,
+                "estimate": resolve(estimate, args, kwargs),
+                "customer": resolve(customer, args, kwargs),
+                "run": resolve(run, args, kwargs),
+            }  # fmt: skip
+
+        def decorate(fn: F) -> F:
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    async with self.aguard(**spec(args, kwargs)) as call:
+                        result = await fn(*args, **kwargs)
+                        await call.settle(actual(result) if actual else None)
+                        return result
+
+                return cast(F, async_wrapper)
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                with self.guard(**spec(args, kwargs)) as call:
+                    result = fn(*args, **kwargs)
+                    call.settle(actual(result) if actual else None)
+                    return result
+
+            return cast(F, wrapper)
+
+        return decorate
+
+    # -- operations ----------------------------------------------------------------------
+    def revoke(
+        self,
+        *,
+        agent: str | None = None,
+        run: str | None = None,
+        everything: bool = False,
+        reason: str,
+        by: str | None = None,
+    ) -> int:
+        """Kill switch: the next reserve of every process in this scope is refused."""
+        scope, target = self._scope(agent, run, everything)
+        return self.ledger.revoke(scope, target, reason=reason, by=by or _who())
+
+    def restore(
+        self,
+        *,
+        agent: str | None = None,
+        run: str | None = None,
+        everything: bool = False,
+        reason: str = "restored",
+        by: str | None = None,
+    ) -> int:
+        scope, target = self._scope(agent, run, everything)
+        return self.ledger.restore(scope, target, reason=reason, by=by or _who())
+
+    @staticmethod
+    def _scope(
+        agent: str | None, run: str | None, everything: bool
+    ) -> tuple[RevocationScope, str | None]:
+        if sum((agent is not None, run is not None, everything)) != 1:
+            raise ValueError("name exactly one of agent=..., run=... or everything=True")
+        if everything:
+            return RevocationScope.ALL, None
+        if agent is not None:
+            return RevocationScope.AGENT, agent
+        return RevocationScope.RUN, run
+
+    def revocations(self) -> list[Revocation]:
+        return self.ledger.revocations()
+
+    def holds(self, *, older_than: timedelta | None = None) -> list[Hold]:
+        """Unresolved holds (pending or unknown), oldest first."""
+        return self.ledger.holds(older_than=older_than)
+
+    def resolve_hold(
+        self,
+        hold_id: str,
+        *,
+        settle: Money | None = None,
+        release: bool = False,
+        reason: str,
+        by: str | None = None,
+    ) -> Hold:
+        return self.ledger.resolve_hold(
+            hold_id, settle=settle, release=release, reason=reason, by=by or _who()
+        )
+
+    def budgets(self, *, day: date | None = None) -> list[BudgetStatus]:
+        return self.ledger.budgets(day=day)
+
+
+class _AsyncGovernedCall(GovernedCall):
+    """The call object of :meth:`Governor.aguard`: its resolving methods are awaitable."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        reservation: Reservation,
+        policy: EffectivePolicy,
+        governor: Governor,
+    ) -> None:
+        super().__init__(ledger, reservation, policy)
+        self._governor = governor
+
+    async def settle(  # type: ignore[override]
+        self,
+        actual: Money | int | None = None,
+        *,
+        http_status: int | None = None,
+        vendor_request_id: str | None = None,
+    ) -> Hold:
+        hold, cancelled = await self._governor._to_completion(
+            GovernedCall.settle, self, actual, http_status=http_status,
+            vendor_request_id=vendor_request_id,
+        )  # fmt: skip
+        if cancelled:
+            raise asyncio.CancelledError
+        return hold
+
+    async def fail(  # type: ignore[override]
+        self,
+        *,
+        http_status: int | None = None,
+        vendor_request_id: str | None = None,
+        error: str | None = None,
+    ) -> Hold:
+        hold, cancelled = await self._governor._to_completion(
+            GovernedCall.fail, self, http_status=http_status,
+            vendor_request_id=vendor_request_id, error=error,
+        )  # fmt: skip
+        if cancelled:
+            raise asyncio.CancelledError
+        return hold
+
+    async def unknown(self, error: str) -> Hold:  # type: ignore[override]
+        hold, cancelled = await self._governor._to_completion(GovernedCall.unknown, self, error)
+        if cancelled:
+            raise asyncio.CancelledError
+        return hold
+
+
+def _close_call(
+    call: GovernedCall, exc: BaseException | None, unknown_on: tuple[type[BaseException], ...]
+) -> None:
+    """Resolve the hold as the block ended, if the block did not (runs off the event loop
+    for ``aguard``, hence the base-class resolvers)."""
+    if call.resolved:
+        return
+    if exc is None:
+        GovernedCall.settle(call)
+        return
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    try:
+        if isinstance(exc, unknown_on):
+            GovernedCall.unknown(call, f"outcome unknown, hold kept for reconciliation: {text}")
+        else:
+            call.hold = call._ledger.release(
+                call.hold.id, outcome=Outcome.ERRORED, error=text,
+                duration_ms=call._elapsed_ms(),
+            )  # fmt: skip
+    except GovernanceUnavailable:
+        # The user's exception must surface unchanged; the hold stays pending and counted.
+        log.exception("could not record hold %s after %s; it stays pending", call.hold.id, text)

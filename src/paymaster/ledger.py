@@ -1,0 +1,706 @@
+"""The shared ledger: budgets, holds and revocations, and their atomic operations.
+
+* **reserve** (one transaction): revocation check; for every budget the call counts
+  against, ``committed = committed + x WHERE committed + x <= cap`` (the row lock of that
+  conditional UPDATE is what keeps the cap under any concurrency); a pending hold.
+* **settle** / **release** / **mark_unknown** (one transaction each): resolve the hold
+  exactly once, correct ``committed`` by the difference, append the call's audit row.
+
+``committed`` counts pending estimates plus settled actuals (plus holds of unknown
+outcome), so a settle at exactly its estimate never touches the hot budget row. Holds
+never expire: a crashed holder's hold stays counted until someone resolves it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timedelta
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+
+from . import audit as audit_log
+from .audit import AuditEntry, Outcome
+from .db import read_only, unavailable_on_error
+from .errors import HoldAlreadyResolved, HoldNotFound, PolicyViolation, ViolationCode
+from .money import Money
+from .policy import EffectivePolicy
+from .schema import budget, hold, revocation
+
+__all__ = [
+    "BudgetStatus",
+    "Hold",
+    "HoldState",
+    "Ledger",
+    "Reservation",
+    "ReserveRequest",
+    "Revocation",
+    "RevocationScope",
+]
+
+
+class HoldState(str, Enum):
+    PENDING = "pending"
+    SETTLED = "settled"
+    RELEASED = "released"
+    UNKNOWN = "unknown"  # outcome not known (cancelled or timed out mid-call): still counted
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RevocationScope(str, Enum):
+    ALL = "all"
+    AGENT = "agent"
+    RUN = "run"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """One call to reserve for, already checked against ``policy``'s pure rules."""
+
+    agent: str
+    vendor: str
+    endpoint: str
+    method: str
+    estimate: Money
+    policy: EffectivePolicy
+    run: str | None = None
+    customer: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A reserved call: its estimate counts against its budgets until it is resolved."""
+
+    id: str
+    idempotency_key: str | None
+    agent: str
+    run: str | None
+    vendor: str
+    endpoint: str
+    method: str
+    customer: str | None
+    estimate: Money
+    actual: Money | None
+    daily_budget_id: int
+    run_budget_id: int | None
+    policy_id: str
+    policy_hash: str
+    state: HoldState
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+    resolution: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Hold:
+        m = row._mapping
+        return cls(
+            id=m["id"], idempotency_key=m["idempotency_key"], agent=m["agent"], run=m["run"],
+            vendor=m["vendor"], endpoint=m["endpoint"], method=m["method"],
+            customer=m["customer"], estimate=Money(int(m["estimate"]), m["currency"]),
+            actual=None if m["actual"] is None else Money(int(m["actual"]), m["currency"]),
+            daily_budget_id=int(m["daily_budget_id"]),
+            run_budget_id=None if m["run_budget_id"] is None else int(m["run_budget_id"]),
+            policy_id=m["policy_id"], policy_hash=m["policy_hash"],
+            state=HoldState(m["state"]), created_at=m["created_at"],
+            resolved_at=m["resolved_at"], resolved_by=m["resolved_by"],
+            resolution=m["resolution"],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The result of a successful reserve."""
+
+    hold: Hold
+    remaining: Money  # what is left of the daily budget after this reservation
+    run_remaining: Money | None
+    resumed: bool = False  # an existing pending hold was found by its idempotency key
+
+
+@dataclass(frozen=True)
+class Revocation:
+    id: int
+    scope: RevocationScope
+    target: str
+    reason: str
+    revoked_by: str
+    revoked_at: datetime
+    lifted_at: datetime | None
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One budget window as the ledger sees it now."""
+
+    id: int
+    kind: str
+    agent: str
+    vendor: str
+    run: str
+    window: str
+    cap: Money | None
+    committed: Money
+    settled: Money
+    pending: Money  # pending and unknown holds' estimates
+    calls: int
+    calls_cap: int | None
+
+    @property
+    def remaining(self) -> Money | None:
+        return None if self.cap is None else self.cap - self.committed
+
+
+class _Denied(Exception):
+    def __init__(self, violation: PolicyViolation) -> None:
+        self.violation = violation
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Ledger:
+    """Atomic ledger operations over one database (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._budget_ids: dict[tuple[str, ...], int] = {}
+
+    # -- reserve -------------------------------------------------------------------------
+    def reserve(self, request: ReserveRequest) -> Reservation:
+        """Reserve the call's estimate against every budget it counts against.
+
+        Raises :class:`PolicyViolation` (revoked, cap exceeded, call limit) having written
+        nothing but the denial's audit row, or :class:`GovernanceUnavailable`.
+        """
+        with unavailable_on_error(self._engine, "reserving"):
+            for attempt in range(4):
+                now = self._clock()
+                try:
+                    with self._engine.begin() as conn:
+                        return self._reserve(conn, request, now)
+                except _Denied as denied:
+                    self.record_denial(request, denied.violation)
+                    raise denied.violation from None
+                except IntegrityError:
+                    # A concurrent reserve with the same idempotency key committed first;
+                    # the next attempt finds its hold.
+                    if attempt == 3 or request.idempotency_key is None:
+                        raise
+                except _StaleBudgetId:
+                    self._budget_ids.clear()
+        raise AssertionError("unreachable")
+
+    def _reserve(self, conn: Connection, req: ReserveRequest, now: datetime) -> Reservation:
+        existing = None
+        if req.idempotency_key is not None:
+            existing = conn.execute(
+                select(hold).where(hold.c.idempotency_key == req.idempotency_key).with_for_update()
+            ).first()
+        if existing is not None:
+            found = Hold.from_row(existing)
+            if found.state is HoldState.PENDING:
+                return Reservation(found, *self._remaining(conn, found), resumed=True)
+            if found.state is not HoldState.RELEASED:
+                raise _Denied(self._violation(
+                    req, ViolationCode.ALREADY_COMPLETED,
+                    f"the call with idempotency key {req.idempotency_key!r} already ended "
+                    f"({found.state}); it is not repeated",
+                ))  # fmt: skip
+        self._check_revoked(conn, req)
+        policy = req.policy
+        x = req.estimate.amount
+        daily_id = self._budget_id(
+            conn, ("daily", req.agent, req.vendor, policy.currency, "", now.date().isoformat()),
+            now,
+        )
+        run_id = None
+        if policy.has_run_budget:
+            if req.run is None:
+                raise _Denied(self._violation(
+                    req, ViolationCode.RUN_CAP_EXCEEDED,
+                    "the run policy sets a run budget but the call names no run",
+                ))  # fmt: skip
+            run_id = self._budget_id(
+                conn, ("run", req.agent, req.vendor, policy.currency, req.run, ""), now
+            )
+        if existing is None:
+            hold_id = _new_id()
+            conn.execute(
+                insert(hold).values(
+                    id=hold_id, idempotency_key=req.idempotency_key, agent=req.agent,
+                    run=req.run, vendor=req.vendor, endpoint=req.endpoint, method=req.method,
+                    customer=req.customer, currency=req.estimate.currency, estimate=x,
+                    daily_budget_id=daily_id, run_budget_id=run_id,
+                    policy_id=policy.policy_id, policy_hash=policy.hash,
+                    state=HoldState.PENDING.value, created_at=now,
+                )
+            )  # fmt: skip
+        else:
+            hold_id = existing.id
+            conn.execute(
+                update(hold)
+                .where(hold.c.id == hold_id, hold.c.state == HoldState.RELEASED.value)
+                .values(
+                    state=HoldState.PENDING.value, estimate=x, actual=None,
+                    currency=req.estimate.currency, daily_budget_id=daily_id,
+                    run_budget_id=run_id, policy_id=policy.policy_id, policy_hash=policy.hash,
+                    created_at=now, resolved_at=None, resolved_by=None, resolution=None,
+                )
+            )  # fmt: skip
+        # The hot rows last, so their row locks are held only until the commit.
+        daily_left = self._take(
+            conn, req, daily_id, x, policy.daily_cap.amount, policy.max_calls_per_day,
+            ViolationCode.CAP_EXCEEDED, "daily",
+        )  # fmt: skip
+        run_left = None
+        if run_id is not None:
+            run_left = self._take(
+                conn, req, run_id, x,
+                None if policy.run_cap is None else policy.run_cap.amount,
+                policy.run_max_calls, ViolationCode.RUN_CAP_EXCEEDED, "run",
+            )  # fmt: skip
+        row = conn.execute(select(hold).where(hold.c.id == hold_id)).one()
+        return Reservation(Hold.from_row(row), daily_left, run_left)
+
+    def _take(
+        self,
+        conn: Connection,
+        req: ReserveRequest,
+        budget_id: int,
+        x: int,
+        cap: int | None,
+        calls_cap: int | None,
+        cap_code: ViolationCode,
+        label: str,
+    ) -> Money:
+        currency = req.policy.currency
+        stmt = (
+            update(budget)
+            .where(budget.c.id == budget_id)
+            .values(
+                committed=budget.c.committed + x,
+                calls=budget.c.calls + 1,
+                cap=cap,
+                calls_cap=calls_cap,
+            )
+        )
+        if cap is not None:
+            stmt = stmt.where(budget.c.committed + x <= cap)
+        if calls_cap is not None:
+            stmt = stmt.where(budget.c.calls < calls_cap)
+        taken = conn.execute(stmt.returning(budget.c.committed)).first()
+        if taken is not None:
+            committed = int(taken.committed)
+            return Money((cap - committed) if cap is not None else 0, currency)
+        current = conn.execute(
+            select(budget.c.committed, budget.c.calls).where(budget.c.id == budget_id)
+        ).first()
+        if current is None:
+            raise _StaleBudgetId
+        committed, calls = int(current.committed), int(current.calls)
+        policy = req.policy
+        if cap is not None and committed + x > cap:
+            left = Money(max(cap - committed, 0), currency)
+            scope = f"run {req.run!r}" if label == "run" else "today"
+            raise _Denied(PolicyViolation(
+                cap_code,
+                f"{req.estimate.format()} would exceed the {label} cap of "
+                f"{Money(cap, currency).format()} for {req.agent}/{req.vendor} ({scope}): "
+                f"{Money(committed, currency).format()} already committed, "
+                f"{left.format()} remaining",
+                policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
+                endpoint=req.endpoint, remaining=left,
+            ))  # fmt: skip
+        raise _Denied(PolicyViolation(
+            ViolationCode.CALL_LIMIT,
+            f"the {label} limit of {calls_cap} calls for {req.agent}/{req.vendor} is reached "
+            f"({calls} made)",
+            policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
+            endpoint=req.endpoint, calls_remaining=0,
+            remaining=None if cap is None else Money(cap - committed, currency),
+        ))  # fmt: skip
+
+    def _budget_id(self, conn: Connection, key: tuple[str, ...], now: datetime) -> int:
+        cached = self._budget_ids.get(key)
+        if cached is not None:
+            return cached
+        kind, agent, vendor, currency, run, window = key
+        where = and_(
+            budget.c.kind == kind, budget.c.agent == agent, budget.c.vendor == vendor,
+            budget.c.currency == currency, budget.c.run == run, budget.c.window == window,
+        )  # fmt: skip
+        found = conn.execute(select(budget.c.id).where(where)).scalar()
+        if found is None:
+            dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            conn.execute(
+                dialect_insert(budget)
+                .values(
+                    kind=kind, agent=agent, vendor=vendor, currency=currency, run=run,
+                    window=window, committed=0, calls=0, created_at=now,
+                )
+                .on_conflict_do_nothing()
+            )  # fmt: skip
+            found = conn.execute(select(budget.c.id).where(where)).scalar_one()
+        self._budget_ids[key] = int(found)
+        return int(found)
+
+    def _check_revoked(self, conn: Connection, req: ReserveRequest) -> None:
+        scopes = [revocation.c.kind == RevocationScope.ALL.value]
+        scopes.append(
+            and_(revocation.c.kind == RevocationScope.AGENT.value, revocation.c.target == req.agent)
+        )
+        if req.run is not None:
+            scopes.append(
+                and_(revocation.c.kind == RevocationScope.RUN.value, revocation.c.target == req.run)
+            )
+        row = conn.execute(
+            select(revocation.c.kind, revocation.c.target, revocation.c.reason)
+            .where(revocation.c.lifted_at.is_(None), or_(*scopes))
+            .order_by(revocation.c.id)
+            .limit(1)
+        ).first()
+        if row is not None:
+            what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
+            raise _Denied(
+                self._violation(req, ViolationCode.REVOKED, f"{what} is revoked: {row.reason}")
+            )
+
+    def _remaining(self, conn: Connection, found: Hold) -> tuple[Money, Money | None]:
+        def left(budget_id: int | None) -> Money | None:
+            if budget_id is None:
+                return None
+            row = conn.execute(
+                select(budget.c.cap, budget.c.committed).where(budget.c.id == budget_id)
+            ).one()
+            cap = 0 if row.cap is None else int(row.cap) - int(row.committed)
+            return Money(cap, found.estimate.currency)
+
+        daily = left(found.daily_budget_id)
+        assert daily is not None
+        return daily, left(found.run_budget_id)
+
+    @staticmethod
+    def _violation(req: ReserveRequest, code: ViolationCode, message: str) -> PolicyViolation:
+        return PolicyViolation(
+            code, message, policy_id=req.policy.policy_id, agent=req.agent, run=req.run,
+            vendor=req.vendor, endpoint=req.endpoint,
+        )  # fmt: skip
+
+    def record_denial(
+        self,
+        request: ReserveRequest | None,
+        violation: PolicyViolation,
+        *,
+        entry: AuditEntry | None = None,
+    ) -> None:
+        """Append the audit row of a refused call (nothing else is written)."""
+        if entry is None:
+            assert request is not None
+            entry = AuditEntry(
+                agent=request.agent, run=request.run, vendor=request.vendor,
+                endpoint=request.endpoint, method=request.method, customer=request.customer,
+                outcome=Outcome.DENIED, currency=request.estimate.currency,
+                estimate=request.estimate.amount, actual=0,
+                policy_id=request.policy.policy_id, policy_hash=request.policy.hash,
+                violation_code=violation.code.value, error=violation.message,
+            )  # fmt: skip
+        with unavailable_on_error(self._engine, "auditing a denial"), self._engine.begin() as conn:
+            audit_log.append(conn, entry, self._clock())
+
+    # -- resolve -------------------------------------------------------------------------
+    def settle(
+        self,
+        hold_id: str,
+        actual: Money,
+        *,
+        http_status: int | None = None,
+        vendor_request_id: str | None = None,
+        duration_ms: int | None = None,
+        error: str | None = None,
+    ) -> Hold:
+        """The call succeeded and cost ``actual`` (which may differ from the estimate)."""
+        return self._resolve(
+            hold_id, HoldState.SETTLED, actual,
+            AuditEntry(
+                agent="", vendor="", endpoint="", method="", outcome=Outcome.ALLOWED,
+                http_status=http_status, vendor_request_id=vendor_request_id,
+                duration_ms=duration_ms, error=error,
+            ),
+        )  # fmt: skip
+
+    def release(
+        self,
+        hold_id: str,
+        *,
+        outcome: Outcome = Outcome.FAILED,
+        http_status: int | None = None,
+        vendor_request_id: str | None = None,
+        duration_ms: int | None = None,
+        error: str | None = None,
+    ) -> Hold:
+        """The call failed and no money moved: free its estimate."""
+        return self._resolve(
+            hold_id, HoldState.RELEASED, None,
+            AuditEntry(
+                agent="", vendor="", endpoint="", method="", outcome=outcome,
+                http_status=http_status, vendor_request_id=vendor_request_id,
+                duration_ms=duration_ms, error=error,
+            ),
+        )  # fmt: skip
+
+    def mark_unknown(
+        self, hold_id: str, *, error: str, duration_ms: int | None = None
+    ) -> Hold:
+        """Whether money moved is unknown: keep the hold counted, flag it for reconciliation."""
+        return self._resolve(
+            hold_id, HoldState.UNKNOWN, None,
+            AuditEntry(
+                agent="", vendor="", endpoint="", method="", outcome=Outcome.UNKNOWN,
+                duration_ms=duration_ms, error=error,
+            ),
+        )  # fmt: skip
+
+    def resolve_hold(
+        self,
+        hold_id: str,
+        *,
+        settle: Money | None = None,
+        release: bool = False,
+        reason: str,
+        by: str,
+    ) -> Hold:
+        """An operator resolves a pending or unknown hold (e.g. one left by a crash)."""
+        if (settle is None) == (not release):
+            raise ValueError("resolve a hold with exactly one of settle=<Money> or release=True")
+        if not reason.strip():
+            raise ValueError("a reason is required to resolve a hold")
+        state = HoldState.SETTLED if settle is not None else HoldState.RELEASED
+        outcome = Outcome.ALLOWED if settle is not None else Outcome.FAILED
+        return self._resolve(
+            hold_id, state, settle,
+            AuditEntry(
+                agent="", vendor="", endpoint="", method="", outcome=outcome,
+                error=f"resolved by {by}: {reason}",
+            ),
+            by=by, reason=reason, allowed_from=(HoldState.PENDING, HoldState.UNKNOWN),
+        )  # fmt: skip
+
+    def _resolve(
+        self,
+        hold_id: str,
+        state: HoldState,
+        actual: Money | None,
+        template: AuditEntry,
+        *,
+        by: str | None = None,
+        reason: str | None = None,
+        allowed_from: Sequence[HoldState] = (HoldState.PENDING,),
+    ) -> Hold:
+        with unavailable_on_error(self._engine, f"recording the call as {state}"):
+            with self._engine.begin() as conn:
+                row = conn.execute(
+                    select(hold).where(hold.c.id == hold_id).with_for_update()
+                ).first()
+                if row is None:
+                    raise HoldNotFound(f"no hold {hold_id!r}")
+                current = Hold.from_row(row)
+                if current.state not in allowed_from:
+                    raise HoldAlreadyResolved(
+                        f"hold {hold_id} is already {current.state} "
+                        f"(at {current.resolved_at}); a hold resolves exactly once"
+                    )
+                now = self._clock()
+                currency = current.estimate.currency
+                if actual is not None and actual.currency != currency:
+                    raise ValueError(
+                        f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
+                    )
+                amount = actual.amount if actual is not None else 0
+                if state is HoldState.SETTLED:
+                    delta = amount - current.estimate.amount
+                elif state is HoldState.RELEASED:
+                    delta = -current.estimate.amount
+                else:
+                    delta = 0
+                conn.execute(
+                    update(hold)
+                    .where(hold.c.id == hold_id)
+                    .values(
+                        state=state.value,
+                        actual=amount if state is HoldState.SETTLED else None,
+                        resolved_at=now,
+                        resolved_by=by,
+                        resolution=reason,
+                    )
+                )
+                if delta:
+                    ids = [current.daily_budget_id]
+                    if current.run_budget_id is not None:
+                        ids.append(current.run_budget_id)
+                    for budget_id in ids:  # fixed order (daily, run): no lock cycles
+                        conn.execute(
+                            update(budget)
+                            .where(budget.c.id == budget_id)
+                            .values(committed=budget.c.committed + delta)
+                        )
+                outcome = template.outcome
+                if current.state is HoldState.UNKNOWN:
+                    outcome = Outcome.RECONCILED
+                error = template.error
+                if state is HoldState.SETTLED and delta > 0:
+                    over = Money(delta, currency).format()
+                    error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
+                entry = replace(
+                    template,
+                    agent=current.agent, run=current.run, vendor=current.vendor,
+                    endpoint=current.endpoint, method=current.method,
+                    customer=current.customer, currency=currency,
+                    estimate=current.estimate.amount, actual=amount,
+                    policy_id=current.policy_id, policy_hash=current.policy_hash,
+                    hold_id=hold_id, outcome=outcome, error=error,
+                )  # fmt: skip
+                audit_log.append(conn, entry, now)
+                updated = conn.execute(select(hold).where(hold.c.id == hold_id)).one()
+                return Hold.from_row(updated)
+
+    # -- revocations ---------------------------------------------------------------------
+    def revoke(
+        self, scope: RevocationScope, target: str | None, *, reason: str, by: str
+    ) -> int:
+        """Refuse every later reserve in ``scope`` until restored; returns the revocation id."""
+        scope = RevocationScope(scope)
+        if scope is not RevocationScope.ALL and not target:
+            raise ValueError(f"revoking a {scope} needs its name")
+        if not reason.strip():
+            raise ValueError("a revocation needs a reason")
+        with unavailable_on_error(self._engine, "revoking"), self._engine.begin() as conn:
+            return int(
+                conn.execute(
+                    insert(revocation)
+                    .values(
+                        kind=scope.value,
+                        target="" if scope is RevocationScope.ALL else str(target),
+                        reason=reason, revoked_by=by, revoked_at=self._clock(),
+                    )
+                    .returning(revocation.c.id)
+                ).scalar_one()
+            )  # fmt: skip
+
+    def restore(
+        self, scope: RevocationScope, target: str | None, *, reason: str, by: str
+    ) -> int:
+        """Lift the active revocations of exactly this scope; returns how many."""
+        scope = RevocationScope(scope)
+        with unavailable_on_error(self._engine, "restoring"), self._engine.begin() as conn:
+            result = conn.execute(
+                update(revocation)
+                .where(
+                    revocation.c.lifted_at.is_(None),
+                    revocation.c.kind == scope.value,
+                    revocation.c.target == ("" if scope is RevocationScope.ALL else str(target)),
+                )
+                .values(lifted_at=self._clock(), lifted_by=by, lift_reason=reason)
+            )
+            return int(result.rowcount)
+
+    def revocations(self, *, active_only: bool = True) -> list[Revocation]:
+        query = select(revocation).order_by(revocation.c.id)
+        if active_only:
+            query = query.where(revocation.c.lifted_at.is_(None))
+        with read_only(self._engine) as conn:
+            return [
+                Revocation(
+                    id=int(r.id), scope=RevocationScope(r.kind), target=r.target,
+                    reason=r.reason, revoked_by=r.revoked_by, revoked_at=r.revoked_at,
+                    lifted_at=r.lifted_at,
+                )
+                for r in conn.execute(query)
+            ]  # fmt: skip
+
+    # -- inspection ----------------------------------------------------------------------
+    def get_hold(self, hold_id: str) -> Hold:
+        with read_only(self._engine) as conn:
+            row = conn.execute(select(hold).where(hold.c.id == hold_id)).first()
+        if row is None:
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        return Hold.from_row(row)
+
+    def holds(
+        self,
+        *,
+        states: Sequence[HoldState] = (HoldState.PENDING, HoldState.UNKNOWN),
+        older_than: timedelta | None = None,
+        run: str | None = None,
+    ) -> list[Hold]:
+        """Holds in the given states (by default the unresolved ones), oldest first."""
+        query = select(hold).where(hold.c.state.in_([s.value for s in states]))
+        if older_than is not None:
+            query = query.where(hold.c.created_at <= self._clock() - older_than)
+        if run is not None:
+            query = query.where(hold.c.run == run)
+        with read_only(self._engine) as conn:
+            return [Hold.from_row(r) for r in conn.execute(query.order_by(hold.c.created_at))]
+
+    def budgets(self, *, day: date | None = None) -> list[BudgetStatus]:
+        """Budgets of one UTC day (default today) and the runs with holds that day."""
+        window = (day or self._clock().date()).isoformat()
+        with read_only(self._engine) as conn:
+            daily = conn.execute(
+                select(budget).where(budget.c.kind == "daily", budget.c.window == window)
+            ).all()
+            daily_ids = [int(r.id) for r in daily]
+            run_ids = conn.execute(
+                select(hold.c.run_budget_id)
+                .where(hold.c.daily_budget_id.in_(daily_ids), hold.c.run_budget_id.is_not(None))
+                .distinct()
+            ).scalars().all()
+            runs = conn.execute(select(budget).where(budget.c.id.in_(run_ids))).all()
+            sums: dict[int, tuple[int, int]] = {}
+            for column in (hold.c.daily_budget_id, hold.c.run_budget_id):
+                for row in conn.execute(
+                    select(
+                        column.label("bid"),
+                        func.sum(case((hold.c.state == "settled", hold.c.actual), else_=0)),
+                        func.sum(
+                            case((hold.c.state.in_(["pending", "unknown"]), hold.c.estimate),
+                                 else_=0)
+                        ),
+                    )
+                    .where(column.in_(daily_ids + list(run_ids)))
+                    .group_by(column)
+                ):
+                    sums[int(row[0])] = (int(row[1] or 0), int(row[2] or 0))
+        result = []
+        for row in [*daily, *runs]:
+            settled, pending = sums.get(int(row.id), (0, 0))
+            result.append(
+                BudgetStatus(
+                    id=int(row.id), kind=row.kind, agent=row.agent, vendor=row.vendor,
+                    run=row.run, window=row.window,
+                    cap=None if row.cap is None else Money(int(row.cap), row.currency),
+                    committed=Money(int(row.committed), row.currency),
+                    settled=Money(settled, row.currency), pending=Money(pending, row.currency),
+                    calls=int(row.calls),
+                    calls_cap=None if row.calls_cap is None else int(row.calls_cap),
+                )
+            )  # fmt: skip
+        return result
+
+
+class _StaleBudgetId(Exception):
+    """A cached budget id no longer exists (the database was reset); look it up again."""

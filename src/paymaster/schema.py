@@ -1,0 +1,161 @@
+"""The ledger's tables (SQLAlchemy Core). Alembic migrations in ``paymaster.migrations``
+create them; this module is the single description the code and the migrations share.
+
+There are deliberately no foreign keys from ``hold`` to ``budget``: on PostgreSQL each
+insert would take a KEY SHARE lock on the hot budget row and turn it into a multixact
+under load. The ledger writes both in one transaction instead.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["audit", "audit_chain", "budget", "hold", "metadata", "revocation"]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("paymaster stores aware UTC datetimes only")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+Id = BigInteger().with_variant(Integer, "sqlite")
+
+metadata = MetaData()
+
+budget = Table(
+    "paymaster_budget",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("kind", String(8), nullable=False),  # "daily" | "run"
+    Column("agent", String(200), nullable=False),
+    Column("vendor", String(100), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("run", String(200), nullable=False, default=""),
+    Column("window", String(10), nullable=False, default=""),  # "YYYY-MM-DD" for daily
+    Column("cap", BigInteger, nullable=True),
+    Column("calls_cap", BigInteger, nullable=True),
+    # pending estimates + settled actuals (+ holds of unknown outcome), minor units
+    Column("committed", BigInteger, nullable=False, default=0),
+    Column("calls", BigInteger, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("kind", "agent", "vendor", "currency", "run", "window", name="uq_budget"),
+)
+
+hold = Table(
+    "paymaster_hold",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("agent", String(200), nullable=False),
+    Column("run", String(200), nullable=True),
+    Column("vendor", String(100), nullable=False),
+    Column("endpoint", String(500), nullable=False),
+    Column("method", String(10), nullable=False),
+    Column("customer", String(200), nullable=True),
+    Column("currency", String(3), nullable=False),
+    Column("estimate", BigInteger, nullable=False),
+    Column("actual", BigInteger, nullable=True),
+    Column("daily_budget_id", Id, nullable=False),
+    Column("run_budget_id", Id, nullable=True),
+    Column("policy_id", String(200), nullable=False),
+    Column("policy_hash", String(64), nullable=False),
+    Column("state", String(10), nullable=False),  # pending | settled | released | unknown
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("resolved_at", UTCDateTime, nullable=True),
+    Column("resolved_by", String(200), nullable=True),
+    Column("resolution", Text, nullable=True),
+    Index("ix_hold_state_created", "state", "created_at"),
+    Index("ix_hold_daily_budget", "daily_budget_id", "state"),
+    Index("ix_hold_run", "run"),
+)
+
+revocation = Table(
+    "paymaster_revocation",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("kind", String(8), nullable=False),  # all | agent | run
+    Column("target", String(200), nullable=False, default=""),
+    Column("reason", Text, nullable=False),
+    Column("revoked_by", String(200), nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=False),
+    Column("lifted_at", UTCDateTime, nullable=True),
+    Column("lifted_by", String(200), nullable=True),
+    Column("lift_reason", Text, nullable=True),
+    Index("ix_revocation_active", "lifted_at", "kind", "target"),
+)
+
+audit = Table(
+    "paymaster_audit",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("run", String(200), nullable=True),
+    Column("agent", String(200), nullable=False),
+    Column("vendor", String(100), nullable=False),
+    Column("endpoint", String(500), nullable=False),
+    Column("method", String(10), nullable=False),
+    Column("customer", String(200), nullable=True),
+    Column("outcome", String(12), nullable=False),
+    Column("http_status", Integer, nullable=True),
+    Column("vendor_request_id", String(200), nullable=True),
+    Column("currency", String(3), nullable=True),
+    Column("estimate", BigInteger, nullable=False, default=0),
+    Column("actual", BigInteger, nullable=False, default=0),
+    Column("policy_id", String(200), nullable=True),
+    Column("policy_hash", String(64), nullable=True),
+    Column("violation_code", String(40), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("hold_id", String(32), nullable=True),
+    Column("duration_ms", Integer, nullable=True),
+    # Tamper evidence: one hash chain per agent type (see paymaster.audit).
+    Column("chain", String(200), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("chain", "seq", name="uq_audit_chain_seq"),
+    Index("ix_audit_run", "run"),
+    Index("ix_audit_agent_at", "agent", "at"),
+    Index("ix_audit_vendor_at", "vendor", "at"),
+    Index("ix_audit_at", "at"),
+)
+
+audit_chain = Table(
+    "paymaster_audit_chain",
+    metadata,
+    Column("chain", String(200), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("head", String(64), nullable=False),
+)
