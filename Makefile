@@ -1,0 +1,39 @@
+# Every target bootstraps what it needs: uv (installed with pip if missing), the venv
+# (on this machine's python3; uv never downloads an interpreter) and the dependencies.
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := python3
+
+TOOLS := .tools
+UV := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
+VENV := .venv
+SYNCED := $(VENV)/.synced
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench clean
+
+$(TOOLS)/bin/uv:
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv
+
+$(SYNCED): pyproject.toml $(wildcard uv.lock) $(wildcard adapters/*/pyproject.toml) | $(UV)
+	$(UV) venv --quiet --allow-existing --python python3 $(VENV)
+	$(UV) sync --quiet --all-packages --all-extras
+	@touch $@
+
+demo: $(SYNCED)
+	$(PY) examples/runaway_refund_loop.py
+
+test: $(SYNCED)
+	$(PY) -m pytest -q
+
+lint: $(SYNCED)
+	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff format --check src
+	$(VENV)/bin/mypy
+
+bench: $(SYNCED)
+	$(PY) bench/ledger_bench.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

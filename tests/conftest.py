@@ -1,0 +1,131 @@
+"""Shared fixtures: every ledger test runs on SQLite and on PostgreSQL.
+
+PostgreSQL comes from ``PAYMASTER_TEST_POSTGRES_URL`` (e.g.
+``postgresql+psycopg://root@127.0.0.1:5432/test``). Without it the PostgreSQL cases skip
+with that reason; with ``CI=true`` a missing or unreachable PostgreSQL fails instead.
+Each test gets its own schema (PostgreSQL) or file (SQLite), so tests never share state.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from paymaster import Governor, Policy
+
+PG_ENV = "PAYMASTER_TEST_POSTGRES_URL"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _pg_base_url() -> str | None:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        if IN_CI:
+            pytest.fail(f"CI=true but {PG_ENV} is not set: PostgreSQL tests must run in CI")
+        return None
+    return url.replace("postgresql://", "postgresql+psycopg://", 1) if "+" not in url else url
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    url = _pg_base_url()
+    if url is None:
+        pytest.skip(f"PostgreSQL tests skipped: set {PG_ENV} to a PostgreSQL URL to run them")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001
+        message = f"PostgreSQL at {PG_ENV} is unreachable: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    finally:
+        engine.dispose()
+    yield url
+
+
+def _pg_schema_url(admin_url: str) -> tuple[str, Callable[[], None]]:
+    schema = "t_" + uuid.uuid4().hex[:12]
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in admin_url else "?"
+    url = f"{admin_url}{sep}options={quote(f'-csearch_path={schema}')}"
+
+    def drop() -> None:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+    return url, drop
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty ledger database URL on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    admin = request.getfixturevalue("pg_admin_url")
+    url, drop = _pg_schema_url(admin)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+class Clock:
+    """An injectable clock: tests move time instead of sleeping."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def refund_policy(**overrides: object) -> Policy:
+    """The policy most tests use: refunds for refund-agent, $100 a day, $50 a call."""
+    fields: dict[str, object] = {
+        "id": "refunds",
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "currency": "USD",
+        "daily_cap": "100.00",
+        "per_call_cap": "50.00",
+        "endpoints": ["/v1/refunds"],
+    }
+    fields.update(overrides)
+    return Policy.model_validate(fields)
+
+
+@pytest.fixture
+def make_governor(db_url: str, clock: Clock) -> Iterator[Callable[..., Governor]]:
+    """Build governors on this test's database (several share it, like processes do)."""
+    made: list[Governor] = []
+
+    def make(*policies: Policy, **kwargs: object) -> Governor:
+        kwargs.setdefault("clock", clock)
+        gov = Governor(db_url, policies=list(policies) or [refund_policy()], **kwargs)  # type: ignore[arg-type]
+        made.append(gov)
+        return gov
+
+    yield make
+    for gov in made:
+        gov.close()

@@ -1,0 +1,397 @@
+"""The governed-call API on both backends: reserve, settle, release, deny, audit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from conftest import Clock, refund_policy
+
+from paymaster import (
+    Governor,
+    HoldAlreadyResolved,
+    HoldState,
+    Money,
+    Outcome,
+    Policy,
+    PolicyError,
+    PolicyViolation,
+    RunPolicy,
+    ViolationCode,
+)
+
+USD = "USD"
+MakeGov = Callable[..., Governor]
+
+
+def refund(gov: Governor, amount: str, **kw: object) -> None:
+    """One governed refund settled at its estimate."""
+    args: dict[str, object] = {
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money.parse(f"{amount} USD"),
+    }
+    args.update(kw)
+    with gov.guard(**args) as call:  # type: ignore[arg-type]
+        call.settle(http_status=200, vendor_request_id="req_1")
+
+
+def test_at_cap_passes_and_over_cap_fails(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    refund(gov, "50.00")
+    refund(gov, "50.00")  # exactly at the $100 cap
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "0.01")
+    assert info.value.code is ViolationCode.CAP_EXCEEDED
+    assert info.value.remaining == Money(0, USD)
+    assert info.value.policy_id == "refunds"
+
+
+def test_cumulative_spend_counts_actuals(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+        estimate=Money.parse("50.00 USD"),
+    ) as call:  # fmt: skip
+        call.settle(Money.parse("30.00 USD"))
+    [daily] = gov.budgets()
+    assert daily.committed == Money(3000, USD)
+    assert daily.settled == Money(3000, USD)
+    refund(gov, "50.00")
+    refund(gov, "20.00")
+    with pytest.raises(PolicyViolation):
+        refund(gov, "0.01")
+
+
+def test_denied_call_never_runs_and_is_audited_once(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    ran = []
+    with pytest.raises(PolicyViolation) as info, gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/charges",
+        estimate=Money.parse("1.00 USD"),
+    ):  # fmt: skip
+        ran.append(True)
+    assert not ran
+    assert info.value.code is ViolationCode.ENDPOINT_NOT_ALLOWED
+    [row] = gov.audit.query()
+    assert row.outcome == Outcome.DENIED.value
+    assert row.violation_code == "endpoint_not_allowed"
+    assert row.actual == 0
+    assert row.hold_id is None
+    assert gov.holds() == []
+
+
+def test_refunds_subpath_allowed_and_lookalike_denied(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    refund(gov, "1.00", endpoint="/v1/refunds/re_abc123", method="GET")
+    for path in ("/v1/refundsX", "/v1/refunds/../charges", "/v1/refunds/%2e%2e/charges"):
+        with pytest.raises(PolicyViolation) as info:
+            refund(gov, "1.00", endpoint=path)
+        assert info.value.code is ViolationCode.ENDPOINT_NOT_ALLOWED
+
+
+def test_no_policy_is_denied_and_audited(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "1.00", agent="someone-else")
+    assert info.value.code is ViolationCode.NO_POLICY
+    assert gov.audit.query()[0].violation_code == "no_policy"
+
+
+def test_customer_allowlist_and_currency(make_governor: MakeGov) -> None:
+    gov = make_governor(refund_policy(customers=["cus_ok"]))
+    refund(gov, "1.00", customer="cus_ok")
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "1.00", customer="cus_other")
+    assert info.value.code is ViolationCode.CUSTOMER_NOT_ALLOWED
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "1.00")
+    assert info.value.code is ViolationCode.CUSTOMER_NOT_ALLOWED
+    with pytest.raises(PolicyViolation) as info, gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", customer="cus_ok",
+        estimate=Money.parse("1.00 EUR"),
+    ):  # fmt: skip
+        pass
+    assert info.value.code is ViolationCode.CURRENCY_MISMATCH
+
+
+def test_jpy_and_kwd_amounts_are_exact(make_governor: MakeGov) -> None:
+    jpy = Policy(
+        agent="jp-agent", vendor="stripe", currency="JPY", daily_cap="1000",
+        endpoints=["/v1/refunds"],
+    )  # fmt: skip
+    kwd = Policy(
+        agent="kw-agent", vendor="stripe", currency="KWD", daily_cap="1.000",
+        endpoints=["/v1/refunds"],
+    )  # fmt: skip
+    gov = make_governor(jpy, kwd)
+    assert jpy.daily_cap.amount == 1000  # ¥1,000 is 1000 minor units
+    assert kwd.daily_cap.amount == 1000  # 1.000 KWD is 1000 fils
+    for _ in range(2):
+        with gov.guard(agent="jp-agent", vendor="stripe", endpoint="/v1/refunds",
+                       estimate=Money.of("500", "JPY")) as call:  # fmt: skip
+            call.settle(500)
+    with pytest.raises(PolicyViolation), gov.guard(
+        agent="jp-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money.of("1", "JPY")
+    ):
+        pass
+    with gov.guard(agent="kw-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money.of("0.999", "KWD")) as call:  # fmt: skip
+        call.settle()
+    with pytest.raises(PolicyViolation) as info, gov.guard(
+        agent="kw-agent", vendor="stripe", endpoint="/v1/refunds",
+        estimate=Money.of("0.002", "KWD"),
+    ):  # fmt: skip
+        pass
+    assert info.value.remaining == Money(1, "KWD")
+    spend = {b.agent: b.settled for b in gov.budgets()}
+    assert spend == {"jp-agent": Money(1000, "JPY"), "kw-agent": Money(999, "KWD")}
+
+
+def test_exception_in_block_releases_and_reraises_unchanged(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    boom = RuntimeError("card_declined")
+    with pytest.raises(RuntimeError) as info, gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+        estimate=Money.parse("50.00 USD"),
+    ):  # fmt: skip
+        raise boom
+    assert info.value is boom
+    [row] = gov.audit.query()
+    assert row.outcome == "errored"
+    assert row.error == "RuntimeError: card_declined"
+    assert gov.budgets()[0].committed == Money(0, USD)
+    refund(gov, "50.00")
+    refund(gov, "50.00")
+
+
+def test_explicit_fail_releases_with_status(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money.parse("50.00 USD")) as call:  # fmt: skip
+        call.fail(http_status=402, vendor_request_id="req_x", error="card_declined")
+    [row] = gov.audit.query()
+    assert (row.outcome, row.http_status, row.vendor_request_id) == ("failed", 402, "req_x")
+    assert gov.ledger.get_hold(call.hold_id).state is HoldState.RELEASED
+
+
+def test_timeout_keeps_hold_counted_as_unknown(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with pytest.raises(TimeoutError), gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+        estimate=Money.parse("50.00 USD"),
+    ):  # fmt: skip
+        raise TimeoutError("read timed out")
+    [held] = gov.holds()
+    assert held.state is HoldState.UNKNOWN
+    assert gov.budgets()[0].committed == Money(5000, USD)
+    assert gov.audit.query()[0].outcome == "unknown"
+    resolved = gov.resolve_hold(held.id, release=True, reason="Stripe shows no refund", by="ops")
+    assert resolved.state is HoldState.RELEASED
+    assert gov.budgets()[0].committed == Money(0, USD)
+    assert [r.outcome for r in gov.audit.query()] == ["unknown", "reconciled"]
+    with pytest.raises(HoldAlreadyResolved):
+        gov.resolve_hold(held.id, release=True, reason="again", by="ops")
+
+
+def test_settle_resolves_exactly_once(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money.parse("5.00 USD")) as call:  # fmt: skip
+        call.settle()
+        with pytest.raises(HoldAlreadyResolved):
+            call.settle()
+    assert len(gov.audit.query()) == 1
+
+
+def test_actual_above_estimate_is_recorded_and_flagged(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money.parse("40.00 USD")) as call:  # fmt: skip
+        call.settle(Money.parse("45.00 USD"))
+    [row] = gov.audit.query()
+    assert row.actual == 4500
+    assert row.error is not None and "exceeded estimate by $5.00" in row.error
+    assert gov.budgets()[0].committed == Money(4500, USD)
+
+
+def test_per_call_cap_and_call_limit(make_governor: MakeGov) -> None:
+    gov = make_governor(refund_policy(max_calls_per_day=2))
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "50.01")
+    assert info.value.code is ViolationCode.PER_CALL_CAP
+    refund(gov, "1.00")
+    refund(gov, "1.00")
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "1.00")
+    assert info.value.code is ViolationCode.CALL_LIMIT
+
+
+def test_run_budget_counts_besides_daily(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    tight = RunPolicy(cap="30.00 USD", max_calls=5)
+    refund(gov, "20.00", run="run-1", run_policy=tight)
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "20.00", run="run-1", run_policy=tight)
+    assert info.value.code is ViolationCode.RUN_CAP_EXCEEDED
+    assert info.value.remaining == Money(1000, USD)
+    refund(gov, "20.00", run="run-2", run_policy=tight)  # another run has its own budget
+    daily = next(b for b in gov.budgets() if b.kind == "daily")
+    assert daily.committed == Money(4000, USD)  # both runs count against the day
+    with pytest.raises(PolicyError, match="per_call_cap"):
+        refund(gov, "1.00", run="run-3", run_policy=RunPolicy(per_call_cap="99.00 USD"))
+
+
+def test_expiry_uses_the_injected_clock(make_governor: MakeGov, clock: Clock) -> None:
+    gov = make_governor(refund_policy(expires_at=clock.now.replace(hour=13)))
+    refund(gov, "1.00")  # future expiry passes
+    clock.advance(hours=1)
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "1.00")
+    assert info.value.code is ViolationCode.EXPIRED
+
+
+def test_day_rollover_opens_a_new_budget(make_governor: MakeGov, clock: Clock) -> None:
+    gov = make_governor()
+    refund(gov, "50.00")
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money.parse("50.00 USD")) as late_call:  # fmt: skip
+        clock.advance(days=1)  # the call straddles midnight UTC: it settles against yesterday
+        late_call.settle(Money.parse("40.00 USD"))
+    refund(gov, "50.00")
+    refund(gov, "50.00")
+    with pytest.raises(PolicyViolation):
+        refund(gov, "0.01")
+    [today] = gov.budgets()
+    [yesterday] = gov.budgets(day=clock.now.date() - timedelta(days=1))
+    assert today.committed == Money(10000, USD)
+    assert yesterday.committed == Money(9000, USD)
+
+
+def test_idempotency_key_finds_the_same_hold(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    args = {
+        "agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
+        "estimate": Money.parse("40.00 USD"), "idempotency_key": "refund-order-7",
+    }  # fmt: skip
+    with pytest.raises(TimeoutError), gov.guard(**args):  # type: ignore[arg-type]
+        raise TimeoutError
+    # The hold is unknown (money may have moved): the retry must not run again.
+    with pytest.raises(PolicyViolation) as info, gov.guard(**args):  # type: ignore[arg-type]
+        pass
+    assert info.value.code is ViolationCode.ALREADY_COMPLETED
+    args["idempotency_key"] = "refund-order-8"
+    with pytest.raises(ValueError), gov.guard(**args):  # type: ignore[arg-type]
+        raise ValueError("bad request")
+    with gov.guard(**args) as retry:  # type: ignore[arg-type]  # released: reserve again
+        assert retry.idempotency_key == "refund-order-8"
+        retry.settle()
+    assert gov.budgets()[0].committed == Money(8000, USD)  # unknown 40 + settled 40
+
+
+def test_pending_hold_is_resumed_by_key(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    first = make_governor()  # another "process" on the same database
+    args = {
+        "agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
+        "estimate": Money.parse("40.00 USD"), "idempotency_key": "k-1",
+    }  # fmt: skip
+    reservation = first.ledger.reserve(first._prepare(run=None, run_policy=None, customer=None,
+                                                      method="POST", **args))  # type: ignore[arg-type]
+    with gov.guard(**args) as call:  # type: ignore[arg-type]
+        assert call.reservation.resumed
+        assert call.hold_id == reservation.hold.id
+        call.settle()
+    assert gov.budgets()[0].committed == Money(4000, USD)
+
+
+def test_decorator_governs_sync_and_async(make_governor: MakeGov) -> None:
+    gov = make_governor()
+
+    @gov.governed(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                  estimate=lambda amount: Money.parse(f"{amount} USD"),
+                  actual=lambda result: result["amount"])  # fmt: skip
+    def issue_refund(amount: str) -> dict[str, int]:
+        return {"amount": Money.parse(f"{amount} USD").amount}
+
+    @gov.governed(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                  estimate=Money.parse("30.00 USD"))  # fmt: skip
+    async def issue_refund_async() -> str:
+        return "ok"
+
+    assert issue_refund("45.00") == {"amount": 4500}
+    assert asyncio.run(issue_refund_async()) == "ok"
+    with pytest.raises(PolicyViolation):
+        issue_refund("30.00")
+    assert [r.outcome for r in gov.audit.query()] == ["allowed", "allowed", "denied"]
+
+
+def test_aguard_settles_and_denies(make_governor: MakeGov) -> None:
+    gov = make_governor()
+
+    async def scenario() -> list[str]:
+        seen = []
+        for _ in range(3):
+            try:
+                async with gov.aguard(agent="refund-agent", vendor="stripe",
+                                      endpoint="/v1/refunds",
+                                      estimate=Money.parse("40.00 USD")) as call:  # fmt: skip
+                    await call.settle(http_status=200)
+                    seen.append("ok")
+            except PolicyViolation as violation:
+                seen.append(violation.code.value)
+        return seen
+
+    assert asyncio.run(scenario()) == ["ok", "ok", "cap_exceeded"]
+
+
+def test_cancelled_task_keeps_hold_for_reconciliation(make_governor: MakeGov) -> None:
+    gov = make_governor()
+
+    async def scenario() -> None:
+        inside = asyncio.Event()
+
+        async def call_vendor() -> None:
+            async with gov.aguard(agent="refund-agent", vendor="stripe",
+                                  endpoint="/v1/refunds",
+                                  estimate=Money.parse("40.00 USD")):  # fmt: skip
+                inside.set()
+                await asyncio.Event().wait()  # the vendor never answers
+
+        task = asyncio.create_task(call_vendor())
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    [held] = gov.holds()
+    assert held.state is HoldState.UNKNOWN
+    assert gov.budgets()[0].committed == Money(4000, USD)
+    [row] = gov.audit.query()
+    assert row.outcome == "unknown" and row.hold_id == held.id
+
+
+def test_revoke_and_restore(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    other = make_governor()  # a second instance on the same ledger
+    refund(gov, "1.00", run="run-9")
+    other.revoke(run="run-9", reason="looping", by="ops")
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov, "1.00", run="run-9")
+    assert info.value.code is ViolationCode.REVOKED
+    refund(gov, "1.00", run="run-10")
+    other.revoke(agent="refund-agent", reason="incident 12", by="ops")
+    with pytest.raises(PolicyViolation, match="incident 12"):
+        refund(gov, "1.00", run="run-10")
+    assert other.restore(agent="refund-agent", by="ops") == 1
+    refund(gov, "1.00", run="run-10")
+    other.revoke(everything=True, reason="kill switch", by="ops")
+    with pytest.raises(PolicyViolation, match="kill switch"):
+        refund(gov, "1.00")
+    assert [r.scope.value for r in other.revocations()] == ["run", "all"]
+    with pytest.raises(ValueError, match="exactly one"):
+        other.revoke(agent="a", run="b", reason="x")
