@@ -40,6 +40,10 @@ class TcpProxy:
     def cut(self) -> None:
         """Refuse new connections and drop the open ones."""
         self._open = False
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave the
+        # listening socket alive in the kernel until that accept() returned.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         with self._lock:
             for sock in self._sockets:

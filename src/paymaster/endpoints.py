@@ -26,16 +26,24 @@ def _segments(path: str) -> list[str]:
     return path.strip("/").split("/") if path.strip("/") else []
 
 
+def _is_control(ch: str) -> bool:
+    """C0 controls, DEL and C1 controls (Unicode category Cc)."""
+    return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F
+
+
 def normalise_path(raw: str) -> str:
     """Return the canonical form of a request path, or raise :class:`InvalidPath`."""
     if not isinstance(raw, str) or not raw:
         raise InvalidPath("the endpoint path is empty")
     # Accept a full URL but keep only its path; the host is not the policy's business.
     path = urlsplit(raw).path if "://" in raw else raw.split("?", 1)[0].split("#", 1)[0]
-    decoded = unquote(path, errors="strict")
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidPath(f"endpoint {raw!r} percent-encodes bytes that are not UTF-8") from None
     if not decoded.startswith("/"):
         raise InvalidPath(f"endpoint {raw!r} must be an absolute path such as '/v1/refunds'")
-    if any(ch in decoded for ch in ("\\", "%")) or any(ord(ch) < 0x20 for ch in decoded):
+    if any(ch in decoded for ch in ("\\", "%")) or any(_is_control(ch) for ch in decoded):
         raise InvalidPath(f"endpoint {raw!r} is not a canonical path")
     body = decoded[1:]
     if body.endswith("/"):

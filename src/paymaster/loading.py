@@ -44,6 +44,8 @@ def read_policy_file(path: str | Path) -> Any:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"{file}: cannot read the policy file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{file}: the policy file is not UTF-8 text: {exc}") from None
     try:
         if suffix in (".yaml", ".yml"):
             return yaml.safe_load(text)

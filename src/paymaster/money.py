@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import (
+    Context,
+    Decimal,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    Rounded,
+    Subnormal,
+    Underflow,
+)
 from typing import Any
 
 from pydantic import GetCoreSchemaHandler
@@ -51,6 +60,8 @@ _PARSE_RE = re.compile(
     r"^\s*(?:(?P<cur1>[A-Za-z]{3})\s+)?(?P<num>[+-]?[0-9][0-9_,]*(?:\.[0-9]+)?|[+-]?\.[0-9]+)"
     r"(?:\s+(?P<cur2>[A-Za-z]{3}))?\s*$"
 )
+# Commas are only thousands separators: "1,234.50" yes, "1,50" (a decimal comma) no.
+_GROUPED_RE = re.compile(r"^[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?$")
 
 
 class CurrencyMismatch(ValueError):
@@ -80,7 +91,17 @@ def currency_exponent(code: str) -> int:
 
 def _to_minor(major: Decimal, currency: str) -> int:
     exponent = CURRENCY_EXPONENTS[currency]
-    scaled = major.scaleb(exponent)
+    # An exact context: wide enough never to round, trapping anything that would round,
+    # overflow or underflow (the default 28-digit context silently rounded large amounts
+    # and turned tiny ones into 0).
+    exact = Context(
+        prec=max(28, len(major.as_tuple().digits)),
+        traps=[InvalidOperation, Inexact, Rounded, Overflow, Underflow, Subnormal],
+    )
+    try:
+        scaled = major.scaleb(exponent, context=exact)
+    except ArithmeticError:
+        raise ValueError(f"{major} {currency} cannot be held exactly in minor units") from None
     if scaled != scaled.to_integral_value():
         raise ValueError(
             f"{major} {currency} has more decimal places than {currency} allows ({exponent})"
@@ -120,6 +141,11 @@ class Money:
         if isinstance(major, float) or isinstance(major, bool):
             raise TypeError(
                 f"refusing {type(major).__name__} {major!r} as money: pass a str or Decimal"
+            )
+        if isinstance(major, str) and "," in major and not _GROUPED_RE.match(major.strip()):
+            raise ValueError(
+                f"{major!r}: a comma may only group thousands, as in '1,234.50'; "
+                "write decimals with a point"
             )
         try:
             value = Decimal(str(major).replace("_", "").replace(",", "")) if isinstance(
@@ -181,14 +207,14 @@ class Money:
     @property
     def major(self) -> Decimal:
         """The exact major-unit amount as a Decimal (12.34 for 1234 USD cents)."""
-        return Decimal(self.amount).scaleb(-self.exponent)
+        # Built from the digits, not with scaleb: exact for any size of int.
+        sign, digits, _ = Decimal(self.amount).as_tuple()
+        return Decimal((sign, digits, -self.exponent))
 
     def format(self) -> str:
         """For people: ``$1,234.50``, ``¥500``, ``1.500 KWD``, ``-€3.00``."""
         exponent = self.exponent
-        quantum = Decimal(1).scaleb(-exponent)
-        value = abs(self.major).quantize(quantum, rounding=ROUND_HALF_EVEN)
-        number = f"{value:,.{exponent}f}"
+        number = f"{self.major.copy_abs():,.{exponent}f}"
         sign = "-" if self.amount < 0 else ""
         symbol = _SYMBOLS.get(self.currency)
         if symbol:
@@ -253,7 +279,10 @@ class Money:
             if isinstance(value, str):
                 return cls.parse(value)
             if isinstance(value, dict) and set(value) == {"amount", "currency"}:
-                return cls(value["amount"], value["currency"])
+                try:
+                    return cls(value["amount"], value["currency"])
+                except TypeError as exc:  # pydantic reports only ValueErrors as invalid input
+                    raise ValueError(str(exc)) from None
             raise ValueError(
                 "expected money as a string such as '25.00 USD' "
                 "or {'amount': <minor units>, 'currency': 'USD'}"

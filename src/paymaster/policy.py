@@ -64,6 +64,9 @@ def _clean_strings(values: Sequence[str] | None, field: str) -> tuple[str, ...] 
         return None
     if isinstance(values, str):
         raise ValueError(f"{field} must be a list, e.g. [{values!r}]")
+    if not isinstance(values, (list, tuple)):
+        # A TypeError from iterating would escape pydantic as a raw exception.
+        raise ValueError(f"{field} must be a list of strings, got {type(values).__name__}")
     cleaned = []
     for value in values:
         if not isinstance(value, str) or not value.strip():
