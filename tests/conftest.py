@@ -34,7 +34,7 @@ def _pg_base_url() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url() -> Iterator[str]:
+def pg_admin_url() -> str:
     url = _pg_base_url()
     if url is None:
         pytest.skip(f"PostgreSQL tests skipped: set {PG_ENV} to a PostgreSQL URL to run them")
@@ -42,14 +42,14 @@ def pg_admin_url() -> Iterator[str]:
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         message = f"PostgreSQL at {PG_ENV} is unreachable: {exc}"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
     finally:
         engine.dispose()
-    yield url
+    return url
 
 
 def _pg_schema_url(admin_url: str) -> tuple[str, Callable[[], None]]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from conftest import Clock, refund_policy
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from conftest import Clock, refund_policy
 from paymaster import Governor, Money, PolicyViolation
 from paymaster.audit import scrub
 

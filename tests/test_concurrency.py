@@ -14,10 +14,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import refund_policy
-from workers import exposure, spend_until_denied
 
+from conftest import refund_policy
 from paymaster import Governor, Money, PolicyViolation, ViolationCode
+from workers import exposure, spend_until_denied
 
 CAP, X = 10_000, 300
 EXPECTED = CAP // X  # 33

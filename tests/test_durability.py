@@ -7,12 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import refund_policy
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from tcp_proxy import TcpProxy
-from workers import reserve_then_die, revoke_agent
 
+from conftest import refund_policy
 from paymaster import (
     GovernanceUnavailable,
     Governor,
@@ -22,6 +20,8 @@ from paymaster import (
     SchemaVersionError,
     ViolationCode,
 )
+from tcp_proxy import TcpProxy
+from workers import reserve_then_die, revoke_agent
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -128,7 +128,7 @@ def test_unreachable_sqlite_fails_closed(tmp_path: Path) -> None:
 
 
 def test_governor_refuses_to_start_without_a_ledger() -> None:
-    with pytest.raises(GovernanceUnavailable, match="127.0.0.1:1"):
+    with pytest.raises(GovernanceUnavailable, match=r"127\.0\.0\.1:1"):
         Governor("postgresql+psycopg://root@127.0.0.1:1/test", policies=[refund_policy()])
 
 

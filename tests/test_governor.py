@@ -7,8 +7,8 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from conftest import Clock, refund_policy
 
+from conftest import Clock, refund_policy
 from paymaster import (
     Governor,
     HoldAlreadyResolved,

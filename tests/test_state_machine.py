@@ -6,14 +6,14 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from conftest import Clock, refund_policy
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from workers import exposure
 
+from conftest import Clock, refund_policy
 from paymaster import Governor, HoldState, Money, PolicyViolation, RunPolicy, ViolationCode
 from paymaster.ledger import Hold
+from workers import exposure
 
 CAP, PER_CALL, RUN_CAP = 10_000, 5_000, 6_000
 

@@ -185,9 +185,7 @@ def append(conn: Connection, entry: AuditEntry, at: datetime) -> int:
     values["hash"] = row_hash(values)
     row_id = conn.execute(insert(audit).values(**values).returning(audit.c.id)).scalar_one()
     conn.execute(
-        update(audit_chain)
-        .where(audit_chain.c.chain == chain)
-        .values(seq=seq, head=values["hash"])
+        update(audit_chain).where(audit_chain.c.chain == chain).values(seq=seq, head=values["hash"])
     )
     return int(row_id)
 
@@ -354,7 +352,10 @@ class AuditLog:
                     values = record.to_dict()
                     values["at"] = record.at
                     if record.seq != expected_seq:
-                        bad = (record.id, f"chain {chain!r}: row(s) missing before seq {record.seq}")
+                        bad = (
+                            record.id,
+                            f"chain {chain!r}: row(s) missing before seq {record.seq}",
+                        )
                     elif record.prev_hash != prev:
                         bad = (record.id, f"chain {chain!r}: prev_hash does not match row before")
                     elif row_hash(values) != record.hash:
@@ -364,7 +365,10 @@ class AuditLog:
                     expected_seq, prev, last_id = record.seq + 1, record.hash, record.id
                 if bad is None and len(rows) < batch:
                     if expected_seq - 1 != head_seq or prev != head_hash:
-                        bad = (last_id, f"chain {chain!r}: rows after seq {expected_seq - 1} missing")
+                        bad = (
+                            last_id,
+                            f"chain {chain!r}: rows after seq {expected_seq - 1} missing",
+                        )
                     break
             if bad and (first_bad is None or bad[0] < first_bad[0]):
                 first_bad = bad

@@ -81,7 +81,7 @@ def path_matches(pattern: str, canonical_path: str) -> bool:
     have = _segments(canonical_path)
     if len(have) < len(want):
         return False
-    return all(w == "*" or w == h for w, h in zip(want, have))
+    return all(w == "*" or w == h for w, h in zip(want, have[: len(want)], strict=True))
 
 
 def pattern_covers(outer: str, inner: str) -> bool:

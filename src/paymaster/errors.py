@@ -10,8 +10,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GovernanceUnavailable",
-    "HoldNotFound",
     "HoldAlreadyResolved",
+    "HoldNotFound",
     "PaymasterError",
     "PolicyError",
     "PolicyViolation",

@@ -44,7 +44,7 @@ from .loading import load_policies
 from .money import Money
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
-__all__ = ["GovernedCall", "Governor"]
+__all__ = ["AsyncGovernedCall", "GovernedCall", "Governor"]
 
 log = logging.getLogger("paymaster")
 
@@ -69,7 +69,7 @@ def _utcnow() -> datetime:
 def _who() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user database in some containers
+    except Exception:  # no user database in some containers
         return "unknown"
 
 
@@ -291,7 +291,7 @@ class Governor:
         run: str | None = None,
         run_policy: RunPolicy | None = None,
         idempotency_key: str | None = None,
-    ) -> AsyncIterator[GovernedCall]:
+    ) -> AsyncIterator[AsyncGovernedCall]:
         """:meth:`guard` for asyncio: ledger work runs in worker threads, never on the loop.
 
         A task cancelled while its reserve is in flight releases the hold once the reserve
@@ -312,7 +312,7 @@ class Governor:
                 error="task cancelled before the call was made",
             )  # fmt: skip
             raise asyncio.CancelledError
-        call = _AsyncGovernedCall(self.ledger, reservation, request.policy, self)
+        call = AsyncGovernedCall(self.ledger, reservation, request.policy, self)
         try:
             yield call
         except BaseException as exc:
@@ -456,7 +456,7 @@ class Governor:
         return self.ledger.budgets(day=day)
 
 
-class _AsyncGovernedCall(GovernedCall):
+class AsyncGovernedCall(GovernedCall):
     """The call object of :meth:`Governor.aguard`: its resolving methods are awaitable."""
 
     def __init__(

@@ -225,7 +225,8 @@ class Ledger:
         policy = req.policy
         x = req.estimate.amount
         daily_id = self._budget_id(
-            conn, ("daily", req.agent, req.vendor, policy.currency, "", now.date().isoformat()),
+            conn,
+            ("daily", req.agent, req.vendor, policy.currency, "", now.date().isoformat()),
             now,
         )
         run_id = None
@@ -463,9 +464,7 @@ class Ledger:
             ),
         )  # fmt: skip
 
-    def mark_unknown(
-        self, hold_id: str, *, error: str, duration_ms: int | None = None
-    ) -> Hold:
+    def mark_unknown(self, hold_id: str, *, error: str, duration_ms: int | None = None) -> Hold:
         """Whether money moved is unknown: keep the hold counted, flag it for reconciliation."""
         return self._resolve(
             hold_id, HoldState.UNKNOWN, None,
@@ -511,77 +510,73 @@ class Ledger:
         reason: str | None = None,
         allowed_from: Sequence[HoldState] = (HoldState.PENDING,),
     ) -> Hold:
-        with unavailable_on_error(self._engine, f"recording the call as {state}"):
-            with self._engine.begin() as conn:
-                row = conn.execute(
-                    select(hold).where(hold.c.id == hold_id).with_for_update()
-                ).first()
-                if row is None:
-                    raise HoldNotFound(f"no hold {hold_id!r}")
-                current = Hold.from_row(row)
-                if current.state not in allowed_from:
-                    raise HoldAlreadyResolved(
-                        f"hold {hold_id} is already {current.state} "
-                        f"(at {current.resolved_at}); a hold resolves exactly once"
-                    )
-                now = self._clock()
-                currency = current.estimate.currency
-                if actual is not None and actual.currency != currency:
-                    raise ValueError(
-                        f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
-                    )
-                amount = actual.amount if actual is not None else 0
-                if state is HoldState.SETTLED:
-                    delta = amount - current.estimate.amount
-                elif state is HoldState.RELEASED:
-                    delta = -current.estimate.amount
-                else:
-                    delta = 0
-                conn.execute(
-                    update(hold)
-                    .where(hold.c.id == hold_id)
-                    .values(
-                        state=state.value,
-                        actual=amount if state is HoldState.SETTLED else None,
-                        resolved_at=now,
-                        resolved_by=by,
-                        resolution=reason,
-                    )
+        action = f"recording the call as {state}"
+        with unavailable_on_error(self._engine, action), self._engine.begin() as conn:
+            row = conn.execute(select(hold).where(hold.c.id == hold_id).with_for_update()).first()
+            if row is None:
+                raise HoldNotFound(f"no hold {hold_id!r}")
+            current = Hold.from_row(row)
+            if current.state not in allowed_from:
+                raise HoldAlreadyResolved(
+                    f"hold {hold_id} is already {current.state} "
+                    f"(at {current.resolved_at}); a hold resolves exactly once"
                 )
-                if delta:
-                    ids = [current.daily_budget_id]
-                    if current.run_budget_id is not None:
-                        ids.append(current.run_budget_id)
-                    for budget_id in ids:  # fixed order (daily, run): no lock cycles
-                        conn.execute(
-                            update(budget)
-                            .where(budget.c.id == budget_id)
-                            .values(committed=budget.c.committed + delta)
-                        )
-                outcome = template.outcome
-                if current.state is HoldState.UNKNOWN:
-                    outcome = Outcome.RECONCILED
-                error = template.error
-                if state is HoldState.SETTLED and delta > 0:
-                    over = Money(delta, currency).format()
-                    error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
-                entry = replace(
-                    template,
-                    agent=current.agent, run=current.run, vendor=current.vendor,
-                    endpoint=current.endpoint, method=current.method,
-                    customer=current.customer, currency=currency,
-                    estimate=current.estimate.amount, actual=amount,
-                    policy_id=current.policy_id, policy_hash=current.policy_hash,
-                    hold_id=hold_id, outcome=outcome, error=error,
-                )  # fmt: skip
-                audit_log.append(conn, entry, now)
-                updated = conn.execute(select(hold).where(hold.c.id == hold_id)).one()
-                return Hold.from_row(updated)
+            now = self._clock()
+            currency = current.estimate.currency
+            if actual is not None and actual.currency != currency:
+                raise ValueError(
+                    f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
+                )
+            amount = actual.amount if actual is not None else 0
+            if state is HoldState.SETTLED:
+                delta = amount - current.estimate.amount
+            elif state is HoldState.RELEASED:
+                delta = -current.estimate.amount
+            else:
+                delta = 0
+            conn.execute(
+                update(hold)
+                .where(hold.c.id == hold_id)
+                .values(
+                    state=state.value,
+                    actual=amount if state is HoldState.SETTLED else None,
+                    resolved_at=now,
+                    resolved_by=by,
+                    resolution=reason,
+                )
+            )
+            if delta:
+                ids = [current.daily_budget_id]
+                if current.run_budget_id is not None:
+                    ids.append(current.run_budget_id)
+                for budget_id in ids:  # fixed order (daily, run): no lock cycles
+                    conn.execute(
+                        update(budget)
+                        .where(budget.c.id == budget_id)
+                        .values(committed=budget.c.committed + delta)
+                    )
+            outcome = template.outcome
+            if current.state is HoldState.UNKNOWN:
+                outcome = Outcome.RECONCILED
+            error = template.error
+            if state is HoldState.SETTLED and delta > 0:
+                over = Money(delta, currency).format()
+                error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
+            entry = replace(
+                template,
+                agent=current.agent, run=current.run, vendor=current.vendor,
+                endpoint=current.endpoint, method=current.method,
+                customer=current.customer, currency=currency,
+                estimate=current.estimate.amount, actual=amount,
+                policy_id=current.policy_id, policy_hash=current.policy_hash,
+                hold_id=hold_id, outcome=outcome, error=error,
+            )  # fmt: skip
+            audit_log.append(conn, entry, now)
+            updated = conn.execute(select(hold).where(hold.c.id == hold_id)).one()
+            return Hold.from_row(updated)
 
     # -- revocations ---------------------------------------------------------------------
-    def revoke(
-        self, scope: RevocationScope, target: str | None, *, reason: str, by: str
-    ) -> int:
+    def revoke(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
         """Refuse every later reserve in ``scope`` until restored; returns the revocation id."""
         scope = RevocationScope(scope)
         if scope is not RevocationScope.ALL and not target:
@@ -601,9 +596,7 @@ class Ledger:
                 ).scalar_one()
             )  # fmt: skip
 
-    def restore(
-        self, scope: RevocationScope, target: str | None, *, reason: str, by: str
-    ) -> int:
+    def restore(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
         """Lift the active revocations of exactly this scope; returns how many."""
         scope = RevocationScope(scope)
         with unavailable_on_error(self._engine, "restoring"), self._engine.begin() as conn:
@@ -664,11 +657,15 @@ class Ledger:
                 select(budget).where(budget.c.kind == "daily", budget.c.window == window)
             ).all()
             daily_ids = [int(r.id) for r in daily]
-            run_ids = conn.execute(
-                select(hold.c.run_budget_id)
-                .where(hold.c.daily_budget_id.in_(daily_ids), hold.c.run_budget_id.is_not(None))
-                .distinct()
-            ).scalars().all()
+            run_ids = (
+                conn.execute(
+                    select(hold.c.run_budget_id)
+                    .where(hold.c.daily_budget_id.in_(daily_ids), hold.c.run_budget_id.is_not(None))
+                    .distinct()
+                )
+                .scalars()
+                .all()
+            )
             runs = conn.execute(select(budget).where(budget.c.id.in_(run_ids))).all()
             sums: dict[int, tuple[int, int]] = {}
             for column in (hold.c.daily_budget_id, hold.c.run_budget_id):
@@ -677,8 +674,9 @@ class Ledger:
                         column.label("bid"),
                         func.sum(case((hold.c.state == "settled", hold.c.actual), else_=0)),
                         func.sum(
-                            case((hold.c.state.in_(["pending", "unknown"]), hold.c.estimate),
-                                 else_=0)
+                            case(
+                                (hold.c.state.in_(["pending", "unknown"]), hold.c.estimate), else_=0
+                            )
                         ),
                     )
                     .where(column.in_(daily_ids + list(run_ids)))

@@ -35,7 +35,9 @@ def upgrade() -> None:
         sa.Column("committed", sa.BigInteger, nullable=False),
         sa.Column("calls", sa.BigInteger, nullable=False),
         sa.Column("created_at", UTCDateTime, nullable=False),
-        sa.UniqueConstraint("kind", "agent", "vendor", "currency", "run", "window", name="uq_budget"),
+        sa.UniqueConstraint(
+            "kind", "agent", "vendor", "currency", "run", "window", name="uq_budget"
+        ),
     )
     op.create_table(
         "paymaster_hold",
@@ -75,9 +77,7 @@ def upgrade() -> None:
         sa.Column("lifted_by", sa.String(200), nullable=True),
         sa.Column("lift_reason", sa.Text, nullable=True),
     )
-    op.create_index(
-        "ix_revocation_active", "paymaster_revocation", ["lifted_at", "kind", "target"]
-    )
+    op.create_index("ix_revocation_active", "paymaster_revocation", ["lifted_at", "kind", "target"])
     op.create_table(
         "paymaster_audit",
         sa.Column("id", Id, primary_key=True, autoincrement=True),
