@@ -52,10 +52,11 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 self.rows += 1
                 if self.revoked:
                     assert violation.code is ViolationCode.REVOKED
-                elif not fits:
-                    assert violation.code is ViolationCode.CAP_EXCEEDED
+                elif not run_fits:  # the run's budget is taken before the day's
+                    assert violation.code is ViolationCode.RUN_CAP_EXCEEDED
                 else:
-                    assert not run_fits and violation.code is ViolationCode.RUN_CAP_EXCEEDED
+                    assert not fits
+                    assert violation.code is ViolationCode.CAP_EXCEEDED
                 return
             assert not self.revoked and fits and run_fits, "a reserve the model refuses"
             self.committed[today] = self.committed.get(today, 0) + amount

@@ -37,23 +37,28 @@ def normalise_path(raw: str) -> str:
         raise InvalidPath("the endpoint path is empty")
     # Accept a full URL but keep only its path; the host is not the policy's business.
     path = urlsplit(raw).path if "://" in raw else raw.split("?", 1)[0].split("#", 1)[0]
-    try:
-        decoded = unquote(path, errors="strict")
-    except UnicodeDecodeError:
-        raise InvalidPath(f"endpoint {raw!r} percent-encodes bytes that are not UTF-8") from None
-    if not decoded.startswith("/"):
+    if not path.startswith("/"):
         raise InvalidPath(f"endpoint {raw!r} must be an absolute path such as '/v1/refunds'")
-    if any(ch in decoded for ch in ("\\", "%")) or any(_is_control(ch) for ch in decoded):
-        raise InvalidPath(f"endpoint {raw!r} is not a canonical path")
-    body = decoded[1:]
+    body = path[1:]
     if body.endswith("/"):
         body = body[:-1]
-    segments = body.split("/") if body else []
-    for segment in segments:
+    segments = []
+    # Split first, then decode each segment: an encoded slash (%2F) must not add a
+    # segment that a '*' pattern would then match.
+    for encoded in body.split("/") if body else []:
+        try:
+            segment = unquote(encoded, errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidPath(
+                f"endpoint {raw!r} percent-encodes bytes that are not UTF-8"
+            ) from None
+        if any(ch in segment for ch in ("/", "\\", "%")) or any(_is_control(ch) for ch in segment):
+            raise InvalidPath(f"endpoint {raw!r} is not a canonical path")
         if segment in ("", ".", ".."):
             raise InvalidPath(
                 f"endpoint {raw!r} has an empty, '.' or '..' segment; it is refused, not resolved"
             )
+        segments.append(segment)
     return "/" + "/".join(segments)
 
 

@@ -258,16 +258,16 @@ class Ledger:
                 .where(hold.c.id == hold_id, hold.c.state == HoldState.RELEASED.value)
                 .values(
                     state=HoldState.PENDING.value, estimate=x, actual=None,
-                    currency=req.estimate.currency, daily_budget_id=daily_id,
+                    agent=req.agent, run=req.run, vendor=req.vendor, endpoint=req.endpoint,
+                    method=req.method, customer=req.customer, currency=req.estimate.currency,
+                    daily_budget_id=daily_id,
                     run_budget_id=run_id, policy_id=policy.policy_id, policy_hash=policy.hash,
                     created_at=now, resolved_at=None, resolved_by=None, resolution=None,
                 )
             )  # fmt: skip
-        # The hot rows last, so their row locks are held only until the commit.
-        daily_left = self._take(
-            conn, req, daily_id, x, policy.daily_cap.amount, policy.max_calls_per_day,
-            ViolationCode.CAP_EXCEEDED, "daily",
-        )  # fmt: skip
+        # Budget rows last, and the hottest (the agent type's day) last of all, so its row
+        # lock is held only until the commit. Every transaction that touches both takes
+        # the run's row before the day's: no lock cycles.
         run_left = None
         if run_id is not None:
             run_left = self._take(
@@ -275,8 +275,20 @@ class Ledger:
                 None if policy.run_cap is None else policy.run_cap.amount,
                 policy.run_max_calls, ViolationCode.RUN_CAP_EXCEEDED, "run",
             )  # fmt: skip
-        row = conn.execute(select(hold).where(hold.c.id == hold_id)).one()
-        return Reservation(Hold.from_row(row), daily_left, run_left)
+        daily_left = self._take(
+            conn, req, daily_id, x, policy.daily_cap.amount, policy.max_calls_per_day,
+            ViolationCode.CAP_EXCEEDED, "daily",
+        )  # fmt: skip
+        reserved = Hold(
+            id=hold_id, idempotency_key=req.idempotency_key, agent=req.agent, run=req.run,
+            vendor=req.vendor, endpoint=req.endpoint, method=req.method,
+            customer=req.customer,
+            estimate=req.estimate, actual=None, daily_budget_id=daily_id,
+            run_budget_id=run_id, policy_id=policy.policy_id, policy_hash=policy.hash,
+            state=HoldState.PENDING, created_at=now, resolved_at=None, resolved_by=None,
+            resolution=None,
+        )  # fmt: skip
+        return Reservation(reserved, daily_left, run_left)
 
     def _take(
         self,
@@ -548,8 +560,8 @@ class Ledger:
             if delta:
                 ids = [current.daily_budget_id]
                 if current.run_budget_id is not None:
-                    ids.append(current.run_budget_id)
-                for budget_id in ids:  # fixed order (daily, run): no lock cycles
+                    ids.insert(0, current.run_budget_id)
+                for budget_id in ids:  # the reserve's order (run, then day): no lock cycles
                     conn.execute(
                         update(budget)
                         .where(budget.c.id == budget_id)
@@ -572,8 +584,14 @@ class Ledger:
                 hold_id=hold_id, outcome=outcome, error=error,
             )  # fmt: skip
             audit_log.append(conn, entry, now)
-            updated = conn.execute(select(hold).where(hold.c.id == hold_id)).one()
-            return Hold.from_row(updated)
+            return replace(
+                current,
+                state=state,
+                actual=Money(amount, currency) if state is HoldState.SETTLED else None,
+                resolved_at=now,
+                resolved_by=by,
+                resolution=reason,
+            )
 
     # -- revocations ---------------------------------------------------------------------
     def revoke(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:

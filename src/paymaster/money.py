@@ -27,9 +27,7 @@ from pydantic_core import core_schema
 
 __all__ = ["CURRENCY_EXPONENTS", "CurrencyMismatch", "Money", "currency_exponent", "is_currency"]
 
-_ZERO_DECIMAL = (
-    "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"
-).split()
+_ZERO_DECIMAL = ("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF").split()
 _THREE_DECIMAL = "BHD IQD JOD KWD LYD OMR TND".split()
 _FOUR_DECIMAL = "CLF UYW".split()
 _TWO_DECIMAL = (
@@ -138,7 +136,7 @@ class Money:
         Floats are refused: they cannot hold most decimal amounts exactly.
         """
         code = _normalise_currency(currency)
-        if isinstance(major, float) or isinstance(major, bool):
+        if isinstance(major, (float, bool)):
             raise TypeError(
                 f"refusing {type(major).__name__} {major!r} as money: pass a str or Decimal"
             )
@@ -148,9 +146,11 @@ class Money:
                 "write decimals with a point"
             )
         try:
-            value = Decimal(str(major).replace("_", "").replace(",", "")) if isinstance(
-                major, str
-            ) else Decimal(major)
+            value = (
+                Decimal(str(major).replace("_", "").replace(",", ""))
+                if isinstance(major, str)
+                else Decimal(major)
+            )
         except InvalidOperation:
             raise ValueError(f"{major!r} is not a decimal amount") from None
         if not value.is_finite():
@@ -177,8 +177,10 @@ class Money:
         currency = cur1 or cur2 or default_currency
         if currency is None:
             raise ValueError(f"{text!r} has no currency: write it as '{text.strip()} USD'")
-        if default_currency and (cur1 or cur2) and (
-            _normalise_currency(cur1 or cur2 or "") != _normalise_currency(default_currency)
+        if (
+            default_currency
+            and (cur1 or cur2)
+            and (_normalise_currency(cur1 or cur2 or "") != _normalise_currency(default_currency))
         ):
             raise CurrencyMismatch(
                 f"{text!r} is in {(cur1 or cur2 or '').upper()}, expected {default_currency}"

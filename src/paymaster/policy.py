@@ -330,6 +330,12 @@ class EffectivePolicy(BaseModel):
             )
         if estimate.amount < 0:
             deny(ViolationCode.PER_CALL_CAP, "a call's estimated cost cannot be negative")
+        if estimate > self.daily_cap:  # could never fit, and would overflow the ledger
+            deny(
+                ViolationCode.CAP_EXCEEDED,
+                f"{estimate.format()} is above the whole daily cap of {self.daily_cap.format()}",
+                self.daily_cap,
+            )
         if self.per_call_cap is not None and estimate > self.per_call_cap:
             deny(
                 ViolationCode.PER_CALL_CAP,
@@ -345,6 +351,10 @@ def effective_policy(policy: Policy, run_policy: RunPolicy | None = None) -> Eff
     if rp.vendor is not None and rp.vendor != policy.vendor:
         raise PolicyError(
             f"run policy is for vendor {rp.vendor!r} but the policy is for {policy.vendor!r}"
+        )
+    if rp.currency is not None and rp.currency != policy.currency:
+        raise PolicyError(
+            f"run policy 'currency' is {rp.currency} but policy {policy.id} is in {policy.currency}"
         )
     for name in ("cap", "per_call_cap"):
         value: Money | None = getattr(rp, name)
