@@ -168,6 +168,11 @@ class _Denied(Exception):
         self.violation = violation
 
 
+def _template(outcome: Outcome, **fields: Any) -> AuditEntry:
+    """An audit entry whose call fields :meth:`Ledger._resolve` fills from the hold."""
+    return AuditEntry(agent="", vendor="", endpoint="", method="", outcome=outcome, **fields)
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
@@ -449,8 +454,8 @@ class Ledger:
         """The call succeeded and cost ``actual`` (which may differ from the estimate)."""
         return self._resolve(
             hold_id, HoldState.SETTLED, actual,
-            AuditEntry(
-                agent="", vendor="", endpoint="", method="", outcome=Outcome.ALLOWED,
+            _template(
+                outcome=Outcome.ALLOWED,
                 http_status=http_status, vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms, error=error,
             ),
@@ -469,8 +474,8 @@ class Ledger:
         """The call failed and no money moved: free its estimate."""
         return self._resolve(
             hold_id, HoldState.RELEASED, None,
-            AuditEntry(
-                agent="", vendor="", endpoint="", method="", outcome=outcome,
+            _template(
+                outcome=outcome,
                 http_status=http_status, vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms, error=error,
             ),
@@ -480,8 +485,8 @@ class Ledger:
         """Whether money moved is unknown: keep the hold counted, flag it for reconciliation."""
         return self._resolve(
             hold_id, HoldState.UNKNOWN, None,
-            AuditEntry(
-                agent="", vendor="", endpoint="", method="", outcome=Outcome.UNKNOWN,
+            _template(
+                outcome=Outcome.UNKNOWN,
                 duration_ms=duration_ms, error=error,
             ),
         )  # fmt: skip
@@ -504,8 +509,8 @@ class Ledger:
         outcome = Outcome.ALLOWED if settle is not None else Outcome.FAILED
         return self._resolve(
             hold_id, state, settle,
-            AuditEntry(
-                agent="", vendor="", endpoint="", method="", outcome=outcome,
+            _template(
+                outcome=outcome,
                 error=f"resolved by {by}: {reason}",
             ),
             by=by, reason=reason, allowed_from=(HoldState.PENDING, HoldState.UNKNOWN),

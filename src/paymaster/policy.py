@@ -107,6 +107,18 @@ class _Rules(BaseModel):
     def _customers(cls, value: Any) -> Any:
         return _clean_strings(value, "customers")
 
+    @field_validator("currency", mode="before", check_fields=False)
+    @classmethod
+    def _currency(cls, value: Any, info: ValidationInfo) -> str | None:
+        if value is None:
+            if cls.model_fields[str(info.field_name)].is_required():
+                raise ValueError("is required: an ISO 4217 currency code such as 'USD'")
+            return None
+        code = str(value).strip().upper()
+        if not is_currency(code):
+            raise ValueError(f"{value!r} is not an ISO 4217 currency code (e.g. 'USD', 'JPY')")
+        return code
+
     @field_validator("expires_at", mode="after", check_fields=False)
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
@@ -163,14 +175,6 @@ class Policy(_Rules):
             raise ValueError("must not be empty")
         return value.strip()
 
-    @field_validator("currency", mode="before")
-    @classmethod
-    def _currency(cls, value: Any) -> str:
-        code = str(value).strip().upper()
-        if not is_currency(code):
-            raise ValueError(f"{value!r} is not an ISO 4217 currency code (e.g. 'USD', 'JPY')")
-        return code
-
     @field_validator("daily_cap", "per_call_cap", mode="before")
     @classmethod
     def _caps(cls, value: Any, info: ValidationInfo) -> Any:
@@ -219,16 +223,6 @@ class RunPolicy(_Rules):
         validation_alias=AliasChoices("customers", "allowed_customers", "allowed_customer_ids"),
     )
     expires_at: AwareDatetime | None = None
-
-    @field_validator("currency", mode="before")
-    @classmethod
-    def _currency(cls, value: Any) -> str | None:
-        if value is None:
-            return None
-        code = str(value).strip().upper()
-        if not is_currency(code):
-            raise ValueError(f"{value!r} is not an ISO 4217 currency code (e.g. 'USD', 'JPY')")
-        return code
 
     @field_validator("cap", "per_call_cap", mode="before")
     @classmethod
