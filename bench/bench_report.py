@@ -1,0 +1,330 @@
+"""The benchmark's tables (rich), with the definitions of their columns under each."""
+
+from __future__ import annotations
+
+from bench_config import Config
+from bench_env import X, busy_percent, ms, percentile
+from bench_latency import LatencySamples
+from bench_scenarios import GovernedScenario, NaiveScenario, latency_ratio
+from rich.console import Console
+from rich.table import Table
+
+SQLITE_TARGET_RATIO = 2.0  # the issue: SQLite FULL p50 within 2x its floor
+THROUGHPUT_TARGET = 1000.0  # the issue: >= 1,000 governed calls/s with 4 processes
+THROUGHPUT_TARGET_PROCESSES = 4
+
+THROUGHPUT_COLUMNS = (
+    "attempts",
+    "allowed",
+    "denied",
+    "errors",
+    "governed calls/s",
+    "attempts/s",
+    "wall s",
+    "p50 ms",
+    "p99 ms",
+    "client CPU ms/attempt",
+    "machine CPU busy %",
+)
+CHECK_COLUMNS = (
+    "cap per budget",
+    "floor(cap/x)",
+    "allowed (db)",
+    "overshoot",
+    "max committed - cap",
+    "committed = allowed*x",
+    "unsettled holds",
+    "audit allowed / denied",
+    "audit chains",
+    "verdict",
+)
+
+
+# -- formatting ----------------------------------------------------------------------------
+def usd(minor: int) -> str:
+    sign = "-" if minor < 0 else ""
+    return f"{sign}${abs(minor) / 100:,.2f}"
+
+
+def rate(count: int, seconds: float) -> str:
+    return f"{count / seconds:,.0f}" if seconds > 0 else "n/a"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def verdict(ok: bool) -> str:
+    return "[green]PASS[/]" if ok else "[red]FAIL[/]"
+
+
+def met(ok: bool) -> str:
+    return "[green]MET[/]" if ok else "[red]NOT MET[/]"
+
+
+def new_table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
+
+def notes(console: Console, *lines: str) -> None:
+    for line in lines:
+        console.print(f"  [dim]{line}[/]", highlight=False)
+    console.print()
+
+
+# -- machine -------------------------------------------------------------------------------
+def print_machine(console: Console, facts: list[tuple[str, str]], when: str) -> None:
+    console.rule("paymaster ledger benchmark")
+    console.print(
+        f"All figures below were measured on this machine, in this run ({when}).",
+        highlight=False,
+    )
+    table = new_table("Machine", "fact", "value")
+    for label, value in facts:
+        table.add_row(label, value)
+    console.print(table)
+    console.print()
+
+
+# -- 1. latency ----------------------------------------------------------------------------
+def print_latency(console: Console, results: list[LatencySamples], config: Config) -> None:
+    table = new_table(
+        "1. Overhead of one governed call, single thread (times in ms)",
+        "backend",
+        "calls",
+        "p50",
+        "p99",
+        "reserve p50",
+        "settle p50",
+        "floor p50",
+        "floor p99",
+        "p50 / floor p50",
+        "client CPU/call",
+        "floor CPU/pair",
+        "target",
+    )
+    for s in results:
+        ratio = latency_ratio(s)
+        target = "-"
+        if s.backend.kind == "sqlite" and s.backend.synchronous == "FULL":
+            target = f"<= {SQLITE_TARGET_RATIO:.0f}x: {met(ratio <= SQLITE_TARGET_RATIO)}"
+        table.add_row(
+            s.backend.label,
+            f"{len(s.governed):,}",
+            ms(percentile(s.governed, 50)),
+            ms(percentile(s.governed, 99)),
+            ms(percentile(s.reserve, 50)),
+            ms(percentile(s.settle, 50)),
+            ms(percentile(s.floor, 50)),
+            ms(percentile(s.floor, 99)),
+            f"{ratio:.2f}x",
+            ms(s.governed_cpu_s / len(s.governed)),
+            ms(s.floor_cpu_s / len(s.floor)),
+            target,
+        )
+    console.print(table)
+    notes(
+        console,
+        f"A governed call: Governor.guard(...) with estimate ${X / 100:.2f}, then "
+        "call.settle() at the estimate: the reserve transaction, then the settle "
+        "transaction, which appends the hash-chained audit row. Nothing runs in between.",
+        "Floor: the two durable commits the protocol needs, as two minimal write "
+        "transactions on the same database and settings. SQLite: the ledger's own file, "
+        "WAL, the same synchronous, busy_timeout=30000, 'BEGIN IMMEDIATE; UPDATE "
+        "bench_floor SET n=n+1 WHERE id=1; COMMIT' x2. PostgreSQL: psycopg in the "
+        "ledger's schema, 'UPDATE bench_floor SET n=n+1 WHERE id=1; COMMIT' x2.",
+        f"Warm-up: {config.latency_warmup} of each. Then {config.latency_calls} of each, "
+        f"in {config.latency_rounds} alternating floor/governed batches. Percentiles are "
+        "nearest-rank. CPU: this process's CPU time (time.process_time) per call / pair.",
+    )
+
+
+# -- 2. governed load ----------------------------------------------------------------------
+def throughput_row(s: GovernedScenario) -> list[str]:
+    r = s.run
+    return [
+        str(r.processes),
+        f"{r.attempts:,}",
+        f"{r.total('allowed'):,}",
+        f"{r.total('denied'):,}",
+        f"{r.total('errors'):,}",
+        rate(r.total("allowed"), r.allowed_window_s),
+        rate(r.attempts, r.elapsed_s),
+        f"{r.elapsed_s:.2f}",
+        ms(percentile(r.latencies, 50)),
+        ms(percentile(r.latencies, 99)),
+        ms(r.cpu_s / r.attempts),
+        pct(busy_percent(r.cpu_before, r.cpu_after)),
+    ]
+
+
+def check_row(s: GovernedScenario) -> list[str]:
+    c = s.check
+    return [
+        str(s.run.processes),
+        usd(s.run.spec.cap),
+        f"{s.expected:,}",
+        f"{c.allowed:,}",
+        f"{s.overshoot:+d}",
+        usd(c.max_over_cap),
+        "yes" if c.committed_matches else "NO",
+        f"{c.unsettled}",
+        f"{c.audit_allowed:,} / {c.audit_denied:,}",
+        f"{'ok' if c.chain_ok else 'BROKEN'} ({c.chain_rows:,} rows)",
+        verdict(s.ok),
+    ]
+
+
+def print_hot(console: Console, hot: list[GovernedScenario], config: Config) -> None:
+    table = new_table(
+        "2a. Throughput of governed calls on ONE hot budget, PostgreSQL",
+        "processes",
+        *THROUGHPUT_COLUMNS,
+    )
+    for s in hot:
+        table.add_row(*throughput_row(s))
+    console.print(table)
+    notes(
+        console,
+        "Each process (multiprocessing, spawn) builds its own Governor, makes "
+        f"{config.load_warmup} warm-up calls on another agent, waits at a barrier with the "
+        f"parent, then makes {config.per_process} attempts on agent 'refund-agent' "
+        f"(x = ${X / 100:.2f} each; simulated vendor call: {config.call_ms:g} ms).",
+        "governed calls/s = allowed calls / (barrier -> last allowed call, i.e. until the "
+        "cap was reached, with every process still running). attempts/s = all attempts, "
+        "denials included (each writes an audit row) / (barrier -> last attempt).",
+        "p50/p99: latency of the allowed calls under this load. client CPU: the worker "
+        "processes' CPU time per attempt. machine CPU busy: all CPUs (/proc/stat), "
+        "clients and PostgreSQL together, barrier -> end.",
+    )
+    table = new_table(
+        "2b. Cap check of the hot-budget runs, read back from PostgreSQL",
+        "processes",
+        *CHECK_COLUMNS,
+    )
+    for s in hot:
+        table.add_row(*check_row(s))
+    console.print(table)
+    notes(
+        console,
+        f"cap = floor({config.cap_fraction:g} x attempts) x ${X / 100:.2f} + $0.50, so "
+        "the attempts exceed it and the run reaches it. allowed (db) = settled holds of "
+        "the budget; overshoot = allowed (db) - floor(cap/x), must be +0.",
+        "Every call settles at its estimate, so committed only grows: a final committed "
+        "<= cap means it never exceeded the cap. PASS also needs committed = allowed*x, "
+        "no pending hold, one audit row per attempt (allowed and denied as the workers "
+        "saw them), no errors, and AuditLog.verify() ok on every hash chain.",
+    )
+
+
+def print_spread(console: Console, spread: GovernedScenario, config: Config) -> None:
+    table = new_table(
+        f"2c. Throughput spread over {config.spread_agents} agent types' budgets, PostgreSQL",
+        "processes",
+        *THROUGHPUT_COLUMNS,
+    )
+    table.add_row(*throughput_row(spread))
+    console.print(table)
+    check = new_table("2d. Check of the spread run", "processes", *CHECK_COLUMNS)
+    check.add_row(*check_row(spread))
+    console.print(check)
+    notes(
+        console,
+        f"{config.spread_agents} policies, agent-0..agent-{config.spread_agents - 1}, each "
+        "with its own daily budget row and audit hash chain. Process i starts at agent "
+        f"i*{config.spread_agents}/{config.spread_processes} and cycles through all of "
+        f"them, {config.spread_per_process} attempts. Before the barrier each process makes "
+        "one warm-up call on every agent (counted in the database columns, not timed), so "
+        "no budget or chain row is created or first looked up while the clock runs. Caps "
+        "are out of reach here: floor(cap/x) column = attempts + warm-up calls.",
+    )
+
+
+# -- 3. the naive enforcer -----------------------------------------------------------------
+def print_naive(
+    console: Console, naive: list[NaiveScenario], hot: list[GovernedScenario], config: Config
+) -> None:
+    governed = {s.run.processes: s for s in hot}
+    table = new_table(
+        "3. The naive check-then-record enforcer under the same load, PostgreSQL",
+        "processes",
+        "attempts",
+        "cap",
+        "floor(cap/x)",
+        "allowed (db)",
+        "overshoot",
+        "spent - cap",
+        "attempts/s",
+        "governed overshoot, same load",
+    )
+    for s in naive:
+        g = governed.get(s.run.processes)
+        table.add_row(
+            str(s.run.processes),
+            f"{s.run.attempts:,}",
+            usd(s.run.spec.cap),
+            f"{s.expected:,}",
+            f"{s.check.allowed:,}",
+            f"[red]{s.overshoot:+d}[/]" if s.overshoot else "+0",
+            usd(s.check.spent - s.run.spec.cap),
+            rate(s.run.attempts, s.run.elapsed_s),
+            "not run" if g is None else f"{g.overshoot:+d}",
+        )
+    console.print(table)
+    notes(
+        console,
+        "The naive enforcer, per attempt, on one psycopg connection per process in "
+        "autocommit mode (every statement its own transaction; no lock, no FOR UPDATE): "
+        "'SELECT COALESCE(SUM(amount), 0) FROM naive_spend'; if spent + x <= cap it makes "
+        f"the call (simulated: {config.call_ms:g} ms), then 'INSERT INTO naive_spend "
+        "(worker, amount) VALUES (w, x)'; otherwise it refuses.",
+        "Same processes, attempts per process, cap and x as 2a/2b, with spawn and a "
+        "barrier the same way. overshoot = rows inserted - floor(cap/x): calls made past "
+        "the cap because processes read the same total before one of them recorded. Its "
+        "attempts/s is not comparable with a governed call's (no hold, no audit, raw SQL).",
+    )
+
+
+# -- summary -------------------------------------------------------------------------------
+def print_targets(
+    console: Console,
+    latency: list[LatencySamples],
+    hot: list[GovernedScenario],
+    spread: GovernedScenario | None,
+    naive: list[NaiveScenario],
+) -> None:
+    table = new_table("Targets from the issue", "target", "measured", "status")
+    for samples in latency:
+        if samples.backend.kind == "sqlite" and samples.backend.synchronous == "FULL":
+            ratio = latency_ratio(samples)
+            table.add_row(
+                "SQLite FULL: governed p50 <= 2x its floor p50",
+                f"{ratio:.2f}x",
+                met(ratio <= SQLITE_TARGET_RATIO),
+            )
+    for s in hot:
+        if s.run.processes == THROUGHPUT_TARGET_PROCESSES:
+            table.add_row(
+                ">= 1,000 governed calls/s on one hot budget, 4 processes, PostgreSQL",
+                f"{s.calls_per_s:,.0f} calls/s",
+                met(s.calls_per_s >= THROUGHPUT_TARGET),
+            )
+    checked = [*hot, *([spread] if spread else [])]
+    if checked:
+        passed = sum(s.ok for s in checked)
+        table.add_row(
+            "zero overshoot in every governed run (checked from the database)",
+            f"max overshoot {max(s.overshoot for s in checked):+d}; "
+            f"{passed}/{len(checked)} runs pass every check",
+            met(passed == len(checked)),
+        )
+    for n in naive:
+        table.add_row(
+            f"(reference) naive enforcer, {n.run.processes} processes",
+            f"overshoot {n.overshoot:+d} ({usd(n.check.spent - n.run.spec.cap)} over the cap)",
+            "-",
+        )
+    console.print(table)

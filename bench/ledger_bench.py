@@ -1,0 +1,96 @@
+"""Benchmark of paymaster's ledger; every figure is measured on this machine, in one run.
+
+    .venv/bin/python bench/ledger_bench.py            # everything: ~1.5 minutes on 2 CPUs
+    .venv/bin/python bench/ledger_bench.py --quick    # a smoke run with small counts
+    .venv/bin/python bench/ledger_bench.py --help     # every count, and its env variable
+
+1. Single-thread overhead of a governed call (reserve + settle + audit row), p50 and p99,
+   on SQLite synchronous=FULL, SQLite synchronous=NORMAL and PostgreSQL, each beside its
+   floor: the two bare durable commits the protocol needs, measured alongside.
+2. Governed calls on ONE hot budget with 1, 2, 4 and 8 processes on PostgreSQL, with a cap
+   the run reaches, checked from the database afterwards (overshoot must be 0); and the
+   same kind of load spread over 100 agent types' budgets.
+3. The naive check-then-record enforcer under the same load, and its overshoot.
+
+PostgreSQL: ``--pg-url`` / ``PAYMASTER_BENCH_PG_URL`` / ``PAYMASTER_TEST_POSTGRES_URL``,
+default ``postgresql+psycopg://root@127.0.0.1:5432/test``; every scenario runs in a
+fresh ``bench_<random>`` schema, dropped afterwards. SQLite: fresh files in a temporary
+directory, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from bench_config import Config, parse_args
+from bench_env import background_busy, machine_facts, pg_facts, sqlite_dir
+from bench_report import (
+    print_hot,
+    print_latency,
+    print_machine,
+    print_naive,
+    print_spread,
+    print_targets,
+)
+from bench_scenarios import (
+    GovernedScenario,
+    NaiveScenario,
+    run_hot,
+    run_latency,
+    run_naive,
+    run_spread,
+)
+from rich.console import Console
+
+
+def postgres_facts(config: Config, progress: Console) -> dict[str, str] | None:
+    """The server's facts, or None (and a warning) if PostgreSQL is off or unreachable."""
+    if config.no_postgres:
+        return None
+    try:
+        return pg_facts(config.pg_url)
+    except Exception as exc:  # any connection failure: run the SQLite part only
+        progress.print(f"[yellow]PostgreSQL at {config.pg_url} unreachable, skipped: {exc}[/]")
+        return None
+
+
+def make_console() -> Console:
+    """Wide enough for the tables when the output goes to a file or a pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=210)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    config = parse_args(argv, description=(__doc__ or "").split("\n\n")[0])
+    console, progress = make_console(), Console(stderr=True)
+    idle_busy = background_busy()  # before anything of ours runs
+    pg = postgres_facts(config, progress)
+    config = replace(config, no_postgres=pg is None)
+    with sqlite_dir(config.tmpdir or None) as tmp:
+        when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        print_machine(console, machine_facts(pg, str(tmp), idle_busy), when)
+        latency = run_latency(config, tmp, progress)
+    print_latency(console, latency, config)
+    hot: list[GovernedScenario] = []
+    spread: GovernedScenario | None = None
+    naive: list[NaiveScenario] = []
+    if pg is not None:
+        hot = run_hot(config, progress)
+        print_hot(console, hot, config)
+        if config.spread_processes > 0 and config.spread_agents > 0:
+            spread = run_spread(config, progress)
+            print_spread(console, spread, config)
+        naive = run_naive(config, progress)
+        if naive:
+            print_naive(console, naive, hot, config)
+    print_targets(console, latency, hot, spread, naive)
+    console.print(f"\nTotal wall time: {time.perf_counter() - started:.1f} s", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
