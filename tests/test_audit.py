@@ -128,3 +128,28 @@ def test_secrets_are_scrubbed_and_long_errors_truncated(make_governor: MakeGov) 
     assert "abc.def" not in row.error
     assert len(row.error) <= 2000 and row.error.endswith("[truncated]")
     assert scrub(None) is None
+
+
+def test_verify_flags_a_chain_whose_head_row_was_deleted(
+    make_governor: MakeGov, clock: Clock
+) -> None:
+    gov = _two_agents(make_governor)
+    _calls(gov, clock)
+    with gov.engine.begin() as conn:
+        conn.execute(text("DELETE FROM paymaster_audit_chain"))
+    result = gov.audit.verify()
+    assert not result.ok
+    assert result.first_bad_id == gov.audit.query()[0].id
+    assert "no head row" in (result.reason or "")
+
+
+def test_a_non_utc_clock_still_verifies_and_uses_the_utc_day(make_governor: MakeGov) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    tokyo = timezone(timedelta(hours=9))
+    gov = make_governor(clock=lambda: datetime(2026, 11, 25, 8, 0, tzinfo=tokyo))
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money(100, "USD")) as call:  # fmt: skip
+        call.settle()
+    assert gov.audit.verify().ok
+    assert gov.budgets()[0].window == "2026-11-24"  # 08:00 in Tokyo is still the 24th in UTC

@@ -279,17 +279,109 @@ def test_idempotency_key_finds_the_same_hold(make_governor: MakeGov) -> None:
     }  # fmt: skip
     with pytest.raises(TimeoutError), gov.guard(**args):  # type: ignore[arg-type]
         raise TimeoutError
-    # The hold is unknown (money may have moved): the retry must not run again.
+    # Unknown outcome: the retry with the same key resumes that hold (Stripe replays or
+    # runs the request once), so the estimate is counted once, not twice.
+    with gov.guard(**args) as retry:  # type: ignore[arg-type]
+        assert retry.reservation.resumed
+        retry.settle()
+    assert gov.budgets()[0].committed == Money(4000, USD)
     with pytest.raises(PolicyViolation) as info, gov.guard(**args):  # type: ignore[arg-type]
         pass
     assert info.value.code is ViolationCode.ALREADY_COMPLETED
     args["idempotency_key"] = "refund-order-8"
-    with pytest.raises(ValueError), gov.guard(**args):  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bad request"), gov.guard(**args):  # type: ignore[arg-type]
         raise ValueError("bad request")
-    with gov.guard(**args) as retry:  # type: ignore[arg-type]  # released: reserve again
-        assert retry.idempotency_key == "refund-order-8"
-        retry.settle()
-    assert gov.budgets()[0].committed == Money(8000, USD)  # unknown 40 + settled 40
+    with gov.guard(**args) as again:  # type: ignore[arg-type]  # released: reserve again
+        assert again.idempotency_key == "refund-order-8"
+        assert not again.reservation.resumed
+        again.settle()
+    assert gov.budgets()[0].committed == Money(8000, USD)
+
+
+def test_idempotency_key_of_another_call_is_refused(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    base = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
+            "idempotency_key": "refund-42"}  # fmt: skip
+    with pytest.raises(TimeoutError), gov.guard(**base, estimate=Money(1000, USD)):  # type: ignore[arg-type]
+        raise TimeoutError
+    with pytest.raises(PolicyViolation) as info, gov.guard(**base, estimate=Money(5000, USD)):  # type: ignore[arg-type]
+        pass
+    assert info.value.code is ViolationCode.IDEMPOTENCY_KEY_REUSED
+
+
+def test_a_revoked_retry_does_not_resume_its_hold(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    args = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
+            "estimate": Money(1000, USD), "idempotency_key": "k-9"}  # fmt: skip
+    with pytest.raises(TimeoutError), gov.guard(**args):  # type: ignore[arg-type]
+        raise TimeoutError
+    gov.revoke(agent="refund-agent", reason="incident", by="ops")
+    ran = []
+    with pytest.raises(PolicyViolation) as info, gov.guard(**args):  # type: ignore[arg-type]
+        ran.append(True)
+    assert info.value.code is ViolationCode.REVOKED
+    assert not ran
+
+
+def test_failed_settle_keeps_the_hold_counted(make_governor: MakeGov) -> None:
+    """The vendor call returned; recording it failed: the hold must not be released."""
+    gov = make_governor()
+    with pytest.raises(ValueError, match="negative"), gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(4000, USD)
+    ) as call:
+        call.settle(-5000)
+    [held] = gov.holds()
+    assert held.state is HoldState.UNKNOWN
+    assert gov.budgets()[0].committed == Money(4000, USD)
+
+
+def test_http_client_timeouts_are_outcome_unknown(make_governor: MakeGov) -> None:
+    class ReadTimeout(OSError):  # the shape of requests' and httpx's timeouts
+        pass
+
+    class APIConnectionError(Exception):  # Stripe's and OpenAI's lost connection
+        pass
+
+    gov = make_governor()
+    for exc in (ReadTimeout("read timed out"), APIConnectionError("connection reset")):
+        with pytest.raises(type(exc)), gov.guard(
+            agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+            estimate=Money(1000, USD),
+        ):  # fmt: skip
+            raise exc
+    assert [h.state for h in gov.holds()] == [HoldState.UNKNOWN, HoldState.UNKNOWN]
+    assert gov.budgets()[0].committed == Money(2000, USD)
+
+
+def test_budget_cache_never_points_at_another_budget(make_governor: MakeGov, clock: Clock) -> None:
+    """A budget row created in a transaction that rolled back must not stay cached:
+    SQLite hands its rowid to the next budget created."""
+    other = refund_policy(id="other", agent="other-agent")
+    gov1 = make_governor(refund_policy(), other)
+    gov2 = make_governor(refund_policy(), other)
+    run_cap = RunPolicy(cap="10.00 USD")
+    refund(gov1, "50.00")
+    refund(gov1, "50.00")  # refund-agent's day is full
+    with pytest.raises(PolicyViolation) as info:  # creates r1's row, then rolls back
+        refund(gov1, "10.00", run="r1", run_policy=run_cap)
+    assert info.value.code is ViolationCode.CAP_EXCEEDED
+    refund(gov2, "10.00", agent="other-agent", run="r2", run_policy=run_cap)
+    clock.advance(days=1)
+    refund(gov1, "10.00", run="r1", run_policy=run_cap)
+    with pytest.raises(PolicyViolation) as info:
+        refund(gov1, "10.00", run="r1", run_policy=run_cap)
+    assert info.value.code is ViolationCode.RUN_CAP_EXCEEDED
+    runs = {b.run: b.committed for b in gov1.budgets() if b.kind == "run"}
+    assert runs == {"r1": Money(1000, USD)}
+    [r2] = [b for b in gov2.budgets(day=clock.now.date() - timedelta(days=1)) if b.run == "r2"]
+    assert r2.committed == Money(1000, USD)
+
+
+def test_engine_without_the_ledger_settings_is_refused(tmp_path: object) -> None:
+    from sqlalchemy import create_engine
+
+    with pytest.raises(ValueError, match=r"paymaster\.db\.connect"):
+        Governor(create_engine(f"sqlite:///{tmp_path}/x.db"), policies=[refund_policy()])
 
 
 def test_pending_hold_is_resumed_by_key(make_governor: MakeGov) -> None:

@@ -19,15 +19,16 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from . import statements as S
 from .db import read_only
 from .money import Money
 from .schema import audit, audit_chain
@@ -148,46 +149,40 @@ def row_hash(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
-def append(conn: Connection, entry: AuditEntry, at: datetime) -> int:
-    """Append one row in the caller's transaction; returns its id.
+_ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
 
-    Takes the agent type's chain head with ``FOR UPDATE`` (on SQLite the ``BEGIN
-    IMMEDIATE`` write lock already serialises), so a chain never forks.
+
+def append(conn: Connection, entry: AuditEntry, at: datetime) -> None:
+    """Append one row in the caller's transaction.
+
+    The row is built before the agent type's chain head is locked; the lock is taken by
+    ``UPDATE ... SET seq = seq + 1 RETURNING seq, head`` (``head`` is still the previous
+    row's hash), so a chain never forks and its head is held for two statements. On
+    PostgreSQL the row insert and the head update are one statement.
     """
     chain = entry.agent
-    head = conn.execute(
-        select(audit_chain.c.seq, audit_chain.c.head)
-        .where(audit_chain.c.chain == chain)
-        .with_for_update()
-    ).first()
-    if head is None:
-        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    values: dict[str, Any] = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
+    values.update(outcome=str(entry.outcome), error=scrub(entry.error), at=at, chain=chain)
+    head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).first()
+    if head is None:  # the chain's first row
+        postgres = conn.dialect.name == "postgresql"
+        dialect_insert = pg_insert if postgres else sqlite_insert
         conn.execute(
             dialect_insert(audit_chain)
             .values(chain=chain, seq=0, head=GENESIS)
             .on_conflict_do_nothing(index_elements=["chain"])
         )
-        head = conn.execute(
-            select(audit_chain.c.seq, audit_chain.c.head)
-            .where(audit_chain.c.chain == chain)
-            .with_for_update()
-        ).one()
-    seq, prev = int(head.seq) + 1, str(head.head)
-    values: dict[str, Any] = {
-        **{k: v for k, v in asdict(entry).items()},
-        "outcome": str(entry.outcome),
-        "error": scrub(entry.error),
-        "at": at,
-        "chain": chain,
-        "seq": seq,
-        "prev_hash": prev,
-    }
+        head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).one()
+    values.update(seq=int(head.seq), prev_hash=str(head.head))
     values["hash"] = row_hash(values)
-    row_id = conn.execute(insert(audit).values(**values).returning(audit.c.id)).scalar_one()
-    conn.execute(
-        update(audit_chain).where(audit_chain.c.chain == chain).values(seq=seq, head=values["hash"])
-    )
-    return int(row_id)
+    if conn.dialect.name == "postgresql":
+        params = {f"a_{name}": value for name, value in values.items()}
+        conn.execute(
+            S.audit_insert_and_head(), {**params, "p_chain": chain, "p_head": values["hash"]}
+        )
+    else:
+        conn.execute(S.AUDIT_INSERT, values)
+        conn.execute(S.CHAIN_SET_HEAD, {"p_chain": chain, "p_head": values["hash"]})
 
 
 @dataclass
@@ -328,53 +323,83 @@ class AuditLog:
         return summary
 
     def verify(self, *, batch: int = 1000) -> VerifyResult:
-        """Recompute every chain; name the first bad row (lowest id) if any."""
+        """Recompute every chain; name the first bad row (lowest id) if any.
+
+        Each chain is checked up to the head read at the start, so calls that land while
+        it runs are neither flagged nor needed. A chain whose head row is missing is bad.
+        """
         with read_only(self._engine) as conn:
             heads = {
-                row.chain: (int(row.seq), row.head) for row in conn.execute(select(audit_chain))
+                row.chain: (int(row.seq), str(row.head))
+                for row in conn.execute(select(audit_chain))
             }
+            chains = set(conn.execute(select(audit.c.chain).distinct()).scalars())
         first_bad: tuple[int, str] | None = None
         checked = 0
-        for chain, (head_seq, head_hash) in sorted(heads.items()):
-            expected_seq, prev, last_id = 1, GENESIS, 0
-            bad: tuple[int, str] | None = None
-            while bad is None:
-                query = (
-                    select(audit)
-                    .where(audit.c.chain == chain, audit.c.seq >= expected_seq)
-                    .order_by(audit.c.seq)
-                    .limit(batch)
-                )
+        for chain in sorted(chains | set(heads)):
+            if chain not in heads:
                 with read_only(self._engine) as conn:
-                    rows = [AuditRecord(**r._mapping) for r in conn.execute(query)]
-                for record in rows:
-                    checked += 1
-                    values = record.to_dict()
-                    values["at"] = record.at
-                    if record.seq != expected_seq:
-                        bad = (
-                            record.id,
-                            f"chain {chain!r}: row(s) missing before seq {record.seq}",
-                        )
-                    elif record.prev_hash != prev:
-                        bad = (record.id, f"chain {chain!r}: prev_hash does not match row before")
-                    elif row_hash(values) != record.hash:
-                        bad = (record.id, f"chain {chain!r}: row content does not match its hash")
-                    if bad:
-                        break
-                    expected_seq, prev, last_id = record.seq + 1, record.hash, record.id
-                if bad is None and len(rows) < batch:
-                    if expected_seq - 1 != head_seq or prev != head_hash:
-                        bad = (
-                            last_id,
-                            f"chain {chain!r}: rows after seq {expected_seq - 1} missing",
-                        )
-                    break
+                    first_id = conn.execute(
+                        select(func.min(audit.c.id)).where(audit.c.chain == chain)
+                    ).scalar_one()
+                bad: tuple[int, str] | None = (
+                    int(first_id),
+                    f"chain {chain!r} has rows but no head row",
+                )
+            else:
+                n, bad = self._verify_chain(chain, *heads[chain], batch)
+                checked += n
             if bad and (first_bad is None or bad[0] < first_bad[0]):
                 first_bad = bad
         if first_bad:
-            return VerifyResult(False, checked, len(heads), first_bad[0], first_bad[1])
+            return VerifyResult(False, checked, len(chains | set(heads)), *first_bad)
         return VerifyResult(True, checked, len(heads))
+
+    def _verify_chain(
+        self, chain: str, head_seq: int, head_hash: str, batch: int
+    ) -> tuple[int, tuple[int, str] | None]:
+        expected_seq, prev, last_id, checked = 1, GENESIS, 0, 0
+        while True:
+            query = (
+                select(audit)
+                .where(
+                    audit.c.chain == chain,
+                    audit.c.seq >= expected_seq,
+                    audit.c.seq <= head_seq,
+                )
+                .order_by(audit.c.seq)
+                .limit(batch)
+            )
+            with read_only(self._engine) as conn:
+                rows = [AuditRecord(**r._mapping) for r in conn.execute(query)]
+            for record in rows:
+                checked += 1
+                values = record.to_dict()
+                values["at"] = record.at
+                if record.seq != expected_seq:
+                    return checked, (
+                        record.id,
+                        f"chain {chain!r}: row(s) missing before seq {record.seq}",
+                    )
+                if record.prev_hash != prev:
+                    return checked, (
+                        record.id,
+                        f"chain {chain!r}: prev_hash does not match the row before",
+                    )
+                if row_hash(values) != record.hash:
+                    return checked, (
+                        record.id,
+                        f"chain {chain!r}: row content does not match its hash",
+                    )
+                expected_seq, prev, last_id = record.seq + 1, record.hash, record.id
+            if len(rows) < batch:
+                break
+        if expected_seq - 1 != head_seq or prev != head_hash:
+            return checked, (
+                last_id,
+                f"chain {chain!r}: rows after seq {expected_seq - 1} are missing",
+            )
+        return checked, None
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -9,10 +9,11 @@ lock of the conditional UPDATE, nothing else.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
@@ -25,7 +26,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .errors import GovernanceUnavailable, SchemaVersionError
 
-__all__ = ["SQLiteSync", "connect", "ensure_schema", "fail_closed", "read_only"]
+__all__ = [
+    "SQLiteSync",
+    "connect",
+    "ensure_schema",
+    "is_configured",
+    "read_only",
+    "unavailable_on_error",
+]
 
 log = logging.getLogger("paymaster.db")
 
@@ -33,8 +41,7 @@ SQLiteSync = Literal["FULL", "NORMAL", "EXTRA"]
 _READ_ONLY = "paymaster_read_only"
 _MIGRATION_LOCK_KEY = 0x7061796D  # "paym": serialises concurrent first-use migrations (DDL only)
 
-P = ParamSpec("P")
-T = TypeVar("T")
+_CONFIGURED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def normalise_url(url: str) -> str:
@@ -69,13 +76,15 @@ def connect(
             max_overflow=pool_size * 2,
         )
         _configure_sqlite(engine, sqlite_synchronous, busy_timeout_ms)
+        _CONFIGURED.add(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
         return create_engine(
             parsed,
             pool_size=pool_size,
             max_overflow=pool_size * 2,
-            pool_pre_ping=True,
+            # No pre-ping (a round trip per transaction): a dead pooled connection fails
+            # its transaction, is invalidated, and the ledger retries once on a new one.
             connect_args={"connect_timeout": connect_timeout_s},
         )
     raise ValueError(
@@ -120,22 +129,12 @@ def describe(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def fail_closed(engine: Engine, action: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    """Turn driver and pool errors into :class:`GovernanceUnavailable` naming the action."""
-
-    def wrap(fn: Callable[P, T]) -> Callable[P, T]:
-        def inner(*args: P.args, **kwargs: P.kwargs) -> T:
-            with unavailable_on_error(engine, action):
-                return fn(*args, **kwargs)
-
-        return inner
-
-    return wrap
-
-
 @contextmanager
-def unavailable_on_error(engine: Engine, action: str) -> Iterator[None]:
-    """Re-raise database failures (not integrity errors) as :class:`GovernanceUnavailable`."""
+def unavailable_on_error(
+    engine: Engine, action: str, consequence: str = "so the call was not made"
+) -> Iterator[None]:
+    """Re-raise database failures (not integrity errors) as :class:`GovernanceUnavailable`,
+    saying what was being done and what that means for the call."""
     try:
         yield
     except IntegrityError:
@@ -143,9 +142,14 @@ def unavailable_on_error(engine: Engine, action: str) -> Iterator[None]:
     except (DBAPIError, PoolTimeout) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise GovernanceUnavailable(
-            f"paymaster ledger {describe(engine)} is unavailable, so the call was not made "
-            f"({action}): {reason}"
+            f"paymaster ledger {describe(engine)} is unavailable while {action}, "
+            f"{consequence}: {reason}"
         ) from exc
+
+
+def is_configured(engine: Engine) -> bool:
+    """Whether ``engine`` can carry the ledger: made by :func:`connect`, or PostgreSQL."""
+    return engine in _CONFIGURED or engine.dialect.name == "postgresql"
 
 
 def _alembic_config(conn: Connection) -> Config:
@@ -162,7 +166,8 @@ def ensure_schema(engine: Engine, *, upgrade: bool = True) -> str:
     a transaction-scoped advisory lock on PostgreSQL, for the DDL only). A database at a
     revision this version does not know (written by a newer paymaster) is refused.
     """
-    with unavailable_on_error(engine, "checking the schema"), engine.connect() as conn:
+    consequence = "so nothing can be governed"
+    with unavailable_on_error(engine, "checking the schema", consequence), engine.connect() as conn:
         with conn.begin():
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})

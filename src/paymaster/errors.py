@@ -35,6 +35,7 @@ class ViolationCode(str, Enum):
     EXPIRED = "expired"
     REVOKED = "revoked"
     ALREADY_COMPLETED = "already_completed"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
 
     def __str__(self) -> str:
         return self.value

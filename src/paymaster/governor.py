@@ -28,8 +28,8 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Engine
 
 from .audit import AuditEntry, AuditLog, Outcome
-from .db import SQLiteSync, connect, ensure_schema
-from .errors import GovernanceUnavailable, PolicyViolation
+from .db import SQLiteSync, connect, ensure_schema, is_configured
+from .errors import PolicyViolation
 from .ledger import (
     BudgetStatus,
     Hold,
@@ -61,6 +61,24 @@ OUTCOME_UNKNOWN_EXCEPTIONS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# HTTP clients' own timeout and connection-lost errors do not derive from TimeoutError
+# (requests' ReadTimeout, httpx's ReadTimeout, urllib3's ReadTimeoutError, Stripe's and
+# OpenAI's APIConnectionError / APITimeoutError); the core cannot import them, so they are
+# recognised by class name. Being wrong here costs budget until reconciled, never money.
+_UNKNOWN_NAME_PARTS = ("Timeout", "APIConnectionError", "RemoteProtocolError")
+
+
+def is_outcome_unknown(
+    exc: BaseException, extra: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS
+) -> bool:
+    """Whether an exception leaves it unknown if the vendor acted (timeouts, cancellation,
+    a lost connection, the process exiting)."""
+    if isinstance(exc, extra):
+        return True
+    return any(
+        part in klass.__name__ for klass in type(exc).__mro__ for part in _UNKNOWN_NAME_PARTS
+    )
+
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -86,6 +104,9 @@ class GovernedCall:
         self.policy = policy
         self.hold: Hold = reservation.hold
         self._started = time.monotonic()
+        # Set once settle/fail/unknown is attempted: after that, a failure to record the
+        # outcome must never release the hold (the vendor may have moved money).
+        self._attempted = False
 
     @property
     def hold_id(self) -> str:
@@ -116,10 +137,14 @@ class GovernedCall:
         if actual is None:
             return self.estimate
         if isinstance(actual, Money):
-            return actual
-        if isinstance(actual, bool) or not isinstance(actual, int):
+            money = actual
+        elif isinstance(actual, bool) or not isinstance(actual, int):
             raise TypeError("actual must be Money or an int of minor units")
-        return Money(actual, self.estimate.currency)
+        else:
+            money = Money(actual, self.estimate.currency)
+        if money.amount < 0:
+            raise ValueError(f"a call cannot cost a negative amount ({money})")
+        return money
 
     def settle(
         self,
@@ -130,6 +155,7 @@ class GovernedCall:
     ) -> Hold:
         """The call succeeded: spend ``actual`` (Money, or int minor units in the call's
         currency; default the estimate)."""
+        self._attempted = True
         self.hold = self._ledger.settle(
             self.hold.id, self._money(actual), http_status=http_status,
             vendor_request_id=vendor_request_id, duration_ms=self._elapsed_ms(),
@@ -144,6 +170,7 @@ class GovernedCall:
         error: str | None = None,
     ) -> Hold:
         """The vendor refused the call and no money moved: release the hold."""
+        self._attempted = True
         self.hold = self._ledger.release(
             self.hold.id, outcome=Outcome.FAILED, http_status=http_status,
             vendor_request_id=vendor_request_id, error=error, duration_ms=self._elapsed_ms(),
@@ -152,6 +179,7 @@ class GovernedCall:
 
     def unknown(self, error: str) -> Hold:
         """Whether money moved is unknown: keep the hold counted for reconciliation."""
+        self._attempted = True
         self.hold = self._ledger.mark_unknown(
             self.hold.id, error=error, duration_ms=self._elapsed_ms()
         )
@@ -172,11 +200,18 @@ class Governor:
         unknown_on: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS,
         max_threads: int = 16,
     ) -> None:
-        self.engine = (
-            database
-            if isinstance(database, Engine)
-            else connect(database, sqlite_synchronous=sqlite_synchronous, pool_size=max_threads)
-        )
+        if isinstance(database, Engine):
+            if not is_configured(database):
+                raise ValueError(
+                    "a SQLite engine for the ledger must come from paymaster.db.connect() "
+                    "(WAL, BEGIN IMMEDIATE); pass the URL instead"
+                )
+            self.engine, self._owns_engine = database, False
+        else:
+            self.engine = connect(
+                database, sqlite_synchronous=sqlite_synchronous, pool_size=max_threads
+            )
+            self._owns_engine = True
         ensure_schema(self.engine, upgrade=upgrade_schema)
         if isinstance(policies, (str, Path)):
             policies = load_policies(policies)
@@ -185,12 +220,15 @@ class Governor:
         self.ledger = Ledger(self.engine, clock)
         self.audit = AuditLog(self.engine)
         self._unknown_on = unknown_on
+        # Policies and run policies are immutable: narrow (and hash) each pair once.
+        self._effective = functools.lru_cache(maxsize=4096)(effective_policy)
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="paymaster")
 
     def close(self) -> None:
         """Release the connection pool and worker threads."""
         self._executor.shutdown(wait=True)
-        self.engine.dispose()
+        if self._owns_engine:
+            self.engine.dispose()
 
     def __enter__(self) -> Governor:
         return self
@@ -202,7 +240,8 @@ class Governor:
     def effective_policy(
         self, agent: str, vendor: str, run_policy: RunPolicy | None = None
     ) -> EffectivePolicy:
-        return effective_policy(self.policies.require(agent, vendor), run_policy)
+        """The rules a call of this agent type, vendor and run policy is checked against."""
+        return self._effective(self.policies.require(agent, vendor), run_policy)
 
     def _prepare(
         self,
@@ -230,7 +269,7 @@ class Governor:
                 violation_code=violation.code.value, error=violation.message,
             ))  # fmt: skip
             raise
-        policy = effective_policy(policy_set_entry, run_policy)
+        policy = self._effective(policy_set_entry, run_policy)
         cost = estimate if estimate is not None else Money.zero(policy.currency)
         request = ReserveRequest(
             agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=cost,
@@ -239,7 +278,7 @@ class Governor:
         try:
             canonical = policy.check(
                 endpoint=endpoint, method=method, customer=customer, estimate=cost,
-                now=self._clock(), run=run,
+                now=self.ledger.now(), run=run,
             )  # fmt: skip
         except PolicyViolation as violation:
             self.ledger.record_denial(request, violation)
@@ -307,10 +346,11 @@ class Governor:
         )  # fmt: skip
         reservation, cancelled = await self._to_completion(self.ledger.reserve, request)
         if cancelled:
-            await self._to_completion(
-                self.ledger.release, reservation.hold.id, outcome=Outcome.ERRORED,
-                error="task cancelled before the call was made",
-            )  # fmt: skip
+            if not reservation.resumed:  # a hold found by its key is not ours to free
+                await self._to_completion(
+                    self.ledger.release, reservation.hold.id, outcome=Outcome.ERRORED,
+                    error="task cancelled before the call was made",
+                )  # fmt: skip
             raise asyncio.CancelledError
         call = AsyncGovernedCall(self.ledger, reservation, request.policy, self)
         try:
@@ -510,7 +550,12 @@ def _close_call(
     call: GovernedCall, exc: BaseException | None, unknown_on: tuple[type[BaseException], ...]
 ) -> None:
     """Resolve the hold as the block ended, if the block did not (runs off the event loop
-    for ``aguard``, hence the base-class resolvers)."""
+    for ``aguard``, hence the base-class resolvers).
+
+    A normal exit settles at the estimate. An exception releases the hold only when it is
+    known that no money moved: not after a timeout, a cancellation or a lost connection,
+    and not after an attempt to record the outcome failed (the vendor call had returned).
+    """
     if call.resolved:
         return
     if exc is None:
@@ -518,13 +563,13 @@ def _close_call(
         return
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     try:
-        if isinstance(exc, unknown_on):
+        if call._attempted or is_outcome_unknown(exc, unknown_on):
             GovernedCall.unknown(call, f"outcome unknown, hold kept for reconciliation: {text}")
         else:
             call.hold = call._ledger.release(
                 call.hold.id, outcome=Outcome.ERRORED, error=text,
                 duration_ms=call._elapsed_ms(),
             )  # fmt: skip
-    except GovernanceUnavailable:
+    except Exception:
         # The user's exception must surface unchanged; the hold stays pending and counted.
         log.exception("could not record hold %s after %s; it stays pending", call.hold.id, text)

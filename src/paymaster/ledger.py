@@ -16,19 +16,26 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, case, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import audit as audit_log
+from . import statements as S
 from .audit import AuditEntry, Outcome
 from .db import read_only, unavailable_on_error
-from .errors import HoldAlreadyResolved, HoldNotFound, PolicyViolation, ViolationCode
+from .errors import (
+    GovernanceUnavailable,
+    HoldAlreadyResolved,
+    HoldNotFound,
+    PolicyViolation,
+    ViolationCode,
+)
 from .money import Money
 from .policy import EffectivePolicy
 from .schema import budget, hold, revocation
@@ -126,7 +133,7 @@ class Reservation:
 
     hold: Hold
     remaining: Money  # what is left of the daily budget after this reservation
-    run_remaining: Money | None
+    run_remaining: Money | None  # of the run's budget, if it has a money cap
     resumed: bool = False  # an existing pending hold was found by its idempotency key
 
 
@@ -168,6 +175,14 @@ class _Denied(Exception):
         self.violation = violation
 
 
+class _Retry(Exception):
+    """The transaction saw a state that changed under it; run it again."""
+
+
+class _StaleBudgetId(Exception):
+    """A cached budget id no longer exists (the database was reset); look it up again."""
+
+
 def _template(outcome: Outcome, **fields: Any) -> AuditEntry:
     """An audit entry whose call fields :meth:`Ledger._resolve` fills from the hold."""
     return AuditEntry(agent="", vendor="", endpoint="", method="", outcome=outcome, **fields)
@@ -177,62 +192,96 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+_ATTEMPTS = 5
+CALL_NOT_MADE = "so the call was not made"
+
+
+def _not_recorded(hold_id: str) -> str:
+    return (
+        f"so the call's outcome was NOT recorded: hold {hold_id} stays counted against its "
+        "budget until it is resolved; do not retry without checking the vendor"
+    )
+
+
 class Ledger:
     """Atomic ledger operations over one database (SQLite or PostgreSQL)."""
 
     def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
         self._engine = engine
         self._clock = clock
+        self._postgres = engine.dialect.name == "postgresql"
+        # Ids of committed budget rows only: an id seen inside a transaction that rolled
+        # back may be handed to another budget (SQLite reuses rowids).
         self._budget_ids: dict[tuple[str, ...], int] = {}
+
+    def now(self) -> datetime:
+        """The injected clock, in UTC (audit hashes and UTC days depend on it)."""
+        return self._clock().astimezone(timezone.utc)
 
     # -- reserve -------------------------------------------------------------------------
     def reserve(self, request: ReserveRequest) -> Reservation:
         """Reserve the call's estimate against every budget it counts against.
 
-        Raises :class:`PolicyViolation` (revoked, cap exceeded, call limit) having written
-        nothing but the denial's audit row, or :class:`GovernanceUnavailable`.
+        Raises :class:`PolicyViolation` (revoked, cap exceeded, call limit, ...) having
+        written nothing but the denial's audit row, or :class:`GovernanceUnavailable`.
         """
-        with unavailable_on_error(self._engine, "reserving"):
-            for attempt in range(4):
-                now = self._clock()
+        with unavailable_on_error(self._engine, "reserving", CALL_NOT_MADE):
+            for attempt in range(_ATTEMPTS):
+                new_ids: dict[tuple[str, ...], int] = {}
                 try:
                     with self._engine.begin() as conn:
-                        return self._reserve(conn, request, now)
+                        reservation = self._reserve(conn, request, self.now(), new_ids)
                 except _Denied as denied:
                     self.record_denial(request, denied.violation)
                     raise denied.violation from None
                 except IntegrityError:
                     # A concurrent reserve with the same idempotency key committed first;
                     # the next attempt finds its hold.
-                    if attempt == 3 or request.idempotency_key is None:
+                    if request.idempotency_key is None:
                         raise
                 except _StaleBudgetId:
                     self._budget_ids.clear()
-        raise AssertionError("unreachable")
+                except _Retry:
+                    pass
+                except DBAPIError as exc:
+                    # A pooled connection that died (database restarted): one fresh try.
+                    if not exc.connection_invalidated or attempt > 0:
+                        raise
+                else:
+                    self._budget_ids.update(new_ids)
+                    return reservation
+        raise GovernanceUnavailable(
+            f"could not reserve after {_ATTEMPTS} attempts under contention, {CALL_NOT_MADE}"
+        )
 
-    def _reserve(self, conn: Connection, req: ReserveRequest, now: datetime) -> Reservation:
-        existing = None
-        if req.idempotency_key is not None:
-            existing = conn.execute(
-                select(hold).where(hold.c.idempotency_key == req.idempotency_key).with_for_update()
-            ).first()
-        if existing is not None:
-            found = Hold.from_row(existing)
-            if found.state is HoldState.PENDING:
-                return Reservation(found, *self._remaining(conn, found), resumed=True)
-            if found.state is not HoldState.RELEASED:
-                raise _Denied(self._violation(
-                    req, ViolationCode.ALREADY_COMPLETED,
-                    f"the call with idempotency key {req.idempotency_key!r} already ended "
-                    f"({found.state}); it is not repeated",
-                ))  # fmt: skip
-        self._check_revoked(conn, req)
+    def _reserve(
+        self,
+        conn: Connection,
+        req: ReserveRequest,
+        now: datetime,
+        new_ids: dict[tuple[str, ...], int],
+    ) -> Reservation:
         policy = req.policy
         x = req.estimate.amount
+        existing = None
+        if req.idempotency_key is not None:
+            existing = conn.execute(S.HOLD_BY_KEY, {"p_key": req.idempotency_key}).first()
+        if existing is not None:
+            found = Hold.from_row(existing)
+            self._check_same_call(found, req)
+            if found.state in (HoldState.PENDING, HoldState.UNKNOWN):
+                return self._resume(conn, req, found)
+            if found.state is HoldState.SETTLED:
+                raise _Denied(self._violation(
+                    req, ViolationCode.ALREADY_COMPLETED,
+                    f"the call with idempotency key {req.idempotency_key!r} already settled "
+                    f"at {found.resolved_at}; it is not repeated",
+                ))  # fmt: skip
         daily_id = self._budget_id(
             conn,
             ("daily", req.agent, req.vendor, policy.currency, "", now.date().isoformat()),
             now,
+            new_ids,
         )
         run_id = None
         if policy.has_run_budget:
@@ -241,102 +290,136 @@ class Ledger:
                     req, ViolationCode.RUN_CAP_EXCEEDED,
                     "the run policy sets a run budget but the call names no run",
                 ))  # fmt: skip
-            run_id = self._budget_id(
-                conn, ("run", req.agent, req.vendor, policy.currency, req.run, ""), now
-            )
+            key = ("run", req.agent, req.vendor, policy.currency, req.run, "")
+            run_id = self._budget_id(conn, key, now, new_ids)
+        fields = {
+            "agent": req.agent, "run": req.run, "vendor": req.vendor,
+            "endpoint": req.endpoint, "method": req.method, "customer": req.customer,
+            "currency": req.estimate.currency, "estimate": x, "actual": None,
+            "daily_budget_id": daily_id, "run_budget_id": run_id,
+            "policy_id": policy.policy_id, "policy_hash": policy.hash,
+            "state": HoldState.PENDING.value, "created_at": now, "resolved_at": None,
+            "resolved_by": None, "resolution": None,
+        }  # fmt: skip
         if existing is None:
             hold_id = _new_id()
             conn.execute(
-                insert(hold).values(
-                    id=hold_id, idempotency_key=req.idempotency_key, agent=req.agent,
-                    run=req.run, vendor=req.vendor, endpoint=req.endpoint, method=req.method,
-                    customer=req.customer, currency=req.estimate.currency, estimate=x,
-                    daily_budget_id=daily_id, run_budget_id=run_id,
-                    policy_id=policy.policy_id, policy_hash=policy.hash,
-                    state=HoldState.PENDING.value, created_at=now,
-                )
-            )  # fmt: skip
-        else:
+                S.INSERT_HOLD, {"id": hold_id, "idempotency_key": req.idempotency_key, **fields}
+            )
+        else:  # a released hold retried with its key: reserve it again
             hold_id = existing.id
-            conn.execute(
-                update(hold)
-                .where(hold.c.id == hold_id, hold.c.state == HoldState.RELEASED.value)
-                .values(
-                    state=HoldState.PENDING.value, estimate=x, actual=None,
-                    agent=req.agent, run=req.run, vendor=req.vendor, endpoint=req.endpoint,
-                    method=req.method, customer=req.customer, currency=req.estimate.currency,
-                    daily_budget_id=daily_id,
-                    run_budget_id=run_id, policy_id=policy.policy_id, policy_hash=policy.hash,
-                    created_at=now, resolved_at=None, resolved_by=None, resolution=None,
-                )
-            )  # fmt: skip
+            rearmed = conn.execute(
+                S.REARM_HOLD, {"p_id": hold_id, **{f"p_{k}": v for k, v in fields.items()}}
+            )
+            if rearmed.rowcount != 1:
+                raise _Retry
         # Budget rows last, and the hottest (the agent type's day) last of all, so its row
         # lock is held only until the commit. Every transaction that touches both takes
-        # the run's row before the day's: no lock cycles.
+        # the run's row before the day's: no lock cycles. The day's UPDATE also reads the
+        # revocations, so the kill switch is checked when that lock is taken.
         run_left = None
         if run_id is not None:
             run_left = self._take(
-                conn, req, run_id, x,
-                None if policy.run_cap is None else policy.run_cap.amount,
-                policy.run_max_calls, ViolationCode.RUN_CAP_EXCEEDED, "run",
+                conn, req, run_id, policy.run_cap, policy.run_max_calls,
+                check_revoked=False, code=ViolationCode.RUN_CAP_EXCEEDED, label="run",
             )  # fmt: skip
         daily_left = self._take(
-            conn, req, daily_id, x, policy.daily_cap.amount, policy.max_calls_per_day,
-            ViolationCode.CAP_EXCEEDED, "daily",
+            conn, req, daily_id, policy.daily_cap, policy.max_calls_per_day,
+            check_revoked=True, code=ViolationCode.CAP_EXCEEDED, label="daily",
         )  # fmt: skip
+        assert daily_left is not None
         reserved = Hold(
             id=hold_id, idempotency_key=req.idempotency_key, agent=req.agent, run=req.run,
             vendor=req.vendor, endpoint=req.endpoint, method=req.method,
-            customer=req.customer,
-            estimate=req.estimate, actual=None, daily_budget_id=daily_id,
-            run_budget_id=run_id, policy_id=policy.policy_id, policy_hash=policy.hash,
-            state=HoldState.PENDING, created_at=now, resolved_at=None, resolved_by=None,
-            resolution=None,
+            customer=req.customer, estimate=req.estimate, actual=None,
+            daily_budget_id=daily_id, run_budget_id=run_id, policy_id=policy.policy_id,
+            policy_hash=policy.hash, state=HoldState.PENDING, created_at=now,
+            resolved_at=None, resolved_by=None, resolution=None,
         )  # fmt: skip
         return Reservation(reserved, daily_left, run_left)
+
+    def _check_same_call(self, found: Hold, req: ReserveRequest) -> None:
+        """An idempotency key names one call: a different call reusing it is refused."""
+        mine = (req.agent, req.vendor, req.endpoint, req.method, req.customer, req.estimate)
+        theirs = (
+            found.agent, found.vendor, found.endpoint, found.method, found.customer,
+            found.estimate,
+        )  # fmt: skip
+        if mine != theirs:
+            raise _Denied(self._violation(
+                req, ViolationCode.IDEMPOTENCY_KEY_REUSED,
+                f"idempotency key {req.idempotency_key!r} belongs to another call "
+                f"({found.agent} {found.method} {found.endpoint} {found.estimate}); "
+                "use a new key for a new call",
+            ))  # fmt: skip
+
+    def _resume(self, conn: Connection, req: ReserveRequest, found: Hold) -> Reservation:
+        """A retry of a call whose hold is still counted: no second reservation. The kill
+        switch applies to retries too."""
+        self._check_revoked(conn, req)
+        if found.state is HoldState.UNKNOWN:
+            row = conn.execute(
+                S.RESOLVE_HOLD,
+                {
+                    "p_id": found.id, "p_from": HoldState.UNKNOWN.value,
+                    "p_state": HoldState.PENDING.value, "p_actual": None, "p_at": None,
+                    "p_by": None, "p_reason": None,
+                },
+            ).first()  # fmt: skip
+            if row is None:
+                raise _Retry
+            found = Hold.from_row(row)
+        daily = self._left(conn, found.daily_budget_id, found.estimate.currency)
+        assert daily is not None
+        run = None
+        if found.run_budget_id is not None:
+            run = self._left(conn, found.run_budget_id, found.estimate.currency)
+        return Reservation(found, daily, run, resumed=True)
+
+    def _left(self, conn: Connection, budget_id: int, currency: str) -> Money | None:
+        row = conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
+        if row is None or row.cap is None:
+            return None
+        return Money(int(row.cap) - int(row.committed), currency)
 
     def _take(
         self,
         conn: Connection,
         req: ReserveRequest,
         budget_id: int,
-        x: int,
-        cap: int | None,
+        cap_money: Money | None,
         calls_cap: int | None,
-        cap_code: ViolationCode,
+        *,
+        check_revoked: bool,
+        code: ViolationCode,
         label: str,
-    ) -> Money:
+    ) -> Money | None:
         currency = req.policy.currency
-        stmt = (
-            update(budget)
-            .where(budget.c.id == budget_id)
-            .values(
-                committed=budget.c.committed + x,
-                calls=budget.c.calls + 1,
-                cap=cap,
-                calls_cap=calls_cap,
-            )
+        x = req.estimate.amount
+        cap = None if cap_money is None else cap_money.amount
+        params: dict[str, Any] = {"p_bid": budget_id, "p_x": x, "p_cap": cap}
+        params["p_calls_cap"] = calls_cap
+        if check_revoked:
+            params.update(p_agent=req.agent, p_run=req.run)
+        stmt = S.take_budget(
+            capped=cap is not None, call_capped=calls_cap is not None, check_revoked=check_revoked
         )
-        if cap is not None:
-            stmt = stmt.where(budget.c.committed + x <= cap)
-        if calls_cap is not None:
-            stmt = stmt.where(budget.c.calls < calls_cap)
-        taken = conn.execute(stmt.returning(budget.c.committed)).first()
+        taken = conn.execute(stmt, params).first()
         if taken is not None:
-            committed = int(taken.committed)
-            return Money((cap - committed) if cap is not None else 0, currency)
-        current = conn.execute(
-            select(budget.c.committed, budget.c.calls).where(budget.c.id == budget_id)
-        ).first()
-        if current is None:
+            return None if cap is None else Money(cap - int(taken.committed), currency)
+        # Refused: say why, in this order. A state that no longer refuses means another
+        # transaction freed room since the UPDATE ran: run the reserve again.
+        self._check_revoked(conn, req)
+        row = conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
+        if row is None:
             raise _StaleBudgetId
-        committed, calls = int(current.committed), int(current.calls)
+        committed, calls = int(row.committed), int(row.calls)
         policy = req.policy
         if cap is not None and committed + x > cap:
             left = Money(max(cap - committed, 0), currency)
             scope = f"run {req.run!r}" if label == "run" else "today"
             raise _Denied(PolicyViolation(
-                cap_code,
+                code,
                 f"{req.estimate.format()} would exceed the {label} cap of "
                 f"{Money(cap, currency).format()} for {req.agent}/{req.vendor} ({scope}): "
                 f"{Money(committed, currency).format()} already committed, "
@@ -344,17 +427,25 @@ class Ledger:
                 policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
                 endpoint=req.endpoint, remaining=left,
             ))  # fmt: skip
-        raise _Denied(PolicyViolation(
-            ViolationCode.CALL_LIMIT,
-            f"the {label} limit of {calls_cap} calls for {req.agent}/{req.vendor} is reached "
-            f"({calls} made)",
-            policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
-            endpoint=req.endpoint, calls_remaining=0,
-            remaining=None if cap is None else Money(cap - committed, currency),
-        ))  # fmt: skip
+        if calls_cap is not None and calls >= calls_cap:
+            raise _Denied(PolicyViolation(
+                ViolationCode.CALL_LIMIT,
+                f"the {label} limit of {calls_cap} calls for {req.agent}/{req.vendor} is "
+                f"reached ({calls} made)",
+                policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
+                endpoint=req.endpoint, calls_remaining=0,
+                remaining=None if cap is None else Money(cap - committed, currency),
+            ))  # fmt: skip
+        raise _Retry
 
-    def _budget_id(self, conn: Connection, key: tuple[str, ...], now: datetime) -> int:
-        cached = self._budget_ids.get(key)
+    def _budget_id(
+        self,
+        conn: Connection,
+        key: tuple[str, ...],
+        now: datetime,
+        new_ids: dict[tuple[str, ...], int],
+    ) -> int:
+        cached = self._budget_ids.get(key) or new_ids.get(key)
         if cached is not None:
             return cached
         kind, agent, vendor, currency, run, window = key
@@ -364,7 +455,7 @@ class Ledger:
         )  # fmt: skip
         found = conn.execute(select(budget.c.id).where(where)).scalar()
         if found is None:
-            dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            dialect_insert = pg_insert if self._postgres else sqlite_insert
             conn.execute(
                 dialect_insert(budget)
                 .values(
@@ -374,43 +465,16 @@ class Ledger:
                 .on_conflict_do_nothing()
             )  # fmt: skip
             found = conn.execute(select(budget.c.id).where(where)).scalar_one()
-        self._budget_ids[key] = int(found)
+        new_ids[key] = int(found)  # cached by reserve() only once this transaction commits
         return int(found)
 
     def _check_revoked(self, conn: Connection, req: ReserveRequest) -> None:
-        scopes = [revocation.c.kind == RevocationScope.ALL.value]
-        scopes.append(
-            and_(revocation.c.kind == RevocationScope.AGENT.value, revocation.c.target == req.agent)
-        )
-        if req.run is not None:
-            scopes.append(
-                and_(revocation.c.kind == RevocationScope.RUN.value, revocation.c.target == req.run)
-            )
-        row = conn.execute(
-            select(revocation.c.kind, revocation.c.target, revocation.c.reason)
-            .where(revocation.c.lifted_at.is_(None), or_(*scopes))
-            .order_by(revocation.c.id)
-            .limit(1)
-        ).first()
+        row = conn.execute(S.ACTIVE_REVOCATION, {"p_agent": req.agent, "p_run": req.run}).first()
         if row is not None:
             what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
             raise _Denied(
                 self._violation(req, ViolationCode.REVOKED, f"{what} is revoked: {row.reason}")
             )
-
-    def _remaining(self, conn: Connection, found: Hold) -> tuple[Money, Money | None]:
-        def left(budget_id: int | None) -> Money | None:
-            if budget_id is None:
-                return None
-            row = conn.execute(
-                select(budget.c.cap, budget.c.committed).where(budget.c.id == budget_id)
-            ).one()
-            cap = 0 if row.cap is None else int(row.cap) - int(row.committed)
-            return Money(cap, found.estimate.currency)
-
-        daily = left(found.daily_budget_id)
-        assert daily is not None
-        return daily, left(found.run_budget_id)
 
     @staticmethod
     def _violation(req: ReserveRequest, code: ViolationCode, message: str) -> PolicyViolation:
@@ -437,8 +501,10 @@ class Ledger:
                 policy_id=request.policy.policy_id, policy_hash=request.policy.hash,
                 violation_code=violation.code.value, error=violation.message,
             )  # fmt: skip
-        with unavailable_on_error(self._engine, "auditing a denial"), self._engine.begin() as conn:
-            audit_log.append(conn, entry, self._clock())
+        consequence = f"the call was refused ({violation.code}) but its audit row was not written"
+        with unavailable_on_error(self._engine, "auditing a denial", consequence):
+            with self._engine.begin() as conn:
+                audit_log.append(conn, entry, self.now())
 
     # -- resolve -------------------------------------------------------------------------
     def settle(
@@ -455,8 +521,7 @@ class Ledger:
         return self._resolve(
             hold_id, HoldState.SETTLED, actual,
             _template(
-                outcome=Outcome.ALLOWED,
-                http_status=http_status, vendor_request_id=vendor_request_id,
+                Outcome.ALLOWED, http_status=http_status, vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms, error=error,
             ),
         )  # fmt: skip
@@ -475,8 +540,7 @@ class Ledger:
         return self._resolve(
             hold_id, HoldState.RELEASED, None,
             _template(
-                outcome=outcome,
-                http_status=http_status, vendor_request_id=vendor_request_id,
+                outcome, http_status=http_status, vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms, error=error,
             ),
         )  # fmt: skip
@@ -485,10 +549,7 @@ class Ledger:
         """Whether money moved is unknown: keep the hold counted, flag it for reconciliation."""
         return self._resolve(
             hold_id, HoldState.UNKNOWN, None,
-            _template(
-                outcome=Outcome.UNKNOWN,
-                duration_ms=duration_ms, error=error,
-            ),
+            _template(Outcome.UNKNOWN, duration_ms=duration_ms, error=error),
         )  # fmt: skip
 
     def resolve_hold(
@@ -509,10 +570,7 @@ class Ledger:
         outcome = Outcome.ALLOWED if settle is not None else Outcome.FAILED
         return self._resolve(
             hold_id, state, settle,
-            _template(
-                outcome=outcome,
-                error=f"resolved by {by}: {reason}",
-            ),
+            _template(outcome, error=f"resolved by {by}: {reason}"),
             by=by, reason=reason, allowed_from=(HoldState.PENDING, HoldState.UNKNOWN),
         )  # fmt: skip
 
@@ -527,76 +585,68 @@ class Ledger:
         reason: str | None = None,
         allowed_from: Sequence[HoldState] = (HoldState.PENDING,),
     ) -> Hold:
-        action = f"recording the call as {state}"
-        with unavailable_on_error(self._engine, action), self._engine.begin() as conn:
-            row = conn.execute(select(hold).where(hold.c.id == hold_id).with_for_update()).first()
-            if row is None:
-                raise HoldNotFound(f"no hold {hold_id!r}")
-            current = Hold.from_row(row)
-            if current.state not in allowed_from:
-                raise HoldAlreadyResolved(
-                    f"hold {hold_id} is already {current.state} "
-                    f"(at {current.resolved_at}); a hold resolves exactly once"
-                )
-            now = self._clock()
-            currency = current.estimate.currency
-            if actual is not None and actual.currency != currency:
-                raise ValueError(
-                    f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
-                )
-            amount = actual.amount if actual is not None else 0
-            if state is HoldState.SETTLED:
-                delta = amount - current.estimate.amount
-            elif state is HoldState.RELEASED:
-                delta = -current.estimate.amount
-            else:
-                delta = 0
-            conn.execute(
-                update(hold)
-                .where(hold.c.id == hold_id)
-                .values(
-                    state=state.value,
-                    actual=amount if state is HoldState.SETTLED else None,
-                    resolved_at=now,
-                    resolved_by=by,
-                    resolution=reason,
-                )
-            )
-            if delta:
-                ids = [current.daily_budget_id]
-                if current.run_budget_id is not None:
-                    ids.insert(0, current.run_budget_id)
-                for budget_id in ids:  # the reserve's order (run, then day): no lock cycles
-                    conn.execute(
-                        update(budget)
-                        .where(budget.c.id == budget_id)
-                        .values(committed=budget.c.committed + delta)
+        if actual is not None and actual.amount < 0:
+            raise ValueError(f"a call cannot cost a negative amount ({actual})")
+        amount = actual.amount if actual is not None else 0
+        now = self.now()
+        action = f"recording hold {hold_id} as {state}"
+        with unavailable_on_error(self._engine, action, _not_recorded(hold_id)):
+            with self._engine.begin() as conn:
+                row, previous = None, HoldState.PENDING
+                for previous in allowed_from:
+                    row = conn.execute(
+                        S.RESOLVE_HOLD,
+                        {
+                            "p_id": hold_id, "p_from": previous.value, "p_state": state.value,
+                            "p_actual": amount if state is HoldState.SETTLED else None,
+                            "p_at": now, "p_by": by, "p_reason": reason,
+                        },
+                    ).first()  # fmt: skip
+                    if row is not None:
+                        break
+                if row is None:
+                    current = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
+                    if current is None:
+                        raise HoldNotFound(f"no hold {hold_id!r}")
+                    raise HoldAlreadyResolved(
+                        f"hold {hold_id} is already {current.state} (at {current.resolved_at}); "
+                        "a hold resolves exactly once"
                     )
-            outcome = template.outcome
-            if current.state is HoldState.UNKNOWN:
-                outcome = Outcome.RECONCILED
-            error = template.error
-            if state is HoldState.SETTLED and delta > 0:
-                over = Money(delta, currency).format()
-                error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
-            entry = replace(
-                template,
-                agent=current.agent, run=current.run, vendor=current.vendor,
-                endpoint=current.endpoint, method=current.method,
-                customer=current.customer, currency=currency,
-                estimate=current.estimate.amount, actual=amount,
-                policy_id=current.policy_id, policy_hash=current.policy_hash,
-                hold_id=hold_id, outcome=outcome, error=error,
-            )  # fmt: skip
-            audit_log.append(conn, entry, now)
-            return replace(
-                current,
-                state=state,
-                actual=Money(amount, currency) if state is HoldState.SETTLED else None,
-                resolved_at=now,
-                resolved_by=by,
-                resolution=reason,
-            )
+                resolved = Hold.from_row(row)
+                currency = resolved.estimate.currency
+                if actual is not None and actual.currency != currency:
+                    raise ValueError(  # rolls the transaction back
+                        f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
+                    )
+                if state is HoldState.SETTLED:
+                    delta = amount - resolved.estimate.amount
+                elif state is HoldState.RELEASED:
+                    delta = -resolved.estimate.amount
+                else:
+                    delta = 0
+                if delta:
+                    # The reserve's order (run, then day): no lock cycles.
+                    for budget_id in (resolved.run_budget_id, resolved.daily_budget_id):
+                        if budget_id is not None:
+                            conn.execute(S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": delta})
+                error = template.error
+                if state is HoldState.SETTLED and delta > 0:
+                    over = Money(delta, currency).format()
+                    error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
+                entry = replace(
+                    template,
+                    agent=resolved.agent, run=resolved.run, vendor=resolved.vendor,
+                    endpoint=resolved.endpoint, method=resolved.method,
+                    customer=resolved.customer, currency=currency,
+                    estimate=resolved.estimate.amount, actual=amount,
+                    policy_id=resolved.policy_id, policy_hash=resolved.policy_hash,
+                    hold_id=hold_id, error=error,
+                    outcome=(
+                        Outcome.RECONCILED if previous is HoldState.UNKNOWN else template.outcome
+                    ),
+                )  # fmt: skip
+                audit_log.append(conn, entry, now)
+                return resolved
 
     # -- revocations ---------------------------------------------------------------------
     def revoke(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
@@ -613,7 +663,7 @@ class Ledger:
                     .values(
                         kind=scope.value,
                         target="" if scope is RevocationScope.ALL else str(target),
-                        reason=reason, revoked_by=by, revoked_at=self._clock(),
+                        reason=reason, revoked_by=by, revoked_at=self.now(),
                     )
                     .returning(revocation.c.id)
                 ).scalar_one()
@@ -630,7 +680,7 @@ class Ledger:
                     revocation.c.kind == scope.value,
                     revocation.c.target == ("" if scope is RevocationScope.ALL else str(target)),
                 )
-                .values(lifted_at=self._clock(), lifted_by=by, lift_reason=reason)
+                .values(lifted_at=self.now(), lifted_by=by, lift_reason=reason)
             )
             return int(result.rowcount)
 
@@ -666,7 +716,7 @@ class Ledger:
         """Holds in the given states (by default the unresolved ones), oldest first."""
         query = select(hold).where(hold.c.state.in_([s.value for s in states]))
         if older_than is not None:
-            query = query.where(hold.c.created_at <= self._clock() - older_than)
+            query = query.where(hold.c.created_at <= self.now() - older_than)
         if run is not None:
             query = query.where(hold.c.run == run)
         with read_only(self._engine) as conn:
@@ -674,7 +724,7 @@ class Ledger:
 
     def budgets(self, *, day: date | None = None) -> list[BudgetStatus]:
         """Budgets of one UTC day (default today) and the runs with holds that day."""
-        window = (day or self._clock().date()).isoformat()
+        window = (day or self.now().date()).isoformat()
         with read_only(self._engine) as conn:
             daily = conn.execute(
                 select(budget).where(budget.c.kind == "daily", budget.c.window == window)
@@ -721,7 +771,3 @@ class Ledger:
                 )
             )  # fmt: skip
         return result
-
-
-class _StaleBudgetId(Exception):
-    """A cached budget id no longer exists (the database was reset); look it up again."""

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
+from functools import cached_property
 from typing import Any, NoReturn
 
 from pydantic import (
@@ -264,7 +265,7 @@ class EffectivePolicy(BaseModel):
     customer_allowlists: tuple[tuple[str, ...], ...]
     expires_at: datetime | None
 
-    @property
+    @cached_property
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of these rules: which rules were in force."""
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

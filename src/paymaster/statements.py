@@ -1,0 +1,157 @@
+"""The ledger's hot-path SQL, built once with bind parameters.
+
+Building a SQLAlchemy statement with literal values costs more client CPU than running
+it; these are compiled once per dialect and reused with a parameter dict.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from sqlalchemy import (
+    BigInteger,
+    Insert,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    insert,
+    not_,
+    or_,
+    select,
+    update,
+)
+
+from .schema import audit, audit_chain, budget, hold, revocation
+
+__all__ = [
+    "ACTIVE_REVOCATION",
+    "ADJUST_BUDGET",
+    "AUDIT_INSERT",
+    "BUDGET_STATE",
+    "CHAIN_NEXT",
+    "CHAIN_SET_HEAD",
+    "HOLD_BY_ID",
+    "HOLD_BY_KEY",
+    "INSERT_HOLD",
+    "REARM_HOLD",
+    "RESOLVE_HOLD",
+    "audit_insert_and_head",
+    "take_budget",
+]
+
+# A revocation in force for this agent or run (or everything); ``p_run`` may be NULL.
+_REVOKED_WHERE = and_(
+    revocation.c.lifted_at.is_(None),
+    or_(
+        revocation.c.kind == "all",
+        and_(revocation.c.kind == "agent", revocation.c.target == bindparam("p_agent")),
+        and_(revocation.c.kind == "run", revocation.c.target == bindparam("p_run")),
+    ),
+)
+
+ACTIVE_REVOCATION: Select[tuple[str, str, str]] = (
+    select(revocation.c.kind, revocation.c.target, revocation.c.reason)
+    .where(_REVOKED_WHERE)
+    .order_by(revocation.c.id)
+    .limit(1)
+)
+
+HOLD_BY_KEY = select(hold).where(hold.c.idempotency_key == bindparam("p_key")).with_for_update()
+HOLD_BY_ID = select(hold).where(hold.c.id == bindparam("p_id"))
+INSERT_HOLD: Insert = insert(hold)
+
+REARM_HOLD: Update = (
+    update(hold)
+    .where(hold.c.id == bindparam("p_id"), hold.c.state == "released")
+    .values(
+        {
+            column: bindparam(f"p_{column.name}")
+            for column in hold.c
+            if column.name not in ("id", "idempotency_key")
+        }
+    )
+)
+
+RESOLVE_HOLD: Update = (
+    update(hold)
+    .where(hold.c.id == bindparam("p_id"), hold.c.state == bindparam("p_from"))
+    .values(
+        state=bindparam("p_state"),
+        actual=bindparam("p_actual"),
+        resolved_at=bindparam("p_at"),
+        resolved_by=bindparam("p_by"),
+        resolution=bindparam("p_reason"),
+    )
+    .returning(*hold.c)
+)
+
+ADJUST_BUDGET: Update = (
+    update(budget)
+    .where(budget.c.id == bindparam("p_bid"))
+    .values(committed=budget.c.committed + bindparam("p_delta", type_=BigInteger))
+)
+
+BUDGET_STATE = select(budget.c.cap, budget.c.committed, budget.c.calls).where(
+    budget.c.id == bindparam("p_bid")
+)
+
+
+@cache
+def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Update:
+    """``committed = committed + x, calls = calls + 1`` only where the budget has room.
+
+    With ``check_revoked`` the same statement also refuses when a revocation is in force,
+    so the kill switch is read when the budget row's lock is taken, in one round trip.
+    """
+    x = bindparam("p_x", type_=BigInteger)
+    stmt = (
+        update(budget)
+        .where(budget.c.id == bindparam("p_bid"))
+        .values(
+            committed=budget.c.committed + x,
+            calls=budget.c.calls + 1,
+            cap=bindparam("p_cap", type_=BigInteger),
+            calls_cap=bindparam("p_calls_cap", type_=BigInteger),
+        )
+        .returning(budget.c.committed)
+    )
+    if capped:
+        stmt = stmt.where(budget.c.committed + x <= bindparam("p_cap", type_=BigInteger))
+    if call_capped:
+        stmt = stmt.where(budget.c.calls < bindparam("p_calls_cap", type_=BigInteger))
+    if check_revoked:
+        stmt = stmt.where(not_(exists().where(_REVOKED_WHERE)))
+    return stmt
+
+
+# -- the audit chain -------------------------------------------------------------------
+
+#: Take the chain head's row lock and the next sequence number; ``head`` is unchanged by
+#: this statement, so RETURNING gives the previous row's hash.
+CHAIN_NEXT: Update = (
+    update(audit_chain)
+    .where(audit_chain.c.chain == bindparam("p_chain"))
+    .values(seq=audit_chain.c.seq + 1)
+    .returning(audit_chain.c.seq, audit_chain.c.head)
+)
+
+CHAIN_SET_HEAD: Update = (
+    update(audit_chain)
+    .where(audit_chain.c.chain == bindparam("p_chain"))
+    .values(head=bindparam("p_head"))
+)
+
+AUDIT_INSERT: Insert = insert(audit)
+
+
+@cache
+def audit_insert_and_head() -> Update:
+    """PostgreSQL: insert the audit row and move the chain head in one statement."""
+    row = (
+        insert(audit)
+        .values({c: bindparam(f"a_{c.name}") for c in audit.c if c.name != "id"})
+        .cte("new_audit_row")
+    )
+    return CHAIN_SET_HEAD.add_cte(row)
