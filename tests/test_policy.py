@@ -685,3 +685,8 @@ def test_one_agent_may_have_policies_for_several_vendors_and_currencies() -> Non
     assert policies.require("refund-agent", "twilio").daily_cap == Money(2000, "EUR")
     assert policies.get("refund-agent", "adyen") is None
     assert [p.id for p in policies] == ["stripe", "twilio"]
+
+
+def test_cap_too_large_for_the_ledger_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="at most 9223372036854775807"):
+        make_policy(daily_cap=str(10**20), per_call_cap=None)

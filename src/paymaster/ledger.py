@@ -193,6 +193,7 @@ def _new_id() -> str:
 
 
 _ATTEMPTS = 5
+_MAX_CACHED_BUDGETS = 10_000
 CALL_NOT_MADE = "so the call was not made"
 
 
@@ -248,6 +249,8 @@ class Ledger:
                     if not exc.connection_invalidated or attempt > 0:
                         raise
                 else:
+                    if len(self._budget_ids) > _MAX_CACHED_BUDGETS:  # one entry per run
+                        self._budget_ids.clear()
                     self._budget_ids.update(new_ids)
                     return reservation
         raise GovernanceUnavailable(

@@ -37,6 +37,19 @@ __all__ = ["EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_pol
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
+#: Budgets are BIGINT columns: no cap may exceed what they hold.
+MAX_MINOR_UNITS = 2**63 - 1
+
+
+def _positive_cap(value: Money | None) -> Money | None:
+    if value is not None:
+        if value.amount <= 0:
+            raise ValueError("must be positive")
+        if value.amount > MAX_MINOR_UNITS:
+            raise ValueError(f"must be at most {MAX_MINOR_UNITS} minor units")
+    return value
+
+
 def _money_field(value: Any, currency: str | None, field: str) -> Any:
     """Read a money value from a policy file: ``"25.00 USD"``, ``"25.00"`` or a number.
 
@@ -185,11 +198,9 @@ class Policy(_Rules):
     @classmethod
     def _positive(cls, value: Money | None, info: ValidationInfo) -> Money | None:
         currency = info.data.get("currency")
-        if value is not None:
-            if value.amount <= 0:
-                raise ValueError("must be positive")
-            if currency and value.currency != currency:
-                raise ValueError(f"is in {value.currency} but the policy's currency is {currency}")
+        value = _positive_cap(value)
+        if value is not None and currency and value.currency != currency:
+            raise ValueError(f"is in {value.currency} but the policy's currency is {currency}")
         return value
 
     @model_validator(mode="after")
@@ -233,9 +244,7 @@ class RunPolicy(_Rules):
     @field_validator("cap", "per_call_cap", mode="after")
     @classmethod
     def _positive(cls, value: Money | None) -> Money | None:
-        if value is not None and value.amount <= 0:
-            raise ValueError("must be positive")
-        return value
+        return _positive_cap(value)
 
 
 def _widen(field: str, detail: str) -> PolicyError:
