@@ -144,7 +144,7 @@ def test_schema_is_created_then_reused_and_newer_schema_refused(db_url: str) -> 
 
 
 def test_fresh_database_without_upgrade_is_refused(db_url: str) -> None:
-    with pytest.raises(SchemaVersionError, match="paymaster db upgrade"):
+    with pytest.raises(SchemaVersionError, match="upgrade_schema=True"):
         Governor(db_url, policies=[refund_policy()], upgrade_schema=False)
 
 

@@ -204,7 +204,8 @@ def ensure_schema(engine: Engine, *, upgrade: bool = True) -> str:
             if not upgrade:
                 raise SchemaVersionError(
                     f"database {describe(engine)} is at schema revision {current!r}, this "
-                    f"paymaster needs {head!r}: run `paymaster db upgrade`"
+                    f"paymaster needs {head!r}: upgrade it with Governor(..., upgrade_schema=True) "
+                    "or paymaster.db.ensure_schema(engine)"
                 )
             log.info("upgrading %s from %s to %s", describe(engine), current, head)
             command.upgrade(config, "head")
