@@ -59,14 +59,8 @@ def connect(
     busy_timeout_ms: int = 30_000,
     pool_size: int = 10,
     connect_timeout_s: int = 5,
-    lock_timeout_ms: int = 10_000,
 ) -> Engine:
-    """Create an engine configured for the ledger's transactions.
-
-    On PostgreSQL a ledger statement waits at most ``lock_timeout_ms`` for a row lock (and
-    three times that in all): a stuck session holding a budget row makes calls fail closed
-    with :class:`GovernanceUnavailable` instead of queueing forever.
-    """
+    """Create an engine configured for the ledger's transactions."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -85,7 +79,7 @@ def connect(
         _CONFIGURED.add(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
-        engine = create_engine(
+        return create_engine(
             parsed,
             pool_size=pool_size,
             max_overflow=pool_size * 2,
@@ -93,21 +87,10 @@ def connect(
             # its transaction, is invalidated, and the ledger retries once on a new one.
             connect_args={"connect_timeout": connect_timeout_s},
         )
-        _configure_postgres(engine, lock_timeout_ms)
-        return engine
     raise ValueError(
         f"unsupported ledger database {parsed.get_backend_name()!r}: "
         "use 'sqlite:///path.db' or 'postgresql+psycopg://user@host/db'"
     )
-
-
-def _configure_postgres(engine: Engine, lock_timeout_ms: int) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute(f"SET lock_timeout = {int(lock_timeout_ms)}")
-            cursor.execute(f"SET statement_timeout = {int(lock_timeout_ms) * 3}")
-        dbapi_connection.commit()
 
 
 def _configure_sqlite(engine: Engine, synchronous: SQLiteSync, busy_timeout_ms: int) -> None:

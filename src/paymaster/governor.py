@@ -199,7 +199,6 @@ class Governor:
         upgrade_schema: bool = True,
         unknown_on: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS,
         max_threads: int = 16,
-        lock_timeout_ms: int = 10_000,
     ) -> None:
         if isinstance(database, Engine):
             if not is_configured(database):
@@ -210,10 +209,7 @@ class Governor:
             self.engine, self._owns_engine = database, False
         else:
             self.engine = connect(
-                database,
-                sqlite_synchronous=sqlite_synchronous,
-                pool_size=max_threads,
-                lock_timeout_ms=lock_timeout_ms,
+                database, sqlite_synchronous=sqlite_synchronous, pool_size=max_threads
             )
             self._owns_engine = True
         ensure_schema(self.engine, upgrade=upgrade_schema)
@@ -360,10 +356,7 @@ class Governor:
         try:
             yield call
         except BaseException as exc:
-            _, cancelled = await self._to_completion(_close_call, call, exc, self._unknown_on)
-            if cancelled and not isinstance(exc, asyncio.CancelledError):
-                # Cancelled while recording: the task must still end cancelled.
-                raise asyncio.CancelledError from exc
+            await self._to_completion(_close_call, call, exc, self._unknown_on)
             raise
         _, cancelled = await self._to_completion(_close_call, call, None, self._unknown_on)
         if cancelled:
