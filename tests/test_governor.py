@@ -487,3 +487,71 @@ def test_revoke_and_restore(make_governor: MakeGov) -> None:
     assert [r.scope.value for r in other.revocations()] == ["run", "all"]
     with pytest.raises(ValueError, match="exactly one"):
         other.revoke(agent="a", run="b", reason="x")
+
+
+def test_a_resumed_hold_is_never_released_by_an_exception(make_governor: MakeGov) -> None:
+    """The first attempt timed out (money may have moved); the retry's own error must not
+    free that budget."""
+    gov = make_governor()
+    args = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
+            "estimate": Money(5000, USD), "idempotency_key": "k-resume"}  # fmt: skip
+    with pytest.raises(TimeoutError), gov.guard(**args):  # type: ignore[arg-type]
+        raise TimeoutError
+    with pytest.raises(RuntimeError), gov.guard(**args):  # type: ignore[arg-type]
+        raise RuntimeError("409 idempotency key in use")
+    [held] = gov.holds()
+    assert held.state is HoldState.UNKNOWN
+    assert gov.budgets()[0].committed == Money(5000, USD)
+
+
+def test_a_caught_failed_settle_is_not_recorded_at_the_estimate(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money(1000, USD)) as call:  # fmt: skip
+        with pytest.raises(ValueError, match="negative"):
+            call.settle(-1)  # the user logs the failure and leaves the block normally
+    [held] = gov.holds()
+    assert held.state is HoldState.UNKNOWN
+    assert [r.outcome for r in gov.audit.query()] == ["unknown"]
+
+
+def test_a_lost_connection_is_outcome_unknown(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with pytest.raises(ConnectionResetError), gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(100, USD)
+    ):
+        raise ConnectionResetError("connection reset by peer")
+    assert [h.state for h in gov.holds()] == [HoldState.UNKNOWN]
+
+
+def test_a_lost_commit_reply_does_not_reserve_twice(
+    make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server commits the reserve but the reply is lost: the retry finds that hold."""
+    gov = make_governor()
+    dialect = gov.engine.dialect
+    original = dialect.do_commit
+    lost = []
+
+    def commit_then_drop(dbapi_connection: object) -> None:
+        original(dbapi_connection)  # type: ignore[arg-type]
+        if not lost:
+            lost.append(True)
+            if dialect.name == "sqlite":
+                import sqlite3
+
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            import psycopg
+
+            # Close the driver's connection under the pool's proxy, as a dropped socket would.
+            dbapi_connection.dbapi_connection.close()  # type: ignore[attr-defined]
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_drop)
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money(3000, USD)) as call:  # fmt: skip
+        call.settle()
+    assert lost
+    assert gov.holds() == []
+    assert gov.budgets()[0].committed == Money(3000, USD)
+    assert len(gov.audit.query()) == 1

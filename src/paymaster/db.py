@@ -83,8 +83,9 @@ def connect(
             parsed,
             pool_size=pool_size,
             max_overflow=pool_size * 2,
-            # No pre-ping (a round trip per transaction): a dead pooled connection fails
-            # its transaction, is invalidated, and the ledger retries once on a new one.
+            # A dead pooled connection (the database restarted) is replaced before use, so
+            # a settle or an audit write is not lost to it.
+            pool_pre_ping=True,
             connect_args={"connect_timeout": connect_timeout_s},
         )
     raise ValueError(

@@ -59,13 +59,24 @@ OUTCOME_UNKNOWN_EXCEPTIONS: tuple[type[BaseException], ...] = (
     SystemExit,
     GeneratorExit,
     TimeoutError,
+    ConnectionError,  # reset, aborted, broken pipe: the request may have been processed
 )
 
-# HTTP clients' own timeout and connection-lost errors do not derive from TimeoutError
-# (requests' ReadTimeout, httpx's ReadTimeout, urllib3's ReadTimeoutError, Stripe's and
-# OpenAI's APIConnectionError / APITimeoutError); the core cannot import them, so they are
-# recognised by class name. Being wrong here costs budget until reconciled, never money.
-_UNKNOWN_NAME_PARTS = ("Timeout", "APIConnectionError", "RemoteProtocolError")
+# HTTP clients' own timeout and connection-lost errors mostly do not derive from the
+# built-ins (requests' ReadTimeout and ConnectionError, httpx's ReadTimeout and ReadError,
+# urllib3's ProtocolError, http.client's IncompleteRead, Stripe's and OpenAI's
+# APIConnectionError / APITimeoutError); the core cannot import them, so they are
+# recognised by class name. Err towards "unknown": a wrong "unknown" keeps budget counted
+# until someone reconciles it, a wrong release can let the cap be overshot.
+_UNKNOWN_NAME_PARTS = (
+    "Timeout",
+    "ConnectionError",
+    "ProtocolError",
+    "Disconnected",
+    "ReadError",
+    "IncompleteRead",
+    "ChunkedEncoding",
+)
 
 
 def is_outcome_unknown(
@@ -356,7 +367,10 @@ class Governor:
         try:
             yield call
         except BaseException as exc:
-            await self._to_completion(_close_call, call, exc, self._unknown_on)
+            _, cancelled = await self._to_completion(_close_call, call, exc, self._unknown_on)
+            if cancelled and not isinstance(exc, asyncio.CancelledError):
+                # Cancelled while recording: the task must still end cancelled.
+                raise asyncio.CancelledError from exc
             raise
         _, cancelled = await self._to_completion(_close_call, call, None, self._unknown_on)
         if cancelled:
@@ -558,12 +572,22 @@ def _close_call(
     """
     if call.resolved:
         return
-    if exc is None:
+    if exc is None and not call._attempted:
         GovernedCall.settle(call)
         return
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if exc is None:  # the block caught a failed settle/fail: the actual is not known
+        text = "recording the outcome failed and the block went on"
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     try:
-        if call._attempted or is_outcome_unknown(exc, unknown_on):
+        # A hold found by its idempotency key may be another attempt's, whose vendor call
+        # may have gone through: it is never released on an exception, only reconciled.
+        if (
+            exc is None
+            or call._attempted
+            or call.reservation.resumed
+            or is_outcome_unknown(exc, unknown_on)
+        ):
             GovernedCall.unknown(call, f"outcome unknown, hold kept for reconciliation: {text}")
         else:
             call.hold = call._ledger.release(

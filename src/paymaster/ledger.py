@@ -193,6 +193,9 @@ def _new_id() -> str:
 
 
 _ATTEMPTS = 5
+# The call's owner records what the vendor said even if another attempt with the same
+# idempotency key already marked the hold unknown: the owner knows better.
+_OWNER_CAN_RESOLVE = (HoldState.PENDING, HoldState.UNKNOWN)
 _MAX_CACHED_BUDGETS = 10_000
 CALL_NOT_MADE = "so the call was not made"
 
@@ -226,12 +229,17 @@ class Ledger:
         Raises :class:`PolicyViolation` (revoked, cap exceeded, call limit, ...) having
         written nothing but the denial's audit row, or :class:`GovernanceUnavailable`.
         """
+        hold_id = _new_id()  # fixed across attempts: a retry finds a commit whose reply was lost
         with unavailable_on_error(self._engine, "reserving", CALL_NOT_MADE):
             for attempt in range(_ATTEMPTS):
                 new_ids: dict[tuple[str, ...], int] = {}
                 try:
                     with self._engine.begin() as conn:
-                        reservation = self._reserve(conn, request, self.now(), new_ids)
+                        if attempt > 0:
+                            mine = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
+                            if mine is not None:
+                                return self._reservation_of(conn, Hold.from_row(mine))
+                        reservation = self._reserve(conn, request, self.now(), new_ids, hold_id)
                 except _Denied as denied:
                     self.record_denial(request, denied.violation)
                     raise denied.violation from None
@@ -263,6 +271,7 @@ class Ledger:
         req: ReserveRequest,
         now: datetime,
         new_ids: dict[tuple[str, ...], int],
+        new_hold_id: str,
     ) -> Reservation:
         policy = req.policy
         x = req.estimate.amount
@@ -305,7 +314,7 @@ class Ledger:
             "resolved_by": None, "resolution": None,
         }  # fmt: skip
         if existing is None:
-            hold_id = _new_id()
+            hold_id = new_hold_id
             conn.execute(
                 S.INSERT_HOLD, {"id": hold_id, "idempotency_key": req.idempotency_key, **fields}
             )
@@ -318,8 +327,8 @@ class Ledger:
                 raise _Retry
         # Budget rows last, and the hottest (the agent type's day) last of all, so its row
         # lock is held only until the commit. Every transaction that touches both takes
-        # the run's row before the day's: no lock cycles. The day's UPDATE also reads the
-        # revocations, so the kill switch is checked when that lock is taken.
+        # the run's row before the day's: no lock cycles. The day's UPDATE also checks the
+        # revocations, so a revoke committed before this statement started refuses it.
         run_left = None
         if run_id is not None:
             run_left = self._take(
@@ -372,12 +381,16 @@ class Ledger:
             if row is None:
                 raise _Retry
             found = Hold.from_row(row)
+        return self._reservation_of(conn, found, resumed=True)
+
+    def _reservation_of(self, conn: Connection, found: Hold, resumed: bool = False) -> Reservation:
+        """A reservation for a hold that already counts against its budgets."""
         daily = self._left(conn, found.daily_budget_id, found.estimate.currency)
         assert daily is not None
         run = None
         if found.run_budget_id is not None:
             run = self._left(conn, found.run_budget_id, found.estimate.currency)
-        return Reservation(found, daily, run, resumed=True)
+        return Reservation(found, daily, run, resumed=resumed)
 
     def _left(self, conn: Connection, budget_id: int, currency: str) -> Money | None:
         row = conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
@@ -527,6 +540,7 @@ class Ledger:
                 Outcome.ALLOWED, http_status=http_status, vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms, error=error,
             ),
+            allowed_from=_OWNER_CAN_RESOLVE,
         )  # fmt: skip
 
     def release(
@@ -546,6 +560,7 @@ class Ledger:
                 outcome, http_status=http_status, vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms, error=error,
             ),
+            allowed_from=_OWNER_CAN_RESOLVE,
         )  # fmt: skip
 
     def mark_unknown(self, hold_id: str, *, error: str, duration_ms: int | None = None) -> Hold:

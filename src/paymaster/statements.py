@@ -102,8 +102,8 @@ BUDGET_STATE = select(budget.c.cap, budget.c.committed, budget.c.calls).where(
 def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Update:
     """``committed = committed + x, calls = calls + 1`` only where the budget has room.
 
-    With ``check_revoked`` the same statement also refuses when a revocation is in force,
-    so the kill switch is read when the budget row's lock is taken, in one round trip.
+    With ``check_revoked`` the same statement also refuses when a revocation is in force
+    (as of the statement's start), saving a round trip.
     """
     x = bindparam("p_x", type_=BigInteger)
     stmt = (
@@ -117,8 +117,8 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
         )
         .returning(budget.c.committed)
     )
-    if capped:
-        stmt = stmt.where(budget.c.committed + x <= bindparam("p_cap", type_=BigInteger))
+    if capped:  # written so that it cannot overflow BIGINT at the largest caps
+        stmt = stmt.where(budget.c.committed <= bindparam("p_cap", type_=BigInteger) - x)
     if call_capped:
         stmt = stmt.where(budget.c.calls < bindparam("p_calls_cap", type_=BigInteger))
     if check_revoked:
