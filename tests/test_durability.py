@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,48 @@ def test_fresh_database_without_upgrade_is_refused(db_url: str) -> None:
 def test_in_memory_sqlite_is_refused() -> None:
     with pytest.raises(ValueError, match="not durable"):
         Governor("sqlite://", policies=[refund_policy()])
+
+
+def test_dead_pooled_connections_do_not_lose_settles_denials_or_revokes(
+    pg_admin_url: str,
+) -> None:
+    """PostgreSQL restarted (its backends killed) between steps: each write is retried
+    once on a fresh connection, so nothing a call did goes unrecorded."""
+    url, drop = _pg_schema(pg_admin_url)
+    app = "pm_" + url.rsplit("%3D", 1)[-1]
+    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+
+    def kill_backends() -> None:
+        with admin.connect() as conn:
+            killed = conn.execute(
+                text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                     "WHERE application_name = :app"), {"app": app},
+            ).scalar_one()  # fmt: skip
+        assert killed >= 1
+
+    gov = Governor(f"{url}&application_name={app}", policies=[refund_policy()])
+    try:
+        with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                       estimate=Money(1000, "USD")) as call:  # fmt: skip
+            kill_backends()  # during the vendor call
+            call.settle(Money(2500, "USD"))
+        kill_backends()
+        with pytest.raises(PolicyViolation):
+            with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/charges"):
+                pass
+        kill_backends()
+        gov.revoke(agent="refund-agent", reason="after failover", by="ops")
+        assert [h.state for h in gov.ledger.holds(states=list(HoldState))] == [HoldState.SETTLED]
+        assert [r.outcome for r in gov.audit.query()] == ["allowed", "denied"]
+        assert gov.budgets()[0].committed == Money(2500, "USD")
+        assert len(gov.revocations()) == 1
+    finally:
+        gov.close()
+        admin.dispose()
+        drop()
+
+
+def _pg_schema(admin_url: str) -> tuple[str, Callable[[], None]]:
+    from conftest import _pg_schema_url
+
+    return _pg_schema_url(admin_url)

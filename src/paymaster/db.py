@@ -83,9 +83,9 @@ def connect(
             parsed,
             pool_size=pool_size,
             max_overflow=pool_size * 2,
-            # A dead pooled connection (the database restarted) is replaced before use, so
-            # a settle or an audit write is not lost to it.
-            pool_pre_ping=True,
+            # No pre-ping (a round trip per transaction): a transaction that meets a dead
+            # pooled connection fails before anything is written, the pool is invalidated,
+            # and the ledger retries it once on a fresh connection.
             connect_args={"connect_timeout": connect_timeout_s},
         )
     raise ValueError(
@@ -119,7 +119,7 @@ def _configure_sqlite(engine: Engine, synchronous: SQLiteSync, busy_timeout_ms: 
 @contextmanager
 def read_only(engine: Engine) -> Iterator[Connection]:
     """A connection for queries: on SQLite it does not take the write lock."""
-    with engine.connect() as conn:
+    with unavailable_on_error(engine, "reading", "so nothing was read"), engine.connect() as conn:
         conn = conn.execution_options(**{_READ_ONLY: True})
         with conn.begin():
             yield conn

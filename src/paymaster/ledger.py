@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, case, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -50,6 +50,9 @@ __all__ = [
     "Revocation",
     "RevocationScope",
 ]
+
+
+T = TypeVar("T")
 
 
 class HoldState(str, Enum):
@@ -221,6 +224,19 @@ class Ledger:
     def now(self) -> datetime:
         """The injected clock, in UTC (audit hashes and UTC days depend on it)."""
         return self._clock().astimezone(timezone.utc)
+
+    def _write(self, action: str, consequence: str, work: Callable[[Connection, bool], T]) -> T:
+        """Run ``work`` in one write transaction; once more on a fresh connection if the
+        pooled one turned out dead (``work`` is told it is a retry, for lost commits)."""
+        with unavailable_on_error(self._engine, action, consequence):
+            for attempt in range(2):
+                try:
+                    with self._engine.begin() as conn:
+                        return work(conn, attempt > 0)
+                except DBAPIError as exc:
+                    if not exc.connection_invalidated or attempt > 0:
+                        raise
+        raise AssertionError("unreachable")
 
     # -- reserve -------------------------------------------------------------------------
     def reserve(self, request: ReserveRequest) -> Reservation:
@@ -518,9 +534,10 @@ class Ledger:
                 violation_code=violation.code.value, error=violation.message,
             )  # fmt: skip
         consequence = f"the call was refused ({violation.code}) but its audit row was not written"
-        with unavailable_on_error(self._engine, "auditing a denial", consequence):
-            with self._engine.begin() as conn:
-                audit_log.append(conn, entry, self.now())
+        at = self.now()
+        self._write(
+            "auditing a denial", consequence, lambda conn, _retry: audit_log.append(conn, entry, at)
+        )
 
     # -- resolve -------------------------------------------------------------------------
     def settle(
@@ -608,63 +625,69 @@ class Ledger:
         amount = actual.amount if actual is not None else 0
         now = self.now()
         action = f"recording hold {hold_id} as {state}"
-        with unavailable_on_error(self._engine, action, _not_recorded(hold_id)):
-            with self._engine.begin() as conn:
-                row, previous = None, HoldState.PENDING
-                for previous in allowed_from:
-                    row = conn.execute(
-                        S.RESOLVE_HOLD,
-                        {
-                            "p_id": hold_id, "p_from": previous.value, "p_state": state.value,
-                            "p_actual": amount if state is HoldState.SETTLED else None,
-                            "p_at": now, "p_by": by, "p_reason": reason,
-                        },
-                    ).first()  # fmt: skip
-                    if row is not None:
-                        break
-                if row is None:
-                    current = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
-                    if current is None:
-                        raise HoldNotFound(f"no hold {hold_id!r}")
-                    raise HoldAlreadyResolved(
-                        f"hold {hold_id} is already {current.state} (at {current.resolved_at}); "
-                        "a hold resolves exactly once"
-                    )
-                resolved = Hold.from_row(row)
-                currency = resolved.estimate.currency
-                if actual is not None and actual.currency != currency:
-                    raise ValueError(  # rolls the transaction back
-                        f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
-                    )
-                if state is HoldState.SETTLED:
-                    delta = amount - resolved.estimate.amount
-                elif state is HoldState.RELEASED:
-                    delta = -resolved.estimate.amount
-                else:
-                    delta = 0
-                if delta:
-                    # The reserve's order (run, then day): no lock cycles.
-                    for budget_id in (resolved.run_budget_id, resolved.daily_budget_id):
-                        if budget_id is not None:
-                            conn.execute(S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": delta})
-                error = template.error
-                if state is HoldState.SETTLED and delta > 0:
-                    over = Money(delta, currency).format()
-                    error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
-                entry = replace(
-                    template,
-                    agent=resolved.agent, run=resolved.run, vendor=resolved.vendor,
-                    endpoint=resolved.endpoint, method=resolved.method,
-                    customer=resolved.customer, currency=currency,
-                    estimate=resolved.estimate.amount, actual=amount,
-                    policy_id=resolved.policy_id, policy_hash=resolved.policy_hash,
-                    hold_id=hold_id, error=error,
-                    outcome=(
-                        Outcome.RECONCILED if previous is HoldState.UNKNOWN else template.outcome
-                    ),
-                )  # fmt: skip
-                audit_log.append(conn, entry, now)
-                return resolved
+
+        def work(conn: Connection, retrying: bool) -> Hold:
+            if retrying:  # the first attempt may have committed with its reply lost
+                mine = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
+                if mine is not None and mine.state == state.value and mine.resolved_at == now:
+                    return Hold.from_row(mine)
+            row, previous = None, HoldState.PENDING
+            for previous in allowed_from:
+                row = conn.execute(
+                    S.RESOLVE_HOLD,
+                    {
+                        "p_id": hold_id, "p_from": previous.value, "p_state": state.value,
+                        "p_actual": amount if state is HoldState.SETTLED else None,
+                        "p_at": now, "p_by": by, "p_reason": reason,
+                    },
+                ).first()  # fmt: skip
+                if row is not None:
+                    break
+            if row is None:
+                current = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
+                if current is None:
+                    raise HoldNotFound(f"no hold {hold_id!r}")
+                raise HoldAlreadyResolved(
+                    f"hold {hold_id} is already {current.state} (at {current.resolved_at}); "
+                    "a hold resolves exactly once"
+                )
+            resolved = Hold.from_row(row)
+            currency = resolved.estimate.currency
+            if actual is not None and actual.currency != currency:
+                raise ValueError(  # rolls the transaction back
+                    f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
+                )
+            if state is HoldState.SETTLED:
+                delta = amount - resolved.estimate.amount
+            elif state is HoldState.RELEASED:
+                delta = -resolved.estimate.amount
+            else:
+                delta = 0
+            if delta:
+                # The reserve's order (run, then day): no lock cycles.
+                for budget_id in (resolved.run_budget_id, resolved.daily_budget_id):
+                    if budget_id is not None:
+                        conn.execute(S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": delta})
+            error = template.error
+            if state is HoldState.SETTLED and delta > 0:
+                over = Money(delta, currency).format()
+                error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
+            entry = replace(
+                template,
+                agent=resolved.agent, run=resolved.run, vendor=resolved.vendor,
+                endpoint=resolved.endpoint, method=resolved.method,
+                customer=resolved.customer, currency=currency,
+                estimate=resolved.estimate.amount, actual=amount,
+                policy_id=resolved.policy_id, policy_hash=resolved.policy_hash,
+                hold_id=hold_id, error=error,
+                outcome=(
+                    Outcome.RECONCILED if previous is HoldState.UNKNOWN else template.outcome
+                ),
+            )  # fmt: skip
+            audit_log.append(conn, entry, now)
+            return resolved
+
+        return self._write(action, _not_recorded(hold_id), work)
 
     # -- revocations ---------------------------------------------------------------------
     def revoke(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
@@ -674,33 +697,35 @@ class Ledger:
             raise ValueError(f"revoking a {scope} needs its name")
         if not reason.strip():
             raise ValueError("a revocation needs a reason")
-        with unavailable_on_error(self._engine, "revoking"), self._engine.begin() as conn:
-            return int(
-                conn.execute(
-                    insert(revocation)
-                    .values(
-                        kind=scope.value,
-                        target="" if scope is RevocationScope.ALL else str(target),
-                        reason=reason, revoked_by=by, revoked_at=self.now(),
-                    )
-                    .returning(revocation.c.id)
-                ).scalar_one()
-            )  # fmt: skip
+        stmt = (
+            insert(revocation)
+            .values(
+                kind=scope.value, target="" if scope is RevocationScope.ALL else str(target),
+                reason=reason, revoked_by=by, revoked_at=self.now(),
+            )
+            .returning(revocation.c.id)
+        )  # fmt: skip
+        return self._write(
+            "revoking", "so nothing was revoked",
+            lambda conn, _retry: int(conn.execute(stmt).scalar_one()),
+        )  # fmt: skip
 
     def restore(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
         """Lift the active revocations of exactly this scope; returns how many."""
         scope = RevocationScope(scope)
-        with unavailable_on_error(self._engine, "restoring"), self._engine.begin() as conn:
-            result = conn.execute(
-                update(revocation)
-                .where(
-                    revocation.c.lifted_at.is_(None),
-                    revocation.c.kind == scope.value,
-                    revocation.c.target == ("" if scope is RevocationScope.ALL else str(target)),
-                )
-                .values(lifted_at=self.now(), lifted_by=by, lift_reason=reason)
+        stmt = (
+            update(revocation)
+            .where(
+                revocation.c.lifted_at.is_(None),
+                revocation.c.kind == scope.value,
+                revocation.c.target == ("" if scope is RevocationScope.ALL else str(target)),
             )
-            return int(result.rowcount)
+            .values(lifted_at=self.now(), lifted_by=by, lift_reason=reason)
+        )
+        return self._write(
+            "restoring", "so nothing was restored",
+            lambda conn, _retry: int(conn.execute(stmt).rowcount),
+        )  # fmt: skip
 
     def revocations(self, *, active_only: bool = True) -> list[Revocation]:
         query = select(revocation).order_by(revocation.c.id)
