@@ -524,18 +524,22 @@ def test_a_lost_connection_is_outcome_unknown(make_governor: MakeGov) -> None:
     assert [h.state for h in gov.holds()] == [HoldState.UNKNOWN]
 
 
-def test_a_lost_commit_reply_does_not_reserve_twice(
-    make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("lost_commit", [1, 2], ids=["reserve", "settle"])
+def test_a_lost_commit_reply_is_recognised_on_retry(
+    make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch, lost_commit: int
 ) -> None:
-    """The server commits the reserve but the reply is lost: the retry finds that hold."""
+    """The server commits the reserve (or the settle) but the reply is lost: the retry
+    finds that commit instead of reserving twice (or settling twice)."""
     gov = make_governor()
     dialect = gov.engine.dialect
     original = dialect.do_commit
-    lost = []
+    lost: list[bool] = []
+    commits: list[int] = []
 
     def commit_then_drop(dbapi_connection: object) -> None:
         original(dbapi_connection)  # type: ignore[arg-type]
-        if not lost:
+        commits.append(1)
+        if not lost and len(commits) == lost_commit:
             lost.append(True)
             if dialect.name == "sqlite":
                 import sqlite3
@@ -550,8 +554,25 @@ def test_a_lost_commit_reply_does_not_reserve_twice(
     monkeypatch.setattr(dialect, "do_commit", commit_then_drop)
     with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
                    estimate=Money(3000, USD)) as call:  # fmt: skip
-        call.settle()
+        call.settle(Money(2000, USD))
     assert lost
     assert gov.holds() == []
-    assert gov.budgets()[0].committed == Money(3000, USD)
-    assert len(gov.audit.query()) == 1
+    assert gov.budgets()[0].committed == Money(2000, USD)
+    assert [r.outcome for r in gov.audit.query()] == ["allowed"]
+
+
+def test_the_first_attempt_cannot_release_a_hold_its_retry_left_unknown(
+    make_governor: MakeGov,
+) -> None:
+    gov = make_governor()
+    other = make_governor()  # the retrying worker
+    args = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
+            "estimate": Money(5000, USD), "idempotency_key": "k-race"}  # fmt: skip
+    with pytest.raises(RuntimeError), gov.guard(**args):  # type: ignore[arg-type]
+        with pytest.raises(TimeoutError), other.guard(**args) as retry:  # type: ignore[arg-type]
+            assert retry.reservation.resumed
+            raise TimeoutError  # the retry's request may have charged
+        raise RuntimeError("409 idempotency key in use")  # the first attempt's own error
+    [held] = gov.holds()
+    assert held.state is HoldState.UNKNOWN
+    assert gov.budgets()[0].committed == Money(5000, USD)

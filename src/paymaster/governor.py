@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import getpass
+import http.client
 import inspect
 import logging
 import time
@@ -59,7 +60,10 @@ OUTCOME_UNKNOWN_EXCEPTIONS: tuple[type[BaseException], ...] = (
     SystemExit,
     GeneratorExit,
     TimeoutError,
-    ConnectionError,  # reset, aborted, broken pipe: the request may have been processed
+    # Sockets, TLS and HTTP framing failing mid-request (ConnectionResetError, SSLEOFError,
+    # BadStatusLine, ...): the request may have been processed.
+    OSError,
+    http.client.HTTPException,
 )
 
 # HTTP clients' own timeout and connection-lost errors mostly do not derive from the
@@ -76,6 +80,9 @@ _UNKNOWN_NAME_PARTS = (
     "ReadError",
     "IncompleteRead",
     "ChunkedEncoding",
+    "PayloadError",
+    "ConnectionClosed",
+    "BadStatusLine",
 )
 
 

@@ -196,8 +196,9 @@ def _new_id() -> str:
 
 
 _ATTEMPTS = 5
-# The call's owner records what the vendor said even if another attempt with the same
-# idempotency key already marked the hold unknown: the owner knows better.
+# A settle records what the vendor charged even if another attempt with the same
+# idempotency key already marked the hold unknown. A release never starts from unknown:
+# that attempt's vendor call may have moved money.
 _OWNER_CAN_RESOLVE = (HoldState.PENDING, HoldState.UNKNOWN)
 _MAX_CACHED_BUDGETS = 10_000
 CALL_NOT_MADE = "so the call was not made"
@@ -245,24 +246,32 @@ class Ledger:
         Raises :class:`PolicyViolation` (revoked, cap exceeded, call limit, ...) having
         written nothing but the denial's audit row, or :class:`GovernanceUnavailable`.
         """
-        hold_id = _new_id()  # fixed across attempts: a retry finds a commit whose reply was lost
+        # Fixed across attempts, so that a retry can recognise a hold that an attempt whose
+        # COMMIT reply was lost did write: pending, and created at exactly this instant.
+        hold_id, now = _new_id(), self.now()
+        written: list[str] = []
         with unavailable_on_error(self._engine, "reserving", CALL_NOT_MADE):
             for attempt in range(_ATTEMPTS):
                 new_ids: dict[tuple[str, ...], int] = {}
                 try:
                     with self._engine.begin() as conn:
-                        if attempt > 0:
-                            mine = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
-                            if mine is not None:
+                        for candidate in written if attempt > 0 else ():
+                            mine = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": candidate}).first()
+                            if (
+                                mine is not None
+                                and mine.state == HoldState.PENDING.value
+                                and mine.created_at == now
+                            ):
                                 return self._reservation_of(conn, Hold.from_row(mine))
-                        reservation = self._reserve(conn, request, self.now(), new_ids, hold_id)
+                        reservation = self._reserve(conn, request, now, new_ids, hold_id, written)
                 except _Denied as denied:
                     self.record_denial(request, denied.violation)
                     raise denied.violation from None
                 except IntegrityError:
-                    # A concurrent reserve with the same idempotency key committed first;
-                    # the next attempt finds its hold.
-                    if request.idempotency_key is None:
+                    # A concurrent reserve with the same idempotency key committed first, or
+                    # our own earlier attempt's commit landed meanwhile: the next attempt
+                    # finds that hold.
+                    if request.idempotency_key is None and attempt == 0:
                         raise
                 except _StaleBudgetId:
                     self._budget_ids.clear()
@@ -288,6 +297,7 @@ class Ledger:
         now: datetime,
         new_ids: dict[tuple[str, ...], int],
         new_hold_id: str,
+        written: list[str],
     ) -> Reservation:
         policy = req.policy
         x = req.estimate.amount
@@ -331,11 +341,13 @@ class Ledger:
         }  # fmt: skip
         if existing is None:
             hold_id = new_hold_id
+            written.append(hold_id)
             conn.execute(
                 S.INSERT_HOLD, {"id": hold_id, "idempotency_key": req.idempotency_key, **fields}
             )
         else:  # a released hold retried with its key: reserve it again
             hold_id = existing.id
+            written.append(hold_id)
             rearmed = conn.execute(
                 S.REARM_HOLD, {"p_id": hold_id, **{f"p_{k}": v for k, v in fields.items()}}
             )
@@ -535,9 +547,15 @@ class Ledger:
             )  # fmt: skip
         consequence = f"the call was refused ({violation.code}) but its audit row was not written"
         at = self.now()
-        self._write(
-            "auditing a denial", consequence, lambda conn, _retry: audit_log.append(conn, entry, at)
-        )
+
+        def work(conn: Connection, retrying: bool) -> None:
+            if retrying:  # written already by an attempt whose COMMIT reply was lost?
+                params = {"p_chain": entry.agent, "p_at": at, "p_endpoint": entry.endpoint}
+                if conn.execute(S.DENIAL_AT, {**params, "p_code": entry.violation_code}).first():
+                    return
+            audit_log.append(conn, entry, at)
+
+        self._write("auditing a denial", consequence, work)
 
     # -- resolve -------------------------------------------------------------------------
     def settle(
@@ -577,7 +595,6 @@ class Ledger:
                 outcome, http_status=http_status, vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms, error=error,
             ),
-            allowed_from=_OWNER_CAN_RESOLVE,
         )  # fmt: skip
 
     def mark_unknown(self, hold_id: str, *, error: str, duration_ms: int | None = None) -> Hold:
@@ -628,8 +645,9 @@ class Ledger:
 
         def work(conn: Connection, retrying: bool) -> Hold:
             if retrying:  # the first attempt may have committed with its reply lost
-                mine = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
-                if mine is not None and mine.state == state.value and mine.resolved_at == now:
+                mine = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+                ours = conn.execute(S.AUDIT_OF_HOLD_AT, {"p_hold": hold_id, "p_at": now}).first()
+                if mine is not None and ours is not None:
                     return Hold.from_row(mine)
             row, previous = None, HoldState.PENDING
             for previous in allowed_from:
@@ -697,35 +715,48 @@ class Ledger:
             raise ValueError(f"revoking a {scope} needs its name")
         if not reason.strip():
             raise ValueError("a revocation needs a reason")
-        stmt = (
-            insert(revocation)
-            .values(
-                kind=scope.value, target="" if scope is RevocationScope.ALL else str(target),
-                reason=reason, revoked_by=by, revoked_at=self.now(),
-            )
-            .returning(revocation.c.id)
-        )  # fmt: skip
-        return self._write(
-            "revoking", "so nothing was revoked",
-            lambda conn, _retry: int(conn.execute(stmt).scalar_one()),
-        )  # fmt: skip
+        at, name = self.now(), "" if scope is RevocationScope.ALL else str(target)
+        fields = {"kind": scope.value, "target": name, "reason": reason, "revoked_by": by}
+
+        def work(conn: Connection, retrying: bool) -> int:
+            if retrying:  # written already by an attempt whose COMMIT reply was lost?
+                found = conn.execute(
+                    select(revocation.c.id).where(
+                        *(revocation.c[k] == v for k, v in fields.items()),
+                        revocation.c.revoked_at == at,
+                    )
+                ).scalar()
+                if found is not None:
+                    return int(found)
+            inserted = insert(revocation).values(**fields, revoked_at=at)
+            return int(conn.execute(inserted.returning(revocation.c.id)).scalar_one())
+
+        return self._write("revoking", "so nothing was revoked", work)
 
     def restore(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
         """Lift the active revocations of exactly this scope; returns how many."""
         scope = RevocationScope(scope)
-        stmt = (
-            update(revocation)
-            .where(
-                revocation.c.lifted_at.is_(None),
-                revocation.c.kind == scope.value,
-                revocation.c.target == ("" if scope is RevocationScope.ALL else str(target)),
+        at, name = self.now(), "" if scope is RevocationScope.ALL else str(target)
+        same_scope = (revocation.c.kind == scope.value, revocation.c.target == name)
+
+        def work(conn: Connection, retrying: bool) -> int:
+            earlier = 0
+            if retrying:  # lifted already by an attempt whose COMMIT reply was lost?
+                earlier = int(
+                    conn.execute(
+                        select(func.count()).where(
+                            *same_scope, revocation.c.lifted_at == at, revocation.c.lifted_by == by
+                        )
+                    ).scalar_one()
+                )
+            lifted = conn.execute(
+                update(revocation)
+                .where(revocation.c.lifted_at.is_(None), *same_scope)
+                .values(lifted_at=at, lifted_by=by, lift_reason=reason)
             )
-            .values(lifted_at=self.now(), lifted_by=by, lift_reason=reason)
-        )
-        return self._write(
-            "restoring", "so nothing was restored",
-            lambda conn, _retry: int(conn.execute(stmt).rowcount),
-        )  # fmt: skip
+            return earlier + int(lifted.rowcount)
+
+        return self._write("restoring", "so nothing was restored", work)
 
     def revocations(self, *, active_only: bool = True) -> list[Revocation]:
         query = select(revocation).order_by(revocation.c.id)

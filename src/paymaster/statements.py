@@ -29,10 +29,13 @@ __all__ = [
     "ACTIVE_REVOCATION",
     "ADJUST_BUDGET",
     "AUDIT_INSERT",
+    "AUDIT_OF_HOLD_AT",
     "BUDGET_STATE",
     "CHAIN_NEXT",
     "CHAIN_SET_HEAD",
+    "DENIAL_AT",
     "HOLD_BY_ID",
+    "HOLD_BY_ID_LOCKED",
     "HOLD_BY_KEY",
     "INSERT_HOLD",
     "REARM_HOLD",
@@ -60,6 +63,26 @@ ACTIVE_REVOCATION: Select[tuple[str, str, str]] = (
 
 HOLD_BY_KEY = select(hold).where(hold.c.idempotency_key == bindparam("p_key")).with_for_update()
 HOLD_BY_ID = select(hold).where(hold.c.id == bindparam("p_id"))
+#: Waits for a transaction still committing the hold (a retry after a lost COMMIT reply).
+HOLD_BY_ID_LOCKED = HOLD_BY_ID.with_for_update()
+#: The audit row a resolution wrote: immutable proof that that transaction committed.
+AUDIT_OF_HOLD_AT = (
+    select(audit.c.id)
+    .where(audit.c.hold_id == bindparam("p_hold"), audit.c.at == bindparam("p_at"))
+    .limit(1)
+)
+#: The row of a denial, to recognise one already written by an attempt whose reply was lost.
+DENIAL_AT = (
+    select(audit.c.id)
+    .where(
+        audit.c.chain == bindparam("p_chain"),
+        audit.c.at == bindparam("p_at"),
+        audit.c.hold_id.is_(None),
+        audit.c.endpoint == bindparam("p_endpoint"),
+        audit.c.violation_code == bindparam("p_code"),
+    )
+    .limit(1)
+)
 INSERT_HOLD: Insert = insert(hold)
 
 REARM_HOLD: Update = (
