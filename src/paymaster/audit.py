@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
@@ -163,9 +163,9 @@ def append(conn: Connection, entry: AuditEntry, at: datetime) -> None:
     chain = entry.agent
     values: dict[str, Any] = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
     values.update(outcome=str(entry.outcome), error=scrub(entry.error), at=at, chain=chain)
+    postgres = conn.dialect.name == "postgresql"
     head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).first()
     if head is None:  # the chain's first row
-        postgres = conn.dialect.name == "postgresql"
         dialect_insert = pg_insert if postgres else sqlite_insert
         conn.execute(
             dialect_insert(audit_chain)
@@ -175,7 +175,7 @@ def append(conn: Connection, entry: AuditEntry, at: datetime) -> None:
         head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).one()
     values.update(seq=int(head.seq), prev_hash=str(head.head))
     values["hash"] = row_hash(values)
-    if conn.dialect.name == "postgresql":
+    if postgres:
         params = {f"a_{name}": value for name, value in values.items()}
         conn.execute(
             S.audit_insert_and_head(), {**params, "p_chain": chain, "p_head": values["hash"]}
@@ -374,8 +374,6 @@ class AuditLog:
                 rows = [AuditRecord(**r._mapping) for r in conn.execute(query)]
             for record in rows:
                 checked += 1
-                values = record.to_dict()
-                values["at"] = record.at
                 if record.seq != expected_seq:
                     return checked, (
                         record.id,
@@ -386,7 +384,7 @@ class AuditLog:
                         record.id,
                         f"chain {chain!r}: prev_hash does not match the row before",
                     )
-                if row_hash(values) != record.hash:
+                if row_hash({name: getattr(record, name) for name in _HASHED}) != record.hash:
                     return checked, (
                         record.id,
                         f"chain {chain!r}: row content does not match its hash",
@@ -403,8 +401,6 @@ class AuditLog:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    from datetime import timezone
-
     if value is None:
         return None
     if isinstance(value, str):  # SQLite aggregates come back as text

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import getpass
 import http.client
@@ -301,7 +302,7 @@ class Governor:
         except PolicyViolation as violation:
             self.ledger.record_denial(request, violation)
             raise
-        return ReserveRequest(**{**request.__dict__, "endpoint": canonical})
+        return dataclasses.replace(request, endpoint=canonical)
 
     @contextmanager
     def guard(
@@ -379,9 +380,7 @@ class Governor:
                 # Cancelled while recording: the task must still end cancelled.
                 raise asyncio.CancelledError from exc
             raise
-        _, cancelled = await self._to_completion(_close_call, call, None, self._unknown_on)
-        if cancelled:
-            raise asyncio.CancelledError
+        await self._finish(_close_call, call, None, self._unknown_on)
 
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -402,6 +401,13 @@ class Governor:
                 if future.done() and future.cancelled():
                     raise
                 cancelled = True
+
+    async def _finish(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """:meth:`_to_completion`, then end cancelled if the task was cancelled meanwhile."""
+        result, cancelled = await self._to_completion(fn, *args, **kwargs)
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
     def governed(
         self,
@@ -537,13 +543,10 @@ class AsyncGovernedCall(GovernedCall):
         http_status: int | None = None,
         vendor_request_id: str | None = None,
     ) -> Hold:
-        hold, cancelled = await self._governor._to_completion(
+        return await self._governor._finish(
             GovernedCall.settle, self, actual, http_status=http_status,
             vendor_request_id=vendor_request_id,
         )  # fmt: skip
-        if cancelled:
-            raise asyncio.CancelledError
-        return hold
 
     async def fail(  # type: ignore[override]
         self,
@@ -552,19 +555,13 @@ class AsyncGovernedCall(GovernedCall):
         vendor_request_id: str | None = None,
         error: str | None = None,
     ) -> Hold:
-        hold, cancelled = await self._governor._to_completion(
+        return await self._governor._finish(
             GovernedCall.fail, self, http_status=http_status,
             vendor_request_id=vendor_request_id, error=error,
         )  # fmt: skip
-        if cancelled:
-            raise asyncio.CancelledError
-        return hold
 
     async def unknown(self, error: str) -> Hold:  # type: ignore[override]
-        hold, cancelled = await self._governor._to_completion(GovernedCall.unknown, self, error)
-        if cancelled:
-            raise asyncio.CancelledError
-        return hold
+        return await self._governor._finish(GovernedCall.unknown, self, error)
 
 
 def _close_call(

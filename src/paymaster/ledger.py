@@ -441,8 +441,12 @@ class Ledger:
         currency = req.policy.currency
         x = req.estimate.amount
         cap = None if cap_money is None else cap_money.amount
-        params: dict[str, Any] = {"p_bid": budget_id, "p_x": x, "p_cap": cap}
-        params["p_calls_cap"] = calls_cap
+        params: dict[str, Any] = {
+            "p_bid": budget_id,
+            "p_x": x,
+            "p_cap": cap,
+            "p_calls_cap": calls_cap,
+        }
         if check_revoked:
             params.update(p_agent=req.agent, p_run=req.run)
         stmt = S.take_budget(
