@@ -28,8 +28,8 @@ test: $(SYNCED)
 	$(PY) -m pytest -q
 
 lint: $(SYNCED)
-	$(VENV)/bin/ruff check src tests examples bench
-	$(VENV)/bin/ruff format --check src
+	$(VENV)/bin/ruff check src adapters tests examples bench
+	$(VENV)/bin/ruff format --check src adapters
 	$(VENV)/bin/mypy
 
 bench: $(SYNCED)

@@ -36,6 +36,10 @@ class ViolationCode(str, Enum):
     REVOKED = "revoked"
     ALREADY_COMPLETED = "already_completed"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    UNKNOWN_OPERATION = "unknown_operation"
+    """The vendor call is not one paymaster knows how to govern, so it is refused."""
+    INVALID_REQUEST = "invalid_request"
+    """The call could not be priced from what it sends (a missing or malformed amount)."""
 
     def __str__(self) -> str:
         return self.value
@@ -78,13 +82,14 @@ class PolicyViolation(PaymasterError):
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keep violations picklable across process pools with their keyword fields.
-        return (_rebuild_violation, (self.code, self.message, dict(self.__dict__)))
+        return (_rebuild_violation, (type(self), self.code, self.message, dict(self.__dict__)))
 
 
 def _rebuild_violation(
-    code: ViolationCode, message: str, state: dict[str, object]
+    cls: type[PolicyViolation], code: ViolationCode, message: str, state: dict[str, object]
 ) -> PolicyViolation:
-    violation = PolicyViolation(code, message)
+    violation = cls.__new__(cls)  # subclasses may have another __init__ signature
+    PolicyViolation.__init__(violation, code, message)
     violation.__dict__.update(state)
     return violation
 

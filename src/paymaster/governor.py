@@ -280,13 +280,10 @@ class Governor:
         try:
             policy_set_entry = self.policies.require(agent, vendor, run=run)
         except PolicyViolation as violation:
-            self.ledger.record_denial(None, violation, entry=AuditEntry(
-                agent=agent, run=run, vendor=vendor, endpoint=endpoint, method=method,
-                customer=customer, outcome=Outcome.DENIED,
-                currency=estimate.currency if estimate else None,
-                estimate=estimate.amount if estimate else 0,
-                violation_code=violation.code.value, error=violation.message,
-            ))  # fmt: skip
+            self.record_refusal(
+                violation, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
+                run=run, customer=customer, estimate=estimate,
+            )  # fmt: skip
             raise
         policy = self._effective(policy_set_entry, run_policy)
         cost = estimate if estimate is not None else Money.zero(policy.currency)
@@ -303,6 +300,29 @@ class Governor:
             self.ledger.record_denial(request, violation)
             raise
         return dataclasses.replace(request, endpoint=canonical)
+
+    def record_refusal(
+        self,
+        violation: PolicyViolation,
+        *,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str,
+        run: str | None = None,
+        customer: str | None = None,
+        estimate: Money | None = None,
+    ) -> PolicyViolation:
+        """Audit a call refused before any policy applied (no policy for the agent, or a
+        vendor operation paymaster cannot govern); returns ``violation`` for raising."""
+        self.ledger.record_denial(None, violation, entry=AuditEntry(
+            agent=agent, run=run, vendor=vendor, endpoint=endpoint, method=method.upper(),
+            customer=customer, outcome=Outcome.DENIED,
+            currency=estimate.currency if estimate else None,
+            estimate=estimate.amount if estimate else 0,
+            violation_code=violation.code.value, error=violation.message,
+        ))  # fmt: skip
+        return violation
 
     @contextmanager
     def guard(

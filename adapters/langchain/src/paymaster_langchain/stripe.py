@@ -1,0 +1,128 @@
+"""The prebuilt governed Stripe tools as LangChain tools.
+
+::
+
+    toolkit = PaymasterStripeToolkit(governor, stripe_client, agent="refund-agent",
+                                     only=["create_refund"])
+    agent = create_agent(model, tools=toolkit.get_tools())
+    agent.invoke({"messages": [...]}, config={"metadata": {"run_id": "run-42"}})
+
+The tools come from :mod:`paymaster.vendors.stripe.tools`: the same names, descriptions,
+argument schemas and governance as the Agents SDK tools.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+import stripe
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool, InjectedToolCallId, StructuredTool
+from pydantic import BaseModel, create_model
+
+from paymaster import Governor, PolicyViolation, RunPolicy
+from paymaster.vendors.stripe import InvalidStripeRequest
+from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, model_message
+
+from ._propagation import STOPS_THE_RUN, stop_the_run
+
+__all__ = ["PaymasterStripeToolkit", "run_id_of"]
+
+OnViolation = Literal["raise", "tell_model"]
+
+
+def run_id_of(config: RunnableConfig) -> str | None:
+    """The run id of a tool call: ``paymaster_run_id`` or ``run_id`` from the invocation's
+    ``metadata`` or ``configurable``, else its ``thread_id``."""
+    metadata = config.get("metadata") or {}
+    configurable = config.get("configurable") or {}
+    for key in ("paymaster_run_id", "run_id", "thread_id"):
+        for source in (metadata, configurable):
+            value = source.get(key)
+            if value:
+                return str(value)
+    return None
+
+
+class PaymasterStripeToolkit:
+    """Governed Stripe tools for LangChain agents; :meth:`get_tools` returns them.
+
+    ``agent`` names the policy (agent type) the calls are checked against. A refused call
+    raises :class:`~paymaster.PolicyViolation` out of ``invoke`` / ``ainvoke`` /
+    ``stream`` whatever tool-error handling is configured; with
+    ``on_violation="tell_model"`` the model gets the refusal as the tool's result instead
+    (still audited). Stripe's own errors and invalid arguments go to the model.
+    """
+
+    def __init__(
+        self,
+        governor: Governor,
+        client: stripe.StripeClient,
+        *,
+        agent: str,
+        only: Sequence[str] | None = None,
+        run_policy: RunPolicy | None = None,
+        on_violation: OnViolation = "raise",
+        run_id: Callable[[RunnableConfig], str | None] = run_id_of,
+    ) -> None:
+        self.toolkit = StripeToolkit(
+            governor, client, agent=agent, run_policy=run_policy, only=only
+        )
+        self.on_violation = on_violation
+        self.run_id = run_id
+
+    def get_tools(self) -> list[BaseTool]:
+        return [self._tool(tool) for tool in self.toolkit.tools]
+
+    def _tool(self, tool: StripeTool) -> BaseTool:
+        toolkit, on_violation, run_id = self.toolkit, self.on_violation, self.run_id
+
+        def outcome(exc: Exception) -> str:
+            if isinstance(exc, InvalidStripeRequest):  # arguments Stripe would refuse
+                return model_message(exc) or str(exc)
+            if isinstance(exc, PolicyViolation) and on_violation == "tell_model":
+                return model_message(exc) or str(exc)
+            if isinstance(exc, STOPS_THE_RUN):
+                raise stop_the_run(exc) from None
+            message = model_message(exc)
+            if message is None:
+                raise exc
+            return message
+
+        def call(tool_call_id: str, config: RunnableConfig, **arguments: Any) -> str:
+            try:
+                result = toolkit.invoke(
+                    tool.name, arguments, run=run_id(config), tool_call_id=tool_call_id
+                )
+            except Exception as exc:
+                return outcome(exc)
+            return json.dumps(result)
+
+        async def acall(tool_call_id: str, config: RunnableConfig, **arguments: Any) -> str:
+            try:
+                result = await toolkit.ainvoke(
+                    tool.name, arguments, run=run_id(config), tool_call_id=tool_call_id
+                )
+            except Exception as exc:
+                return outcome(exc)
+            return json.dumps(result)
+
+        return StructuredTool.from_function(
+            func=call,
+            coroutine=acall,
+            name=tool.name,
+            description=tool.description,
+            args_schema=_with_call_id(tool.args_schema),
+        )
+
+
+def _with_call_id(schema: type[BaseModel]) -> type[BaseModel]:
+    """The tool's arguments plus the tool call id, which LangChain injects (the model
+    never sees it)."""
+    return create_model(
+        schema.__name__,
+        __base__=schema,
+        tool_call_id=(Annotated[str, InjectedToolCallId], ...),
+    )

@@ -1,0 +1,102 @@
+"""The prebuilt governed Stripe tools as Agents SDK ``FunctionTool`` objects.
+
+::
+
+    tools = stripe_tools(governor, stripe_client, agent="refund-agent", only=["create_refund"])
+    agent = Agent(name="refund-agent", tools=tools, ...)
+    await Runner.run(agent, "...", context={"run_id": "run-42"})
+
+The tools come from :mod:`paymaster.vendors.stripe.tools`: the same names, descriptions,
+argument schemas and governance as the LangChain toolkit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import stripe
+from agents import FunctionTool
+from agents.strict_schema import ensure_strict_json_schema
+from agents.tool_context import ToolContext
+
+from paymaster import Governor, PolicyViolation, RunPolicy
+from paymaster.vendors.stripe import InvalidStripeRequest
+from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, model_message
+
+from ._propagation import STOPS_THE_RUN, stop_the_run
+
+__all__ = ["run_id_of", "stripe_tools"]
+
+OnViolation = Literal["raise", "tell_model"]
+
+
+def run_id_of(ctx: ToolContext[Any]) -> str | None:
+    """The run id of a tool call: ``run_id`` (or ``paymaster_run_id``) from the context
+    passed to ``Runner.run`` (a mapping or an object), else the run config's ``group_id``."""
+    context = ctx.context
+    for key in ("paymaster_run_id", "run_id"):
+        value = context.get(key) if isinstance(context, dict) else getattr(context, key, None)
+        if value:
+            return str(value)
+    group = getattr(ctx.run_config, "group_id", None) if ctx.run_config else None
+    return str(group) if group else None
+
+
+def stripe_tools(
+    governor: Governor,
+    client: stripe.StripeClient,
+    *,
+    agent: str,
+    only: Sequence[str] | None = None,
+    run_policy: RunPolicy | None = None,
+    on_violation: OnViolation = "raise",
+    run_id: Callable[[ToolContext[Any]], str | None] = run_id_of,
+) -> list[FunctionTool]:
+    """Governed Stripe tools for an Agents SDK agent.
+
+    ``agent`` names the policy (agent type) the calls are checked against. A refused
+    call raises :class:`~paymaster.PolicyViolation` out of ``Runner.run`` (the run stops);
+    with ``on_violation="tell_model"`` the model gets the refusal as the tool's output
+    instead (still audited). Stripe's own errors and invalid arguments go to the model,
+    as the SDK does for any tool error.
+    """
+    toolkit = StripeToolkit(governor, client, agent=agent, run_policy=run_policy, only=only)
+    return [_function_tool(toolkit, tool, on_violation, run_id) for tool in toolkit.tools]
+
+
+def _function_tool(
+    toolkit: StripeToolkit,
+    tool: StripeTool,
+    on_violation: OnViolation,
+    run_id: Callable[[ToolContext[Any]], str | None],
+) -> FunctionTool:
+    async def on_invoke_tool(ctx: ToolContext[Any], args_json: str) -> str:
+        try:
+            arguments = json.loads(args_json or "{}")
+            result = await toolkit.ainvoke(
+                tool.name, arguments, run=run_id(ctx), tool_call_id=ctx.tool_call_id
+            )
+        except InvalidStripeRequest as invalid:  # arguments Stripe would refuse: fixable
+            return model_message(invalid) or str(invalid)
+        except PolicyViolation as violation:
+            if on_violation == "tell_model":
+                return model_message(violation) or str(violation)
+            raise stop_the_run(violation) from None
+        except STOPS_THE_RUN as exc:
+            raise stop_the_run(exc) from None
+        except Exception as exc:
+            message = model_message(exc)
+            if message is None:
+                raise
+            return message
+        return json.dumps(result)
+
+    return FunctionTool(
+        name=tool.name,
+        description=tool.description,
+        params_json_schema=ensure_strict_json_schema(tool.args_schema.model_json_schema()),
+        on_invoke_tool=on_invoke_tool,
+        strict_json_schema=True,
+    )

@@ -1,0 +1,1 @@
+"""Helpers for testing code that paymaster governs (not imported by paymaster itself)."""

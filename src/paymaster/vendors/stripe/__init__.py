@@ -1,0 +1,77 @@
+"""Governed Stripe: the operation catalogue and its cost model, Stripe's currency rules,
+and a governed ``stripe.StripeClient`` (needs ``paymaster[stripe]``).
+
+The catalogue and currency rules import nothing beyond the core; the client imports
+``stripe`` when first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .catalogue import (
+    CATALOGUE,
+    Catalogue,
+    Cost,
+    InvalidStripeRequest,
+    Operation,
+    Quote,
+    StripeRequest,
+    actual_cost,
+)
+from .currency import (
+    STRIPE_THREE_DECIMAL,
+    STRIPE_ZERO_DECIMAL,
+    StripeAmountError,
+    check_charge_amount,
+    from_stripe,
+    stripe_exponent,
+    to_stripe,
+)
+
+if TYPE_CHECKING:
+    from .client import govern, governed_client
+    from .transport import GovernedHTTPClient, StripeBinding, bind, current_binding
+
+__all__ = [
+    "CATALOGUE",
+    "STRIPE_THREE_DECIMAL",
+    "STRIPE_ZERO_DECIMAL",
+    "Catalogue",
+    "Cost",
+    "GovernedHTTPClient",
+    "InvalidStripeRequest",
+    "Operation",
+    "Quote",
+    "StripeAmountError",
+    "StripeBinding",
+    "StripeRequest",
+    "actual_cost",
+    "bind",
+    "check_charge_amount",
+    "current_binding",
+    "from_stripe",
+    "govern",
+    "governed_client",
+    "stripe_exponent",
+    "to_stripe",
+]
+
+_LAZY = {
+    "govern": "client",
+    "governed_client": "client",
+    "GovernedHTTPClient": "transport",
+    "StripeBinding": "transport",
+    "bind": "transport",
+    "current_binding": "transport",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the ``stripe``-dependent parts on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__name__}.{module}"), name)

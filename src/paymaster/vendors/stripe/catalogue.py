@@ -1,0 +1,323 @@
+"""The Stripe operations paymaster governs, and what each one costs.
+
+A request is matched to an :class:`Operation` by method and path. The operation says who
+the customer is and prices the call twice: an estimate before it runs (reserved in the
+ledger) and the actual cost read from Stripe's response (settled). A request that matches
+no operation is refused by the governed client and the proxy: nothing passes ungoverned.
+
+Pricing needs no network, except for refunds: a refund names a charge or PaymentIntent,
+not a currency or (when it refunds "what remains") an amount, so the charge or
+PaymentIntent is looked up first. The caller performs that look-up, itself a governed,
+free call, and hands the object to :meth:`Operation.quote`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from ...endpoints import normalise_path
+from ...errors import PolicyViolation, ViolationCode
+from ...money import Money
+from .currency import StripeAmountError, check_charge_amount, from_stripe
+
+__all__ = [
+    "CATALOGUE",
+    "Catalogue",
+    "Cost",
+    "InvalidStripeRequest",
+    "Operation",
+    "Quote",
+    "StripeRequest",
+    "actual_cost",
+]
+
+#: Parameters whose value prices the call or names who it is for: sent twice, Stripe would
+#: pick one and paymaster might price the other, so such a request is refused.
+_PRICED_PARAMS = frozenset({"amount", "currency", "customer", "charge", "payment_intent"})
+#: Every Stripe object id is ``prefix_rest``; a path segment without ``_`` is a literal
+#: such as ``search``, never an id.
+_ID = r"[A-Za-z0-9]+_[A-Za-z0-9_]+"
+
+
+class InvalidStripeRequest(PolicyViolation, ValueError):
+    """A request paymaster cannot price (a missing or malformed amount, currency or id).
+
+    Raised before anything is reserved or sent; audited as a denial with the code
+    ``invalid_request``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ViolationCode.INVALID_REQUEST, message, vendor="stripe")
+
+
+class Cost(str, enum.Enum):
+    """How an operation is priced."""
+
+    FREE = "free"
+    """Moves no money: governed (endpoint, customer, call-count rules) and audited."""
+    AMOUNT = "amount"
+    """Costs its ``amount`` in its ``currency`` (PaymentIntents, charges)."""
+    REFUND = "refund"
+    """Costs its ``amount``, or what remains of the charge or PaymentIntent it refunds."""
+
+
+class CustomerFrom(str, enum.Enum):
+    NONE = "none"
+    PARAM = "param"  # the ``customer`` parameter
+    PATH = "path"  # the object id in the path is the customer
+    LOOKUP = "lookup"  # the looked-up charge or PaymentIntent's customer
+
+
+@dataclass(frozen=True)
+class StripeRequest:
+    """One HTTP request to the Stripe API, as the governed client or the proxy sees it."""
+
+    method: str
+    path: str
+    params: Mapping[str, str]
+    """Top-level scalar parameters from the query string and the form body."""
+
+    @classmethod
+    def parse(cls, method: str, url: str, body: str | bytes | None = None) -> StripeRequest:
+        """Read method, canonical path and parameters (query and form-encoded body).
+
+        Raises :class:`InvalidStripeRequest` for a non-canonical path or an ambiguous
+        body (a pricing parameter sent twice).
+        """
+        parts = urlsplit(url)
+        try:
+            path = normalise_path(parts.path)
+        except ValueError as exc:
+            raise InvalidStripeRequest(f"refusing the path {parts.path!r}: {exc}") from exc
+        if isinstance(body, bytes):
+            body = body.decode("utf-8")
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if body:
+            pairs += parse_qsl(body, keep_blank_values=True)
+        params: dict[str, str] = {}
+        for key, value in pairs:
+            if "[" in key:  # metadata[...], expand[], nested objects: never priced
+                continue
+            if key in params and key in _PRICED_PARAMS and params[key] != value:
+                raise InvalidStripeRequest(
+                    f"parameter {key!r} is sent twice with different values; send it once"
+                )
+            params[key] = value
+        return cls(method.upper(), path, params)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a call is expected to cost, and for which customer."""
+
+    estimate: Money | None
+    """``None`` for a call that moves no money."""
+    customer: str | None
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One catalogued Stripe operation."""
+
+    name: str
+    """As the Python client names it: ``refunds.create``."""
+    method: str
+    path: str
+    """A template: ``{id}`` stands for one Stripe object id."""
+    cost: Cost = Cost.FREE
+    customer: CustomerFrom = CustomerFrom.NONE
+    _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        regex = re.escape(self.path).replace(re.escape("{id}"), f"(?P<id>{_ID})")
+        object.__setattr__(self, "_pattern", re.compile(f"{regex}$"))
+
+    @property
+    def moves_money(self) -> bool:
+        return self.cost is not Cost.FREE
+
+    def match(self, request: StripeRequest) -> str | None:
+        """The path's object id (``""`` when the template has none), or ``None``."""
+        if request.method != self.method:
+            return None
+        found = self._pattern.match(request.path)
+        if found is None:
+            return None
+        return found.groupdict().get("id") or ""
+
+    def lookup_path(self, request: StripeRequest) -> str | None:
+        """Path and query of the object to fetch before this call can be priced (``None``:
+        no look-up). A PaymentIntent comes with its latest charge expanded, which says
+        how much of it was refunded already."""
+        if self.cost is not Cost.REFUND:
+            return None
+        charge = request.params.get("charge")
+        intent = request.params.get("payment_intent")
+        if bool(charge) == bool(intent):
+            raise InvalidStripeRequest(
+                "a refund must name exactly one of 'charge' or 'payment_intent'"
+            )
+        if charge:
+            return f"/v1/charges/{_object_id(charge, 'charge')}"
+        intent_id = _object_id(intent or "", "payment_intent")
+        return f"/v1/payment_intents/{intent_id}?expand%5B%5D=latest_charge"
+
+    def quote(self, request: StripeRequest, looked_up: Mapping[str, Any] | None = None) -> Quote:
+        """Price ``request`` (and name its customer) before it is sent.
+
+        ``looked_up`` is the JSON of the object :meth:`lookup_path` named, if any.
+        """
+        try:
+            estimate = self._estimate(request, looked_up)
+        except StripeAmountError as exc:
+            raise InvalidStripeRequest(f"{self.name}: {exc}") from exc
+        return Quote(estimate, self._customer(request, looked_up))
+
+    def _estimate(
+        self, request: StripeRequest, looked_up: Mapping[str, Any] | None
+    ) -> Money | None:
+        if self.cost is Cost.FREE:
+            return None
+        params = request.params
+        if self.cost is Cost.AMOUNT:
+            return check_charge_amount(
+                _int_param(params, "amount", self.name), _required(params, "currency", self.name)
+            )
+        if looked_up is None:
+            raise InvalidStripeRequest(f"{self.name} is priced from {self.lookup_path(request)}")
+        currency = looked_up.get("currency")
+        if not isinstance(currency, str):
+            raise InvalidStripeRequest(f"the refunded object has no currency: {looked_up!r}")
+        if "amount" in params:
+            return check_charge_amount(_int_param(params, "amount", self.name), currency)
+        return from_stripe(_refundable(looked_up), currency)
+
+    def _customer(self, request: StripeRequest, looked_up: Mapping[str, Any] | None) -> str | None:
+        if self.customer is CustomerFrom.PARAM:
+            return request.params.get("customer") or None
+        if self.customer is CustomerFrom.PATH:
+            return self.match(request) or None
+        if self.customer is CustomerFrom.LOOKUP and looked_up is not None:
+            return _id_of(looked_up.get("customer"))
+        return None
+
+
+def actual_cost(operation: Operation, response: Mapping[str, Any]) -> Money | None:
+    """What a successful call actually cost, from Stripe's JSON response (``None`` for a
+    call that moves no money). Raises :class:`StripeAmountError` on a response without a
+    usable amount."""
+    if not operation.moves_money:
+        return None
+    amount, currency = response.get("amount"), response.get("currency")
+    if not isinstance(amount, int) or not isinstance(currency, str):
+        raise StripeAmountError(
+            f"the {operation.name} response has no integer amount and currency "
+            f"(amount={amount!r}, currency={currency!r})"
+        )
+    return from_stripe(amount, currency)
+
+
+class Catalogue:
+    """An ordered set of operations: a request matches the first operation that fits."""
+
+    def __init__(self, operations: list[Operation]) -> None:
+        names = [op.name for op in operations]
+        if len(set(names)) != len(names):
+            raise ValueError("operation names must be unique")
+        self.operations = tuple(operations)
+        self._by_name = {op.name: op for op in operations}
+
+    def match(self, request: StripeRequest) -> Operation | None:
+        for operation in self.operations:
+            if operation.match(request) is not None:
+                return operation
+        return None
+
+    def __getitem__(self, name: str) -> Operation:
+        return self._by_name[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.operations)
+
+    def __len__(self) -> int:
+        return len(self.operations)
+
+
+def _required(params: Mapping[str, str], name: str, operation: str) -> str:
+    value = params.get(name)
+    if not value:
+        raise InvalidStripeRequest(f"{operation} needs the {name!r} parameter")
+    return value
+
+
+def _int_param(params: Mapping[str, str], name: str, operation: str) -> int:
+    raw = _required(params, name, operation)
+    if not raw.isdigit():
+        raise InvalidStripeRequest(
+            f"{operation}: {name!r} must be a whole number of minor units, got {raw!r}"
+        )
+    return int(raw)
+
+
+def _object_id(value: str, name: str) -> str:
+    if not re.fullmatch(_ID, value):
+        raise InvalidStripeRequest(f"{name} {value!r} is not a Stripe object id")
+    return value
+
+
+def _id_of(value: Any) -> str | None:
+    """An id field that may come back expanded into the object it names."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _refundable(obj: Mapping[str, Any]) -> int:
+    """What a full refund of this charge or PaymentIntent would return."""
+    charge = obj if obj.get("object") == "charge" else obj.get("latest_charge")
+    if isinstance(charge, Mapping):
+        amount, refunded = charge.get("amount"), charge.get("amount_refunded", 0)
+    else:  # a PaymentIntent whose charge was not expanded: its received amount bounds it
+        amount, refunded = obj.get("amount_received", obj.get("amount")), 0
+    if not isinstance(amount, int) or not isinstance(refunded, int):
+        raise InvalidStripeRequest(f"cannot tell what remains to refund of {obj.get('id')!r}")
+    return max(amount - refunded, 0)
+
+
+_F, _A, _R = Cost.FREE, Cost.AMOUNT, Cost.REFUND
+_P, _PATH, _L = CustomerFrom.PARAM, CustomerFrom.PATH, CustomerFrom.LOOKUP
+
+#: The default catalogue: what the prebuilt tools use and agents commonly call. Money
+#: moves through refunds, PaymentIntents and charges; everything else costs nothing.
+CATALOGUE = Catalogue(
+    [
+        Operation("refunds.create", "POST", "/v1/refunds", _R, _L),
+        Operation("refunds.list", "GET", "/v1/refunds"),
+        Operation("refunds.retrieve", "GET", "/v1/refunds/{id}"),
+        Operation("payment_intents.create", "POST", "/v1/payment_intents", _A, _P),
+        Operation("payment_intents.list", "GET", "/v1/payment_intents", customer=_P),
+        Operation("payment_intents.retrieve", "GET", "/v1/payment_intents/{id}"),
+        Operation("charges.create", "POST", "/v1/charges", _A, _P),
+        Operation("charges.list", "GET", "/v1/charges", customer=_P),
+        Operation("charges.retrieve", "GET", "/v1/charges/{id}"),
+        Operation("customers.create", "POST", "/v1/customers"),
+        Operation("customers.list", "GET", "/v1/customers"),
+        Operation("customers.retrieve", "GET", "/v1/customers/{id}", customer=_PATH),
+        Operation("products.create", "POST", "/v1/products"),
+        Operation("products.list", "GET", "/v1/products"),
+        Operation("prices.create", "POST", "/v1/prices"),
+        Operation("prices.list", "GET", "/v1/prices"),
+        Operation("payment_links.create", "POST", "/v1/payment_links"),
+        Operation("invoices.create", "POST", "/v1/invoices", customer=_P),
+        Operation("invoices.list", "GET", "/v1/invoices", customer=_P),
+        Operation("invoices.retrieve", "GET", "/v1/invoices/{id}"),
+        Operation("invoices.finalize_invoice", "POST", "/v1/invoices/{id}/finalize"),
+        Operation("invoice_items.create", "POST", "/v1/invoiceitems", customer=_P),
+        Operation("balance.retrieve", "GET", "/v1/balance"),
+    ]
+)

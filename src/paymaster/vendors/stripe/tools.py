@@ -1,0 +1,438 @@
+"""Prebuilt governed Stripe tools, framework-neutral.
+
+Each :class:`StripeTool` has a name, a description a model can act on, a Pydantic
+argument schema, the catalogued operations it calls (its governance spec) and how it
+calls the Stripe client. :class:`StripeToolkit` runs them through a governed client; the
+adapters (``paymaster-openai-agents``, ``paymaster-langchain``) turn the same tools into
+their framework's tools, so no tool is written twice.
+
+The set covers what stripe-agent-toolkit offered as local tools in its 0.6 line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ...errors import PolicyViolation
+from ...policy import RunPolicy
+from .catalogue import CATALOGUE, Operation
+
+if TYPE_CHECKING:
+    import stripe
+
+    from ...governor import Governor
+
+__all__ = [
+    "STRIPE_TOOLS",
+    "StripeTool",
+    "StripeToolkit",
+    "idempotency_key",
+    "model_message",
+    "select_tools",
+]
+
+_AMOUNT = (
+    "in the currency's smallest unit as an integer: cents for USD (1050 is $10.50), "
+    "whole yen for JPY (500 is ¥500)"
+)
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Limit(_Args):
+    limit: int = Field(10, ge=1, le=100, description="How many to return (1-100).")
+
+
+class CreateCustomer(_Args):
+    name: str = Field(min_length=1, description="The customer's full name.")
+    email: str | None = Field(None, description="The customer's email address.")
+
+
+class ListCustomers(_Limit):
+    email: str | None = Field(None, description="Only customers with this email address.")
+
+
+class CreateProduct(_Args):
+    name: str = Field(min_length=1, description="The product's name, shown to customers.")
+    description: str | None = Field(None, description="What the product is.")
+
+
+class ListProducts(_Limit):
+    pass
+
+
+class CreatePrice(_Args):
+    product: str = Field(description="The id of the product (prod_...) this price is for.")
+    unit_amount: int = Field(ge=0, description=f"The price {_AMOUNT}.")
+    currency: str = Field(
+        min_length=3, max_length=3, description="Three-letter ISO currency code, e.g. usd."
+    )
+
+
+class ListPrices(_Limit):
+    product: str | None = Field(None, description="Only prices of this product (prod_...).")
+
+
+class CreatePaymentLink(_Args):
+    price: str = Field(description="The id of the price (price_...) to sell.")
+    quantity: int = Field(1, ge=1, description="How many units the link sells.")
+
+
+class CreateInvoice(_Args):
+    customer: str = Field(description="The id of the customer (cus_...) to invoice.")
+    days_until_due: int = Field(30, ge=0, le=365, description="Days the customer has to pay.")
+
+
+class CreateInvoiceItem(_Args):
+    customer: str = Field(description="The id of the customer (cus_...).")
+    price: str = Field(description="The id of the price (price_...) to add.")
+    invoice: str = Field(description="The id of the draft invoice (in_...) to add it to.")
+
+
+class FinalizeInvoice(_Args):
+    invoice: str = Field(description="The id of the draft invoice (in_...) to finalize.")
+
+
+class RetrieveBalance(_Args):
+    pass
+
+
+class CreateRefund(_Args):
+    payment_intent: str = Field(description="The id of the PaymentIntent (pi_...) to refund.")
+    amount: int | None = Field(
+        None, ge=1, description=f"How much to refund, {_AMOUNT}. Omit to refund what remains."
+    )
+    reason: str | None = Field(
+        None,
+        pattern="^(duplicate|fraudulent|requested_by_customer)$",
+        description="duplicate, fraudulent or requested_by_customer.",
+    )
+
+
+class ListPaymentIntents(_Limit):
+    customer: str | None = Field(None, description="Only this customer's (cus_...) payments.")
+
+
+class RetrievePaymentIntent(_Args):
+    payment_intent: str = Field(description="The id of the PaymentIntent (pi_...).")
+
+
+@dataclass(frozen=True)
+class StripeTool:
+    """One prebuilt tool: what the model sees and which Stripe call it makes."""
+
+    name: str
+    description: str
+    args_schema: type[BaseModel]
+    service: str
+    """The ``client.v1`` service: ``refunds``."""
+    method: str
+    """The service method: ``create`` (``create_async`` is used from async code)."""
+    operations: tuple[str, ...]
+    """The catalogued operations the tool calls: what a policy must allow."""
+    id_field: str | None = None
+    """The argument passed positionally as the object id (``retrieve(id, params)``)."""
+    fixed: Mapping[str, Any] | None = None
+    """Parameters the tool always sends."""
+
+    @property
+    def moves_money(self) -> bool:
+        return any(CATALOGUE[name].moves_money for name in self.operations)
+
+    @property
+    def governed_operations(self) -> tuple[Operation, ...]:
+        return tuple(CATALOGUE[name] for name in self.operations)
+
+    def arguments(self, raw: Mapping[str, Any] | BaseModel) -> BaseModel:
+        """Validate the model's arguments (``pydantic.ValidationError`` names the field)."""
+        if isinstance(raw, self.args_schema):
+            return raw
+        if isinstance(raw, BaseModel):
+            raw = raw.model_dump()
+        return self.args_schema.model_validate(raw)
+
+    def _call(
+        self, client: stripe.StripeClient, args: BaseModel, key: str | None, suffix: str
+    ) -> Any:
+        params = args.model_dump(exclude_none=True)
+        params.update(self.fixed or {})
+        positional = [params.pop(self.id_field)] if self.id_field else []
+        options = {"idempotency_key": key} if key else {}
+        method = getattr(getattr(client.v1, self.service), self.method + suffix)
+        return method(*positional, params=params or None, options=options or None)
+
+    def call(self, client: stripe.StripeClient, args: BaseModel, key: str | None = None) -> Any:
+        return self._call(client, args, key, "")
+
+    async def acall(
+        self, client: stripe.StripeClient, args: BaseModel, key: str | None = None
+    ) -> Any:
+        return await self._call(client, args, key, "_async")
+
+
+_CUSTOMERS, _INVOICES = "customers", "invoices"
+
+_PREBUILT = (
+    StripeTool(
+        "create_customer",
+        "Create a Stripe customer with a name and optional email. Returns the customer, "
+        "whose id (cus_...) other tools take.",
+        CreateCustomer,
+        _CUSTOMERS,
+        "create",
+        ("customers.create",),
+    ),
+    StripeTool(
+        "list_customers",
+        "List Stripe customers, newest first, optionally only those with an email.",
+        ListCustomers,
+        _CUSTOMERS,
+        "list",
+        ("customers.list",),
+    ),
+    StripeTool(
+        "create_product",
+        "Create a product to sell. Returns it with its id (prod_...); give it a price "
+        "with create_price.",
+        CreateProduct,
+        "products",
+        "create",
+        ("products.create",),
+    ),
+    StripeTool(
+        "list_products",
+        "List products, newest first.",
+        ListProducts,
+        "products",
+        "list",
+        ("products.list",),
+    ),
+    StripeTool(
+        "create_price",
+        "Create a one-time price for a product. unit_amount is in the currency's "
+        "smallest unit (cents for USD, yen for JPY).",
+        CreatePrice,
+        "prices",
+        "create",
+        ("prices.create",),
+    ),
+    StripeTool(
+        "list_prices",
+        "List prices, optionally of one product.",
+        ListPrices,
+        "prices",
+        "list",
+        ("prices.list",),
+    ),
+    StripeTool(
+        "create_payment_link",
+        "Create a payment link a customer can open to buy a price. Returns its url.",
+        CreatePaymentLink,
+        "payment_links",
+        "create",
+        ("payment_links.create",),
+        fixed=None,
+    ),
+    StripeTool(
+        "create_invoice",
+        "Create a draft invoice for a customer, paid by bank transfer or card within "
+        "days_until_due. Add items with create_invoice_item, then finalize_invoice.",
+        CreateInvoice,
+        _INVOICES,
+        "create",
+        ("invoices.create",),
+        fixed={"collection_method": "send_invoice"},
+    ),
+    StripeTool(
+        "create_invoice_item",
+        "Add a price to a customer's draft invoice.",
+        CreateInvoiceItem,
+        "invoice_items",
+        "create",
+        ("invoice_items.create",),
+    ),
+    StripeTool(
+        "finalize_invoice",
+        "Finalize a draft invoice so it can be sent and paid. Returns it with its "
+        "hosted_invoice_url.",
+        FinalizeInvoice,
+        _INVOICES,
+        "finalize_invoice",
+        ("invoices.finalize_invoice",),
+        id_field="invoice",
+    ),
+    StripeTool(
+        "retrieve_balance",
+        "Retrieve the Stripe account's available and pending balance.",
+        RetrieveBalance,
+        "balance",
+        "retrieve",
+        ("balance.retrieve",),
+    ),
+    StripeTool(
+        "create_refund",
+        "Refund a payment (a PaymentIntent, pi_...), fully or in part. amount is in the "
+        "currency's smallest unit; omit it to refund what remains. Refunds are limited "
+        "by a spending policy: a refusal means stop, not retry.",
+        CreateRefund,
+        "refunds",
+        "create",
+        ("refunds.create", "payment_intents.retrieve"),
+    ),
+    StripeTool(
+        "list_payment_intents",
+        "List payments (PaymentIntents), newest first, optionally of one customer.",
+        ListPaymentIntents,
+        "payment_intents",
+        "list",
+        ("payment_intents.list",),
+    ),
+    StripeTool(
+        "retrieve_payment_intent",
+        "Retrieve one payment (PaymentIntent) by id: amount, currency, status, customer.",
+        RetrievePaymentIntent,
+        "payment_intents",
+        "retrieve",
+        ("payment_intents.retrieve",),
+        id_field="payment_intent",
+    ),
+)
+#: The prebuilt tools, by name.
+STRIPE_TOOLS: dict[str, StripeTool] = {tool.name: tool for tool in _PREBUILT}
+
+
+def select_tools(only: Iterable[str] | None = None) -> list[StripeTool]:
+    """The prebuilt tools named in ``only`` (all of them by default), in that order."""
+    if only is None:
+        return list(STRIPE_TOOLS.values())
+    names = list(only)
+    unknown = [name for name in names if name not in STRIPE_TOOLS]
+    if unknown:
+        raise ValueError(
+            f"no prebuilt Stripe tool named {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(STRIPE_TOOLS)}"
+        )
+    return [STRIPE_TOOLS[name] for name in names]
+
+
+def idempotency_key(tool: str, run: str | None, tool_call_id: str | None) -> str | None:
+    """One Stripe idempotency key per tool call of a run (``None`` without a call id)."""
+    if not tool_call_id:
+        return None
+    digest = hashlib.sha256(f"{run}\x00{tool}\x00{tool_call_id}".encode()).hexdigest()
+    return f"paymaster-{digest[:40]}"
+
+
+class StripeToolkit:
+    """The prebuilt tools bound to a governor, a Stripe client and an agent type.
+
+    ``client`` may be a plain ``StripeClient`` (a governed copy is made) or one from
+    :func:`~paymaster.vendors.stripe.governed_client`. Adapters call :meth:`invoke` /
+    :meth:`ainvoke` with the run and tool call they know about.
+    """
+
+    def __init__(
+        self,
+        governor: Governor,
+        client: stripe.StripeClient,
+        *,
+        agent: str,
+        run_policy: RunPolicy | None = None,
+        only: Sequence[str] | None = None,
+    ) -> None:
+        from .client import govern, is_governed
+
+        self.governor = governor
+        self.agent = agent
+        self.run_policy = run_policy
+        self.client = client if is_governed(client) else govern(client, governor, agent=agent)
+        self.tools = select_tools(only)
+
+    def _prepare(
+        self, name: str, arguments: Mapping[str, Any] | BaseModel, tool_call_id: str | None,
+        run: str | None,
+    ) -> tuple[StripeTool, BaseModel, str | None]:  # fmt: skip
+        tool = self._tool(name)
+        args = tool.arguments(arguments)
+        return tool, args, idempotency_key(tool.name, run, tool_call_id)
+
+    def _tool(self, name: str) -> StripeTool:
+        for tool in self.tools:
+            if tool.name == name:
+                return tool
+        raise ValueError(f"this toolkit has no tool {name!r}")
+
+    def invoke(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | BaseModel,
+        *,
+        run: str | None = None,
+        tool_call_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run one tool; returns the Stripe object as a dict.
+
+        Raises :class:`~paymaster.PolicyViolation` (the call was refused before it was
+        sent) and ``stripe.StripeError`` (Stripe refused it; nothing moved).
+        """
+        from .transport import bind
+
+        tool, args, key = self._prepare(name, arguments, tool_call_id, run)
+        with bind(agent=self.agent, run=run, run_policy=self.run_policy):
+            return _as_dict(tool.call(self.client, args, key))
+
+    async def ainvoke(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | BaseModel,
+        *,
+        run: str | None = None,
+        tool_call_id: str | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`invoke` for asyncio (stripe's ``*_async`` methods)."""
+        from .transport import bind
+
+        tool, args, key = self._prepare(name, arguments, tool_call_id, run)
+        with bind(agent=self.agent, run=run, run_policy=self.run_policy):
+            return _as_dict(await tool.acall(self.client, args, key))
+
+
+def _as_dict(result: Any) -> dict[str, Any]:
+    to_dict = getattr(result, "to_dict", None)
+    value = to_dict() if callable(to_dict) else result
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a Stripe object, got {type(result).__name__}")
+    return value
+
+
+def model_message(exc: BaseException) -> str | None:
+    """What a model is told when a tool call fails in a way it can act on (bad arguments,
+    Stripe refusing the call, a policy refusal in "tell the model" mode); ``None`` for
+    anything else, which the adapter lets propagate."""
+    import stripe
+
+    if isinstance(exc, PolicyViolation):
+        return (
+            f"Refused by the spending policy [{exc.code.value}]: {exc.message}. The call was "
+            "not made. Do not retry it; change the request or stop."
+        )
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'arguments'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        return f"Invalid arguments, nothing was sent: {problems}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"The arguments are not valid JSON ({exc.msg}); nothing was sent."
+    if isinstance(exc, stripe.StripeError):
+        code = f" {exc.code}" if exc.code else ""
+        return f"Stripe refused the call (HTTP {exc.http_status}{code}): {exc.user_message}"
+    return None
