@@ -1,9 +1,11 @@
 """A runaway refund loop, stopped before the money moves.
 
-Runs offline on embedded SQLite: an "agent" keeps retrying a $20 refund against a local
-stand-in for Stripe. paymaster allows calls until the $100 daily cap, then refuses; a
-second process finds the budget already spent; an operator's revoke stops even a free
-look-up; and the audit log summarises the run.
+Runs offline: a local Stripe-compatible server (localstripe, on 127.0.0.1) and the real
+``stripe`` client, governed by paymaster on embedded SQLite. An agent keeps refunding
+$20.00; paymaster allows refunds until the $100 daily cap and refuses the next one before
+it is sent; a second process finds the budget spent; a refund for a customer outside the
+run's allowlist is refused; an operator's revoke stops even a free look-up; and the audit
+log shows every call.
 
     python examples/runaway_refund_loop.py [--db paymaster-demo.db]
 """
@@ -12,52 +14,49 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import uuid
 from pathlib import Path
 
+import stripe
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from paymaster import Governor, Money, PolicyViolation, load_policies
+from paymaster import Governor, Money, PolicyViolation, RunPolicy, load_policies
+from paymaster.testing.localstripe import run_localstripe
+from paymaster.vendors.stripe import governed_client
 
 HERE = Path(__file__).parent
 POLICIES = HERE / "policies.yaml"
 console = Console()
 
 
-class LocalStripe:
-    """A stand-in for the vendor: it records refunds, it never refuses them."""
-
-    def __init__(self) -> None:
-        self.refunded = Money.zero("USD")
-
-    def create_refund(self, charge: str, amount: Money, idempotency_key: str) -> dict[str, object]:
-        self.refunded += amount
-        return {"id": f"re_{uuid.uuid4().hex[:10]}", "amount": amount.amount,
-                "charge": charge, "request_id": f"req_{uuid.uuid4().hex[:12]}"}  # fmt: skip
+def pay(merchant: stripe.StripeClient, customer: str, amount: int) -> str:
+    """A customer's card payment, made by the merchant's own (ungoverned) code."""
+    intent = merchant.v1.payment_intents.create(params={
+        "amount": amount, "currency": "usd", "customer": customer,
+        "payment_method": "pm_card_visa", "confirm": True,
+    })  # fmt: skip
+    return str(intent.id)
 
 
-def refund(gov: Governor, stripe: LocalStripe, run: str, amount: Money) -> dict[str, object]:
-    """One governed refund: reserve, call the vendor, settle with what it reports."""
-    with gov.guard(agent="refund-agent", run=run, vendor="stripe", endpoint="/v1/refunds",
-                   method="POST", customer="cus_alice", estimate=amount) as call:  # fmt: skip
-        result = stripe.create_refund("ch_1", amount, idempotency_key=call.idempotency_key)
-        call.settle(int(str(result["amount"])), http_status=200,
-                    vendor_request_id=str(result["request_id"]))  # fmt: skip
-        return result
+def refunded(merchant: stripe.StripeClient) -> Money:
+    """What the Stripe server itself says was refunded."""
+    refunds = merchant.v1.refunds.list(params={"limit": 100}).data
+    return Money(sum(r.amount for r in refunds), "USD")
 
 
-def second_process(db: str) -> None:
+def second_process(db: str, url: str, payment: str) -> None:
     """Another instance of the agent, in its own OS process, on the same ledger."""
     gov = Governor(f"sqlite:///{db}", policies=load_policies(POLICIES))
+    client = governed_client(gov, "sk_test_demo", agent="refund-agent", run="run-43",
+                             base_addresses={"api": url})  # fmt: skip
     try:
-        refund(gov, LocalStripe(), "run-43", Money.parse("20.00 USD"))
+        client.v1.refunds.create(params={"payment_intent": payment, "amount": 2000})
         console.print("  [red]second process refunded: the cap did not hold![/red]")
     except PolicyViolation as violation:
+        left = violation.remaining.format() if violation.remaining else "nothing"
         console.print(f"  second process (pid {multiprocessing.current_process().pid}) "
-                      f"refused: [bold]{violation.code}[/bold], {violation.remaining.format()} "
-                      "left today")  # type: ignore[union-attr]  # fmt: skip
+                      f"refused: [bold]{violation.code}[/bold], {left} left today")  # fmt: skip
     finally:
         gov.close()
 
@@ -69,58 +68,79 @@ def main() -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(db + suffix).unlink(missing_ok=True)
 
-    gov = Governor(f"sqlite:///{db}", policies=load_policies(POLICIES))
-    stripe = LocalStripe()
-    console.rule("[bold]1. A runaway loop: the agent retries a $20.00 refund")
-    for attempt in range(1, 9):
+    with run_localstripe() as server:
+        merchant = server.client()
+        alice = str(merchant.v1.customers.create(params={"name": "Alice"}).id)
+        mallory = str(merchant.v1.customers.create(params={"name": "Mallory"}).id)
+        payments = [pay(merchant, alice, 4000) for _ in range(4)]
+        console.print(f"localstripe on {server.url}: {alice} (Alice) paid $40.00 four times")
+
+        gov = Governor(f"sqlite:///{db}", policies=load_policies(POLICIES))
+        # This run may only touch Alice's payments: a run policy narrows the agent's policy.
+        run_policy = RunPolicy(customers=[alice])
+        agent_stripe = governed_client(gov, "sk_test_demo", agent="refund-agent", run="run-42",
+                                       run_policy=run_policy,
+                                       base_addresses={"api": server.url})  # fmt: skip
+
+        console.rule("[bold]1. A runaway loop: the agent keeps refunding $20.00")
+        for attempt in range(1, 9):
+            payment = payments[(attempt - 1) // 2 % len(payments)]
+            try:
+                refund = agent_stripe.v1.refunds.create(
+                    params={"payment_intent": payment, "amount": 2000}
+                )
+                console.print(f"  attempt {attempt}: allowed  {refund.id} on {payment}")
+            except PolicyViolation as violation:
+                console.print(f"  attempt {attempt}: [bold red]PolicyViolation[/bold red] "
+                              f"{escape(str(violation))}")  # fmt: skip
+                break
+        console.print(f"  the Stripe server refunded {refunded(merchant).format()} in all")
+
+        console.rule("[bold]2. A second process finds the budget already spent")
+        child = multiprocessing.get_context("spawn").Process(
+            target=second_process, args=(db, server.url, payments[-1])
+        )
+        child.start()
+        child.join()
+
+        console.rule("[bold]3. A refund for a customer outside the run's allowlist")
+        other = pay(merchant, mallory, 1000)
         try:
-            result = refund(gov, stripe, "run-42", Money.parse("20.00 USD"))
-            console.print(f"  attempt {attempt}: allowed  {result['id']}")
+            agent_stripe.v1.refunds.create(params={"payment_intent": other, "amount": 500})
         except PolicyViolation as violation:
-            console.print(f"  attempt {attempt}: [bold red]PolicyViolation[/bold red] "
-                          f"{escape(str(violation))}")  # fmt: skip
-            break
-    console.print(f"  the vendor refunded {stripe.refunded.format()} in all")
+            console.print(f"  [bold red]{escape(str(violation))}[/bold red] "
+                          "(the customer comes from the payment, looked up first)")  # fmt: skip
 
-    console.rule("[bold]2. A second process finds the budget already spent")
-    child = multiprocessing.get_context("spawn").Process(target=second_process, args=(db,))
-    child.start()
-    child.join()
+        console.rule("[bold]4. An operator revokes the run: the next call is refused")
+        agent_stripe.v1.customers.retrieve(alice)
+        console.print(f"  a free look-up (GET /v1/customers/{alice}) is still allowed")
+        gov.revoke(run="run-42", reason="runaway refund loop", by="on-call")
+        try:
+            agent_stripe.v1.customers.retrieve(alice)
+        except PolicyViolation as violation:
+            console.print(f"  after the revoke: [bold red]{escape(str(violation))}[/bold red]")
 
-    console.rule("[bold]3. An operator revokes the run: the next call is refused")
-    lookup = {"agent": "refund-agent", "run": "run-42", "vendor": "stripe",
-              "endpoint": "/v1/refunds/re_1", "method": "GET", "customer": "cus_alice"}  # fmt: skip
-    with gov.guard(**lookup) as call:
-        call.settle(http_status=200)
-        console.print("  a free look-up (GET /v1/refunds/re_1) is still allowed")
-    gov.revoke(run="run-42", reason="runaway refund loop", by="on-call")
-    try:
-        with gov.guard(**lookup):
-            pass
-    except PolicyViolation as violation:
-        console.print(f"  after the revoke: [bold red]{escape(str(violation))}[/bold red]")
-
-    console.rule("[bold]4. The audit log")
-    summary = gov.audit.run_summary("run-42")
-    table = Table(title=f"run {summary.run}: {summary.calls} calls")
-    table.add_column("outcome")
-    table.add_column("calls", justify="right")
-    for outcome, count in sorted(summary.outcomes.items()):
-        table.add_row(outcome, str(count))
-    table.add_row("[bold]spent", ", ".join(m.format() for m in summary.spend.values()))
-    console.print(table)
-    rows = Table(title="every call (all runs)")
-    for column in ("id", "run", "endpoint", "outcome", "cost", "code"):
-        rows.add_column(column)
-    for record in gov.audit.query():
-        cost = record.cost.format() if record.cost else "-"
-        rows.add_row(str(record.id), record.run or "-", record.endpoint, record.outcome, cost,
-                     record.violation_code or "")  # fmt: skip
-    console.print(rows)
-    verdict = gov.audit.verify()
-    console.print(f"audit chain verified: {verdict.ok} ({verdict.rows_checked} rows); "
-                  f"ledger file: {Path(db).resolve()}")  # fmt: skip
-    gov.close()
+        console.rule("[bold]5. The audit log")
+        summary = gov.audit.run_summary("run-42")
+        table = Table(title=f"run {summary.run}: {summary.calls} calls")
+        table.add_column("outcome")
+        table.add_column("calls", justify="right")
+        for outcome, count in sorted(summary.outcomes.items()):
+            table.add_row(outcome, str(count))
+        table.add_row("[bold]spent", ", ".join(m.format() for m in summary.spend.values()))
+        console.print(table)
+        rows = Table(title="every call (all runs)")
+        for column in ("id", "run", "method", "endpoint", "outcome", "cost", "code"):
+            rows.add_column(column)
+        for record in gov.audit.query():
+            cost = record.cost.format() if record.cost else "-"
+            rows.add_row(str(record.id), record.run or "-", record.method, record.endpoint,
+                         record.outcome, cost, record.violation_code or "")  # fmt: skip
+        console.print(rows)
+        verdict = gov.audit.verify()
+        console.print(f"audit chain verified: {verdict.ok} ({verdict.rows_checked} rows); "
+                      f"ledger file: {Path(db).resolve()}")  # fmt: skip
+        gov.close()
 
 
 if __name__ == "__main__":

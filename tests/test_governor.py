@@ -118,6 +118,22 @@ def test_customer_allowlist_and_currency(make_governor: MakeGov) -> None:
     assert info.value.code is ViolationCode.CURRENCY_MISMATCH
 
 
+def test_a_pricing_lookup_may_pass_a_customer_allowlist_if_free(make_governor: MakeGov) -> None:
+    policy = refund_policy(customers=["cus_ok"], endpoints=["/v1/refunds", "/v1/charges"])
+    gov = make_governor(policy)
+    lookup = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/charges/ch_1",
+              "method": "GET"}  # fmt: skip
+    with pytest.raises(PolicyViolation) as info, gov.guard(**lookup):
+        pass
+    assert info.value.code is ViolationCode.CUSTOMER_NOT_ALLOWED
+    with gov.guard(**lookup, pricing_lookup=True) as call:
+        call.settle(http_status=200)
+    assert [r.outcome for r in gov.audit.query()] == ["denied", "allowed"]
+    free_only = {**lookup, "pricing_lookup": True, "estimate": Money.parse("1.00 USD")}
+    with pytest.raises(ValueError, match="free call"), gov.guard(**free_only):
+        pass
+
+
 def test_jpy_and_kwd_amounts_are_exact(make_governor: MakeGov) -> None:
     jpy = Policy(
         agent="jp-agent", vendor="stripe", currency="JPY", daily_cap="1000",

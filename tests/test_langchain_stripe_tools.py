@@ -16,10 +16,10 @@ from langchain.agents.middleware import ToolRetryMiddleware
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, ToolMessage
-from paymaster_langchain import PaymasterStripeToolkit
 
 from paymaster import Governor, PolicyViolation, ViolationCode
 from paymaster.testing.localstripe import LocalStripe
+from paymaster_langchain import PaymasterStripeToolkit
 from stripe_fixtures import localstripe, paid_intent, refund_agent_policy, refunds_of
 
 __all__ = ["localstripe"]

@@ -13,10 +13,10 @@ pytest.importorskip("agents")
 
 from agents import Agent, Runner, set_tracing_disabled
 from agents.testing import ScriptedModel, assistant_message, function_call
-from paymaster_openai_agents import stripe_tools
 
 from paymaster import Governor, Money, PolicyViolation, ViolationCode
 from paymaster.testing.localstripe import LocalStripe
+from paymaster_openai_agents import stripe_tools
 from stripe_fixtures import localstripe, paid_intent, refund_agent_policy, refunds_of
 
 set_tracing_disabled(True)

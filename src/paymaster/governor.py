@@ -274,9 +274,12 @@ class Governor:
         run: str | None,
         run_policy: RunPolicy | None,
         idempotency_key: str | None,
+        pricing_lookup: bool = False,
     ) -> ReserveRequest:
         """The pure checks; a violation is audited (the only I/O) and raised."""
         method = method.upper()
+        if pricing_lookup and estimate is not None and estimate.amount:
+            raise ValueError("a pricing look-up is a free call: estimate must be None or zero")
         try:
             policy_set_entry = self.policies.require(agent, vendor, run=run)
         except PolicyViolation as violation:
@@ -294,7 +297,7 @@ class Governor:
         try:
             canonical = policy.check(
                 endpoint=endpoint, method=method, customer=customer, estimate=cost,
-                now=self.ledger.now(), run=run,
+                now=self.ledger.now(), run=run, customer_checked_later=pricing_lookup,
             )  # fmt: skip
         except PolicyViolation as violation:
             self.ledger.record_denial(request, violation)
@@ -337,16 +340,21 @@ class Governor:
         run: str | None = None,
         run_policy: RunPolicy | None = None,
         idempotency_key: str | None = None,
+        pricing_lookup: bool = False,
     ) -> Iterator[GovernedCall]:
         """Govern one call made inside the ``with`` block.
 
         Raises :class:`PolicyViolation` before the block runs if the call is refused, and
         :class:`GovernanceUnavailable` if the ledger cannot be reached (fail closed).
         ``estimate=None`` governs a call that moves no money (still checked and counted).
+        ``pricing_lookup=True`` marks a free read made only to price another governed call
+        (its result never reaches the agent): it may pass a customer allowlist without
+        naming a customer, since the call it prices is checked against the allowlist.
         """
         request = self._prepare(
             agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=estimate,
             customer=customer, run=run, run_policy=run_policy, idempotency_key=idempotency_key,
+            pricing_lookup=pricing_lookup,
         )  # fmt: skip
         call = GovernedCall(self.ledger, self.ledger.reserve(request), request.policy)
         try:
@@ -369,6 +377,7 @@ class Governor:
         run: str | None = None,
         run_policy: RunPolicy | None = None,
         idempotency_key: str | None = None,
+        pricing_lookup: bool = False,
     ) -> AsyncIterator[AsyncGovernedCall]:
         """:meth:`guard` for asyncio: ledger work runs in worker threads, never on the loop.
 
@@ -380,7 +389,7 @@ class Governor:
             functools.partial(
                 self._prepare, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
                 estimate=estimate, customer=customer, run=run, run_policy=run_policy,
-                idempotency_key=idempotency_key,
+                idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
             )
         )  # fmt: skip
         reservation, cancelled = await self._to_completion(self.ledger.reserve, request)

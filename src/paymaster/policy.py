@@ -293,9 +293,15 @@ class EffectivePolicy(BaseModel):
         estimate: Money,
         now: datetime,
         run: str | None = None,
+        customer_checked_later: bool = False,
     ) -> str:
         """The pure checks, in order: expiry, endpoint, method, customer, currency and
-        per-call cap. Returns the canonical endpoint; raises :class:`PolicyViolation`."""
+        per-call cap. Returns the canonical endpoint; raises :class:`PolicyViolation`.
+
+        ``customer_checked_later`` lets a call with no customer pass a customer allowlist:
+        only for a free read whose result never reaches the agent and is used to price
+        another governed call, which is checked against the allowlist itself.
+        """
 
         def deny(code: ViolationCode, message: str, remaining: Money | None = None) -> NoReturn:
             raise PolicyViolation(
@@ -319,6 +325,8 @@ class EffectivePolicy(BaseModel):
         if self.methods is not None and upper not in self.methods:
             deny(ViolationCode.METHOD_NOT_ALLOWED, f"{upper} is not in {list(self.methods)}")
         for allowlist in self.customer_allowlists:
+            if customer is None and customer_checked_later:
+                break
             if customer is None:
                 deny(
                     ViolationCode.CUSTOMER_NOT_ALLOWED,

@@ -114,17 +114,26 @@ class GovernedHTTPClient(stripe.HTTPClient):
         self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None,
         *, _usage: list[str] | None = None,
     ) -> Response:  # fmt: skip
+        return self._request(method, url, headers, post_data)
+
+    def _request(
+        self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any,
+        pricing_lookup: bool = False,
+    ) -> Response:  # fmt: skip
         binding = self._who()
         request, operation = self._match(method, url, post_data, binding)
         looked_up = None
         lookup = self._lookup_path(request, operation, binding)
         if lookup is not None:
-            response = self.request("GET", _join(url, lookup), _lookup_headers(headers))
+            response = self._request(
+                "GET", _join(url, lookup), _lookup_headers(headers), None, pricing_lookup=True
+            )
             if response[1] >= 300:  # the object cannot be read: Stripe's own error says why
                 return response
             looked_up = _json(response[0])
         quote = self._quote(request, operation, looked_up, binding)
-        with self.governor.guard(**self._spec(request, binding, quote, headers)) as call:
+        spec = self._spec(request, binding, quote, headers, pricing_lookup)
+        with self.governor.guard(**spec) as call:
             response = self.inner.request(
                 method, url, _with_key(headers, request, call.idempotency_key), post_data
             )
@@ -135,6 +144,12 @@ class GovernedHTTPClient(stripe.HTTPClient):
     async def request_async(
         self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
     ) -> Response:
+        return await self._request_async(method, url, headers, post_data)
+
+    async def _request_async(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any,
+        pricing_lookup: bool = False,
+    ) -> Response:  # fmt: skip
         binding = self._who()
         request, operation = await _in_thread(self._match, method, url, post_data, binding)
         looked_up = None
@@ -145,7 +160,8 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 return response
             looked_up = _json(response[0])
         quote = await _in_thread(self._quote, request, operation, looked_up, binding)
-        async with self.governor.aguard(**self._spec(request, binding, quote, headers)) as call:
+        spec = self._spec(request, binding, quote, headers, pricing_lookup)
+        async with self.governor.aguard(**spec) as call:
             response = await self.inner.request_async(
                 method, url, _with_key(headers, request, call.idempotency_key) or {}, post_data
             )
@@ -255,6 +271,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
         binding: StripeBinding,
         quote: Any,
         headers: Mapping[str, str] | None,
+        pricing_lookup: bool,
     ) -> dict[str, Any]:
         key = _header(headers, "Idempotency-Key") if request.method == "POST" else None
         assert binding.agent is not None
@@ -262,6 +279,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
             "agent": binding.agent, "vendor": VENDOR, "endpoint": request.path,
             "method": request.method, "estimate": quote.estimate, "customer": quote.customer,
             "run": binding.run, "run_policy": binding.run_policy, "idempotency_key": key,
+            "pricing_lookup": pricing_lookup,
         }  # fmt: skip
 
 
