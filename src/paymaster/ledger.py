@@ -777,6 +777,18 @@ class Ledger:
             ]  # fmt: skip
 
     # -- inspection ----------------------------------------------------------------------
+    def hold_for_key(self, idempotency_key: str) -> Hold | None:
+        """The hold an idempotency key names, if any: a retry is priced as the call it
+        repeats, not re-priced from a world its first attempt may have changed."""
+        with (
+            unavailable_on_error(self._engine, "reading a hold by its idempotency key"),
+            read_only(self._engine) as conn,
+        ):
+            row = conn.execute(
+                select(hold).where(hold.c.idempotency_key == idempotency_key)
+            ).first()
+        return None if row is None else Hold.from_row(row)
+
     def get_hold(self, hold_id: str) -> Hold:
         with read_only(self._engine) as conn:
             row = conn.execute(select(hold).where(hold.c.id == hold_id)).first()

@@ -257,7 +257,7 @@ def _required(params: Mapping[str, str], name: str, operation: str) -> str:
 
 def _int_param(params: Mapping[str, str], name: str, operation: str) -> int:
     raw = _required(params, name, operation)
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise InvalidStripeRequest(
             f"{operation}: {name!r} must be a whole number of minor units, got {raw!r}"
         )

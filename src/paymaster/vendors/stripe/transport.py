@@ -29,7 +29,14 @@ from stripe._http_client import new_http_client_async_fallback
 from ...errors import PolicyViolation, ViolationCode
 from ...money import Money
 from ...policy import RunPolicy
-from .catalogue import CATALOGUE, Catalogue, InvalidStripeRequest, Operation, StripeRequest
+from .catalogue import (
+    CATALOGUE,
+    Catalogue,
+    InvalidStripeRequest,
+    Operation,
+    Quote,
+    StripeRequest,
+)
 from .catalogue import actual_cost as _actual_cost
 
 if TYPE_CHECKING:
@@ -122,8 +129,9 @@ class GovernedHTTPClient(stripe.HTTPClient):
     ) -> Response:  # fmt: skip
         binding = self._who()
         request, operation = self._match(method, url, post_data, binding)
+        quote = self._prior_quote(request, headers)
+        lookup = None if quote else self._lookup_path(request, operation, binding)
         looked_up = None
-        lookup = self._lookup_path(request, operation, binding)
         if lookup is not None:
             response = self._request(
                 "GET", _join(url, lookup), _lookup_headers(headers), None, pricing_lookup=True
@@ -131,7 +139,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
             if response[1] >= 300:  # the object cannot be read: Stripe's own error says why
                 return response
             looked_up = _json(response[0])
-        quote = self._quote(request, operation, looked_up, binding)
+        quote = quote or self._quote(request, operation, looked_up, binding)
         spec = self._spec(request, binding, quote, headers, pricing_lookup)
         with self.governor.guard(**spec) as call:
             response = self.inner.request(
@@ -152,14 +160,17 @@ class GovernedHTTPClient(stripe.HTTPClient):
     ) -> Response:  # fmt: skip
         binding = self._who()
         request, operation = await _in_thread(self._match, method, url, post_data, binding)
+        quote = await _in_thread(self._prior_quote, request, headers)
+        lookup = None if quote else await _in_thread(self._lookup_path, request, operation, binding)
         looked_up = None
-        lookup = await _in_thread(self._lookup_path, request, operation, binding)
         if lookup is not None:
-            response = await self.request_async("GET", _join(url, lookup), _lookup_headers(headers))
+            response = await self._request_async(
+                "GET", _join(url, lookup), _lookup_headers(headers), None, pricing_lookup=True
+            )
             if response[1] >= 300:
                 return response
             looked_up = _json(response[0])
-        quote = await _in_thread(self._quote, request, operation, looked_up, binding)
+        quote = quote or await _in_thread(self._quote, request, operation, looked_up, binding)
         spec = self._spec(request, binding, quote, headers, pricing_lookup)
         async with self.governor.aguard(**spec) as call:
             response = await self.inner.request_async(
@@ -225,6 +236,16 @@ class GovernedHTTPClient(stripe.HTTPClient):
             )  # fmt: skip
         return request, operation
 
+    def _prior_quote(
+        self, request: StripeRequest, headers: Mapping[str, str] | None
+    ) -> Quote | None:
+        """A retry (a POST whose idempotency key the ledger knows) is priced as the call it
+        repeats: re-pricing "refund what remains" after the first attempt refunded it
+        would price the retry at nothing and make it look like another call."""
+        key = _request_key(request, headers)
+        held = self.governor.ledger.hold_for_key(key) if key else None
+        return Quote(held.estimate, held.customer) if held else None
+
     def _lookup_path(
         self, request: StripeRequest, operation: Operation, binding: StripeBinding
     ) -> str | None:
@@ -239,7 +260,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
         operation: Operation,
         looked_up: Mapping[str, Any] | None,
         binding: StripeBinding,
-    ) -> Any:
+    ) -> Quote:
         try:
             return operation.quote(request, looked_up)
         except InvalidStripeRequest as violation:
@@ -269,11 +290,11 @@ class GovernedHTTPClient(stripe.HTTPClient):
     def _spec(
         request: StripeRequest,
         binding: StripeBinding,
-        quote: Any,
+        quote: Quote,
         headers: Mapping[str, str] | None,
         pricing_lookup: bool,
     ) -> dict[str, Any]:
-        key = _header(headers, "Idempotency-Key") if request.method == "POST" else None
+        key = _request_key(request, headers)
         assert binding.agent is not None
         return {
             "agent": binding.agent, "vendor": VENDOR, "endpoint": request.path,
@@ -344,6 +365,11 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
         if key.lower() == wanted:
             return value
     return None
+
+
+def _request_key(request: StripeRequest, headers: Mapping[str, str] | None) -> str | None:
+    """The idempotency key a POST was sent with (Stripe ignores keys on GET)."""
+    return _header(headers, "Idempotency-Key") if request.method == "POST" else None
 
 
 def _with_key(
