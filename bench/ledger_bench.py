@@ -1,6 +1,6 @@
 """Benchmark of paymaster's ledger; every figure is measured on this machine, in one run.
 
-    .venv/bin/python bench/ledger_bench.py            # everything: ~1.5 minutes on 2 CPUs
+    .venv/bin/python bench/ledger_bench.py            # everything: ~2.5 minutes on 2 CPUs
     .venv/bin/python bench/ledger_bench.py --quick    # a smoke run with small counts
     .venv/bin/python bench/ledger_bench.py --help     # every count, and its env variable
 
@@ -11,6 +11,8 @@
    the run reaches, checked from the database afterwards (overshoot must be 0); and the
    same kind of load spread over 100 agent types' budgets.
 3. The naive check-then-record enforcer under the same load, and its overshoot.
+4. The governed Stripe client against localstripe beside a bare stripe call (bench_stripe.py;
+   its counts: ``PAYMASTER_BENCH_STRIPE_CALLS``, ``_WARMUP``, ``_ROUNDS``).
 
 PostgreSQL: ``--pg-url`` / ``PAYMASTER_BENCH_PG_URL`` / ``PAYMASTER_TEST_POSTGRES_URL``,
 default ``postgresql+psycopg://root@127.0.0.1:5432/test``; every scenario runs in a
@@ -44,6 +46,7 @@ from bench_scenarios import (
     run_naive,
     run_spread,
 )
+from bench_stripe import stripe_section
 from rich.console import Console
 
 
@@ -87,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         naive = run_naive(config, progress)
         if naive:
             print_naive(console, naive, hot, config)
+    stripe_section(config, console, progress)
     print_targets(console, latency, hot, spread, naive)
     console.print(f"\nTotal wall time: {time.perf_counter() - started:.1f} s", highlight=False)
     return 0

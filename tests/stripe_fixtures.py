@@ -42,3 +42,24 @@ def refunds_of(server: LocalStripe, intent: str) -> list[int]:
     """The amounts localstripe refunded on a PaymentIntent."""
     refunds = server.client().v1.refunds.list(params={"limit": 100})
     return [r.amount for r in refunds.data if r.payment_intent == intent]
+
+
+def assert_every_hold_accounted_for(gov: Any) -> None:
+    """No hold is left pending silently: each is settled, released, or kept counted as
+    ``unknown`` with an audit row saying so; the budget counts exactly those.
+
+    Closes ``gov`` first: that waits for tool calls whose task was cancelled, which run to
+    completion in the governor's worker threads.
+    """
+    from paymaster import Governor, HoldState, Money
+
+    gov.close()
+    with Governor(gov.engine.url.render_as_string(hide_password=False),
+                  policies=gov.policies) as fresh:  # fmt: skip
+        unresolved = fresh.holds()
+        assert [h for h in unresolved if h.state is HoldState.PENDING] == []
+        unknown_rows = {r.hold_id for r in fresh.audit.query(outcome="unknown")}
+        assert {h.id for h in unresolved} <= unknown_rows
+        (budget,) = [b for b in fresh.budgets() if b.kind == "daily"]
+        kept = sum((h.estimate for h in unresolved), Money.zero(budget.cap.currency))
+        assert budget.committed == budget.settled + kept

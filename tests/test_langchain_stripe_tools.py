@@ -20,7 +20,13 @@ from langchain_core.messages import AIMessage, ToolMessage
 from paymaster import Governor, PolicyViolation, ViolationCode
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_langchain import PaymasterStripeToolkit
-from stripe_fixtures import localstripe, paid_intent, refund_agent_policy, refunds_of
+from stripe_fixtures import (
+    assert_every_hold_accounted_for,
+    localstripe,
+    paid_intent,
+    refund_agent_policy,
+    refunds_of,
+)
 
 __all__ = ["localstripe"]
 
@@ -124,3 +130,22 @@ def test_tell_model_mode_returns_the_refusal_as_a_tool_message(
     assert len(told) == 1 and "per_call_cap" in str(told[0].content)
     assert refunds_of(localstripe, intent) == []
     assert [r.outcome for r in gov.audit.query(run="run-lc-3")] == ["allowed", "denied"]
+
+
+def test_parallel_calls_one_refused_leave_no_hold_pending(
+    make_governor: Callable[..., Governor], localstripe: LocalStripe
+) -> None:
+    gov = make_governor(refund_agent_policy())
+    big, small = paid_intent(localstripe, amount=9000), paid_intent(localstripe)
+    model = refund_script({"payment_intent": big, "amount": 6000},
+                          {"payment_intent": small, "amount": 1000})  # fmt: skip
+    for invoke in ("invoke", "ainvoke"):
+        agent = agent_with(gov, localstripe, model if invoke == "invoke" else refund_script(
+            {"payment_intent": big, "amount": 6000}, {"payment_intent": small, "amount": 1000}))
+        with pytest.raises(PolicyViolation):
+            call = getattr(agent, invoke)({"messages": [("user", "refund both")]},
+                                          config=run_config("run-lc-5"))  # fmt: skip
+            if invoke == "ainvoke":
+                asyncio.run(call)
+    assert refunds_of(localstripe, big) == []
+    assert_every_hold_accounted_for(gov)

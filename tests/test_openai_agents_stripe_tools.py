@@ -17,7 +17,13 @@ from agents.testing import ScriptedModel, assistant_message, function_call
 from paymaster import Governor, Money, PolicyViolation, ViolationCode
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_openai_agents import stripe_tools
-from stripe_fixtures import localstripe, paid_intent, refund_agent_policy, refunds_of
+from stripe_fixtures import (
+    assert_every_hold_accounted_for,
+    localstripe,
+    paid_intent,
+    refund_agent_policy,
+    refunds_of,
+)
 
 set_tracing_disabled(True)
 __all__ = ["localstripe"]
@@ -130,3 +136,20 @@ def test_a_stripe_error_goes_to_the_model(
         ("failed", 404)
     ]
     assert gov.holds() == []
+
+
+def test_parallel_calls_one_refused_leave_no_hold_pending(
+    make_governor: Callable[..., Governor], localstripe: LocalStripe
+) -> None:
+    gov = make_governor(refund_agent_policy())
+    big, small = paid_intent(localstripe, amount=9000), paid_intent(localstripe)
+    model = refund_script(
+        {"payment_intent": big, "amount": 6000, "reason": None},
+        {"payment_intent": small, "amount": 1000, "reason": None},
+    )
+    with pytest.raises(PolicyViolation):
+        Runner.run_sync(agent_with(gov, localstripe, model), "refund both",
+                        context={"run_id": "run-oa-5"})  # fmt: skip
+    assert refunds_of(localstripe, big) == []
+    assert_every_hold_accounted_for(gov)
+    assert any(r.violation_code == "per_call_cap" for r in gov.audit.query(run="run-oa-5"))

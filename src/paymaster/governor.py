@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import getpass
@@ -410,6 +411,19 @@ class Governor:
                 raise asyncio.CancelledError from exc
             raise
         await self._finish(_close_call, call, None, self._unknown_on)
+
+    async def in_worker(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Await blocking ``fn`` (a governed vendor call with its settle, say) run in the
+        governor's worker threads, with this task's context variables.
+
+        The work is never cut off half-way: if the awaiting task is cancelled, ``fn``
+        still runs to completion in its thread and records its real outcome, while the
+        task ends cancelled at once (an agent framework tearing down sibling tool calls
+        need not wait for it). Work cancelled before a thread picks it up never starts.
+        :meth:`close` waits for work in flight.
+        """
+        work = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.wrap_future(self._executor.submit(work))
 
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)

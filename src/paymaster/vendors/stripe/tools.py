@@ -135,7 +135,7 @@ class StripeTool:
     service: str
     """The ``client.v1`` service: ``refunds``."""
     method: str
-    """The service method: ``create`` (``create_async`` is used from async code)."""
+    """The service method: ``create``."""
     operations: tuple[str, ...]
     """The catalogued operations the tool calls: what a policy must allow."""
     id_field: str | None = None
@@ -159,23 +159,14 @@ class StripeTool:
             raw = raw.model_dump()
         return self.args_schema.model_validate(raw)
 
-    def _call(
-        self, client: stripe.StripeClient, args: BaseModel, key: str | None, suffix: str
-    ) -> Any:
+    def call(self, client: stripe.StripeClient, args: BaseModel, key: str | None = None) -> Any:
+        """Make the tool's Stripe call with validated ``args`` (and an idempotency key)."""
         params = args.model_dump(exclude_none=True)
         params.update(self.fixed or {})
         positional = [params.pop(self.id_field)] if self.id_field else []
         options = {"idempotency_key": key} if key else {}
-        method = getattr(getattr(client.v1, self.service), self.method + suffix)
+        method = getattr(getattr(client.v1, self.service), self.method)
         return method(*positional, params=params or None, options=options or None)
-
-    def call(self, client: stripe.StripeClient, args: BaseModel, key: str | None = None) -> Any:
-        return self._call(client, args, key, "")
-
-    async def acall(
-        self, client: stripe.StripeClient, args: BaseModel, key: str | None = None
-    ) -> Any:
-        return await self._call(client, args, key, "_async")
 
 
 _CUSTOMERS, _INVOICES = "customers", "invoices"
@@ -323,12 +314,17 @@ def select_tools(only: Iterable[str] | None = None) -> list[StripeTool]:
     return [STRIPE_TOOLS[name] for name in names]
 
 
-def idempotency_key(tool: str, run: str | None, tool_call_id: str | None) -> str | None:
-    """One Stripe idempotency key per tool call of a run (``None`` without a call id)."""
+def idempotency_key(
+    tool: str, run: str | None, tool_call_id: str | None, arguments: BaseModel
+) -> str | None:
+    """One Stripe idempotency key per tool call (``None`` without a call id): the same
+    call executed again reuses it, so Stripe cannot act twice; the arguments are part of
+    it, so another run or call that happens to reuse a call id is not mistaken for it."""
     if not tool_call_id:
         return None
-    digest = hashlib.sha256(f"{run}\x00{tool}\x00{tool_call_id}".encode()).hexdigest()
-    return f"paymaster-{digest[:40]}"
+    canonical = json.dumps(arguments.model_dump(mode="json"), sort_keys=True)
+    material = "\x00".join((run or "", tool, tool_call_id, canonical))
+    return f"paymaster-{hashlib.sha256(material.encode()).hexdigest()[:40]}"
 
 
 class StripeToolkit:
@@ -362,7 +358,7 @@ class StripeToolkit:
     ) -> tuple[StripeTool, BaseModel, str | None]:  # fmt: skip
         tool = self._tool(name)
         args = tool.arguments(arguments)
-        return tool, args, idempotency_key(tool.name, run, tool_call_id)
+        return tool, args, idempotency_key(tool.name, run, tool_call_id, args)
 
     def _tool(self, name: str) -> StripeTool:
         for tool in self.tools:
@@ -397,12 +393,15 @@ class StripeToolkit:
         run: str | None = None,
         tool_call_id: str | None = None,
     ) -> dict[str, Any]:
-        """:meth:`invoke` for asyncio (stripe's ``*_async`` methods)."""
-        from .transport import bind
+        """:meth:`invoke` for asyncio, run in the governor's worker threads.
 
-        tool, args, key = self._prepare(name, arguments, tool_call_id, run)
-        with bind(agent=self.agent, run=run, run_policy=self.run_policy):
-            return _as_dict(await tool.acall(self.client, args, key))
+        A tool call whose task is cancelled (an agent framework tearing down the siblings
+        of a refused call) is not cut off: its Stripe request and settle finish in their
+        thread and record what really happened, instead of an unknown outcome.
+        """
+        return await self.governor.in_worker(
+            self.invoke, name, arguments, run=run, tool_call_id=tool_call_id
+        )
 
 
 def _as_dict(result: Any) -> dict[str, Any]:
