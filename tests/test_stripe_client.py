@@ -396,7 +396,9 @@ def test_two_refunds_send_two_idempotency_keys(gov: Governor, ls: LocalStripe, r
     assert keys[0] != keys[1]
     assert all(s.idempotency_key is None for s in transport.sent if s.method == "GET")
     calls = [r for r in rows(gov) if r.method == "POST"]
-    assert [gov.ledger.get_hold(str(r.hold_id)).idempotency_key for r in calls] == keys
+    # The ledger's key is the wire key scoped to the exact request (its fingerprint).
+    ledger_keys = [gov.ledger.get_hold(str(r.hold_id)).idempotency_key or "" for r in calls]
+    assert [k.split(":", 1)[1] for k in ledger_keys] == keys
     assert refunds_of(raw, intent) == [100, 200]
     assert daily(gov).settled == Money(300, "USD")
 
@@ -429,7 +431,7 @@ def test_a_retried_call_reuses_its_key_and_is_counted_once(
     assert unknown.error is not None and "APIConnectionError: lost" in unknown.error
     assert settled.http_status == 200
     hold = gov.ledger.get_hold(str(settled.hold_id))
-    assert hold.idempotency_key == first.idempotency_key
+    assert (hold.idempotency_key or "").endswith(f":{first.idempotency_key}")
     assert (hold.state, hold.actual) == (HoldState.SETTLED, Money(500, "USD"))
     assert len({r.hold_id for r in records}) == 2  # one look-up, one refund hold
 
@@ -467,7 +469,7 @@ def test_an_explicit_idempotency_key_is_forwarded_as_is(
     (sent,) = transport.posts()
     assert sent.idempotency_key == "k1"
     call = rows(gov)[-1]
-    assert gov.ledger.get_hold(str(call.hold_id)).idempotency_key == "k1"
+    assert (gov.ledger.get_hold(str(call.hold_id)).idempotency_key or "").endswith(":k1")
 
     # Sent again with its key after it settled: refused, never repeated.
     with pytest.raises(PolicyViolation) as caught:
@@ -711,3 +713,123 @@ def test_a_revoked_agent_makes_no_refund(gov: Governor, ls: LocalStripe, raw: An
     client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500})
     assert refunds_of(raw, intent) == [500]
     assert daily(gov).settled == Money(500, "USD")
+
+
+# -- holes a request could slip through (from review) ---------------------------------------
+class ScriptedTransport(RecordingTransport):
+    """A RecordingTransport that answers chosen requests itself: ``answers`` maps
+    ``(method, path)`` to queued actions: an exception to raise after forwarding
+    (the response is lost), or a ``(status, body)`` to answer with instead of forwarding."""
+
+    def __init__(self, answers: dict[tuple[str, str], list[Any]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.answers = answers
+
+    def request(
+        self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None
+    ) -> Response:
+        queue = self.answers.get((method.upper(), urlsplit(url).path))
+        action = queue.pop(0) if queue else None
+        if isinstance(action, tuple):
+            self.sent.append(Sent(method.upper(), urlsplit(url).path, dict(headers or {})))
+            return action[1], action[0], CaseInsensitiveDict({"Content-Type": "application/json"})
+        response = super().request(method, url, headers, post_data)
+        if isinstance(action, BaseException):
+            raise action
+        return response
+
+
+def test_a_multipart_body_is_refused_before_anything_is_sent(gov: Governor, ls: LocalStripe,
+                                                             raw: Any) -> None:  # fmt: skip
+    intent = paid_intent(raw)
+    transport = RecordingTransport()
+    client = governed(gov, ls, http_client=transport)
+    smuggled = {"payment_intent": intent.id,
+                "metadata": {"note": f"x&amount=1&payment_intent={intent.id}&y="}}  # fmt: skip
+    with pytest.raises(PolicyViolation) as caught:
+        client.v1.refunds.create(params=smuggled, options={"content_type": "multipart/form-data"})
+    assert caught.value.code is ViolationCode.INVALID_REQUEST
+    assert transport.sent == []
+    assert refunds_of(raw, intent) == []
+    assert [(r.outcome, r.violation_code) for r in rows(gov)] == [("denied", "invalid_request")]
+
+
+def test_a_key_reused_for_another_request_is_governed_as_that_request(
+    make_governor: Callable[..., Governor], ls: LocalStripe, raw: Any
+) -> None:
+    allowed = raw.v1.customers.create(params={"name": "ok"}).id
+    other = raw.v1.customers.create(params={"name": "other"}).id
+    gov = make_governor(usd_policy(customers=[allowed]))
+    mine, theirs = paid_intent(raw, customer=allowed), paid_intent(raw, customer=other)
+    transport = ScriptedTransport({("POST", "/v1/refunds"): [(400, '{"error": {"type": '
+                                                              '"invalid_request_error"}}')]})
+    client = governed(gov, ls, http_client=transport)
+    with pytest.raises(stripe.InvalidRequestError):  # refused by Stripe: the hold is released
+        client.v1.refunds.create(params={"payment_intent": mine.id, "amount": 100},
+                                 options={"idempotency_key": "k-1"})  # fmt: skip
+    with pytest.raises(PolicyViolation) as caught:  # the same key, another customer's payment
+        client.v1.refunds.create(params={"payment_intent": theirs.id, "amount": 4000},
+                                 options={"idempotency_key": "k-1"})  # fmt: skip
+    assert caught.value.code is ViolationCode.CUSTOMER_NOT_ALLOWED
+    assert len(transport.posts()) == 1
+    assert refunds_of(raw, theirs) == []
+    assert daily(gov).committed == Money.zero("USD")
+
+
+def test_a_retry_refused_after_a_lost_response_keeps_the_hold_counted(
+    gov: Governor, ls: LocalStripe, raw: Any
+) -> None:
+    intent = paid_intent(raw)
+    transport = ScriptedTransport({("POST", "/v1/refunds"): [
+        stripe.APIConnectionError("lost", should_retry=True),  # Stripe refunded, reply lost
+        (409, '{"error": {"type": "idempotency_error", "message": "in progress"}}'),
+    ]})  # fmt: skip
+    client = governed(gov, ls, http_client=transport, max_network_retries=1)
+    client._requestor._client._sleep_time_seconds = lambda num_retries: 0
+    with pytest.raises(stripe.StripeError):
+        client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500})
+    assert refunds_of(raw, intent) == [500]
+    (hold,) = gov.holds()
+    assert hold.state is HoldState.UNKNOWN
+    assert daily(gov).committed == Money(500, "USD")
+    assert [r.outcome for r in rows(gov)] == ["allowed", "unknown", "unknown"]
+
+
+def test_a_redirect_after_a_paid_call_keeps_the_hold_counted(
+    gov: Governor, ls: LocalStripe, raw: Any
+) -> None:
+    intent = paid_intent(raw)
+    transport = ScriptedTransport({("POST", "/v1/refunds"): [(307, "")]})
+    client = governed(gov, ls, http_client=transport)
+    with pytest.raises(stripe.StripeError):
+        client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500})
+    assert [h.state for h in gov.holds()] == [HoldState.UNKNOWN]
+
+
+def test_two_spellings_of_the_idempotency_header_are_refused(
+    gov: Governor, ls: LocalStripe, raw: Any
+) -> None:
+    intent = paid_intent(raw)
+    transport = RecordingTransport()
+    client = governed(gov, ls, http_client=transport)
+    with pytest.raises(PolicyViolation) as caught:
+        client.v1.refunds.create(
+            params={"payment_intent": intent.id, "amount": 500},
+            options={"idempotency_key": "A", "headers": {"idempotency-key": "B"}},
+        )
+    assert caught.value.code is ViolationCode.INVALID_REQUEST
+    assert transport.sent == []
+
+
+def test_a_free_call_whose_connection_fails_is_released(
+    make_governor: Callable[..., Governor], ls: LocalStripe, raw: Any
+) -> None:
+    gov = make_governor(refund_policy(endpoints=[*REFUND_ENDPOINTS, "/v1/customers"]))
+    customer = raw.v1.customers.create(params={"name": "c"}).id
+    transport = ScriptedTransport({("GET", f"/v1/customers/{customer}"): [
+        stripe.APIConnectionError("reset", should_retry=False),
+    ]})  # fmt: skip
+    with pytest.raises(stripe.APIConnectionError):
+        governed(gov, ls, http_client=transport).v1.customers.retrieve(customer)
+    assert gov.holds() == []  # nothing to reconcile: a read moves no money
+    assert rows(gov)[-1].outcome == "failed"

@@ -14,8 +14,10 @@ free call, and hands the object to :meth:`Operation.quote`.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -42,6 +44,11 @@ _PRICED_PARAMS = frozenset({"amount", "currency", "customer", "charge", "payment
 #: Every Stripe object id is ``prefix_rest``; a path segment without ``_`` is a literal
 #: such as ``search``, never an id.
 _ID = r"[A-Za-z0-9]+_[A-Za-z0-9_]+"
+#: The parameter names Stripe's form encoding produces: ``amount``, ``metadata[k]``,
+#: ``expand[0]``, ``items[0][price]``. Anything else could be read differently by Stripe's
+#: parser than by paymaster's, so it is refused.
+_KEY = re.compile(r"[A-Za-z0-9_]+(\[[^\[\]]*\])*")
+_FORM = "application/x-www-form-urlencoded"
 
 
 class InvalidStripeRequest(PolicyViolation, ValueError):
@@ -64,13 +71,16 @@ class Cost(str, enum.Enum):
     """Costs its ``amount`` in its ``currency`` (PaymentIntents, charges)."""
     REFUND = "refund"
     """Costs its ``amount``, or what remains of the charge or PaymentIntent it refunds."""
+    INVOICE = "invoice"
+    """Finalizing an invoice that Stripe will charge automatically costs its amount due;
+    one sent to the customer to pay costs nothing."""
 
 
 class CustomerFrom(str, enum.Enum):
     NONE = "none"
     PARAM = "param"  # the ``customer`` parameter
     PATH = "path"  # the object id in the path is the customer
-    LOOKUP = "lookup"  # the looked-up charge or PaymentIntent's customer
+    LOOKUP = "lookup"  # the looked-up object's customer
 
 
 @dataclass(frozen=True)
@@ -80,35 +90,77 @@ class StripeRequest:
     method: str
     path: str
     params: Mapping[str, str]
-    """Top-level scalar parameters from the query string and the form body."""
+    """Top-level scalar parameters (from the query string of a GET, the body of a POST)."""
+    roots: frozenset[str]
+    """The top-level name of every parameter sent, nested ones included."""
+    fingerprint: str
+    """A digest of the method, path, every parameter and the account: what an idempotency
+    key may be reused for."""
 
     @classmethod
-    def parse(cls, method: str, url: str, body: str | bytes | None = None) -> StripeRequest:
-        """Read method, canonical path and parameters (query and form-encoded body).
+    def parse(
+        cls,
+        method: str,
+        url: str,
+        body: str | bytes | None = None,
+        *,
+        content_type: str | None = None,
+        account: str | None = None,
+    ) -> StripeRequest:
+        """Read method, canonical path and parameters, exactly as Stripe would.
 
-        Raises :class:`InvalidStripeRequest` for a non-canonical path or an ambiguous
-        body (a pricing parameter sent twice).
+        Raises :class:`InvalidStripeRequest` for anything Stripe might read differently
+        from paymaster: a non-canonical path, a POST that is not form-encoded UTF-8 or
+        has a query string, a GET or DELETE with a body, a parameter name Stripe's
+        encoding does not produce, a priced parameter sent twice or nested.
         """
+        method = method.upper()
         parts = urlsplit(url)
         try:
             path = normalise_path(parts.path)
         except ValueError as exc:
             raise InvalidStripeRequest(f"refusing the path {parts.path!r}: {exc}") from exc
         if isinstance(body, bytes):
-            body = body.decode("utf-8")
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        if body:
-            pairs += parse_qsl(body, keep_blank_values=True)
+            try:
+                body = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidStripeRequest("the request body is not UTF-8") from exc
+        if method == "POST":
+            if parts.query:
+                raise InvalidStripeRequest(
+                    "a POST carries its parameters in the form body, not the query string"
+                )
+            media_type = (content_type or "").split(";", 1)[0].strip().lower()
+            if body and media_type != _FORM:
+                raise InvalidStripeRequest(
+                    f"paymaster reads POST bodies sent as {_FORM} only, not "
+                    f"{media_type or 'an unlabelled body'}"
+                )
+            encoded = body or ""
+        else:
+            if body:
+                raise InvalidStripeRequest(f"a {method} request has no body")
+            encoded = parts.query
+        pairs = parse_qsl(encoded, keep_blank_values=True)
         params: dict[str, str] = {}
+        roots: set[str] = set()
         for key, value in pairs:
-            if "[" in key:  # metadata[...], expand[], nested objects: never priced
+            if not _KEY.fullmatch(key):
+                raise InvalidStripeRequest(f"{key!r} is not a Stripe parameter name")
+            root = key.split("[", 1)[0]
+            roots.add(root)
+            if key != root:  # metadata[...], expand[], nested objects
+                if root in _PRICED_PARAMS:
+                    raise InvalidStripeRequest(f"{root!r} must be a single value")
                 continue
             if key in params and key in _PRICED_PARAMS and params[key] != value:
                 raise InvalidStripeRequest(
                     f"parameter {key!r} is sent twice with different values; send it once"
                 )
             params[key] = value
-        return cls(method.upper(), path, params)
+        material = json.dumps([method, path, sorted(pairs), account or ""])
+        fingerprint = hashlib.sha256(material.encode()).hexdigest()
+        return cls(method, path, params, frozenset(roots), fingerprint)
 
 
 @dataclass(frozen=True)
@@ -131,6 +183,10 @@ class Operation:
     """A template: ``{id}`` stands for one Stripe object id."""
     cost: Cost = Cost.FREE
     customer: CustomerFrom = CustomerFrom.NONE
+    forbidden: frozenset[str] = frozenset()
+    """Parameters that would move money this operation does not price: refused."""
+    check: Callable[[StripeRequest], None] | None = None
+    """Further rules for the request (raise :class:`InvalidStripeRequest`)."""
     _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +210,8 @@ class Operation:
         """Path and query of the object to fetch before this call can be priced (``None``:
         no look-up). A PaymentIntent comes with its latest charge expanded, which says
         how much of it was refunded already."""
+        if self.cost is Cost.INVOICE:
+            return f"/v1/invoices/{self.match(request)}"
         if self.cost is not Cost.REFUND:
             return None
         charge = request.params.get("charge")
@@ -172,6 +230,14 @@ class Operation:
 
         ``looked_up`` is the JSON of the object :meth:`lookup_path` named, if any.
         """
+        sent = sorted(request.roots & self.forbidden)
+        if sent:
+            raise InvalidStripeRequest(
+                f"{self.name} with {', '.join(sent)} would move money paymaster does not "
+                "price, so it is refused"
+            )
+        if self.check is not None:
+            self.check(request)
         try:
             estimate = self._estimate(request, looked_up)
         except StripeAmountError as exc:
@@ -192,7 +258,9 @@ class Operation:
             raise InvalidStripeRequest(f"{self.name} is priced from {self.lookup_path(request)}")
         currency = looked_up.get("currency")
         if not isinstance(currency, str):
-            raise InvalidStripeRequest(f"the refunded object has no currency: {looked_up!r}")
+            raise InvalidStripeRequest(f"{self.name}: the looked-up object has no currency")
+        if self.cost is Cost.INVOICE:
+            return _charged_automatically(looked_up)
         if "amount" in params:
             return check_charge_amount(_int_param(params, "amount", self.name), currency)
         return from_stripe(_refundable(looked_up), currency)
@@ -213,6 +281,8 @@ def actual_cost(operation: Operation, response: Mapping[str, Any]) -> Money | No
     usable amount."""
     if not operation.moves_money:
         return None
+    if operation.cost is Cost.INVOICE:
+        return _charged_automatically(response)
     amount, currency = response.get("amount"), response.get("currency")
     if not isinstance(amount, int) or not isinstance(currency, str):
         raise StripeAmountError(
@@ -277,6 +347,30 @@ def _id_of(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _charged_automatically(invoice: Mapping[str, Any]) -> Money | None:
+    """What Stripe will charge for an invoice by itself (``None``: the customer pays)."""
+    if invoice.get("collection_method") == "send_invoice":
+        return None
+    amount, currency = invoice.get("amount_due"), invoice.get("currency")
+    if not isinstance(amount, int) or not isinstance(currency, str):
+        raise StripeAmountError("the invoice has no integer amount_due and currency")
+    return from_stripe(amount, currency)
+
+
+def _invoice_is_priced(request: StripeRequest) -> None:
+    """An invoice Stripe charges by itself must not finalize by itself either: its
+    charge is priced when paymaster finalizes it."""
+    params = request.params
+    if params.get("collection_method") != "send_invoice" and params.get("auto_advance") != (
+        "false"
+    ):
+        raise InvalidStripeRequest(
+            "invoices.create: an invoice charged automatically must be created with "
+            "auto_advance=false (its charge is priced when it is finalized), or sent to "
+            "the customer with collection_method=send_invoice"
+        )
+
+
 def _refundable(obj: Mapping[str, Any]) -> int:
     """What a full refund of this charge or PaymentIntent would return."""
     charge = obj if obj.get("object") == "charge" else obj.get("latest_charge")
@@ -293,7 +387,8 @@ _F, _A, _R = Cost.FREE, Cost.AMOUNT, Cost.REFUND
 _P, _PATH, _L = CustomerFrom.PARAM, CustomerFrom.PATH, CustomerFrom.LOOKUP
 
 #: The default catalogue: what the prebuilt tools use and agents commonly call. Money
-#: moves through refunds, PaymentIntents and charges; everything else costs nothing.
+#: moves through refunds, PaymentIntents, charges and invoices Stripe charges by itself;
+#: everything else costs nothing.
 CATALOGUE = Catalogue(
     [
         Operation("refunds.create", "POST", "/v1/refunds", _R, _L),
@@ -305,7 +400,12 @@ CATALOGUE = Catalogue(
         Operation("charges.create", "POST", "/v1/charges", _A, _P),
         Operation("charges.list", "GET", "/v1/charges", customer=_P),
         Operation("charges.retrieve", "GET", "/v1/charges/{id}"),
-        Operation("customers.create", "POST", "/v1/customers"),
+        Operation(
+            "customers.create",
+            "POST",
+            "/v1/customers",
+            forbidden=frozenset({"balance", "cash_balance"}),
+        ),
         Operation("customers.list", "GET", "/v1/customers"),
         Operation("customers.retrieve", "GET", "/v1/customers/{id}", customer=_PATH),
         Operation("products.create", "POST", "/v1/products"),
@@ -313,10 +413,12 @@ CATALOGUE = Catalogue(
         Operation("prices.create", "POST", "/v1/prices"),
         Operation("prices.list", "GET", "/v1/prices"),
         Operation("payment_links.create", "POST", "/v1/payment_links"),
-        Operation("invoices.create", "POST", "/v1/invoices", customer=_P),
+        Operation("invoices.create", "POST", "/v1/invoices", customer=_P, check=_invoice_is_priced),
         Operation("invoices.list", "GET", "/v1/invoices", customer=_P),
         Operation("invoices.retrieve", "GET", "/v1/invoices/{id}"),
-        Operation("invoices.finalize_invoice", "POST", "/v1/invoices/{id}/finalize"),
+        Operation(
+            "invoices.finalize_invoice", "POST", "/v1/invoices/{id}/finalize", Cost.INVOICE, _L
+        ),
         Operation("invoice_items.create", "POST", "/v1/invoiceitems", customer=_P),
         Operation("balance.retrieve", "GET", "/v1/balance"),
     ]

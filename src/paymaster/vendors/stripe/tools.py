@@ -257,7 +257,7 @@ _PREBUILT = (
         FinalizeInvoice,
         _INVOICES,
         "finalize_invoice",
-        ("invoices.finalize_invoice",),
+        ("invoices.finalize_invoice", "invoices.retrieve"),
         id_field="invoice",
     ),
     StripeTool(

@@ -15,11 +15,12 @@ marks it for reconciliation (Stripe may have acted; its idempotency key replays 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
@@ -27,6 +28,7 @@ import stripe
 from stripe._http_client import new_http_client_async_fallback
 
 from ...errors import PolicyViolation, ViolationCode
+from ...governor import GovernedCall
 from ...money import Money
 from ...policy import RunPolicy
 from .catalogue import (
@@ -40,7 +42,7 @@ from .catalogue import (
 from .catalogue import actual_cost as _actual_cost
 
 if TYPE_CHECKING:
-    from ...governor import GovernedCall, Governor
+    from ...governor import Governor
 
 __all__ = ["GovernedHTTPClient", "StripeBinding", "bind", "current_binding"]
 
@@ -127,25 +129,21 @@ class GovernedHTTPClient(stripe.HTTPClient):
         self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any,
         pricing_lookup: bool = False,
     ) -> Response:  # fmt: skip
-        binding = self._who()
-        request, operation = self._match(method, url, post_data, binding)
-        quote = self._prior_quote(request, headers)
-        lookup = None if quote else self._lookup_path(request, operation, binding)
-        looked_up = None
-        if lookup is not None:
+        plan = self._plan(method, url, headers, post_data, pricing_lookup)
+        if plan.lookup is not None:
             response = self._request(
-                "GET", _join(url, lookup), _lookup_headers(headers), None, pricing_lookup=True
+                "GET", _join(url, plan.lookup), _lookup_headers(headers), None, True
             )
             if response[1] >= 300:  # the object cannot be read: Stripe's own error says why
                 return response
-            looked_up = _json(response[0])
-        quote = quote or self._quote(request, operation, looked_up, binding)
-        spec = self._spec(request, binding, quote, headers, pricing_lookup)
-        with self.governor.guard(**spec) as call:
-            response = self.inner.request(
-                method, url, _with_key(headers, request, call.idempotency_key), post_data
-            )
-            kind, kwargs = _resolution(call, operation, response)
+            plan = self._priced(plan, _json(response[0]))
+        with self.governor.guard(**plan.spec()) as call:
+            try:
+                response = self.inner.request(method, url, plan.outgoing(call), post_data)
+            except Exception as exc:
+                plan.on_error(call, exc)
+                raise
+            kind, kwargs = _resolution(call, plan.operation, response)
             getattr(call, kind)(**kwargs)
         return response
 
@@ -158,25 +156,23 @@ class GovernedHTTPClient(stripe.HTTPClient):
         self, method: str, url: str, headers: Mapping[str, str], post_data: Any,
         pricing_lookup: bool = False,
     ) -> Response:  # fmt: skip
-        binding = self._who()
-        request, operation = await _in_thread(self._match, method, url, post_data, binding)
-        quote = await _in_thread(self._prior_quote, request, headers)
-        lookup = None if quote else await _in_thread(self._lookup_path, request, operation, binding)
-        looked_up = None
-        if lookup is not None:
+        plan = await _in_thread(self._plan, method, url, headers, post_data, pricing_lookup)
+        if plan.lookup is not None:
             response = await self._request_async(
-                "GET", _join(url, lookup), _lookup_headers(headers), None, pricing_lookup=True
+                "GET", _join(url, plan.lookup), _lookup_headers(headers), None, True
             )
             if response[1] >= 300:
                 return response
-            looked_up = _json(response[0])
-        quote = quote or await _in_thread(self._quote, request, operation, looked_up, binding)
-        spec = self._spec(request, binding, quote, headers, pricing_lookup)
-        async with self.governor.aguard(**spec) as call:
-            response = await self.inner.request_async(
-                method, url, _with_key(headers, request, call.idempotency_key) or {}, post_data
-            )
-            kind, kwargs = _resolution(call, operation, response)
+            plan = await _in_thread(self._priced, plan, _json(response[0]))
+        async with self.governor.aguard(**plan.spec()) as call:
+            try:
+                response = await self.inner.request_async(
+                    method, url, plan.outgoing(call) or {}, post_data
+                )
+            except Exception as exc:
+                await _in_thread(plan.on_error, call, exc)
+                raise
+            kind, kwargs = _resolution(call, plan.operation, response)
             await getattr(call, kind)(**kwargs)
         return response
 
@@ -216,13 +212,26 @@ class GovernedHTTPClient(stripe.HTTPClient):
             )
         return binding
 
-    def _match(
-        self, method: str, url: str, post_data: Any, binding: StripeBinding
-    ) -> tuple[StripeRequest, Operation]:
+    def _plan(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any,
+        pricing_lookup: bool,
+    ) -> _Plan:
+        """Read and match the request; price it now, or name what to look up first.
+        Refusals are audited and raised."""
+        binding = self._who()
+        path = urlsplit(url).path or "/"
         try:
-            request = StripeRequest.parse(method, url, post_data)
+            wire_key = _single_header(headers, "Idempotency-Key")
+            request = StripeRequest.parse(
+                method, url, post_data, content_type=_single_header(headers, "Content-Type"),
+                account=_single_header(headers, "Stripe-Account"),
+            )  # fmt: skip
         except InvalidStripeRequest as violation:
-            self._refuse(violation, binding, urlsplit(url).path or "/", method)
+            self._refuse(violation, binding, path, method.upper())
         operation = self.catalogue.match(request)
         if operation is None:
             self._refuse(
@@ -234,37 +243,28 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 ),
                 binding, request.path, request.method,
             )  # fmt: skip
-        return request, operation
-
-    def _prior_quote(
-        self, request: StripeRequest, headers: Mapping[str, str] | None
-    ) -> Quote | None:
-        """A retry (a POST whose idempotency key the ledger knows) is priced as the call it
-        repeats: re-pricing "refund what remains" after the first attempt refunded it
-        would price the retry at nothing and make it look like another call."""
-        key = _request_key(request, headers)
-        held = self.governor.ledger.hold_for_key(key) if key else None
-        return Quote(held.estimate, held.customer) if held else None
-
-    def _lookup_path(
-        self, request: StripeRequest, operation: Operation, binding: StripeBinding
-    ) -> str | None:
+        ledger_key = _ledger_key(request, wire_key)
+        plan = _Plan(binding, request, operation, headers, wire_key, ledger_key, pricing_lookup)
+        # A retry (a request the ledger knows by its key and fingerprint) is priced as the
+        # call it repeats: re-pricing "refund what remains" after the first attempt
+        # refunded it would price the retry at nothing.
+        held = self.governor.ledger.hold_for_key(ledger_key) if ledger_key else None
+        if held is not None:
+            return replace(plan, quote=Quote(held.estimate, held.customer))
         try:
-            return operation.lookup_path(request)
+            lookup = operation.lookup_path(request)
         except InvalidStripeRequest as violation:
             self._refuse(violation, binding, request.path, request.method)
+        if lookup is None:
+            return self._priced(plan, None)
+        return replace(plan, lookup=lookup)
 
-    def _quote(
-        self,
-        request: StripeRequest,
-        operation: Operation,
-        looked_up: Mapping[str, Any] | None,
-        binding: StripeBinding,
-    ) -> Quote:
+    def _priced(self, plan: _Plan, looked_up: Mapping[str, Any] | None) -> _Plan:
         try:
-            return operation.quote(request, looked_up)
+            quote = plan.operation.quote(plan.request, looked_up)
         except InvalidStripeRequest as violation:
-            self._refuse(violation, binding, request.path, request.method)
+            self._refuse(violation, plan.binding, plan.request.path, plan.request.method)
+        return replace(plan, quote=quote, lookup=None)
 
     def _refuse(
         self, violation: PolicyViolation, binding: StripeBinding, path: str, method: str
@@ -286,22 +286,49 @@ class GovernedHTTPClient(stripe.HTTPClient):
             self._who(), urlsplit(url).path or "/", method.upper(),
         )  # fmt: skip
 
-    @staticmethod
-    def _spec(
-        request: StripeRequest,
-        binding: StripeBinding,
-        quote: Quote,
-        headers: Mapping[str, str] | None,
-        pricing_lookup: bool,
-    ) -> dict[str, Any]:
-        key = _request_key(request, headers)
-        assert binding.agent is not None
+
+@dataclass(frozen=True)
+class _Plan:
+    """One request on its way through governance."""
+
+    binding: StripeBinding
+    request: StripeRequest
+    operation: Operation
+    sent_headers: Mapping[str, str] | None
+    wire_key: str | None
+    """The Idempotency-Key the client sent (POST only)."""
+    ledger_key: str | None
+    """The governed call's key: the wire key, scoped to this exact request."""
+    pricing_lookup: bool
+    lookup: str | None = None
+    quote: Quote | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`Governor.guard`."""
+        assert self.binding.agent is not None
+        assert self.quote is not None
         return {
-            "agent": binding.agent, "vendor": VENDOR, "endpoint": request.path,
-            "method": request.method, "estimate": quote.estimate, "customer": quote.customer,
-            "run": binding.run, "run_policy": binding.run_policy, "idempotency_key": key,
-            "pricing_lookup": pricing_lookup,
+            "agent": self.binding.agent, "vendor": VENDOR, "endpoint": self.request.path,
+            "method": self.request.method, "estimate": self.quote.estimate,
+            "customer": self.quote.customer, "run": self.binding.run,
+            "run_policy": self.binding.run_policy, "idempotency_key": self.ledger_key,
+            "pricing_lookup": self.pricing_lookup,
         }  # fmt: skip
+
+    def outgoing(self, call: GovernedCall) -> Mapping[str, str] | None:
+        """The headers sent: a POST always carries an idempotency key (one made from the
+        hold when the client sent none), so a retry of this call cannot pay twice."""
+        if self.request.method != "POST" or self.wire_key is not None:
+            return self.sent_headers
+        return {**(self.sent_headers or {}), "Idempotency-Key": call.idempotency_key}
+
+    def on_error(self, call: GovernedCall, exc: Exception) -> None:
+        """A free call whose request failed moved no money: release it rather than leave a
+        zero hold for someone to reconcile. (A paid one is left to the guard, which keeps
+        it counted when the outcome is unknown.)"""
+        if not self.operation.moves_money and not call.resolved:
+            # The base-class resolver: this runs in a worker thread for the async guard too.
+            GovernedCall.fail(call, error=f"{type(exc).__name__}: {exc}"[:500])
 
 
 async def _in_thread(fn: Any, *args: Any) -> Any:
@@ -313,19 +340,34 @@ def _resolution(call: GovernedCall, operation: Operation, response: Response) ->
     """How the hold ends, from Stripe's HTTP response."""
     body, status, headers = response
     request_id = _header(headers, "Request-Id")
-    if status >= 500 or status < 200:
+    free = not operation.moves_money
+    if status >= 500 or status < 200 or 300 <= status < 400:
+        text = f"Stripe answered HTTP {status} (request {request_id})"
+        if free:  # nothing to reconcile
+            return "fail", {"http_status": status, "vendor_request_id": request_id,
+                            "error": text}  # fmt: skip
         return "unknown", {
-            "error": f"Stripe answered HTTP {status} (request {request_id}): it may have "
-            "acted; a retry with the same idempotency key replays the call"
+            "error": f"{text}: it may have acted; a retry with the same idempotency key "
+            "replays the call"
         }
-    if status >= 300:
-        return "fail", {
-            "http_status": status, "vendor_request_id": request_id, "error": _error_text(body),
-        }  # fmt: skip
+    if status >= 400:
+        error = _error_text(body)
+        replayed = _header(headers, "Idempotent-Replayed") == "true"
+        if call.reservation.resumed and not replayed and not free:
+            # A retry refused (409 in progress, 429, a key mismatch) says nothing about
+            # the earlier attempt whose hold it resumed: that one may have paid.
+            return "unknown", {
+                "error": f"a retry got HTTP {status} ({error}); whether the first attempt "
+                "moved money is unknown"
+            }
+        return "fail", {"http_status": status, "vendor_request_id": request_id, "error": error}
     try:
         actual = _actual_cost(operation, _json(body))
-    except ValueError as exc:
-        return "unknown", {"error": f"HTTP {status} but the cost is unreadable: {exc}"}
+    except Exception as exc:
+        if free:
+            actual = None
+        else:
+            return "unknown", {"error": f"HTTP {status} but the cost is unreadable: {exc}"}
     if actual is not None and actual.currency != call.estimate.currency:
         return "unknown", {
             "error": f"Stripe charged {actual}, but {call.estimate} was reserved in "
@@ -367,20 +409,22 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
     return None
 
 
-def _request_key(request: StripeRequest, headers: Mapping[str, str] | None) -> str | None:
-    """The idempotency key a POST was sent with (Stripe ignores keys on GET)."""
-    return _header(headers, "Idempotency-Key") if request.method == "POST" else None
+def _single_header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A header that must not be sent twice under different spellings (``Idempotency-Key``
+    and ``idempotency-key`` would leave the server to pick one)."""
+    found = [v for k, v in (headers or {}).items() if k.lower() == name.lower()]
+    if len(found) > 1:
+        raise InvalidStripeRequest(f"the {name} header is sent {len(found)} times")
+    return found[0] if found else None
 
 
-def _with_key(
-    headers: Mapping[str, str] | None, request: StripeRequest, key: str
-) -> Mapping[str, str] | None:
-    """POSTs carry the governed call's idempotency key (the one they sent, or one made
-    from the hold), so a retry of this call cannot pay twice."""
-    if request.method != "POST" or _header(headers, "Idempotency-Key") == key:
-        return headers
-    kept = {k: v for k, v in (headers or {}).items() if k.lower() != "idempotency-key"}
-    return {**kept, "Idempotency-Key": key}
+def _ledger_key(request: StripeRequest, wire_key: str | None) -> str | None:
+    """The governed call's idempotency key: the client's key scoped to this exact request,
+    so the same key on a different request is a different call (Stripe refuses it)."""
+    if request.method != "POST" or not wire_key:
+        return None
+    key = wire_key if len(wire_key) <= 200 else hashlib.sha256(wire_key.encode()).hexdigest()
+    return f"{request.fingerprint[:24]}:{key}"
 
 
 def _lookup_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
