@@ -22,9 +22,8 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, InjectedToolCallId, StructuredTool
 from pydantic import BaseModel, create_model
 
-from paymaster import Governor, PolicyViolation, RunPolicy
-from paymaster.vendors.stripe import InvalidStripeRequest
-from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, model_message
+from paymaster import Governor, RunPolicy
+from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failure_text
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 
@@ -80,16 +79,12 @@ class PaymasterStripeToolkit:
         toolkit, on_violation, run_id = self.toolkit, self.on_violation, self.run_id
 
         def outcome(exc: Exception) -> str:
-            if isinstance(exc, InvalidStripeRequest):  # arguments Stripe would refuse
-                return model_message(exc) or str(exc)
-            if isinstance(exc, PolicyViolation) and on_violation == "tell_model":
-                return model_message(exc) or str(exc)
+            text = tool_failure_text(exc, tell_model_violations=on_violation == "tell_model")
+            if text is not None:
+                return text
             if isinstance(exc, STOPS_THE_RUN):
                 raise stop_the_run(exc) from None
-            message = model_message(exc)
-            if message is None:
-                raise exc
-            return message
+            raise exc
 
         def call(tool_call_id: str, config: RunnableConfig, **arguments: Any) -> str:
             try:

@@ -21,9 +21,8 @@ from agents import FunctionTool
 from agents.strict_schema import ensure_strict_json_schema
 from agents.tool_context import ToolContext
 
-from paymaster import Governor, PolicyViolation, RunPolicy
-from paymaster.vendors.stripe import InvalidStripeRequest
-from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, model_message
+from paymaster import Governor, RunPolicy
+from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failure_text
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 
@@ -78,19 +77,13 @@ def _function_tool(
             result = await toolkit.ainvoke(
                 tool.name, arguments, run=run_id(ctx), tool_call_id=ctx.tool_call_id
             )
-        except InvalidStripeRequest as invalid:  # arguments Stripe would refuse: fixable
-            return model_message(invalid) or str(invalid)
-        except PolicyViolation as violation:
-            if on_violation == "tell_model":
-                return model_message(violation) or str(violation)
-            raise stop_the_run(violation) from None
-        except STOPS_THE_RUN as exc:
-            raise stop_the_run(exc) from None
         except Exception as exc:
-            message = model_message(exc)
-            if message is None:
-                raise
-            return message
+            text = tool_failure_text(exc, tell_model_violations=on_violation == "tell_model")
+            if text is not None:
+                return text
+            if isinstance(exc, STOPS_THE_RUN):
+                raise stop_the_run(exc) from None
+            raise
         return json.dumps(result)
 
     return FunctionTool(

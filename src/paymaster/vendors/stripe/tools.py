@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ...errors import PolicyViolation
+from ...errors import GovernanceUnavailable, PolicyViolation, ViolationCode
 from ...policy import RunPolicy
 from .catalogue import CATALOGUE, Operation
 
@@ -35,6 +35,7 @@ __all__ = [
     "idempotency_key",
     "model_message",
     "select_tools",
+    "tool_failure_text",
 ]
 
 _AMOUNT = (
@@ -200,7 +201,7 @@ _PREBUILT = (
     ),
     StripeTool(
         "list_products",
-        "List products, newest first.",
+        "List the products for sale, newest first, with their ids (prod_...).",
         ListProducts,
         "products",
         "list",
@@ -418,6 +419,8 @@ def model_message(exc: BaseException) -> str | None:
     anything else, which the adapter lets propagate."""
     import stripe
 
+    if isinstance(exc, PolicyViolation) and exc.code is ViolationCode.INVALID_REQUEST:
+        return f"Invalid request, nothing was sent: {exc.message}"
     if isinstance(exc, PolicyViolation):
         return (
             f"Refused by the spending policy [{exc.code.value}]: {exc.message}. The call was "
@@ -435,3 +438,15 @@ def model_message(exc: BaseException) -> str | None:
         code = f" {exc.code}" if exc.code else ""
         return f"Stripe refused the call (HTTP {exc.http_status}{code}): {exc.user_message}"
     return None
+
+
+def tool_failure_text(exc: Exception, *, tell_model_violations: bool) -> str | None:
+    """What a failed tool call hands the model as its result, or ``None`` when the
+    exception must end the run instead: a policy refusal (unless
+    ``tell_model_violations``), the ledger being unavailable, or an unexpected error.
+    Arguments Stripe would refuse (``invalid_request``) always go to the model to fix."""
+    if isinstance(exc, PolicyViolation) and exc.code is not ViolationCode.INVALID_REQUEST:
+        return model_message(exc) if tell_model_violations else None
+    if isinstance(exc, GovernanceUnavailable):
+        return None
+    return model_message(exc)
