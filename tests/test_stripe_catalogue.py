@@ -365,8 +365,10 @@ def test_customer_from_the_param() -> None:
     listing = get("/v1/payment_intents?customer=cus_7&limit=3")
     assert CATALOGUE["payment_intents.list"].quote(listing) == Quote(None, "cus_7")
     assert CATALOGUE["payment_intents.list"].quote(get("/v1/payment_intents")).customer is None
-    item = post("/v1/invoiceitems", "customer=cus_8&price=price_1")
-    assert CATALOGUE["invoice_items.create"].quote(item) == Quote(None, "cus_8")
+    item = post("/v1/invoiceitems", "customer=cus_8&price=price_1&invoice=in_1")
+    draft = {"id": "in_1", "status": "draft", "collection_method": "send_invoice",
+             "currency": "usd", "customer": "cus_8"}  # fmt: skip
+    assert CATALOGUE["invoice_items.create"].quote(item, draft) == Quote(None, "cus_8")
 
 
 @pytest.mark.parametrize(
@@ -428,6 +430,32 @@ def test_an_invoice_that_would_charge_unpriced_is_refused(body: str, refused: bo
             operation.quote(request)
     else:
         assert operation.quote(request) == Quote(None, "cus_1")
+
+
+ITEM = CATALOGUE["invoice_items.create"]
+
+
+def test_an_invoice_item_must_go_on_a_draft_that_cannot_charge_by_itself() -> None:
+    with pytest.raises(InvalidStripeRequest, match="must name its draft invoice"):
+        ITEM.lookup_path(post("/v1/invoiceitems", "customer=cus_1&amount=999999&currency=usd"))
+    request = post("/v1/invoiceitems", "customer=cus_1&invoice=in_1&amount=999&currency=usd")
+    assert ITEM.lookup_path(request) == "/v1/invoices/in_1"
+    draft = {**invoice("send_invoice"), "status": "draft", "auto_advance": True}
+    assert ITEM.quote(request, draft) == Quote(None, "cus_1")
+    manual = {**invoice("charge_automatically"), "status": "draft", "auto_advance": False}
+    assert ITEM.quote(request, manual) == Quote(None, "cus_1")
+    charging = {**manual, "auto_advance": True}
+    with pytest.raises(InvalidStripeRequest, match="charged unpriced"):
+        ITEM.quote(request, charging)
+    with pytest.raises(InvalidStripeRequest, match="not a draft"):
+        ITEM.quote(request, {**draft, "status": "open"})
+
+
+def test_odd_separators_and_absurd_amounts_are_refused() -> None:
+    with pytest.raises(InvalidStripeRequest, match="';'"):
+        get("/v1/charges?customer=cus_ok&x=1;customer=cus_other")
+    with pytest.raises(InvalidStripeRequest, match="whole number"):
+        CREATE_INTENT.quote(post("/v1/payment_intents", f"amount={'9' * 4400}&currency=usd"))
 
 
 def test_a_customer_balance_is_refused() -> None:

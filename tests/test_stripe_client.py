@@ -833,3 +833,80 @@ def test_a_free_call_whose_connection_fails_is_released(
         governed(gov, ls, http_client=transport).v1.customers.retrieve(customer)
     assert gov.holds() == []  # nothing to reconcile: a read moves no money
     assert rows(gov)[-1].outcome == "failed"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {b"Idempotency-Key": "fresh"},  # a bytes name would be sent but not seen
+        {"Idempotency_Key": "fresh"},  # folded to Idempotency-Key by some servers
+        {"Idempotency-Key": ""},
+        {"Idempotency-Key": " padded "},
+    ],
+    ids=["bytes-name", "underscore", "empty", "padded"],
+)
+def test_idempotency_headers_that_could_be_read_two_ways_are_refused(
+    gov: Governor, ls: LocalStripe, raw: Any, headers: dict[Any, str]
+) -> None:
+    intent = paid_intent(raw)
+    transport = RecordingTransport()
+    client = governed(gov, ls, http_client=transport)
+    with pytest.raises(PolicyViolation) as caught:
+        client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500},
+                                 options={"idempotency_key": "same", "headers": headers})
+    assert caught.value.code is ViolationCode.INVALID_REQUEST
+    assert transport.sent == []
+
+
+def test_a_long_key_and_its_hash_are_different_calls(gov: Governor, ls: LocalStripe,
+                                                     raw: Any) -> None:  # fmt: skip
+    import hashlib
+
+    intent = paid_intent(raw)
+    client = governed(gov, ls)
+    long_key = "k" * 201
+    params = {"payment_intent": intent.id, "amount": 500}
+    client.v1.refunds.create(params=params, options={"idempotency_key": long_key})
+    hashed = hashlib.sha256(long_key.encode()).hexdigest()
+    client.v1.refunds.create(params=params, options={"idempotency_key": hashed})
+    assert daily(gov).settled == Money(1000, "USD")  # two calls, both counted
+
+
+def test_two_concurrent_attempts_with_one_key_share_one_hold(
+    gov: Governor, ls: LocalStripe, raw: Any
+) -> None:
+    import threading
+
+    intent = paid_intent(raw)
+    both_sent = threading.Barrier(2)
+    order = threading.Lock()
+
+    class Concurrent(RecordingTransport):
+        """Both attempts are in flight at once; Stripe acts on one and replays it to the
+        other, as it does for a repeated key."""
+
+        def request(
+            self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None
+        ) -> Response:
+            if method.upper() == "POST":
+                both_sent.wait(timeout=30)
+                with order:
+                    return super().request(method, url, headers, post_data)
+            return super().request(method, url, headers, post_data)
+
+    client = governed(gov, ls, http_client=Concurrent())
+    params = {"payment_intent": intent.id, "amount": 500}
+    results: list[Any] = []
+
+    def attempt() -> None:
+        results.append(client.v1.refunds.create(params=params, options={"idempotency_key": "k"}))
+
+    threads = [threading.Thread(target=attempt) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [r.amount for r in results] == [500, 500]
+    assert refunds_of(raw, intent) == [500]  # acted once
+    assert daily(gov).settled == Money(500, "USD")  # counted once
+    assert gov.holds() == []

@@ -167,7 +167,7 @@ def test_the_other_tools_send_what_stripe_documents(
         ("POST", "/v1/invoiceitems"): {"id": "ii_1", "object": "invoiceitem"},
         ("GET", "/v1/invoices/in_1"): {"id": "in_1", "object": "invoice", "currency": "usd",
                                        "collection_method": "send_invoice", "amount_due": 500,
-                                       "customer": "cus_1"},
+                                       "customer": "cus_1", "status": "draft"},
         ("POST", "/v1/invoices/in_1/finalize"): {
             "id": "in_1", "object": "invoice", "currency": "usd", "status": "open",
             "collection_method": "send_invoice", "amount_due": 500, "customer": "cus_1"},
@@ -188,6 +188,7 @@ def test_the_other_tools_send_what_stripe_documents(
         ("POST", "/v1/payment_links", {"price": "price_1", "quantity": "2"}),
         ("POST", "/v1/invoices", {"customer": "cus_1", "days_until_due": "30",
                                   "collection_method": "send_invoice"}),
+        ("GET", "/v1/invoices/in_1", {}),  # an item only goes on a draft that cannot charge
         ("POST", "/v1/invoiceitems", {"customer": "cus_1", "price": "price_1",
                                       "invoice": "in_1"}),
         ("GET", "/v1/invoices/in_1", {}),  # finalize is priced from the invoice first

@@ -74,6 +74,9 @@ class Cost(str, enum.Enum):
     INVOICE = "invoice"
     """Finalizing an invoice that Stripe will charge automatically costs its amount due;
     one sent to the customer to pay costs nothing."""
+    INVOICE_ITEM = "invoice_item"
+    """Free, but only on a draft invoice that cannot charge by itself (sent to the
+    customer, or ``auto_advance`` off, so its charge is priced when it is finalized)."""
 
 
 class CustomerFrom(str, enum.Enum):
@@ -141,6 +144,10 @@ class StripeRequest:
             if body:
                 raise InvalidStripeRequest(f"a {method} request has no body")
             encoded = parts.query
+        if (
+            ";" in encoded
+        ):  # some servers split parameters on ";" too; Stripe's clients never send one
+            raise InvalidStripeRequest("a raw ';' in the parameters is ambiguous; encode it")
         pairs = parse_qsl(encoded, keep_blank_values=True)
         params: dict[str, str] = {}
         roots: set[str] = set()
@@ -195,7 +202,7 @@ class Operation:
 
     @property
     def moves_money(self) -> bool:
-        return self.cost is not Cost.FREE
+        return self.cost not in (Cost.FREE, Cost.INVOICE_ITEM)
 
     def match(self, request: StripeRequest) -> str | None:
         """The path's object id (``""`` when the template has none), or ``None``."""
@@ -212,6 +219,14 @@ class Operation:
         how much of it was refunded already."""
         if self.cost is Cost.INVOICE:
             return f"/v1/invoices/{self.match(request)}"
+        if self.cost is Cost.INVOICE_ITEM:
+            invoice = request.params.get("invoice")
+            if not invoice:
+                raise InvalidStripeRequest(
+                    f"{self.name} must name its draft invoice (invoice=in_...): an item "
+                    "without one lands on an invoice Stripe may charge unpriced"
+                )
+            return f"/v1/invoices/{_object_id(invoice, 'invoice')}"
         if self.cost is not Cost.REFUND:
             return None
         charge = request.params.get("charge")
@@ -248,6 +263,11 @@ class Operation:
         self, request: StripeRequest, looked_up: Mapping[str, Any] | None
     ) -> Money | None:
         if self.cost is Cost.FREE:
+            return None
+        if self.cost is Cost.INVOICE_ITEM:
+            if looked_up is None:
+                raise InvalidStripeRequest(f"{self.name} is checked against its invoice")
+            _check_invoice_cannot_charge_by_itself(looked_up, self.name)
             return None
         params = request.params
         if self.cost is Cost.AMOUNT:
@@ -327,7 +347,7 @@ def _required(params: Mapping[str, str], name: str, operation: str) -> str:
 
 def _int_param(params: Mapping[str, str], name: str, operation: str) -> int:
     raw = _required(params, name, operation)
-    if not (raw.isascii() and raw.isdigit()):
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise InvalidStripeRequest(
             f"{operation}: {name!r} must be a whole number of minor units, got {raw!r}"
         )
@@ -355,6 +375,16 @@ def _charged_automatically(invoice: Mapping[str, Any]) -> Money | None:
     if not isinstance(amount, int) or not isinstance(currency, str):
         raise StripeAmountError("the invoice has no integer amount_due and currency")
     return from_stripe(amount, currency)
+
+
+def _check_invoice_cannot_charge_by_itself(invoice: Mapping[str, Any], operation: str) -> None:
+    if invoice.get("status") != "draft":
+        raise InvalidStripeRequest(f"{operation}: the invoice is not a draft")
+    if invoice.get("collection_method") != "send_invoice" and invoice.get("auto_advance"):
+        raise InvalidStripeRequest(
+            f"{operation}: the invoice is charged automatically and advances by itself, so "
+            "an item added to it would be charged unpriced"
+        )
 
 
 def _invoice_is_priced(request: StripeRequest) -> None:
@@ -419,7 +449,7 @@ CATALOGUE = Catalogue(
         Operation(
             "invoices.finalize_invoice", "POST", "/v1/invoices/{id}/finalize", Cost.INVOICE, _L
         ),
-        Operation("invoice_items.create", "POST", "/v1/invoiceitems", customer=_P),
+        Operation("invoice_items.create", "POST", "/v1/invoiceitems", Cost.INVOICE_ITEM, _P),
         Operation("balance.retrieve", "GET", "/v1/balance"),
     ]
 )

@@ -249,7 +249,7 @@ _PREBUILT = (
         CreateInvoiceItem,
         "invoice_items",
         "create",
-        ("invoice_items.create",),
+        ("invoice_items.create", "invoices.retrieve"),
     ),
     StripeTool(
         "finalize_invoice",

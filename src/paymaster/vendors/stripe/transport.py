@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 import stripe
 from stripe._http_client import new_http_client_async_fallback
 
-from ...errors import PolicyViolation, ViolationCode
+from ...errors import HoldAlreadyResolved, PolicyViolation, ViolationCode
 from ...governor import GovernedCall
 from ...money import Money
 from ...policy import RunPolicy
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from ...governor import Governor
 
 __all__ = ["GovernedHTTPClient", "StripeBinding", "bind", "current_binding"]
+
+log = logging.getLogger("paymaster.stripe")
 
 VENDOR = "stripe"
 Response = tuple[Any, int, Mapping[str, str]]
@@ -136,7 +139,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
             )
             if response[1] >= 300:  # the object cannot be read: Stripe's own error says why
                 return response
-            plan = self._priced(plan, _json(response[0]))
+            plan = self._priced(plan, response[0])
         with self.governor.guard(**plan.spec()) as call:
             try:
                 response = self.inner.request(method, url, plan.outgoing(call), post_data)
@@ -144,7 +147,10 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 plan.on_error(call, exc)
                 raise
             kind, kwargs = _resolution(call, plan.operation, response)
-            getattr(call, kind)(**kwargs)
+            try:
+                getattr(call, kind)(**kwargs)
+            except HoldAlreadyResolved:
+                _resolved_by_another_attempt(call)
         return response
 
     async def request_async(
@@ -163,7 +169,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
             )
             if response[1] >= 300:
                 return response
-            plan = await _in_thread(self._priced, plan, _json(response[0]))
+            plan = await _in_thread(self._priced, plan, response[0])
         async with self.governor.aguard(**plan.spec()) as call:
             try:
                 response = await self.inner.request_async(
@@ -173,7 +179,10 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 await _in_thread(plan.on_error, call, exc)
                 raise
             kind, kwargs = _resolution(call, plan.operation, response)
-            await getattr(call, kind)(**kwargs)
+            try:
+                await getattr(call, kind)(**kwargs)
+            except HoldAlreadyResolved:
+                await _in_thread(_resolved_by_another_attempt, call)
         return response
 
     def request_stream(
@@ -225,7 +234,8 @@ class GovernedHTTPClient(stripe.HTTPClient):
         binding = self._who()
         path = urlsplit(url).path or "/"
         try:
-            wire_key = _single_header(headers, "Idempotency-Key")
+            _check_headers(headers)
+            wire_key = _idempotency_key(headers)
             request = StripeRequest.parse(
                 method, url, post_data, content_type=_single_header(headers, "Content-Type"),
                 account=_single_header(headers, "Stripe-Account"),
@@ -259,8 +269,16 @@ class GovernedHTTPClient(stripe.HTTPClient):
             return self._priced(plan, None)
         return replace(plan, lookup=lookup)
 
-    def _priced(self, plan: _Plan, looked_up: Mapping[str, Any] | None) -> _Plan:
+    def _priced(self, plan: _Plan, looked_up: Any) -> _Plan:
+        """Price the planned request, from the raw body of its look-up if it had one."""
         try:
+            if looked_up is not None:
+                try:
+                    looked_up = _json(looked_up)
+                except ValueError as exc:
+                    raise InvalidStripeRequest(
+                        f"{plan.operation.name}: the looked-up object is unreadable ({exc})"
+                    ) from exc
             quote = plan.operation.quote(plan.request, looked_up)
         except InvalidStripeRequest as violation:
             self._refuse(violation, plan.binding, plan.request.path, plan.request.method)
@@ -409,22 +427,58 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
     return None
 
 
+def _header_name(name: str) -> str:
+    """How servers may fold a header name: case, surrounding space, ``_`` for ``-``."""
+    return name.strip().lower().replace("_", "-")
+
+
+def _check_headers(headers: Mapping[Any, Any] | None) -> None:
+    """Headers are str (a bytes name would slip past the checks and still be sent)."""
+    for key, value in (headers or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidStripeRequest(f"header {key!r} must be a str name with a str value")
+
+
 def _single_header(headers: Mapping[str, str] | None, name: str) -> str | None:
     """A header that must not be sent twice under different spellings (``Idempotency-Key``
-    and ``idempotency-key`` would leave the server to pick one)."""
-    found = [v for k, v in (headers or {}).items() if k.lower() == name.lower()]
+    and ``idempotency_key`` would leave the server to pick one)."""
+    wanted = _header_name(name)
+    found = [v for k, v in (headers or {}).items() if _header_name(k) == wanted]
     if len(found) > 1:
         raise InvalidStripeRequest(f"the {name} header is sent {len(found)} times")
     return found[0] if found else None
 
 
+def _idempotency_key(headers: Mapping[str, str] | None) -> str | None:
+    key = _single_header(headers, "Idempotency-Key")
+    if key is not None and (not key or key != key.strip() or len(key) > 255):
+        raise InvalidStripeRequest(
+            "an Idempotency-Key must be 1-255 characters without surrounding spaces"
+        )
+    return key
+
+
 def _ledger_key(request: StripeRequest, wire_key: str | None) -> str | None:
     """The governed call's idempotency key: the client's key scoped to this exact request,
-    so the same key on a different request is a different call (Stripe refuses it)."""
-    if request.method != "POST" or not wire_key:
+    so the same key on a different request is a different call (Stripe refuses it). A key
+    too long to store is hashed under another separator, so no two keys share one."""
+    if request.method != "POST" or wire_key is None:
         return None
-    key = wire_key if len(wire_key) <= 200 else hashlib.sha256(wire_key.encode()).hexdigest()
-    return f"{request.fingerprint[:24]}:{key}"
+    scope = request.fingerprint[:24]
+    if len(wire_key) <= 200:
+        return f"{scope}:{wire_key}"
+    return f"{scope}#{hashlib.sha256(wire_key.encode()).hexdigest()}"
+
+
+def _resolved_by_another_attempt(call: GovernedCall) -> None:
+    """The hold was resolved before this attempt could record its outcome: by another
+    attempt with the same key (Stripe acted once and replayed it to the other) or by an
+    operator. Its recorded resolution stands; this attempt's response is still returned,
+    since raising after Stripe answered would invite a retry."""
+    call.hold = call._ledger.get_hold(call.hold_id)
+    if call.hold.idempotency_key is None:
+        log.warning("hold %s was resolved (%s) while its call was in flight",
+                    call.hold_id, call.hold.state.value)  # fmt: skip
 
 
 def _lookup_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
