@@ -91,6 +91,7 @@ class AuditEntry:
     error: str | None = None
     hold_id: str | None = None
     duration_ms: int | None = None
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class AuditRecord:
     seq: int
     prev_hash: str
     hash: str
+    tool_call_id: str | None = None
 
     @property
     def cost(self) -> Money | None:
@@ -146,6 +148,9 @@ def row_hash(values: dict[str, Any]) -> str:
         values[name].isoformat(timespec="microseconds") if name == "at" else values[name]
         for name in _HASHED
     ]
+    # Added in schema revision 0002: hashed only when set, so older rows verify as before.
+    if values.get("tool_call_id") is not None:
+        payload.append(values["tool_call_id"])
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -32,7 +32,7 @@ from sqlalchemy import Engine
 
 from .audit import AuditEntry, AuditLog, Outcome
 from .db import SQLiteSync, connect, ensure_schema, is_configured
-from .errors import PolicyViolation
+from .errors import PolicyViolation, ViolationCode
 from .ledger import (
     BudgetStatus,
     Hold,
@@ -276,6 +276,7 @@ class Governor:
         run_policy: RunPolicy | None,
         idempotency_key: str | None,
         pricing_lookup: bool = False,
+        tool_call_id: str | None = None,
     ) -> ReserveRequest:
         """The pure checks; a violation is audited (the only I/O) and raised."""
         method = method.upper()
@@ -286,7 +287,7 @@ class Governor:
         except PolicyViolation as violation:
             self.record_refusal(
                 violation, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
-                run=run, customer=customer, estimate=estimate,
+                run=run, customer=customer, estimate=estimate, tool_call_id=tool_call_id,
             )  # fmt: skip
             raise
         policy = self._effective(policy_set_entry, run_policy)
@@ -294,6 +295,7 @@ class Governor:
         request = ReserveRequest(
             agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=cost,
             policy=policy, run=run, customer=customer, idempotency_key=idempotency_key,
+            tool_call_id=tool_call_id,
         )  # fmt: skip
         try:
             canonical = policy.check(
@@ -316,6 +318,7 @@ class Governor:
         run: str | None = None,
         customer: str | None = None,
         estimate: Money | None = None,
+        tool_call_id: str | None = None,
     ) -> PolicyViolation:
         """Audit a call refused before any policy applied (no policy for the agent, or a
         vendor operation paymaster cannot govern); returns ``violation`` for raising."""
@@ -325,8 +328,47 @@ class Governor:
             currency=estimate.currency if estimate else None,
             estimate=estimate.amount if estimate else 0,
             violation_code=violation.code.value, error=violation.message,
+            tool_call_id=tool_call_id,
         ))  # fmt: skip
         return violation
+
+    def free_call(
+        self,
+        *,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str = "CALL",
+        run: str | None = None,
+        tool_call_id: str | None = None,
+    ) -> Callable[..., None]:
+        """Admit a call that spends nothing and reserves nothing (an agent's tool marked
+        free): refused, and audited, if its agent or run is revoked. Returns the function
+        that writes its audit row once it is done: ``record(error=None, duration_ms=...)``.
+        """
+        base = AuditEntry(
+            agent=agent, vendor=vendor, endpoint=endpoint, method=method.upper(), run=run,
+            outcome=Outcome.ALLOWED, tool_call_id=tool_call_id,
+        )  # fmt: skip
+        revoked = self.ledger.active_revocation(agent, run)
+        if revoked is not None:
+            violation = PolicyViolation(
+                ViolationCode.REVOKED, revoked, agent=agent, run=run, vendor=vendor,
+                endpoint=endpoint,
+            )  # fmt: skip
+            self.ledger.record_denial(None, violation, entry=dataclasses.replace(
+                base, outcome=Outcome.DENIED, violation_code=violation.code.value,
+                error=violation.message,
+            ))  # fmt: skip
+            raise violation
+
+        def record(error: str | None = None, duration_ms: int | None = None) -> None:
+            outcome = Outcome.ERRORED if error else Outcome.ALLOWED
+            self.ledger.record(dataclasses.replace(
+                base, outcome=outcome, error=error, duration_ms=duration_ms
+            ))  # fmt: skip
+
+        return record
 
     @contextmanager
     def guard(
@@ -342,6 +384,7 @@ class Governor:
         run_policy: RunPolicy | None = None,
         idempotency_key: str | None = None,
         pricing_lookup: bool = False,
+        tool_call_id: str | None = None,
     ) -> Iterator[GovernedCall]:
         """Govern one call made inside the ``with`` block.
 
@@ -351,11 +394,12 @@ class Governor:
         ``pricing_lookup=True`` marks a free read made only to price another governed call
         (its result never reaches the agent): it may pass a customer allowlist without
         naming a customer, since the call it prices is checked against the allowlist.
+        ``tool_call_id`` names the agent framework's tool call on the hold and audit rows.
         """
         request = self._prepare(
             agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=estimate,
             customer=customer, run=run, run_policy=run_policy, idempotency_key=idempotency_key,
-            pricing_lookup=pricing_lookup,
+            pricing_lookup=pricing_lookup, tool_call_id=tool_call_id,
         )  # fmt: skip
         call = GovernedCall(self.ledger, self.ledger.reserve(request), request.policy)
         try:
@@ -379,6 +423,7 @@ class Governor:
         run_policy: RunPolicy | None = None,
         idempotency_key: str | None = None,
         pricing_lookup: bool = False,
+        tool_call_id: str | None = None,
     ) -> AsyncIterator[AsyncGovernedCall]:
         """:meth:`guard` for asyncio: ledger work runs in worker threads, never on the loop.
 
@@ -391,6 +436,7 @@ class Governor:
                 self._prepare, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
                 estimate=estimate, customer=customer, run=run, run_policy=run_policy,
                 idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
+                tool_call_id=tool_call_id,
             )
         )  # fmt: skip
         reservation, cancelled = await self._to_completion(self.ledger.reserve, request)
@@ -436,14 +482,18 @@ class Governor:
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(fn, *args, **kwargs)
         )
-        cancelled = False
-        while True:
-            try:
-                return await asyncio.shield(future), cancelled
-            except asyncio.CancelledError:
-                if future.done() and future.cancelled():
-                    raise
-                cancelled = True
+        try:
+            return await asyncio.shield(future), False
+        except asyncio.CancelledError:
+            if future.done() and future.cancelled():
+                raise
+        # Cancelled: finish by polling rather than awaiting the thread, so that a framework
+        # draining cancelled tasks sees this one make progress (the Agents SDK keeps
+        # waiting only for tasks whose next wake-up is a timer) and does not abandon it.
+        while not future.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.001)
+        return future.result(), True
 
     async def _finish(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """:meth:`_to_completion`, then end cancelled if the task was cancelled meanwhile."""

@@ -87,6 +87,7 @@ class ReserveRequest:
     run: str | None = None
     customer: str | None = None
     idempotency_key: str | None = None
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Hold:
     resolved_at: datetime | None
     resolved_by: str | None
     resolution: str | None
+    tool_call_id: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Hold:
@@ -126,7 +128,7 @@ class Hold:
             policy_id=m["policy_id"], policy_hash=m["policy_hash"],
             state=HoldState(m["state"]), created_at=m["created_at"],
             resolved_at=m["resolved_at"], resolved_by=m["resolved_by"],
-            resolution=m["resolution"],
+            resolution=m["resolution"], tool_call_id=m.get("tool_call_id"),
         )  # fmt: skip
 
 
@@ -337,7 +339,7 @@ class Ledger:
             "daily_budget_id": daily_id, "run_budget_id": run_id,
             "policy_id": policy.policy_id, "policy_hash": policy.hash,
             "state": HoldState.PENDING.value, "created_at": now, "resolved_at": None,
-            "resolved_by": None, "resolution": None,
+            "resolved_by": None, "resolution": None, "tool_call_id": req.tool_call_id,
         }  # fmt: skip
         if existing is None:
             hold_id = new_hold_id
@@ -375,6 +377,7 @@ class Ledger:
             daily_budget_id=daily_id, run_budget_id=run_id, policy_id=policy.policy_id,
             policy_hash=policy.hash, state=HoldState.PENDING, created_at=now,
             resolved_at=None, resolved_by=None, resolution=None,
+            tool_call_id=req.tool_call_id,
         )  # fmt: skip
         return Reservation(reserved, daily_left, run_left)
 
@@ -531,6 +534,29 @@ class Ledger:
             vendor=req.vendor, endpoint=req.endpoint,
         )  # fmt: skip
 
+    def active_revocation(self, agent: str, run: str | None) -> str | None:
+        """Why ``agent`` (or ``run``) is revoked now, or ``None``: the kill switch for
+        calls that reserve nothing."""
+        with (
+            unavailable_on_error(self._engine, "reading revocations", CALL_NOT_MADE),
+            read_only(self._engine) as conn,
+        ):
+            row = conn.execute(S.ACTIVE_REVOCATION, {"p_agent": agent, "p_run": run}).first()
+        if row is None:
+            return None
+        what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
+        return f"{what} is revoked: {row.reason}"
+
+    def record(self, entry: AuditEntry) -> None:
+        """Append the audit row of a call that reserved nothing (a free tool's call).
+        After a lost COMMIT reply the row may be written twice; it moves no budget."""
+        at = self.now()
+        self._write(
+            "auditing a free call",
+            "so this free call's audit row was not written",
+            lambda conn, retrying: audit_log.append(conn, entry, at),
+        )
+
     def record_denial(
         self,
         request: ReserveRequest | None,
@@ -548,6 +574,7 @@ class Ledger:
                 estimate=request.estimate.amount, actual=0,
                 policy_id=request.policy.policy_id, policy_hash=request.policy.hash,
                 violation_code=violation.code.value, error=violation.message,
+                tool_call_id=request.tool_call_id,
             )  # fmt: skip
         consequence = f"the call was refused ({violation.code}) but its audit row was not written"
         at = self.now()
@@ -701,7 +728,7 @@ class Ledger:
                 customer=resolved.customer, currency=currency,
                 estimate=resolved.estimate.amount, actual=amount,
                 policy_id=resolved.policy_id, policy_hash=resolved.policy_hash,
-                hold_id=hold_id, error=error,
+                hold_id=hold_id, error=error, tool_call_id=resolved.tool_call_id,
                 outcome=(
                     Outcome.RECONCILED if previous is HoldState.UNKNOWN else template.outcome
                 ),

@@ -97,6 +97,8 @@ hold = Table(
     Column("resolved_at", UTCDateTime, nullable=True),
     Column("resolved_by", String(200), nullable=True),
     Column("resolution", Text, nullable=True),
+    # The agent framework's id of the tool call that made this call (revision 0002).
+    Column("tool_call_id", String(200), nullable=True),
     Index("ix_hold_state_created", "state", "created_at"),
     Index("ix_hold_daily_budget", "daily_budget_id", "state"),
     Index("ix_hold_run", "run"),
@@ -140,6 +142,7 @@ audit = Table(
     Column("error", Text, nullable=True),
     Column("hold_id", String(32), nullable=True),
     Column("duration_ms", Integer, nullable=True),
+    Column("tool_call_id", String(200), nullable=True),  # revision 0002
     # Tamper evidence: one hash chain per agent type (see paymaster.audit).
     Column("chain", String(200), nullable=False),
     Column("seq", BigInteger, nullable=False),

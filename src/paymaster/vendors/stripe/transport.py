@@ -61,6 +61,7 @@ class StripeBinding:
     agent: str | None = None
     run: str | None = None
     run_policy: RunPolicy | None = None
+    tool_call_id: str | None = None
 
 
 _NOBODY = StripeBinding()
@@ -74,15 +75,21 @@ def current_binding() -> StripeBinding:
 
 @contextmanager
 def bind(
-    *, agent: str | None = None, run: str | None = None, run_policy: RunPolicy | None = None
+    *,
+    agent: str | None = None,
+    run: str | None = None,
+    run_policy: RunPolicy | None = None,
+    tool_call_id: str | None = None,
 ) -> Iterator[StripeBinding]:
     """Attribute the governed Stripe calls made inside the block (in this thread or task
-    and the tasks it starts) to ``agent`` and ``run``: how tools tie calls to their run."""
+    and the tasks it starts) to ``agent``, ``run`` and the tool call that makes them: how
+    tools tie calls to their run."""
     outer = current_binding()
     binding = StripeBinding(
         agent=agent or outer.agent,
         run=run or outer.run,
         run_policy=run_policy or outer.run_policy,
+        tool_call_id=tool_call_id or outer.tool_call_id,
     )
     token = _binding.set(binding)
     try:
@@ -213,6 +220,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
             agent=bound.agent or self._defaults.agent,
             run=bound.run or self._defaults.run,
             run_policy=bound.run_policy or self._defaults.run_policy,
+            tool_call_id=bound.tool_call_id,
         )
         if binding.agent is None:
             raise ValueError(
@@ -291,7 +299,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
         violation.agent, violation.run, violation.endpoint = binding.agent, binding.run, path
         raise self.governor.record_refusal(
             violation, agent=binding.agent, vendor=VENDOR, endpoint=path, method=method,
-            run=binding.run,
+            run=binding.run, tool_call_id=binding.tool_call_id,
         )  # fmt: skip
 
     def _refuse_stream(self, method: str, url: str) -> NoReturn:
@@ -330,7 +338,7 @@ class _Plan:
             "method": self.request.method, "estimate": self.quote.estimate,
             "customer": self.quote.customer, "run": self.binding.run,
             "run_policy": self.binding.run_policy, "idempotency_key": self.ledger_key,
-            "pricing_lookup": self.pricing_lookup,
+            "pricing_lookup": self.pricing_lookup, "tool_call_id": self.binding.tool_call_id,
         }  # fmt: skip
 
     def outgoing(self, call: GovernedCall) -> Mapping[str, str] | None:
