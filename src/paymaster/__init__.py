@@ -21,15 +21,18 @@ from .ledger import BudgetStatus, Hold, HoldState
 from .loading import load_policies, load_run_policy
 from .money import CurrencyMismatch, Money
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
+from .toolspec import FREE, FreeTool, ToolSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FREE",
     "AuditLog",
     "AuditRecord",
     "BudgetStatus",
     "CurrencyMismatch",
     "EffectivePolicy",
+    "FreeTool",
     "GovernanceUnavailable",
     "GovernedCall",
     "Governor",
@@ -47,6 +50,7 @@ __all__ = [
     "RunPolicy",
     "RunSummary",
     "SchemaVersionError",
+    "ToolSpec",
     "VerifyResult",
     "ViolationCode",
     "__version__",

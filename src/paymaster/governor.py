@@ -21,9 +21,9 @@ import http.client
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -47,7 +47,7 @@ from .loading import load_policies
 from .money import Money
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
-__all__ = ["AsyncGovernedCall", "GovernedCall", "Governor"]
+__all__ = ["AsyncGovernedCall", "AsyncGuard", "GovernedCall", "Governor"]
 
 log = logging.getLogger("paymaster")
 
@@ -409,8 +409,7 @@ class Governor:
             raise
         _close_call(call, None, self._unknown_on)
 
-    @asynccontextmanager
-    async def aguard(
+    def aguard(
         self,
         *,
         agent: str,
@@ -424,39 +423,21 @@ class Governor:
         idempotency_key: str | None = None,
         pricing_lookup: bool = False,
         tool_call_id: str | None = None,
-    ) -> AsyncIterator[AsyncGovernedCall]:
-        """:meth:`guard` for asyncio: ledger work runs in worker threads, never on the loop.
+    ) -> AsyncGuard:
+        """:meth:`guard` for asyncio (``async with``): ledger work runs in worker threads,
+        never on the loop.
 
         A task cancelled while its reserve is in flight releases the hold once the reserve
         lands (the call never ran); cancelled inside the block, the hold is kept and marked
         unknown, since the vendor may have acted.
         """
-        request = await self._off_loop(
-            functools.partial(
-                self._prepare, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
-                estimate=estimate, customer=customer, run=run, run_policy=run_policy,
-                idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
-                tool_call_id=tool_call_id,
-            )
+        prepare = functools.partial(
+            self._prepare, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
+            estimate=estimate, customer=customer, run=run, run_policy=run_policy,
+            idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
+            tool_call_id=tool_call_id,
         )  # fmt: skip
-        reservation, cancelled = await self._to_completion(self.ledger.reserve, request)
-        if cancelled:
-            if not reservation.resumed:  # a hold found by its key is not ours to free
-                await self._to_completion(
-                    self.ledger.release, reservation.hold.id, outcome=Outcome.ERRORED,
-                    error="task cancelled before the call was made",
-                )  # fmt: skip
-            raise asyncio.CancelledError
-        call = AsyncGovernedCall(self.ledger, reservation, request.policy, self)
-        try:
-            yield call
-        except BaseException as exc:
-            _, cancelled = await self._to_completion(_close_call, call, exc, self._unknown_on)
-            if cancelled and not isinstance(exc, asyncio.CancelledError):
-                # Cancelled while recording: the task must still end cancelled.
-                raise asyncio.CancelledError from exc
-            raise
-        await self._finish(_close_call, call, None, self._unknown_on)
+        return AsyncGuard(self, prepare)
 
     async def in_worker(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Await blocking ``fn`` (a governed vendor call with its settle, say) run in the
@@ -475,25 +456,33 @@ class Governor:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def _to_completion(
-        self, fn: Callable[..., T], *args: Any, **kwargs: Any
+        self, fn: Callable[..., T], *args: Any, polling: bool = False, **kwargs: Any
     ) -> tuple[T, bool]:
         """Run ``fn`` in a worker thread and wait for it even if this task is cancelled
-        meanwhile (a ledger write cannot be abandoned half-way); report the cancellation."""
+        meanwhile (a ledger write cannot be abandoned half-way); report the cancellation.
+
+        A task being cancelled (``polling``, or once a cancellation arrives) waits by
+        polling rather than by awaiting the thread, so that a framework draining
+        cancelled tasks sees it make progress (the Agents SDK keeps waiting only for
+        tasks whose next wake-up is a timer) instead of abandoning it mid-write.
+        """
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(fn, *args, **kwargs)
         )
-        try:
-            return await asyncio.shield(future), False
-        except asyncio.CancelledError:
-            if future.done() and future.cancelled():
-                raise
-        # Cancelled: finish by polling rather than awaiting the thread, so that a framework
-        # draining cancelled tasks sees this one make progress (the Agents SDK keeps
-        # waiting only for tasks whose next wake-up is a timer) and does not abandon it.
+        cancelled = False
+        if not polling:
+            try:
+                return await asyncio.shield(future), False
+            except asyncio.CancelledError:
+                if future.done() and future.cancelled():
+                    raise
+                cancelled = True
         while not future.done():
-            with suppress(asyncio.CancelledError):
+            try:
                 await asyncio.sleep(0.001)
-        return future.result(), True
+            except asyncio.CancelledError:
+                cancelled = True
+        return future.result(), cancelled
 
     async def _finish(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """:meth:`_to_completion`, then end cancelled if the task was cancelled meanwhile."""
@@ -614,6 +603,51 @@ class Governor:
 
     def budgets(self, *, day: date | None = None) -> list[BudgetStatus]:
         return self.ledger.budgets(day=day)
+
+
+class AsyncGuard:
+    """The ``async with`` block of :meth:`Governor.aguard`.
+
+    A class rather than an async generator: its awaits stay visible to frameworks that
+    inspect a cancelled task to decide whether to wait for it (the Agents SDK), and an
+    event loop shutting down has no generator of ours to close mid-write.
+    """
+
+    def __init__(self, governor: Governor, prepare: Callable[[], ReserveRequest]) -> None:
+        self._governor = governor
+        self._prepare = prepare
+        self._call: AsyncGovernedCall | None = None
+
+    async def __aenter__(self) -> AsyncGovernedCall:
+        gov = self._governor
+        request = await gov._off_loop(self._prepare)
+        reservation, cancelled = await gov._to_completion(gov.ledger.reserve, request)
+        if cancelled:
+            if not reservation.resumed:  # a hold found by its key is not ours to free
+                await gov._to_completion(
+                    gov.ledger.release, reservation.hold.id, outcome=Outcome.ERRORED,
+                    error="task cancelled before the call was made", polling=True,
+                )  # fmt: skip
+            raise asyncio.CancelledError
+        self._call = AsyncGovernedCall(gov.ledger, reservation, request.policy, gov)
+        return self._call
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool:
+        gov, call = self._governor, self._call
+        assert call is not None
+        if exc is None:
+            await gov._finish(_close_call, call, None, gov._unknown_on)
+            return False
+        _, cancelled = await gov._to_completion(
+            _close_call, call, exc, gov._unknown_on,
+            polling=isinstance(exc, asyncio.CancelledError),
+        )  # fmt: skip
+        if cancelled and not isinstance(exc, asyncio.CancelledError):
+            # Cancelled while recording: the task must still end cancelled.
+            raise asyncio.CancelledError from exc
+        return False
 
 
 class AsyncGovernedCall(GovernedCall):

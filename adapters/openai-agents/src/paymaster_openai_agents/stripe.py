@@ -25,22 +25,11 @@ from paymaster import Governor, RunPolicy
 from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failure_text
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
+from ._runs import run_id_of, run_policy_of
 
-__all__ = ["run_id_of", "stripe_tools"]
+__all__ = ["stripe_tools"]
 
 OnViolation = Literal["raise", "tell_model"]
-
-
-def run_id_of(ctx: ToolContext[Any]) -> str | None:
-    """The run id of a tool call: ``run_id`` (or ``paymaster_run_id``) from the context
-    passed to ``Runner.run`` (a mapping or an object), else the run config's ``group_id``."""
-    context = ctx.context
-    for key in ("paymaster_run_id", "run_id"):
-        value = context.get(key) if isinstance(context, dict) else getattr(context, key, None)
-        if value:
-            return str(value)
-    group = getattr(ctx.run_config, "group_id", None) if ctx.run_config else None
-    return str(group) if group else None
 
 
 def stripe_tools(
@@ -75,8 +64,9 @@ def _function_tool(
         try:
             arguments = json.loads(args_json or "{}")
             result = await toolkit.ainvoke(
-                tool.name, arguments, run=run_id(ctx), tool_call_id=ctx.tool_call_id
-            )
+                tool.name, arguments, run=run_id(ctx), tool_call_id=ctx.tool_call_id,
+                run_policy=run_policy_of(ctx),
+            )  # fmt: skip
         except Exception as exc:
             text = tool_failure_text(exc, tell_model_violations=on_violation == "tell_model")
             if text is not None:

@@ -374,8 +374,10 @@ class StripeToolkit:
         *,
         run: str | None = None,
         tool_call_id: str | None = None,
+        run_policy: RunPolicy | None = None,
     ) -> dict[str, Any]:
-        """Run one tool; returns the Stripe object as a dict.
+        """Run one tool; returns the Stripe object as a dict. ``run_policy`` narrows the
+        toolkit's for this call's run.
 
         Raises :class:`~paymaster.PolicyViolation` (the call was refused before it was
         sent) and ``stripe.StripeError`` (Stripe refused it; nothing moved).
@@ -393,6 +395,7 @@ class StripeToolkit:
         *,
         run: str | None = None,
         tool_call_id: str | None = None,
+        run_policy: RunPolicy | None = None,
     ) -> dict[str, Any]:
         """:meth:`invoke` for asyncio, run in the governor's worker threads.
 
@@ -401,8 +404,9 @@ class StripeToolkit:
         thread and record what really happened, instead of an unknown outcome.
         """
         return await self.governor.in_worker(
-            self.invoke, name, arguments, run=run, tool_call_id=tool_call_id
-        )
+            self.invoke, name, arguments, run=run, tool_call_id=tool_call_id,
+            run_policy=run_policy,
+        )  # fmt: skip
 
 
 def _as_dict(result: Any) -> dict[str, Any]:

@@ -1,0 +1,97 @@
+"""How an agent's tool maps to a governed call: declared once per tool, used by adapters.
+
+::
+
+    refund_spec = ToolSpec(
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=lambda args: Money(args["amount"], args["currency"]),
+        customer=lambda args: args["customer"],
+        actual=lambda result: result["amount"],
+    )
+    specs = {"issue_refund": refund_spec, "lookup_charge": FREE}
+
+Every field but ``vendor`` and ``endpoint`` may be a constant or a function of the tool's
+parsed arguments (``actual``: of its result). A tool marked :data:`FREE` spends nothing
+and reserves nothing; its calls are still audited and stopped by a revoke.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .money import Money
+
+__all__ = ["FREE", "FreeTool", "GovernedCallSpec", "ToolSpec"]
+
+Arguments = Mapping[str, Any]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GovernedCallSpec:
+    """One tool call's governed call: the keyword arguments of ``Governor.guard``."""
+
+    vendor: str
+    endpoint: str
+    method: str
+    estimate: Money | None
+    customer: str | None
+
+    def as_guard_kwargs(self) -> dict[str, Any]:
+        return {
+            "vendor": self.vendor, "endpoint": self.endpoint, "method": self.method,
+            "estimate": self.estimate, "customer": self.customer,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """Which vendor call a tool makes, and what it costs."""
+
+    vendor: str
+    endpoint: str | Callable[[Arguments], str]
+    method: str = "POST"
+    estimate: Money | Callable[[Arguments], Money | None] | None = None
+    """What the call may cost, reserved before it runs (``None``: nothing)."""
+    customer: str | Callable[[Arguments], str | None] | None = None
+    actual: Callable[[Any], Money | int | None] | None = None
+    """What it cost, from the tool's result (default: the estimate). An int is minor
+    units in the estimate's currency."""
+
+    def for_call(self, arguments: Arguments) -> GovernedCallSpec:
+        """The governed call of one tool call with these parsed arguments."""
+        estimate = _value(self.estimate, arguments)
+        if estimate is not None and not isinstance(estimate, Money):
+            raise TypeError(f"a tool's estimate must be Money or None, got {estimate!r}")
+        return GovernedCallSpec(
+            vendor=self.vendor,
+            endpoint=str(_value(self.endpoint, arguments)),
+            method=self.method.upper(),
+            estimate=estimate,
+            customer=_value(self.customer, arguments),
+        )
+
+    def actual_cost(self, result: Any) -> Money | int | None:
+        return self.actual(result) if self.actual is not None else None
+
+
+@dataclass(frozen=True)
+class FreeTool:
+    """Marks a tool that spends nothing: not reserved, still audited (as ``vendor`` and
+    ``/tools/<name>``) and stopped by a revoke of its agent or run."""
+
+    vendor: str = "tool"
+
+    def endpoint(self, tool_name: str) -> str:
+        return f"/tools/{tool_name}"
+
+
+#: The mark for a tool that costs nothing.
+FREE = FreeTool()
+
+
+def _value(field: T | Callable[[Arguments], T], arguments: Arguments) -> T:
+    return field(arguments) if callable(field) else field
