@@ -1,6 +1,20 @@
-"""paymaster for LangChain: governed tools whose refusals reach the caller of the agent."""
+"""paymaster for LangChain: governed tools whose refusals reach the caller of the agent.
+
+* :func:`govern_tools`: govern existing ``BaseTool`` objects;
+* :class:`PaymasterMiddleware`: govern every tool call of a ``create_agent`` agent;
+* :class:`PaymasterStripeToolkit`: the prebuilt governed Stripe tools.
+"""
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
-from .stripe import PaymasterStripeToolkit, run_id_of
+from .govern import GovernedTool, PaymasterMiddleware, govern_tools, run_id_of
+from .stripe import PaymasterStripeToolkit
 
-__all__ = ["STOPS_THE_RUN", "PaymasterStripeToolkit", "run_id_of", "stop_the_run"]
+__all__ = [
+    "STOPS_THE_RUN",
+    "GovernedTool",
+    "PaymasterMiddleware",
+    "PaymasterStripeToolkit",
+    "govern_tools",
+    "run_id_of",
+    "stop_the_run",
+]

@@ -26,23 +26,11 @@ from paymaster import Governor, RunPolicy
 from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failure_text
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
+from .govern import run_id_of
 
-__all__ = ["PaymasterStripeToolkit", "run_id_of"]
+__all__ = ["PaymasterStripeToolkit"]
 
 OnViolation = Literal["raise", "tell_model"]
-
-
-def run_id_of(config: RunnableConfig) -> str | None:
-    """The run id of a tool call: ``paymaster_run_id`` or ``run_id`` from the invocation's
-    ``metadata`` or ``configurable``, else its ``thread_id``."""
-    metadata = config.get("metadata") or {}
-    configurable = config.get("configurable") or {}
-    for key in ("paymaster_run_id", "run_id", "thread_id"):
-        for source in (metadata, configurable):
-            value = source.get(key)
-            if value:
-                return str(value)
-    return None
 
 
 class PaymasterStripeToolkit:

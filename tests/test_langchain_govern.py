@@ -1,0 +1,340 @@
+"""Governing a user's existing LangChain tools, with ``create_agent``, a plain LangGraph
+``ToolNode`` and the middleware, driven by a scripted chat model; the tools themselves
+call localstripe."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+import pytest
+
+pytest.importorskip("langchain")
+
+from langchain.agents import create_agent
+from langchain.agents.middleware import ToolRetryMiddleware
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
+from langchain_core.tools import BaseTool, ToolException, tool
+from langgraph.graph import END, START, StateGraph
+from langgraph.prebuilt import ToolNode
+from typing_extensions import TypedDict
+
+from paymaster import FREE, Governor, Money, Policy, PolicyViolation, ToolSpec, ViolationCode
+from paymaster.testing.localstripe import LocalStripe
+from paymaster_langchain import PaymasterMiddleware, govern_tools
+from stripe_fixtures import assert_every_hold_accounted_for, localstripe, paid_intent
+
+__all__ = ["localstripe"]
+
+REFUND_SPEC = ToolSpec(
+    vendor="stripe",
+    endpoint="/v1/refunds",
+    estimate=lambda args: Money(args["amount"], "USD"),
+    actual=lambda output: output["amount"],
+)
+
+
+def policy(**overrides: Any) -> Policy:
+    fields: dict[str, Any] = {
+        "id": "refunds", "agent": "refund-agent", "vendor": "stripe", "currency": "USD",
+        "daily_cap": "100.00", "per_call_cap": "50.00", "endpoints": ["/v1/refunds"],
+    }  # fmt: skip
+    fields.update(overrides)
+    return Policy.model_validate(fields)
+
+
+class ScriptedChatModel(GenericFakeChatModel):
+    """Replays scripted messages, tool calls included (it never streams)."""
+
+    _stream = BaseChatModel._stream  # type: ignore[assignment]
+    _astream = BaseChatModel._astream  # type: ignore[assignment]
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
+        return self
+
+
+def script(*turns: list[tuple[str, dict[str, Any]]]) -> ScriptedChatModel:
+    messages = [
+        AIMessage("", tool_calls=[{"name": name, "args": args, "id": f"call_{t}_{i}"}
+                                  for i, (name, args) in enumerate(turn)])
+        for t, turn in enumerate(turns)
+    ]  # fmt: skip
+    return ScriptedChatModel(messages=iter([*messages, AIMessage("done")]))
+
+
+class Shop:
+    """The user's own tools, calling (local) Stripe themselves."""
+
+    def __init__(self, server: LocalStripe) -> None:
+        client = server.client()
+        self.calls: list[str] = []
+
+        @tool
+        def issue_refund(payment_intent: str, amount: int) -> dict:
+            """Refund part of a payment, in cents."""
+            self.calls.append("issue_refund")
+            refund = client.v1.refunds.create(params={"payment_intent": payment_intent,
+                                                      "amount": amount})  # fmt: skip
+            return {"id": refund.id, "amount": refund.amount}
+
+        @tool
+        async def aissue_refund(payment_intent: str, amount: int) -> dict:
+            """Refund part of a payment, in cents (async)."""
+            self.calls.append("aissue_refund")
+            refund = await client.v1.refunds.create_async(
+                params={"payment_intent": payment_intent, "amount": amount}
+            )
+            return {"id": refund.id, "amount": refund.amount}
+
+        @tool(response_format="content_and_artifact")
+        def refund_with_receipt(payment_intent: str, amount: int) -> tuple[str, dict]:
+            """Refund and return a receipt as the artifact."""
+            refund = client.v1.refunds.create(params={"payment_intent": payment_intent,
+                                                      "amount": amount})  # fmt: skip
+            return f"refunded {refund.amount}", {"amount": refund.amount}
+
+        def declined(payment_intent: str, amount: int) -> str:
+            """A refund the bank declines."""
+            raise ToolException("declined by the bank")
+
+        from langchain_core.tools import StructuredTool
+
+        self.declined = StructuredTool.from_function(declined, handle_tool_error=True)
+
+        @tool
+        def lookup_payment(payment_intent: str) -> str:
+            """Look a payment up."""
+            self.calls.append("lookup_payment")
+            return str(client.v1.payment_intents.retrieve(payment_intent).status)
+
+        self.issue_refund, self.aissue_refund = issue_refund, aissue_refund
+        self.refund_with_receipt, self.lookup_payment = refund_with_receipt, lookup_payment
+
+    def governed(self, gov: Governor, *names: str, **kwargs: Any) -> list[BaseTool]:
+        specs = {n: FREE if n == "lookup_payment" else REFUND_SPEC for n in names}
+        return govern_tools([getattr(self, n) for n in names], gov, specs=specs, **kwargs)
+
+
+@pytest.fixture
+def shop(localstripe: LocalStripe) -> Shop:
+    return Shop(localstripe)
+
+
+def refunds_of(server: LocalStripe, intent: str) -> list[int]:
+    data = server.client().v1.refunds.list(params={"limit": 100}).data
+    return sorted(r.amount for r in data if r.payment_intent == intent)
+
+
+def config(run: str) -> dict[str, Any]:
+    return {"metadata": {"run_id": run}}
+
+
+# -- wrapping ------------------------------------------------------------------------------
+def test_wrapping_keeps_what_the_model_and_the_agent_see(
+    make_governor: Callable[..., Governor], shop: Shop
+) -> None:
+    gov = make_governor(policy())
+    originals = [shop.issue_refund, shop.refund_with_receipt]
+    wrapped = govern_tools(originals, gov, specs={t.name: REFUND_SPEC for t in originals})
+    for before, after in zip(originals, wrapped, strict=True):
+        assert after.name == before.name
+        assert after.description == before.description
+        assert after.tool_call_schema.model_json_schema() == (
+            before.tool_call_schema.model_json_schema()
+        )
+        assert (after.return_direct, after.response_format) == (
+            before.return_direct, before.response_format,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"no spec for 'lookup_payment'.*FREE"):
+        govern_tools([shop.lookup_payment], gov, specs={})
+
+
+# -- create_agent --------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "stream"])
+def test_refunds_until_the_cap_then_the_caller_gets_the_violation(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe, mode: str
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe, amount=50000)
+    name = "aissue_refund" if mode == "ainvoke" else "issue_refund"
+    refund = (name, {"payment_intent": intent, "amount": 3000})
+    agent = create_agent(script([refund], [refund], [refund], [refund]), name="refund-agent",
+                         tools=shop.governed(gov, name))  # fmt: skip
+    request = {"messages": [("user", "refund, again and again")]}
+    with pytest.raises(PolicyViolation) as caught:
+        if mode == "invoke":
+            agent.invoke(request, config=config("run-1"))
+        elif mode == "ainvoke":
+            asyncio.run(agent.ainvoke(request, config=config("run-1")))
+        else:
+            list(agent.stream(request, config=config("run-1")))
+    assert caught.value.code is ViolationCode.CAP_EXCEEDED
+    assert refunds_of(localstripe, intent) == [3000, 3000, 3000]
+    rows = gov.audit.query(run="run-1")
+    assert [(r.outcome, r.actual, r.tool_call_id) for r in rows] == [
+        ("allowed", 3000, "call_0_0"), ("allowed", 3000, "call_1_0"),
+        ("allowed", 3000, "call_2_0"), ("denied", 0, "call_3_0"),
+    ]  # fmt: skip
+
+
+def test_a_refusal_escapes_retry_middleware_and_is_not_retried(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe, amount=50000)
+    agent = create_agent(script([("issue_refund", {"payment_intent": intent, "amount": 6000})]),
+                         tools=shop.governed(gov, "issue_refund"), name="refund-agent",
+                         middleware=[ToolRetryMiddleware(max_retries=3)])  # fmt: skip
+    with pytest.raises(PolicyViolation) as caught:
+        agent.invoke({"messages": [("user", "refund")]})
+    assert caught.value.code is ViolationCode.PER_CALL_CAP
+    assert len(gov.audit.query(outcome="denied")) == 1
+    assert shop.calls == []
+
+
+def test_the_users_own_errors_keep_their_handling(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe)
+    tools = govern_tools([shop.declined], gov, specs={"declined": REFUND_SPEC},
+                         agent="refund-agent")  # fmt: skip
+    agent = create_agent(script([("declined", {"payment_intent": intent, "amount": 500})]),
+                         tools=tools)  # fmt: skip
+    state = agent.invoke({"messages": [("user", "refund")]}, config=config("run-e"))
+    (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
+    assert (message.content, message.status) == ("declined by the bank", "error")  # as before
+    (row,) = gov.audit.query(run="run-e")
+    assert (row.outcome, row.error) == ("failed", "declined by the bank")
+    assert gov.holds() == []
+
+
+def test_a_content_and_artifact_tool_settles_from_its_artifact(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe)
+    agent = create_agent(
+        script([("refund_with_receipt", {"payment_intent": intent, "amount": 1200})]),
+        tools=shop.governed(gov, "refund_with_receipt"), name="refund-agent",
+    )
+    state = agent.invoke({"messages": [("user", "refund")]}, config=config("run-a"))
+    (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
+    assert (message.content, message.artifact) == ("refunded 1200", {"amount": 1200})
+    (row,) = gov.audit.query(run="run-a")
+    assert (row.outcome, row.actual) == ("allowed", 1200)
+
+
+def test_tell_model_mode_returns_an_error_tool_message(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe, amount=50000)
+    agent = create_agent(script([("issue_refund", {"payment_intent": intent, "amount": 6000})]),
+                         tools=shop.governed(gov, "issue_refund", on_violation="tell_model"),
+                         name="refund-agent")  # fmt: skip
+    state = agent.invoke({"messages": [("user", "refund")]})
+    (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and "per_call_cap" in str(message.content)
+    assert [r.outcome for r in gov.audit.query()] == ["denied"]
+
+
+def test_parallel_calls_one_denied_leave_no_hold_pending(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    big, small = paid_intent(localstripe, amount=50000), paid_intent(localstripe)
+    for mode in ("invoke", "ainvoke"):
+        name = "aissue_refund" if mode == "ainvoke" else "issue_refund"
+        agent = create_agent(script([(name, {"payment_intent": big, "amount": 6000}),
+                                     (name, {"payment_intent": small, "amount": 1000})]),
+                             tools=shop.governed(gov, name), name="refund-agent")  # fmt: skip
+        with pytest.raises(PolicyViolation):
+            call = getattr(agent, mode)({"messages": [("user", "both")]}, config=config("p"))
+            if mode == "ainvoke":
+                asyncio.run(call)
+    assert refunds_of(localstripe, big) == []
+    assert_every_hold_accounted_for(gov)
+
+
+def test_free_tools_are_audited_with_the_run_and_tool_call(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe)
+    agent = create_agent(script([("lookup_payment", {"payment_intent": intent})]),
+                         tools=shop.governed(gov, "lookup_payment"), name="refund-agent")
+    agent.invoke({"messages": [("user", "look")]}, config={"configurable": {"thread_id": "t-9"}})
+    (row,) = gov.audit.query()
+    assert (row.run, row.endpoint, row.tool_call_id, row.outcome) == (
+        "t-9", "/tools/lookup_payment", "call_0_0", "allowed",
+    )  # fmt: skip
+
+
+# -- a plain ToolNode with handle_tool_errors=True ----------------------------------------------
+class State(TypedDict):
+    messages: Annotated[list[AnyMessage], operator.add]
+
+
+def test_a_tool_node_that_handles_every_error_still_lets_the_refusal_through(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe, amount=50000)
+    tools = shop.governed(gov, "issue_refund", agent="refund-agent")
+    graph = StateGraph(State)
+    graph.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+    graph.add_edge(START, "tools")
+    graph.add_edge("tools", END)
+    app = graph.compile()
+    call = AIMessage("", tool_calls=[{"name": "issue_refund", "id": "call_x",
+                                      "args": {"payment_intent": intent, "amount": 6000}}])
+    with pytest.raises(PolicyViolation) as caught:
+        app.invoke({"messages": [call]})
+    assert caught.value.code is ViolationCode.PER_CALL_CAP
+    assert shop.calls == []
+
+
+# -- the middleware ------------------------------------------------------------------------
+def test_the_middleware_governs_every_tool_call_of_the_agent(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe, amount=50000)
+    refund = ("issue_refund", {"payment_intent": intent, "amount": 4000})
+    middleware = PaymasterMiddleware(gov, specs={"issue_refund": REFUND_SPEC,
+                                                 "lookup_payment": FREE})  # fmt: skip
+    agent = create_agent(
+        script([("lookup_payment", {"payment_intent": intent})], [refund], [refund], [refund]),
+        tools=[shop.issue_refund, shop.lookup_payment], name="refund-agent",
+        middleware=[middleware, ToolRetryMiddleware(max_retries=2)],
+    )  # fmt: skip
+    with pytest.raises(PolicyViolation) as caught:
+        agent.invoke({"messages": [("user", "refund")]}, config=config("run-m"))
+    assert caught.value.code is ViolationCode.CAP_EXCEEDED
+    assert refunds_of(localstripe, intent) == [4000, 4000]
+    rows = gov.audit.query(run="run-m")
+    assert [(r.endpoint, r.outcome, r.tool_call_id) for r in rows] == [
+        ("/tools/lookup_payment", "allowed", "call_0_0"),
+        ("/v1/refunds", "allowed", "call_1_0"), ("/v1/refunds", "allowed", "call_2_0"),
+        ("/v1/refunds", "denied", "call_3_0"),
+    ]  # fmt: skip
+
+
+def test_the_middleware_refuses_a_tool_without_a_spec(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe)
+    agent = create_agent(script([("lookup_payment", {"payment_intent": intent})]),
+                         tools=[shop.lookup_payment], name="refund-agent",
+                         middleware=[PaymasterMiddleware(gov, specs={})])  # fmt: skip
+    with pytest.raises(PolicyViolation) as caught:
+        asyncio.run(agent.ainvoke({"messages": [("user", "look")]}))
+    assert caught.value.code is ViolationCode.UNKNOWN_OPERATION
+    assert shop.calls == []
+    assert [r.violation_code for r in gov.audit.query()] == ["unknown_operation"]
