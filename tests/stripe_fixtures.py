@@ -53,6 +53,7 @@ def assert_every_hold_accounted_for(gov: Any) -> None:
     """
     from paymaster import Governor, HoldState, Money
 
+    day = gov.ledger.now().date()  # the test governor's clock, not the wall clock
     gov.close()
     with Governor(gov.engine.url.render_as_string(hide_password=False),
                   policies=gov.policies) as fresh:  # fmt: skip
@@ -60,6 +61,6 @@ def assert_every_hold_accounted_for(gov: Any) -> None:
         assert [h for h in unresolved if h.state is HoldState.PENDING] == []
         unknown_rows = {r.hold_id for r in fresh.audit.query(outcome="unknown")}
         assert {h.id for h in unresolved} <= unknown_rows
-        (budget,) = [b for b in fresh.budgets() if b.kind == "daily"]
+        (budget,) = [b for b in fresh.budgets(day=day) if b.kind == "daily"]
         kept = sum((h.estimate for h in unresolved), Money.zero(budget.cap.currency))
         assert budget.committed == budget.settled + kept

@@ -23,7 +23,16 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
 from typing_extensions import TypedDict
 
-from paymaster import FREE, Governor, Money, Policy, PolicyViolation, ToolSpec, ViolationCode
+from paymaster import (
+    FREE,
+    Governor,
+    HoldState,
+    Money,
+    Policy,
+    PolicyViolation,
+    ToolSpec,
+    ViolationCode,
+)
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_langchain import PaymasterMiddleware, govern_tools
 from stripe_fixtures import assert_every_hold_accounted_for, localstripe, paid_intent
@@ -209,7 +218,7 @@ def test_the_users_own_errors_keep_their_handling(
     (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
     assert (message.content, message.status) == ("declined by the bank", "error")  # as before
     (row,) = gov.audit.query(run="run-e")
-    assert (row.outcome, row.error) == ("failed", "declined by the bank")
+    assert (row.outcome, row.error) == ("failed", "ToolException: declined by the bank")
     assert gov.holds() == []
 
 
@@ -311,7 +320,7 @@ def test_the_middleware_governs_every_tool_call_of_the_agent(
     agent = create_agent(
         script([("lookup_payment", {"payment_intent": intent})], [refund], [refund], [refund]),
         tools=[shop.issue_refund, shop.lookup_payment], name="refund-agent",
-        middleware=[middleware, ToolRetryMiddleware(max_retries=2)],
+        middleware=[ToolRetryMiddleware(max_retries=2), middleware],
     )  # fmt: skip
     with pytest.raises(PolicyViolation) as caught:
         agent.invoke({"messages": [("user", "refund")]}, config=config("run-m"))
@@ -338,3 +347,99 @@ def test_the_middleware_refuses_a_tool_without_a_spec(
     assert caught.value.code is ViolationCode.UNKNOWN_OPERATION
     assert shop.calls == []
     assert [r.violation_code for r in gov.audit.query()] == ["unknown_operation"]
+
+
+# -- outcomes the tool's own handling must not hide (from review) ------------------------------
+def test_a_timeout_the_tool_turns_into_a_message_keeps_its_hold_counted(
+    make_governor: Callable[..., Governor],
+) -> None:
+    from langchain_core.tools import StructuredTool
+
+    gov = make_governor(policy())
+
+    def charge_then_time_out(payment_intent: str, amount: int) -> str:
+        """Pays, then the reply is lost."""
+        raise ToolException("upstream timed out") from TimeoutError("read timed out")
+
+    flaky = StructuredTool.from_function(charge_then_time_out, handle_tool_error=True)
+    (tool_,) = govern_tools([flaky], gov, specs={flaky.name: REFUND_SPEC}, agent="refund-agent")
+    output = tool_.invoke({"type": "tool_call", "id": "c1", "name": flaky.name,
+                           "args": {"payment_intent": "pi_1", "amount": 700}})  # fmt: skip
+    assert (output.content, output.status) == ("upstream timed out", "error")  # as before
+    (hold,) = gov.holds()
+    assert hold.state is HoldState.UNKNOWN  # it may have paid
+
+
+def test_an_unreadable_actual_keeps_the_hold_counted(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+
+    @tool
+    def pays(amount: int) -> str:
+        """Pays and answers in prose."""
+        return "done"
+
+    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
+                    estimate=lambda a: Money(a["amount"], "USD"),
+                    actual=lambda output: output["amount"])  # fmt: skip
+    (tool_,) = govern_tools([pays], gov, specs={"pays": spec}, agent="refund-agent")
+    assert tool_.invoke({"amount": 900}) == "done"
+    (hold,) = gov.holds()
+    assert (hold.state, hold.estimate) == (HoldState.UNKNOWN, Money(900, "USD"))
+
+
+def test_the_spec_sees_the_arguments_as_the_tool_does(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+
+    @tool
+    def refund_units(quantity: int = 3, unit: int = 1000) -> dict:
+        """Refund some units."""
+        return {"amount": quantity * unit}
+
+    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
+                    estimate=lambda a: Money(a["quantity"] * a["unit"], "USD"),
+                    actual=lambda output: output["amount"])  # fmt: skip
+    (tool_,) = govern_tools([refund_units], gov, specs={"refund_units": spec}, agent="refund-agent")
+    tool_.invoke({"unit": "1000"})  # a string the tool's schema coerces, a default it fills
+    (row,) = gov.audit.query()
+    assert (row.estimate, row.actual) == (3000, 3000)
+
+
+def test_a_tool_without_an_args_schema_keeps_its_schema_and_run_is_governed(
+    make_governor: Callable[..., Governor],
+) -> None:
+    from langchain_core.tools import BaseTool as _BaseTool
+
+    gov = make_governor(policy())
+
+    class Refund(_BaseTool):
+        name: str = "refund"
+        description: str = "Refund an amount in cents."
+
+        def _run(self, amount: int) -> dict:
+            return {"amount": amount}
+
+    original = Refund()
+    (governed,) = govern_tools([original], gov, specs={"refund": REFUND_SPEC}, agent="refund-agent")
+    assert governed.tool_call_schema.model_json_schema() == (
+        original.tool_call_schema.model_json_schema()
+    )
+    assert governed.run({"amount": 400}) == {"amount": 400}
+    (row,) = gov.audit.query()
+    assert (row.outcome, row.actual) == ("allowed", 400)
+
+
+def test_the_middleware_passes_a_made_up_tool_to_the_agent(
+    make_governor: Callable[..., Governor], shop: Shop
+) -> None:
+    gov = make_governor(policy())
+    agent = create_agent(script([("refund_everything", {})]), tools=[shop.lookup_payment],
+                         name="refund-agent",
+                         middleware=[PaymasterMiddleware(gov, specs={"lookup_payment": FREE})])
+    state = agent.invoke({"messages": [("user", "go")]})
+    (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
+    assert "not a valid tool" in str(message.content)
+    assert gov.audit.query() == []

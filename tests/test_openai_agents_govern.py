@@ -391,3 +391,73 @@ def test_a_sibling_cancelled_mid_call_is_kept_counted_as_unknown(
     assert (kept.state, kept.estimate) == (HoldState.UNKNOWN, Money(700, "USD"))
     (budget,) = gov.budgets()
     assert budget.committed == Money(700, "USD")
+
+
+# -- outcomes and mechanisms pinned by review ----------------------------------------------------
+def test_a_tool_that_paid_but_cannot_be_read_keeps_its_hold_counted(
+    make_governor: Callable[..., Governor],
+) -> None:
+    from pydantic import BaseModel
+
+    gov = make_governor(policy())
+
+    class Refund(BaseModel):
+        amount: int
+
+    @function_tool
+    async def pays_in_prose(amount: int) -> str:
+        """Pays, then answers in prose (the spec expects a dict)."""
+        return "refunded"
+
+    @function_tool(output_type=Refund)  # type: ignore[call-overload]
+    async def pays_wrong_shape(amount: int) -> dict:
+        """Pays, then returns something its declared output type refuses."""
+        return {"refunded": amount}
+
+    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
+                    estimate=lambda a: Money(a["amount"], "USD"),
+                    actual=lambda result: result["amount"])  # fmt: skip
+    tools = govern_tools([pays_in_prose, pays_wrong_shape], gov,
+                         specs={"pays_in_prose": spec, "pays_wrong_shape": spec})  # fmt: skip
+    model = script([("pays_in_prose", {"amount": 300})], [("pays_wrong_shape", {"amount": 400})])
+    Runner.run_sync(Agent(name="refund-agent", tools=tools, model=model), "go")
+    assert sorted((h.state, h.estimate.amount) for h in gov.holds()) == [
+        (HoldState.UNKNOWN, 300), (HoldState.UNKNOWN, 400),
+    ]  # fmt: skip
+
+
+def test_a_callable_needs_approval_still_sees_the_prepared_arguments(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+
+    async def big(ctx: Any, params: dict[str, Any], call_id: str) -> bool:
+        return int(params.get("amount", 0)) > 1000
+
+    @function_tool(strict_mode=False, needs_approval=big)
+    async def refund(amount: int = 4000) -> str:
+        """Refund; the default amount needs a human."""
+        return "refunded"
+
+    (governed,) = govern_tools([refund], gov, specs={"refund": ToolSpec(
+        vendor="stripe", endpoint="/v1/refunds", estimate=lambda a: Money(4000, "USD"))})
+    model = script([("refund", {})])
+    result = Runner.run_sync(Agent(name="refund-agent", tools=[governed], model=model), "go")
+    assert len(result.interruptions) == 1  # as for the ungoverned tool: a human decides
+    assert gov.audit.query() == []
+
+
+def test_a_refusal_caught_by_the_caller_can_be_pickled(
+    make_governor: Callable[..., Governor], shop: Shop, localstripe: LocalStripe
+) -> None:
+    import pickle
+
+    gov = make_governor(policy())
+    intent = paid_intent(localstripe, amount=50000)
+    model = script([("issue_refund", {"payment_intent": intent, "amount": 6000, "customer": ""})])
+    agent = Agent(name="refund-agent", tools=shop.governed(gov, "issue_refund"), model=model)
+    with pytest.raises(PolicyViolation) as caught:
+        Runner.run_sync(agent, "refund")
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert type(copy) is PolicyViolation
+    assert (copy.code, copy.message) == (caught.value.code, caught.value.message)

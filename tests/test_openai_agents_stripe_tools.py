@@ -153,3 +153,23 @@ def test_parallel_calls_one_refused_leave_no_hold_pending(
     assert refunds_of(localstripe, big) == []
     assert_every_hold_accounted_for(gov)
     assert any(r.violation_code == "per_call_cap" for r in gov.audit.query(run="run-oa-5"))
+
+
+def test_a_run_policy_in_the_context_narrows_the_stripe_tools(
+    make_governor: Callable[..., Governor], localstripe: LocalStripe
+) -> None:
+    from paymaster import RunPolicy
+
+    gov = make_governor(refund_agent_policy())
+    intent = paid_intent(localstripe, amount=9000)
+    refund = {"payment_intent": intent, "amount": 2000, "reason": None}
+    model = ScriptedModel([
+        [function_call("create_refund", refund, call_id="call_1")],
+        [function_call("create_refund", refund, call_id="call_2")],
+        [assistant_message("done")],
+    ])  # fmt: skip
+    context = {"run_id": "run-oa-rp", "paymaster_run_policy": RunPolicy(cap="30.00 USD")}
+    with pytest.raises(PolicyViolation) as caught:
+        Runner.run_sync(agent_with(gov, localstripe, model), "refund twice", context=context)
+    assert caught.value.code is ViolationCode.RUN_CAP_EXCEEDED
+    assert refunds_of(localstripe, intent) == [2000]

@@ -94,6 +94,26 @@ def _rebuild_violation(
     return violation
 
 
+def _restore_exception(
+    cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
+) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def reduce_as(
+    exc: BaseException, cls: type[BaseException], *, drop: tuple[str, ...] = ("run_data",)
+) -> tuple[object, ...]:
+    """Pickle ``exc`` as an instance of ``cls``: for the subclasses adapters make at run
+    time so that a framework lets a refusal through (they cannot be found by name)."""
+    state = {key: value for key, value in exc.__dict__.items() if key not in drop}
+    if isinstance(exc, PolicyViolation):
+        return (_rebuild_violation, (cls, exc.code, exc.message, state))
+    return (_restore_exception, (cls, exc.args, state))
+
+
 class GovernanceUnavailable(PaymasterError):
     """The ledger could not be reached or written: the call did not happen (fail closed)."""
 

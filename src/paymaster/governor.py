@@ -20,9 +20,10 @@ import getpass
 import http.client
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -452,11 +453,22 @@ class Governor:
         work = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
         return await asyncio.wrap_future(self._executor.submit(work))
 
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Run blocking ``fn`` in the governor's worker threads without waiting for it
+        (an audit row that must be written although the asking task is being cancelled);
+        :meth:`close` waits for it."""
+        return self._executor.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def _to_completion(
-        self, fn: Callable[..., T], *args: Any, polling: bool = False, **kwargs: Any
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        polling: bool = False,
+        on_cancel: Callable[[], None] | None = None,
+        **kwargs: Any,
     ) -> tuple[T, bool]:
         """Run ``fn`` in a worker thread and wait for it even if this task is cancelled
         meanwhile (a ledger write cannot be abandoned half-way); report the cancellation.
@@ -465,6 +477,8 @@ class Governor:
         polling rather than by awaiting the thread, so that a framework draining
         cancelled tasks sees it make progress (the Agents SDK keeps waiting only for
         tasks whose next wake-up is a timer) instead of abandoning it mid-write.
+        ``on_cancel`` runs once, when a cancellation is first seen: for work that must
+        finish correctly even if this task is then abandoned and never resumes.
         """
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(fn, *args, **kwargs)
@@ -477,6 +491,8 @@ class Governor:
                 if future.done() and future.cancelled():
                     raise
                 cancelled = True
+                if on_cancel is not None:
+                    on_cancel()
         while not future.done():
             try:
                 await asyncio.sleep(0.001)
@@ -605,6 +621,54 @@ class Governor:
         return self.ledger.budgets(day=day)
 
 
+class _ReserveJob:
+    """A reserve run in a worker thread that frees its own hold if the task that asked
+    for it was cancelled meanwhile (a framework may abandon that task, never resuming it
+    to do so)."""
+
+    def __init__(self, governor: Governor, request: ReserveRequest) -> None:
+        self._governor = governor
+        self._request = request
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._reservation: Reservation | None = None
+        self._released = threading.Event()
+
+    def run(self) -> Reservation:
+        reservation = self._governor.ledger.reserve(self._request)
+        with self._lock:
+            self._reservation = reservation
+            abandoned = self._abandoned
+        if abandoned:
+            self._release()
+        return reservation
+
+    def abandon(self) -> None:
+        """The asking task was cancelled (on the event loop)."""
+        with self._lock:
+            self._abandoned = True
+            landed = self._reservation is not None
+        if landed:  # reserved already: free it in a worker, without waiting
+            self._governor._executor.submit(self._release)
+
+    def wait_released(self) -> None:
+        self._released.wait()
+
+    def _release(self) -> None:
+        reservation = self._reservation
+        try:
+            if reservation is not None and not reservation.resumed:  # a hold found by
+                # its key belongs to another attempt, which may have paid
+                self._governor.ledger.release(
+                    reservation.hold.id, outcome=Outcome.ERRORED,
+                    error="task cancelled before the call was made",
+                )  # fmt: skip
+        except Exception:
+            log.exception("could not free the hold of a cancelled call; it stays pending")
+        finally:
+            self._released.set()
+
+
 class AsyncGuard:
     """The ``async with`` block of :meth:`Governor.aguard`.
 
@@ -621,13 +685,12 @@ class AsyncGuard:
     async def __aenter__(self) -> AsyncGovernedCall:
         gov = self._governor
         request = await gov._off_loop(self._prepare)
-        reservation, cancelled = await gov._to_completion(gov.ledger.reserve, request)
+        job = _ReserveJob(gov, request)
+        reservation, cancelled = await gov._to_completion(job.run, on_cancel=job.abandon)
         if cancelled:
-            if not reservation.resumed:  # a hold found by its key is not ours to free
-                await gov._to_completion(
-                    gov.ledger.release, reservation.hold.id, outcome=Outcome.ERRORED,
-                    error="task cancelled before the call was made", polling=True,
-                )  # fmt: skip
+            # The job frees the hold in its worker thread (the call never ran), so it is
+            # freed even if this task is abandoned now; wait for that when we can.
+            await gov._to_completion(job.wait_released, polling=True)
             raise asyncio.CancelledError
         self._call = AsyncGovernedCall(gov.ledger, reservation, request.policy, gov)
         return self._call

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from paymaster.errors import GovernanceUnavailable, PolicyViolation
+from paymaster.errors import GovernanceUnavailable, PolicyViolation, reduce_as
 
 __all__ = ["STOPS_THE_RUN", "stop_the_run"]
 
@@ -30,7 +30,11 @@ def _escaping(cls: type[Exception]) -> type[Exception]:
     from langgraph.errors import GraphBubbleUp
 
     if cls not in _ESCAPING:
-        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        namespace = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__reduce__": lambda self: reduce_as(self, cls),  # pickles as ``cls``
+        }
         _ESCAPING[cls] = type(cls.__name__, (cls, GraphBubbleUp), namespace)
     return _ESCAPING[cls]
 

@@ -7,10 +7,10 @@
     agent = create_agent(model, tools=tools, name="refund-agent")
     agent.invoke({"messages": [...]}, config={"metadata": {"run_id": "run-42"}})
 
-or, without wrapping tools one by one::
+or, without wrapping tools one by one (listed last: the innermost middleware)::
 
     agent = create_agent(model, tools=[refund_tool, lookup_tool], name="refund-agent",
-                         middleware=[PaymasterMiddleware(governor, specs={...})])
+                         middleware=[..., PaymasterMiddleware(governor, specs={...})])
 
 A governed tool call is reserved before the tool runs and settled from its output; the
 tool itself is invoked unchanged (the same input, injected arguments and config), so its
@@ -21,20 +21,23 @@ refusal reaches the caller of ``invoke`` / ``ainvoke`` / ``stream`` (see
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig, ensure_config
-from langchain_core.tools import BaseTool
-from pydantic import ConfigDict
+from langchain_core.tools import BaseTool, ToolException
+from langchain_core.tools.base import _format_output, _handle_tool_error, _handle_validation_error
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from paymaster import Governor, PolicyViolation, ViolationCode
-from paymaster.governor import GovernedCall
+from paymaster.governor import GovernedCall, is_outcome_unknown
 from paymaster.toolspec import FreeTool, ToolSpec
 from paymaster.vendors.stripe.tools import model_message
 
@@ -115,97 +118,216 @@ class _Governance:
     def call(
         self, name: str, spec: Spec, args: Mapping[str, Any], call_id: str | None,
         config: RunnableConfig,
-    ) -> Iterator[Callable[[Any], None]]:  # fmt: skip
-        """Govern one tool call made inside the block; yields ``done(output)``."""
+    ) -> Iterator[_Outcome]:  # fmt: skip
+        """Govern one tool call made inside the block; the block reports how it ended on
+        the yielded :class:`_Outcome` (an exception escaping it is classified too)."""
         if isinstance(spec, FreeTool):
             record = self.governor.free_call(
                 agent=self.who(config), vendor=spec.vendor, endpoint=spec.endpoint(name),
                 run=self.run_id(config), tool_call_id=call_id,
             )  # fmt: skip
-            started = time.monotonic()
-            try:
-                yield lambda output: record(error=_failure(output), duration_ms=_ms(started))
-            except Exception as exc:
-                record(error=_describe(exc), duration_ms=_ms(started))
-                raise
+            outcome = _Outcome(None, spec, record)
+        else:
+            kwargs = self._guard_kwargs(name, spec, args, call_id, config)
+            with self.governor.guard(**kwargs) as call:
+                yield _Outcome(call, spec, None)
             return
-        kwargs = self._guard_kwargs(name, spec, args, call_id, config)
-        with self.governor.guard(**kwargs) as call:
-            yield lambda output: _resolve(call, spec, output)
+        try:
+            yield outcome
+        except BaseException as exc:
+            if not outcome.done:  # cancelled or failed: its row is written regardless
+                self.governor.submit(outcome.failed, exc)
+            raise
 
     @asynccontextmanager
     async def acall(
         self, name: str, spec: Spec, args: Mapping[str, Any], call_id: str | None,
         config: RunnableConfig,
     ) -> Any:  # fmt: skip
-        """:meth:`call` for asyncio: ``done(output)`` is awaited."""
+        """:meth:`call` for asyncio: the outcome's methods run in worker threads (through
+        :meth:`_Outcome.settle_in` and friends)."""
         gov = self.governor
         if isinstance(spec, FreeTool):
             record = await gov.in_worker(
                 gov.free_call, agent=self.who(config), vendor=spec.vendor,
                 endpoint=spec.endpoint(name), run=self.run_id(config), tool_call_id=call_id,
             )  # fmt: skip
-            started = time.monotonic()
-
-            async def done_free(output: Any) -> None:
-                await gov.in_worker(record, error=_failure(output), duration_ms=_ms(started))
-
+            outcome = _Outcome(None, spec, record)
             try:
-                yield done_free
-            except Exception as exc:
-                await gov.in_worker(record, error=_describe(exc), duration_ms=_ms(started))
+                yield outcome
+            except BaseException as exc:
+                if not outcome.done:
+                    gov.submit(outcome.failed, exc)
                 raise
             return
         kwargs = await gov.in_worker(self._guard_kwargs, name, spec, args, call_id, config)
         async with gov.aguard(**kwargs) as call:
+            yield _Outcome(call, spec, None)
 
-            async def done(output: Any) -> None:
-                await gov.in_worker(_resolve, call, spec, output)
 
-            yield done
+class _Outcome:
+    """How one governed tool call ended, recorded once (sync: call it in a worker thread
+    from async code)."""
+
+    def __init__(
+        self, call: GovernedCall | None, spec: Spec, record: Callable[..., None] | None
+    ) -> None:
+        self.call, self.spec, self.record = call, spec, record
+        self.started = time.monotonic()
+        self.done = False
+
+    def ok(self, output: Any, raw: Any = None, has_raw: bool = False) -> None:
+        """The tool returned ``output`` (its return value ``raw`` when captured)."""
+        self.done = True
+        failure = _failure(output)
+        if self.record is not None:
+            self.record(error=failure, duration_ms=_ms(self.started))
+            return
+        assert self.call is not None
+        assert isinstance(self.spec, ToolSpec)
+        if failure is not None:
+            # An error message made by something other than the tool's own handler (a
+            # middleware, a ToolNode): nobody knows whether the tool paid first.
+            GovernedCall.unknown(self.call, f"the tool call ended in an error: {failure}")
+            return
+        try:
+            actual = self.spec.actual_cost(raw if has_raw else _value(output))
+        except Exception as exc:  # the tool ran: never release its hold
+            GovernedCall.unknown(self.call, f"the tool returned, but its cost is unreadable: {exc}")
+            return
+        GovernedCall.settle(self.call, actual)
+
+    def failed(self, exc: BaseException) -> None:
+        """The tool raised ``exc`` (before any handler turned it into a message)."""
+        self.done = True
+        if self.record is not None:
+            self.record(error=_describe(exc), duration_ms=_ms(self.started))
+            return
+        assert self.call is not None
+        if self.call.resolved:
+            return
+        if is_outcome_unknown(_root(exc)) or _is_interrupt(exc):
+            # A timeout, a lost connection, or interrupt() pausing the run (LangGraph runs
+            # the tool again on resume): it may have paid; keep the hold counted.
+            GovernedCall.unknown(self.call, f"the tool stopped: {_describe(exc)}")
+        else:
+            GovernedCall.fail(self.call, error=_describe(exc))
 
 
 class GovernedTool(BaseTool):
-    """A governed stand-in for a LangChain tool: same name, description, argument schema,
-    ``return_direct`` and ``response_format``; each call reserved, then the original
-    tool invoked with the very same input."""
+    """A governed stand-in for a LangChain tool: the same name, description, schemas
+    (injected arguments included), ``return_direct`` and ``response_format``. Each call
+    is reserved, then a copy of the original tool runs with the very same input and
+    config; the original's own error handling is applied after paymaster has seen the
+    raw exception, so a timeout it turns into a message still keeps the hold counted."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     inner: BaseTool
     spec: Any
     governance: Any
+    _raw: BaseTool = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        super().model_post_init(context)
+        self._raw = _raw_copy(self.inner)
+
+    # -- what the model and LangGraph see: the inner tool's ------------------------------
+    def get_input_schema(self, config: RunnableConfig | None = None) -> Any:
+        return self.inner.get_input_schema(config)
+
+    @property
+    def tool_call_schema(self) -> Any:
+        return self.inner.tool_call_schema
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self.inner.args
+
+    @property
+    def is_single_input(self) -> bool:
+        return self.inner.is_single_input
+
+    @property
+    def func(self) -> Callable[..., Any] | None:
+        """The inner function's signature, for LangGraph's injection; calling it is
+        refused (call the tool)."""
+        inner = getattr(self.inner, "func", None) or getattr(self.inner, "coroutine", None)
+        if inner is None:
+            return None
+
+        @functools.wraps(inner)
+        def signature_only(*args: Any, **kwargs: Any) -> Any:
+            raise TypeError(f"call the governed tool {self.name!r}, not its function")
+
+        return signature_only
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - invoke is used
-        raise NotImplementedError("a GovernedTool is called through invoke / ainvoke")
+        raise NotImplementedError("a GovernedTool is called through invoke / run")
+
+    # -- calls ---------------------------------------------------------------------------
+    def run(self, tool_input: Any, *args: Any, **kwargs: Any) -> Any:
+        """``BaseTool.run``, governed (routed through :meth:`invoke`)."""
+        return self.invoke(*_as_invoke(tool_input, kwargs))
+
+    async def arun(self, tool_input: Any, *args: Any, **kwargs: Any) -> Any:
+        """``BaseTool.arun``, governed (routed through :meth:`ainvoke`)."""
+        return await self.ainvoke(*_as_invoke(tool_input, kwargs))
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         config = ensure_config(config)
         args, call_id = _split(input)
         governance: _Governance = self.governance
         try:
-            with governance.call(self.name, self.spec, args, call_id, config) as done:
-                output = self.inner.invoke(input, config, **kwargs)
-                done(output)
+            priced = _priced_arguments(self.inner, args, governance, self.spec, call_id, config)
+            with governance.call(self.name, self.spec, priced, call_id, config) as outcome:
+                captured = _Captured()
+                token = _captured.set(captured)
+                try:
+                    output = self._raw.invoke(input, config, **kwargs)
+                except Exception as exc:
+                    outcome.failed(exc)
+                    handled = _handled(self.inner, exc, call_id)
+                    if handled is _UNHANDLED:
+                        raise
+                    return handled
+                finally:
+                    _captured.reset(token)
+                outcome.ok(output, captured.value, captured.set)
                 return output
         except PolicyViolation as violation:
             return governance.refusal(violation, call_id)
         except STOPS_THE_RUN as exc:
-            raise stop_the_run(exc) from None
+            raise stop_the_run(exc)  # noqa: B904 - the same object, its cause kept
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         config = ensure_config(config)
         args, call_id = _split(input)
         governance: _Governance = self.governance
+        gov = governance.governor
         try:
-            async with governance.acall(self.name, self.spec, args, call_id, config) as done:
-                output = await self.inner.ainvoke(input, config, **kwargs)
-                await done(output)
+            priced = await gov.in_worker(
+                _priced_arguments, self.inner, args, governance, self.spec, call_id, config
+            )
+            async with governance.acall(self.name, self.spec, priced, call_id, config) as outcome:
+                captured = _Captured()
+                token = _captured.set(captured)
+                try:
+                    output = await self._raw.ainvoke(input, config, **kwargs)
+                except Exception as exc:
+                    await gov.in_worker(outcome.failed, exc)
+                    handled = _handled(self.inner, exc, call_id)
+                    if handled is _UNHANDLED:
+                        raise
+                    return handled
+                finally:
+                    _captured.reset(token)
+                await gov.in_worker(outcome.ok, output, captured.value, captured.set)
                 return output
         except PolicyViolation as violation:
             return governance.refusal(violation, call_id)
         except STOPS_THE_RUN as exc:
-            raise stop_the_run(exc) from None
+            raise stop_the_run(exc)  # noqa: B904 - the same object, its cause kept
 
 
 def govern_tools(
@@ -267,9 +389,13 @@ def _middleware_base() -> type:
 class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
     """Governs every tool call of a ``create_agent`` agent (``paymaster-langchain[agents]``).
 
-    List it first in ``middleware=[...]`` so that it is the outermost: no other
-    middleware then sees (or could swallow) a refusal. A tool call whose tool has no spec
-    is refused: nothing runs ungoverned.
+    List it last in ``middleware=[...]``, so that it is the innermost: each attempt a
+    retry middleware makes is then its own governed call, and a refusal (a
+    ``GraphBubbleUp``) still passes every LangChain tool-error middleware outside it. A
+    tool call whose tool has no spec is refused: nothing runs ungoverned. An error
+    message that reaches it from the tool's own handling keeps the hold counted as
+    ``unknown`` (it cannot tell a decline from a timeout); wrap tools with
+    :func:`govern_tools` to have paymaster see the raw exception.
     """
 
     def __init__(
@@ -304,31 +430,43 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
         return name, spec, call.get("args") or {}, call_id
 
     def wrap_tool_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+        if request.tool is None:  # a tool the model made up: nothing can run
+            return handler(request)
         config = ensure_config(request.runtime.config if request.runtime else None)
         try:
             name, spec, args, call_id = self._spec(request)
-            with self.governance.call(name, spec, args, call_id, config) as done:
-                output = handler(request)
-                done(output)
+            with self.governance.call(name, spec, args, call_id, config) as outcome:
+                try:
+                    output = handler(request)
+                except Exception as exc:
+                    outcome.failed(exc)
+                    raise
+                outcome.ok(output)
                 return output
         except PolicyViolation as violation:
             return self.governance.refusal(violation, request.tool_call.get("id"))
         except STOPS_THE_RUN as exc:
-            raise stop_the_run(exc) from None
+            raise stop_the_run(exc)  # noqa: B904 - the same object, its cause kept
 
     async def awrap_tool_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        if request.tool is None:
+            return await handler(request)
         config = ensure_config(request.runtime.config if request.runtime else None)
         gov = self.governance.governor
         try:
             name, spec, args, call_id = await gov.in_worker(self._spec, request)
-            async with self.governance.acall(name, spec, args, call_id, config) as done:
-                output = await handler(request)
-                await done(output)
+            async with self.governance.acall(name, spec, args, call_id, config) as outcome:
+                try:
+                    output = await handler(request)
+                except Exception as exc:
+                    await gov.in_worker(outcome.failed, exc)
+                    raise
+                await gov.in_worker(outcome.ok, output)
                 return output
         except PolicyViolation as violation:
             return self.governance.refusal(violation, request.tool_call.get("id"))
         except STOPS_THE_RUN as exc:
-            raise stop_the_run(exc) from None
+            raise stop_the_run(exc)  # noqa: B904 - the same object, its cause kept
 
 
 # -- outputs ---------------------------------------------------------------------------
@@ -363,14 +501,121 @@ def _value(output: Any) -> Any:
     return output.content
 
 
-def _resolve(call: GovernedCall, spec: ToolSpec, output: Any) -> None:
-    error = _failure(output)
-    if error is not None:
-        # The tool's own error handling turned its error into a message: nothing was paid
-        # that the tool knows of. (Base-class resolvers: this runs in a worker thread.)
-        GovernedCall.fail(call, error=error)
+class _Captured:
+    """The tool's own return value, caught on its way out of ``_run`` / ``_arun``."""
+
+    __slots__ = ("set", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.set = False
+
+
+_captured: ContextVar[_Captured | None] = ContextVar("paymaster_tool_return", default=None)
+_UNHANDLED = object()
+
+
+def _raw_copy(tool: BaseTool) -> BaseTool:
+    """A copy of ``tool`` that raises its errors (so paymaster sees them before the
+    tool's own handling is applied) and reports its return value (for ``actual``)."""
+    raw: BaseTool = tool.model_copy(
+        update={"handle_tool_error": False, "handle_validation_error": False}
+    )
+    for name in ("_run", "_arun"):
+        method = getattr(raw, name)
+        object.__setattr__(raw, name, _capturing(method))
+    return raw
+
+
+def _capturing(method: Callable[..., Any]) -> Callable[..., Any]:
+    if _is_coroutine(method):
+
+        @functools.wraps(method)
+        async def acapture(*args: Any, **kwargs: Any) -> Any:
+            return _keep(await method(*args, **kwargs))
+
+        return acapture
+
+    @functools.wraps(method)
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        return _keep(method(*args, **kwargs))
+
+    return capture
+
+
+def _keep(value: Any) -> Any:
+    captured = _captured.get()
+    if captured is not None:
+        captured.value = value[1] if _is_content_and_artifact(value) else value
+        captured.set = True
+    return value
+
+
+def _is_content_and_artifact(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2  # (content, artifact)
+
+
+def _is_coroutine(method: Callable[..., Any]) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(method)
+
+
+def _handled(tool: BaseTool, exc: Exception, call_id: str | None) -> Any:
+    """What ``tool``'s own error handling makes of ``exc`` (as ``BaseTool.run`` does), or
+    ``_UNHANDLED`` when it lets the exception through."""
+    content: Any
+    if isinstance(exc, ValidationError) and tool.handle_validation_error:
+        content = _handle_validation_error(exc, flag=tool.handle_validation_error)
+    elif isinstance(exc, ToolException) and tool.handle_tool_error:
+        content = _handle_tool_error(exc, flag=tool.handle_tool_error)
     else:
-        GovernedCall.settle(call, spec.actual_cost(_value(output)))
+        return _UNHANDLED
+    return _format_output(content, None, call_id, tool.name, "error")
+
+
+def _priced_arguments(
+    tool: BaseTool, args: Mapping[str, Any], governance: _Governance, spec: Spec,
+    call_id: str | None, config: RunnableConfig,
+) -> Mapping[str, Any]:  # fmt: skip
+    """The arguments as the tool will see them (validated, with defaults), for the spec."""
+    schema = tool.tool_call_schema
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        return args
+    fields = set(schema.model_fields)
+    try:
+        parsed = schema.model_validate({k: v for k, v in args.items() if k in fields})
+    except ValidationError:
+        return args  # the tool's own validation will refuse them, before it runs
+    return {**args, **parsed.model_dump()}
+
+
+def _root(exc: BaseException) -> BaseException:
+    """A ToolException raised ``from`` a timeout is a timeout."""
+    seen = exc
+    while seen.__cause__ is not None and not is_outcome_unknown(seen):
+        seen = seen.__cause__
+    return seen
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    try:
+        from langgraph.errors import GraphBubbleUp
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, GraphBubbleUp)
+
+
+def _as_invoke(tool_input: Any, kwargs: Mapping[str, Any]) -> tuple[Any, RunnableConfig]:
+    """``BaseTool.run`` arguments as ``invoke`` arguments."""
+    config: RunnableConfig = dict(kwargs.get("config") or {})  # type: ignore[assignment]
+    for key in ("callbacks", "tags", "metadata", "run_name", "run_id"):
+        if kwargs.get(key) is not None:
+            config[key] = kwargs[key]
+    call_id = kwargs.get("tool_call_id")
+    if call_id is not None and isinstance(tool_input, Mapping):
+        return {"type": "tool_call", "id": call_id, "name": "", "args": tool_input}, config
+    return tool_input, config
 
 
 def _describe(exc: BaseException) -> str:

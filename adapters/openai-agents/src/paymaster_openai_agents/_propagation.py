@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from agents.exceptions import AgentsException
 
-from paymaster.errors import GovernanceUnavailable, PolicyViolation
+from paymaster.errors import GovernanceUnavailable, PolicyViolation, reduce_as
 
 __all__ = ["STOPS_THE_RUN", "stop_the_run"]
 
@@ -37,7 +37,11 @@ def stop_the_run(exc: E) -> E:
         passthrough = type(
             cls.__name__,
             (cls, AgentsException),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__reduce__": lambda self: reduce_as(self, cls),  # pickles as ``cls``
+            },
         )
         _PASSTHROUGH[cls] = passthrough
     exc.__class__ = passthrough  # type: ignore[assignment]

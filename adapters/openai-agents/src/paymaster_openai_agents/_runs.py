@@ -3,8 +3,9 @@
 The run id is ``run_id`` (or ``paymaster_run_id``) of the context passed to
 ``Runner.run`` (a mapping or an object). Without one, paymaster makes one per run: the
 SDK gives every tool call of one run the same ``Usage`` object (``ToolContext.usage``,
-and ``result.context_wrapper.usage`` afterwards), so the generated id is kept against
-that object and :func:`run_id_of_result` reads it back. A test checks that every audit
+and ``result.context_wrapper.usage`` afterwards), so the generated id is kept on that
+object and :func:`run_id_of_result` reads it back. Pass ``run_id`` for runs resumed from a
+serialised ``RunState``. A test checks that every audit
 row of one run shares the id, so an SDK change to that sharing is caught.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-import weakref
 from typing import Any
 
 from agents.run_context import RunContextWrapper
@@ -22,7 +22,7 @@ from paymaster import RunPolicy
 __all__ = ["run_id_of", "run_id_of_result", "run_policy_of"]
 
 _KEYS = ("paymaster_run_id", "run_id")
-_generated: dict[int, str] = {}
+_ATTRIBUTE = "_paymaster_run_id"
 _lock = threading.Lock()
 
 
@@ -35,13 +35,15 @@ def _from_context(context: Any, keys: tuple[str, ...]) -> Any:
 
 
 def _generated_for(usage: object) -> str:
+    """Kept on the run's ``Usage`` object itself, so that a run paused for approval and
+    resumed from its in-memory ``RunState`` (which deep-copies it) keeps its id. A run
+    resumed from a serialised state must pass ``run_id`` in its context."""
     with _lock:
-        run = _generated.get(id(usage))
+        run = getattr(usage, _ATTRIBUTE, None)
         if run is None:
             run = f"run_{uuid.uuid4().hex}"
-            _generated[id(usage)] = run
-            weakref.finalize(usage, _generated.pop, id(usage), None)
-        return run
+            setattr(usage, _ATTRIBUTE, run)
+        return str(run)
 
 
 def run_id_of(ctx: RunContextWrapper[Any]) -> str:

@@ -27,6 +27,12 @@ from contextvars import ContextVar
 from typing import Any, Literal
 
 from agents import FunctionTool, function_tool
+from agents.exceptions import UserError
+from agents.tool import (
+    _FailureHandlingFunctionToolInvoker,
+    maybe_invoke_function_tool_failure_error_function,
+    resolve_function_tool_failure_error_function,
+)
 from agents.tool_context import ToolContext
 
 from paymaster import Governor, PolicyViolation, RunPolicy, ViolationCode
@@ -125,7 +131,6 @@ def govern_tool(
 ) -> FunctionTool:
     """A governed copy of one tool; see :func:`govern_tools`."""
     invoke = _watched(tool)
-    sync_marker = getattr(tool.on_invoke_tool, "__agents_sync_function_tool__", False)
 
     async def on_invoke_tool(ctx: ToolContext[Any], args_json: str) -> Any:
         who = agent or _agent_name(ctx)
@@ -134,7 +139,7 @@ def govern_tool(
         try:
             if isinstance(spec, FreeTool):
                 return await _free(governor, spec, tool.name, who, ctx, args_json, invoke, attempt)
-            return await _governed(governor, spec, who, ctx, args_json, invoke, attempt)
+            return await _governed(governor, tool, spec, who, ctx, args_json, invoke, attempt)
         except PolicyViolation as violation:
             if on_violation == "tell_model" or violation.code is ViolationCode.INVALID_REQUEST:
                 return model_message(violation) or str(violation)
@@ -144,13 +149,40 @@ def govern_tool(
         finally:
             _attempt.reset(token)
 
-    if sync_marker:  # the SDK refuses timeouts for sync tools by this mark
-        on_invoke_tool.__agents_sync_function_tool__ = True  # type: ignore[attr-defined]
-    return dataclasses.replace(tool, on_invoke_tool=on_invoke_tool)
+    return dataclasses.replace(tool, on_invoke_tool=_GovernedInvoker(on_invoke_tool, invoke))
+
+
+class _GovernedInvoker(_FailureHandlingFunctionToolInvoker):
+    """The governed tool's invoker. It is an SDK failure-handling invoker so that the SDK
+    treats it as one: a callable ``needs_approval`` still compares the arguments as
+    prepared by the tool (``prepare_arguments``), and the sync mark still stops
+    ``timeout_seconds`` on sync tools. Its calls run the governance, which runs the tool's
+    own (failure-handling) invoker inside."""
+
+    def __init__(self, governed: Invoke, watched: Any) -> None:
+        # Not the parent's __init__: this invoker's call is the governed one.
+        self._governed = governed
+        self._watched = watched
+        self._invoke_tool_impl = getattr(watched, "_invoke_tool_impl", watched)
+        self._on_handled_error = getattr(watched, "_on_handled_error", _ignore_handled_error)
+        self._function_tool = getattr(watched, "_function_tool", None)
+        if getattr(watched, "__agents_sync_function_tool__", False):
+            self.__agents_sync_function_tool__ = True
+
+    def __agents_bind_function_tool__(self, function_tool: FunctionTool) -> _GovernedInvoker:
+        return self
+
+    def prepare_arguments(self, input: str, tool_name: str) -> Any:
+        prepare = getattr(self._watched, "prepare_arguments", None)
+        return prepare(input, tool_name) if prepare is not None else None
+
+    async def __call__(self, ctx: ToolContext[Any], input: str) -> Any:
+        return await self._governed(ctx, input)
 
 
 async def _governed(
     governor: Governor,
+    tool: FunctionTool,
     spec: ToolSpec,
     agent: str,
     ctx: ToolContext[Any],
@@ -172,7 +204,14 @@ async def _governed(
             endpoint=f"/tools/{ctx.tool_name}", method=spec.method, run=run,
             tool_call_id=ctx.tool_call_id,
         )  # fmt: skip
-        raise violation from exc
+        # Arguments the spec cannot read: the tool's own failure policy decides, as it
+        # would for arguments the tool itself cannot take.
+        if resolve_function_tool_failure_error_function(tool, ctx) is None:
+            raise violation from exc
+        message = await maybe_invoke_function_tool_failure_error_function(
+            function_tool=tool, context=ctx, error=violation
+        )
+        return message if message is not None else str(violation)
     async with governor.aguard(
         agent=agent, run=run, run_policy=_run_policy(ctx), tool_call_id=ctx.tool_call_id,
         **call_spec.as_guard_kwargs(),
@@ -180,10 +219,17 @@ async def _governed(
         result = await invoke(ctx, args_json)
         error = attempt.error
         if error is None:
-            await call.settle(spec.actual_cost(result))
+            try:
+                actual = spec.actual_cost(result)
+            except Exception as exc:  # the tool ran: never release its hold
+                await call.unknown(f"the tool returned, but its cost is unreadable: {exc}")
+                return result
+            await call.settle(actual)
         elif isinstance(error, STOPS_THE_RUN):  # raised by the tool itself: not the model's
             raise error
-        elif is_outcome_unknown(error):
+        elif is_outcome_unknown(error) or isinstance(error, UserError):
+            # A UserError comes from checking the tool's output: its body ran and may
+            # have paid. A timeout or a lost connection may have paid too.
             await call.unknown(f"the tool failed: {_describe(error)}")
         else:
             await call.fail(error=_describe(error))
@@ -209,6 +255,9 @@ async def _free(
         result = await invoke(ctx, args_json)
     except Exception as exc:
         await governor.in_worker(record, error=_describe(exc))
+        raise
+    except BaseException as exc:  # cancelled: write its row without waiting for it
+        governor.submit(record, error=_describe(exc) or "cancelled", duration_ms=_ms(started))
         raise
     if isinstance(attempt.error, STOPS_THE_RUN):
         await governor.in_worker(record, error=_describe(attempt.error))
@@ -271,3 +320,9 @@ def _describe(exc: BaseException) -> str:
 
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
+
+
+def _ignore_handled_error(
+    tool: FunctionTool, error: Exception, input_json: str, ctx: ToolContext[Any]
+) -> None:
+    """The no-op trace hook of an invoker that wraps a hand-made tool."""

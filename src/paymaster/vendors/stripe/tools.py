@@ -385,7 +385,10 @@ class StripeToolkit:
         from .transport import bind
 
         tool, args, key = self._prepare(name, arguments, tool_call_id, run)
-        with bind(agent=self.agent, run=run, run_policy=self.run_policy, tool_call_id=tool_call_id):
+        with bind(
+            agent=self.agent, run=run, run_policy=run_policy or self.run_policy,
+            tool_call_id=tool_call_id,
+        ):  # fmt: skip
             return _as_dict(tool.call(self.client, args, key))
 
     async def ainvoke(
