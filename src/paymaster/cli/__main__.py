@@ -1,0 +1,5 @@
+"""``python -m paymaster.cli``: the ``paymaster`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,53 @@
+"""``paymaster db upgrade | current``: the ledger's schema (Alembic migrations shipped in
+the package)."""
+
+from __future__ import annotations
+
+import typer
+
+from ..db import describe
+from ..operations import schema_state, upgrade_schema
+from .output import echo_json
+from .params import DEFAULT_DB, DbOption, JsonOption
+from .runtime import open_database
+
+__all__ = ["app"]
+
+app = typer.Typer(help="The ledger database's schema.", no_args_is_help=True)
+
+
+@app.command()
+def upgrade(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
+    """Create the schema, or upgrade it to this paymaster's head."""
+    with open_database(db, create=True) as engine:
+        before, head = upgrade_schema(engine)
+        where = describe(engine)
+    if as_json:
+        echo_json({"database": where, "before": before, "current": head, "head": head})
+    elif before == head:
+        typer.echo(f"{where} is already at the head revision {head}")
+    else:
+        typer.echo(f"{where} upgraded from {before or 'an empty database'} to {head}")
+
+
+@app.command()
+def current(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
+    """Print the database's schema revision and whether it is this paymaster's head."""
+    with open_database(db, check_schema=False) as engine:
+        state = schema_state(engine)
+        where = describe(engine)
+    if as_json:
+        echo_json({"database": where, "current": state.current, "head": state.head,
+                   "is_head": state.is_head, "known": state.known})  # fmt: skip
+        return
+    if state.is_head:
+        typer.echo(f"{where}: {state.current} (head)")
+    elif state.current is None:
+        typer.echo(f"{where}: no paymaster schema; `paymaster db upgrade` creates it "
+                   f"(head {state.head})")  # fmt: skip
+    elif not state.known:
+        typer.echo(f"{where}: {state.current}, unknown to this paymaster (head {state.head}): "
+                   "written by a newer paymaster")  # fmt: skip
+    else:
+        typer.echo(f"{where}: {state.current}, not the head {state.head}: run "
+                   "`paymaster db upgrade`")  # fmt: skip

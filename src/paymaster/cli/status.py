@@ -1,0 +1,221 @@
+"""``paymaster status``: today's budgets, what is spent and pending, and active revocations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import GovernanceUnavailable
+from ..governor import Governor
+from ..ledger import BudgetStatus, Revocation
+from ..loading import load_policies
+from ..money import Money
+from ..policy import PolicySet
+from .output import console, echo_json, fmt_money, fmt_time, money_json, time_json
+from .params import DEFAULT_DB, POLICIES_ENV, DbOption, JsonOption, parse_day
+from .runtime import hooks, open_governor
+
+__all__ = ["Snapshot", "render_status", "status", "take_snapshot"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What ``status`` shows: one UTC day's budgets and the revocations in force."""
+
+    day: date
+    at: datetime
+    budgets: list[BudgetStatus]
+    revocations: list[Revocation]
+
+
+def _unused(
+    policies: PolicySet | None, budgets: list[BudgetStatus], day: date
+) -> list[BudgetStatus]:
+    """Budgets of policies nothing has spent against yet that day (no ledger row)."""
+    if policies is None:
+        return []
+    seen = {(b.agent, b.vendor, b.committed.currency) for b in budgets if b.kind == "daily"}
+    return [
+        BudgetStatus(
+            id=0,
+            kind="daily",
+            agent=p.agent,
+            vendor=p.vendor,
+            run="",
+            window=day.isoformat(),
+            cap=p.daily_cap,
+            committed=Money.zero(p.currency),
+            settled=Money.zero(p.currency),
+            pending=Money.zero(p.currency),
+            calls=0,
+            calls_cap=p.max_calls_per_day,
+        )
+        for p in policies
+        if (p.agent, p.vendor, p.currency) not in seen
+    ]
+
+
+def take_snapshot(gov: Governor, day: date | None, policies: PolicySet | None = None) -> Snapshot:
+    """Read the budgets of ``day`` (default today, UTC) and the active revocations."""
+    now = hooks.now().astimezone(timezone.utc)
+    when = day or now.date()
+    budgets = gov.budgets(day=when)
+    budgets = budgets + _unused(policies, budgets, when)
+    return Snapshot(when, now, budgets, gov.revocations())
+
+
+def _label(b: BudgetStatus) -> str:
+    if b.kind == "run":
+        return f"run {b.run} ({b.agent} → {b.vendor})"
+    return f"{b.agent} → {b.vendor}"
+
+
+def _usage(b: BudgetStatus) -> tuple[int, int] | None:
+    """(used, cap) by money, or by calls when the budget has only a call cap."""
+    if b.cap is not None:
+        return b.committed.amount, b.cap.amount
+    if b.calls_cap is not None:
+        return b.calls, b.calls_cap
+    return None
+
+
+def _bar(b: BudgetStatus) -> RenderableType:
+    usage = _usage(b)
+    if usage is None:
+        return Text("no cap")
+    used, cap = usage
+    share = used / cap if cap else 1.0
+    style = "red" if share >= 0.9 else "yellow" if share >= 0.75 else "green"
+    bar = ProgressBar(total=max(cap, 1), completed=min(used, cap), width=20,
+                      complete_style=style, finished_style="red")  # fmt: skip
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(bar, Text(f"{share:4.0%}", style=style))
+    return grid
+
+
+def render_status(snapshot: Snapshot) -> RenderableType:
+    """The budgets table (a bar per budget) and the active revocations."""
+    table = Table(
+        title=f"budgets for {snapshot.day.isoformat()} (UTC), as of {fmt_time(snapshot.at)}",
+        title_justify="left",
+    )
+    table.add_column("budget", overflow="fold")
+    for name in ("cap", "settled", "pending", "remaining"):
+        table.add_column(name, justify="right")
+    table.add_column("calls", justify="right")
+    table.add_column("used")
+    for b in snapshot.budgets:
+        calls = str(b.calls) if b.calls_cap is None else f"{b.calls}/{b.calls_cap}"
+        table.add_row(
+            _label(b), fmt_money(b.cap), fmt_money(b.settled), fmt_money(b.pending),
+            fmt_money(b.remaining), calls, _bar(b),
+        )  # fmt: skip
+    if not snapshot.budgets:
+        table.add_row("(nothing spent or reserved this day)", "", "", "", "", "", "")
+    parts: list[RenderableType] = [table]
+    if snapshot.revocations:
+        revoked = Table(title="revoked (the next call in scope is refused)", title_justify="left")
+        for name in ("scope", "reason", "by", "since"):
+            revoked.add_column(name, overflow="fold")
+        for r in snapshot.revocations:
+            scope = "everything" if r.scope.value == "all" else f"{r.scope.value} {r.target}"
+            revoked.add_row(scope, r.reason, r.revoked_by, fmt_time(r.revoked_at))
+        parts.append(revoked)
+    return Group(*parts)
+
+
+def _budget_json(b: BudgetStatus) -> dict[str, Any]:
+    return {
+        "kind": b.kind, "agent": b.agent, "vendor": b.vendor, "run": b.run or None,
+        "window": b.window or None, "cap": money_json(b.cap),
+        "committed": money_json(b.committed), "settled": money_json(b.settled),
+        "pending": money_json(b.pending), "remaining": money_json(b.remaining),
+        "calls": b.calls, "calls_cap": b.calls_cap,
+    }  # fmt: skip
+
+
+def revocation_json(r: Revocation) -> dict[str, Any]:
+    return {
+        "id": r.id, "scope": r.scope.value, "target": r.target or None, "reason": r.reason,
+        "by": r.revoked_by, "at": time_json(r.revoked_at), "lifted_at": time_json(r.lifted_at),
+    }  # fmt: skip
+
+
+def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "day": snapshot.day.isoformat(), "at": time_json(snapshot.at),
+        "budgets": [_budget_json(b) for b in snapshot.budgets],
+        "revocations": [revocation_json(r) for r in snapshot.revocations],
+    }  # fmt: skip
+
+
+def _watch(gov: Governor, day: date | None, policies: PolicySet | None, interval: float,
+           iterations: int | None) -> None:  # fmt: skip
+    last = render_status(take_snapshot(gov, day, policies))
+    done = 0
+    with Live(last, console=console(), auto_refresh=False) as live:
+        try:
+            while iterations is None or done < iterations:
+                hooks.sleep(interval)
+                done += 1
+                try:
+                    last = render_status(take_snapshot(gov, day, policies))
+                    live.update(last, refresh=True)
+                except GovernanceUnavailable as exc:  # keep watching through an outage
+                    warning = Text(f"database unavailable, retrying: {exc}", style="bold red")
+                    live.update(Group(warning, last), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def status(
+    db: DbOption = DEFAULT_DB,
+    day: Annotated[
+        date | None,
+        typer.Option(
+            "--day",
+            parser=parse_day,
+            metavar="YYYY-MM-DD",
+            help="The UTC day to show (default today).",
+        ),
+    ] = None,
+    policies: Annotated[
+        Path | None,
+        typer.Option(
+            "--policies",
+            envvar=POLICIES_ENV,
+            help="Also list policies with nothing spent yet that day.",
+        ),
+    ] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")
+    ] = 2.0,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", hidden=True, min=0)
+    ] = None,  # stop --watch after this many refreshes (tests)
+    as_json: JsonOption = False,
+) -> None:
+    """Show one UTC day's budgets: cap, settled, pending, remaining, calls, a bar each."""
+    if watch and as_json:
+        raise typer.BadParameter("--json prints one document; it cannot --watch",
+                                 param_hint="'--json'")  # fmt: skip
+    policy_set = None if policies is None else load_policies(policies)
+    with open_governor(db) as gov:
+        if watch:
+            _watch(gov, day, policy_set, interval, iterations)
+            return
+        snapshot = take_snapshot(gov, day, policy_set)
+    if as_json:
+        echo_json(snapshot_json(snapshot))
+    else:
+        console().print(render_status(snapshot))
