@@ -5,6 +5,7 @@ estimated cost before the call leaves the process, with zero overshoot across th
 tasks, processes and hosts; an audit log keeps one row per call.
 """
 
+from .alerts import Alert, AlertConfig, AlertKind, AlertSink, CallbackSink, LoggingSink, WebhookSink
 from .audit import AuditLog, AuditRecord, Outcome, RunSummary, VerifyResult
 from .errors import (
     GovernanceUnavailable,
@@ -27,9 +28,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FREE",
+    "Alert",
+    "AlertConfig",
+    "AlertKind",
+    "AlertSink",
     "AuditLog",
     "AuditRecord",
     "BudgetStatus",
+    "CallbackSink",
     "CurrencyMismatch",
     "EffectivePolicy",
     "FreeTool",
@@ -40,6 +46,7 @@ __all__ = [
     "HoldAlreadyResolved",
     "HoldNotFound",
     "HoldState",
+    "LoggingSink",
     "Money",
     "Outcome",
     "PaymasterError",
@@ -53,6 +60,7 @@ __all__ = [
     "ToolSpec",
     "VerifyResult",
     "ViolationCode",
+    "WebhookSink",
     "__version__",
     "effective_policy",
     "load_policies",

@@ -27,10 +27,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine
 
+from .alerts import Alert, AlertConfig, Alerter, stale_hold_alert
 from .audit import AuditEntry, AuditLog, Outcome
 from .db import SQLiteSync, connect, ensure_schema, is_configured
 from .errors import PolicyViolation, ViolationCode
@@ -47,6 +49,9 @@ from .ledger import (
 from .loading import load_policies
 from .money import Money
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 __all__ = ["AsyncGovernedCall", "AsyncGuard", "GovernedCall", "Governor"]
 
@@ -110,6 +115,38 @@ def _who() -> str:
         return getpass.getuser()
     except Exception:  # no user database in some containers
         return "unknown"
+
+
+class CallSpan(Protocol):
+    """What a governed call tells telemetry: entered before the checks, ``started`` once
+    reserved, exited with the block's exception (see :mod:`paymaster.telemetry`)."""
+
+    def __enter__(self) -> CallSpan: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def started(self, call: GovernedCall) -> None: ...
+
+
+class _NoSpan:
+    """The span of a governed call when telemetry is off: does nothing."""
+
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def started(self, call: GovernedCall) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
 
 
 class GovernedCall:
@@ -220,7 +257,13 @@ class Governor:
         upgrade_schema: bool = True,
         unknown_on: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS,
         max_threads: int = 16,
+        alerts: AlertConfig | None = None,
+        telemetry: bool | Telemetry = False,
     ) -> None:
+        """``alerts`` turns on budget alerts (:mod:`paymaster.alerts`); ``telemetry``
+        (``True`` for the global OpenTelemetry providers, or a
+        :class:`paymaster.telemetry.Telemetry`) spans and metrics (needs
+        ``paymaster[otel]``). Both are off by default and then cost nothing."""
         if isinstance(database, Engine):
             if not is_configured(database):
                 raise ValueError(
@@ -238,16 +281,31 @@ class Governor:
             policies = load_policies(policies)
         self.policies = policies if isinstance(policies, PolicySet) else PolicySet(policies)
         self._clock = clock
-        self.ledger = Ledger(self.engine, clock)
+        #: Decides and sends alerts; ``None`` when alerts are off.
+        self.alerter = None if alerts is None else Alerter(alerts)
+        self.ledger = Ledger(self.engine, clock, alerts=self.alerter)
         self.audit = AuditLog(self.engine)
+        #: Spans and metrics (:func:`paymaster.telemetry.instrument`); ``None`` when off.
+        self.telemetry: Telemetry | None = None
+        if telemetry:
+            from .telemetry import Telemetry, instrument
+
+            if isinstance(telemetry, Telemetry):
+                self.telemetry = telemetry
+                self.ledger.observer = telemetry
+            else:
+                instrument(self)
         self._unknown_on = unknown_on
         # Policies and run policies are immutable: narrow (and hash) each pair once.
         self._effective = functools.lru_cache(maxsize=4096)(effective_policy)
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="paymaster")
 
     def close(self) -> None:
-        """Release the connection pool and worker threads."""
+        """Release the connection pool and worker threads; deliver queued alerts (waiting
+        at most ``AlertConfig.close_timeout``)."""
         self._executor.shutdown(wait=True)
+        if self.alerter is not None:
+            self.alerter.close(self.alerter.config.close_timeout)
         if self._owns_engine:
             self.engine.dispose()
 
@@ -397,18 +455,37 @@ class Governor:
         naming a customer, since the call it prices is checked against the allowlist.
         ``tool_call_id`` names the agent framework's tool call on the hold and audit rows.
         """
-        request = self._prepare(
-            agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=estimate,
-            customer=customer, run=run, run_policy=run_policy, idempotency_key=idempotency_key,
-            pricing_lookup=pricing_lookup, tool_call_id=tool_call_id,
+        with self._span(agent, vendor, endpoint, method, run, estimate) as span:
+            request = self._prepare(
+                agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=estimate,
+                customer=customer, run=run, run_policy=run_policy,
+                idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
+                tool_call_id=tool_call_id,
+            )  # fmt: skip
+            call = GovernedCall(self.ledger, self.ledger.reserve(request), request.policy)
+            span.started(call)
+            try:
+                yield call
+            except BaseException as exc:
+                _close_call(call, exc, self._unknown_on)
+                raise
+            _close_call(call, None, self._unknown_on)
+
+    def _span(
+        self,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str,
+        run: str | None,
+        estimate: Money | None,
+    ) -> _NoSpan | CallSpan:
+        if self.telemetry is None:
+            return _NO_SPAN
+        return self.telemetry.call_span(
+            agent=agent, vendor=vendor, endpoint=endpoint, method=method, run=run,
+            estimate=estimate,
         )  # fmt: skip
-        call = GovernedCall(self.ledger, self.ledger.reserve(request), request.policy)
-        try:
-            yield call
-        except BaseException as exc:
-            _close_call(call, exc, self._unknown_on)
-            raise
-        _close_call(call, None, self._unknown_on)
 
     def aguard(
         self,
@@ -438,7 +515,8 @@ class Governor:
             idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
             tool_call_id=tool_call_id,
         )  # fmt: skip
-        return AsyncGuard(self, prepare)
+        span = self._span(agent, vendor, endpoint, method, run, estimate)
+        return AsyncGuard(self, prepare, span)
 
     async def in_worker(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Await blocking ``fn`` (a governed vendor call with its settle, say) run in the
@@ -620,6 +698,21 @@ class Governor:
     def budgets(self, *, day: date | None = None) -> list[BudgetStatus]:
         return self.ledger.budgets(day=day)
 
+    # -- alerts --------------------------------------------------------------------------
+    def check_stale_holds(self, older_than: timedelta) -> list[Alert]:
+        """Alert on every unresolved hold created ``older_than`` ago or earlier that has not
+        alerted yet (once per hold, across processes); returns those alerts, also sent to
+        the sinks when alerts are on. Call it from a scheduler or a cron job."""
+        at, holds = self.ledger.flag_stale_holds(older_than)
+        alerts = [stale_hold_alert(hold, at, older_than) for hold in holds]
+        if self.alerter is not None:
+            self.alerter.publish(alerts)
+        return alerts
+
+    def flush_alerts(self, timeout: float | None = 5.0) -> bool:
+        """Wait until queued alerts reached their sinks; ``False`` if ``timeout`` ran out."""
+        return True if self.alerter is None else self.alerter.flush(timeout)
+
 
 class _ReserveJob:
     """A reserve run in a worker thread that frees its own hold if the task that asked
@@ -677,12 +770,28 @@ class AsyncGuard:
     event loop shutting down has no generator of ours to close mid-write.
     """
 
-    def __init__(self, governor: Governor, prepare: Callable[[], ReserveRequest]) -> None:
+    def __init__(
+        self,
+        governor: Governor,
+        prepare: Callable[[], ReserveRequest],
+        span: _NoSpan | CallSpan = _NO_SPAN,
+    ) -> None:
         self._governor = governor
         self._prepare = prepare
+        self._span = span
         self._call: AsyncGovernedCall | None = None
 
     async def __aenter__(self) -> AsyncGovernedCall:
+        self._span.__enter__()
+        try:
+            call = await self._enter()
+        except BaseException as exc:
+            self._span.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._span.started(call)
+        return call
+
+    async def _enter(self) -> AsyncGovernedCall:
         gov = self._governor
         request = await gov._off_loop(self._prepare)
         job = _ReserveJob(gov, request)
@@ -698,6 +807,12 @@ class AsyncGuard:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> bool:
+        try:
+            return await self._exit(exc)
+        finally:
+            self._span.__exit__(exc_type, exc, tb)
+
+    async def _exit(self, exc: BaseException | None) -> bool:
         gov, call = self._governor, self._call
         assert call is not None
         if exc is None:

@@ -13,12 +13,13 @@ never expire: a crashed holder's hold stays counted until someone resolves it.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, case, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -27,6 +28,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import audit as audit_log
 from . import statements as S
+from .alerts import AlertBatch, Alerter, BudgetRef, denial_alert, revoke_alert
 from .audit import AuditEntry, Outcome
 from .db import read_only, unavailable_on_error
 from .errors import (
@@ -45,6 +47,7 @@ __all__ = [
     "Hold",
     "HoldState",
     "Ledger",
+    "LedgerObserver",
     "Reservation",
     "ReserveRequest",
     "Revocation",
@@ -175,9 +178,30 @@ class BudgetStatus:
         return None if self.cap is None else self.cap - self.committed
 
 
+class LedgerObserver(Protocol):
+    """Told of each ledger operation once it ends (telemetry); must not raise."""
+
+    def reserved(self, request: ReserveRequest, seconds: float, ok: bool) -> None: ...
+
+    def resolved(self, state: HoldState, hold: Hold | None, seconds: float) -> None: ...
+
+    def denied(self, entry: AuditEntry) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Exhausted:
+    """The budget that refused a reserve for its cap, as the refusal saw it."""
+
+    budget: BudgetRef
+    committed: int
+    cap: int
+    refused: Money
+
+
 class _Denied(Exception):
-    def __init__(self, violation: PolicyViolation) -> None:
+    def __init__(self, violation: PolicyViolation, exhausted: _Exhausted | None = None) -> None:
         self.violation = violation
+        self.exhausted = exhausted
 
 
 class _Retry(Exception):
@@ -195,6 +219,11 @@ def _template(outcome: Outcome, **fields: Any) -> AuditEntry:
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _budget_ref(key: tuple[str, ...], budget_id: int, run: str | None) -> BudgetRef:
+    kind, agent, vendor, currency, _, window = key
+    return BudgetRef(budget_id, kind, agent, vendor, currency, run, window or None)
 
 
 _ATTEMPTS = 5
@@ -216,8 +245,19 @@ def _not_recorded(hold_id: str) -> str:
 class Ledger:
     """Atomic ledger operations over one database (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], datetime],
+        *,
+        alerts: Alerter | None = None,
+        observer: LedgerObserver | None = None,
+    ) -> None:
         self._engine = engine
+        #: Decides threshold alerts in the ledger's transactions; ``None``: no alert work.
+        self.alerts = alerts
+        #: Told of each operation (telemetry); ``None``: nothing measured.
+        self.observer = observer
         self._clock = clock
         self._postgres = engine.dialect.name == "postgresql"
         # Ids of committed budget rows only: an id seen inside a transaction that rolled
@@ -248,6 +288,18 @@ class Ledger:
         Raises :class:`PolicyViolation` (revoked, cap exceeded, call limit, ...) having
         written nothing but the denial's audit row, or :class:`GovernanceUnavailable`.
         """
+        observer = self.observer
+        if observer is None:
+            return self._reserve_with_retries(request)
+        started, ok = time.perf_counter(), False
+        try:
+            reservation = self._reserve_with_retries(request)
+            ok = True
+            return reservation
+        finally:
+            observer.reserved(request, time.perf_counter() - started, ok)
+
+    def _reserve_with_retries(self, request: ReserveRequest) -> Reservation:
         # Fixed across attempts, so that a retry can recognise a hold that an attempt whose
         # COMMIT reply was lost did write: pending, and created at exactly this instant.
         hold_id, now = _new_id(), self.now()
@@ -255,6 +307,7 @@ class Ledger:
         with unavailable_on_error(self._engine, "reserving", CALL_NOT_MADE):
             for attempt in range(_ATTEMPTS):
                 new_ids: dict[tuple[str, ...], int] = {}
+                batch = None if self.alerts is None else AlertBatch()
                 try:
                     with self._engine.begin() as conn:
                         for candidate in written if attempt > 0 else ():
@@ -265,9 +318,11 @@ class Ledger:
                                 and mine.created_at == now
                             ):
                                 return self._reservation_of(conn, Hold.from_row(mine))
-                        reservation = self._reserve(conn, request, now, new_ids, hold_id, written)
+                        reservation = self._reserve(
+                            conn, request, now, new_ids, hold_id, written, batch
+                        )
                 except _Denied as denied:
-                    self.record_denial(request, denied.violation)
+                    self.record_denial(request, denied.violation, exhausted=denied.exhausted)
                     raise denied.violation from None
                 except IntegrityError:
                     # A concurrent reserve with the same idempotency key committed first, or
@@ -277,6 +332,8 @@ class Ledger:
                         raise
                 except _StaleBudgetId:
                     self._budget_ids.clear()
+                    if self.alerts is not None:
+                        self.alerts.forget()
                 except _Retry:
                     pass
                 except DBAPIError as exc:
@@ -287,6 +344,9 @@ class Ledger:
                     if len(self._budget_ids) > _MAX_CACHED_BUDGETS:  # one entry per run
                         self._budget_ids.clear()
                     self._budget_ids.update(new_ids)
+                    if batch is not None and batch.seen:
+                        assert self.alerts is not None
+                        self.alerts.committed(batch)
                     return reservation
         raise GovernanceUnavailable(
             f"could not reserve after {_ATTEMPTS} attempts under contention, {CALL_NOT_MADE}"
@@ -300,6 +360,7 @@ class Ledger:
         new_ids: dict[tuple[str, ...], int],
         new_hold_id: str,
         written: list[str],
+        batch: AlertBatch | None = None,
     ) -> Reservation:
         policy = req.policy
         x = req.estimate.amount
@@ -317,21 +378,17 @@ class Ledger:
                     f"the call with idempotency key {req.idempotency_key!r} already settled "
                     f"at {found.resolved_at}; it is not repeated",
                 ))  # fmt: skip
-        daily_id = self._budget_id(
-            conn,
-            ("daily", req.agent, req.vendor, policy.currency, "", now.date().isoformat()),
-            now,
-            new_ids,
-        )
-        run_id = None
+        daily_key = ("daily", req.agent, req.vendor, policy.currency, "", now.date().isoformat())
+        daily_id = self._budget_id(conn, daily_key, now, new_ids)
+        run_id = run_key = None
         if policy.has_run_budget:
             if req.run is None:
                 raise _Denied(self._violation(
                     req, ViolationCode.RUN_CAP_EXCEEDED,
                     "the run policy sets a run budget but the call names no run",
                 ))  # fmt: skip
-            key = ("run", req.agent, req.vendor, policy.currency, req.run, "")
-            run_id = self._budget_id(conn, key, now, new_ids)
+            run_key = ("run", req.agent, req.vendor, policy.currency, req.run, "")
+            run_id = self._budget_id(conn, run_key, now, new_ids)
         fields = {
             "agent": req.agent, "run": req.run, "vendor": req.vendor,
             "endpoint": req.endpoint, "method": req.method, "customer": req.customer,
@@ -361,15 +418,26 @@ class Ledger:
         # revocations, so a revoke committed before this statement started refuses it.
         run_left = None
         if run_id is not None:
+            assert run_key is not None
             run_left = self._take(
                 conn, req, run_id, policy.run_cap, policy.run_max_calls,
-                check_revoked=False, code=ViolationCode.RUN_CAP_EXCEEDED, label="run",
+                check_revoked=False, code=ViolationCode.RUN_CAP_EXCEEDED, key=run_key,
+                created=run_key in new_ids,
             )  # fmt: skip
         daily_left = self._take(
             conn, req, daily_id, policy.daily_cap, policy.max_calls_per_day,
-            check_revoked=True, code=ViolationCode.CAP_EXCEEDED, label="daily",
+            check_revoked=True, code=ViolationCode.CAP_EXCEEDED, key=daily_key,
+            created=daily_key in new_ids,
         )  # fmt: skip
         assert daily_left is not None
+        if batch is not None:  # threshold alerts, once every budget row is taken
+            if run_left is not None and policy.run_cap is not None:
+                assert run_key is not None
+                assert run_id is not None
+                run_budget = (run_key, run_id, req.run)
+                self._alert_thresholds(conn, batch, run_budget, policy.run_cap, run_left, now)
+            daily_budget = (daily_key, daily_id, req.run)
+            self._alert_thresholds(conn, batch, daily_budget, policy.daily_cap, daily_left, now)
         reserved = Hold(
             id=hold_id, idempotency_key=req.idempotency_key, agent=req.agent, run=req.run,
             vendor=req.vendor, endpoint=req.endpoint, method=req.method,
@@ -439,9 +507,11 @@ class Ledger:
         *,
         check_revoked: bool,
         code: ViolationCode,
-        label: str,
+        key: tuple[str, ...],
+        created: bool = False,
     ) -> Money | None:
         currency = req.policy.currency
+        label = key[0]  # daily | run
         x = req.estimate.amount
         cap = None if cap_money is None else cap_money.amount
         params: dict[str, Any] = {
@@ -469,6 +539,13 @@ class Ledger:
         if cap is not None and committed + x > cap:
             left = Money(max(cap - committed, 0), currency)
             scope = f"run {req.run!r}" if label == "run" else "today"
+            # A budget this transaction created (and will roll back), or one nothing was
+            # spent from, is not exhausted: the call alone is too big for its cap.
+            exhausted = (
+                None
+                if created or committed == 0
+                else _Exhausted(_budget_ref(key, budget_id, req.run), committed, cap, req.estimate)
+            )
             raise _Denied(PolicyViolation(
                 code,
                 f"{req.estimate.format()} would exceed the {label} cap of "
@@ -477,7 +554,7 @@ class Ledger:
                 f"{left.format()} remaining",
                 policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
                 endpoint=req.endpoint, remaining=left,
-            ))  # fmt: skip
+            ), exhausted)  # fmt: skip
         if calls_cap is not None and calls >= calls_cap:
             raise _Denied(PolicyViolation(
                 ViolationCode.CALL_LIMIT,
@@ -488,6 +565,24 @@ class Ledger:
                 remaining=None if cap is None else Money(cap - committed, currency),
             ))  # fmt: skip
         raise _Retry
+
+    def _alert_thresholds(
+        self,
+        conn: Connection,
+        batch: AlertBatch,
+        budget: tuple[tuple[str, ...], int, str | None],
+        cap: Money,
+        left: Money,
+        now: datetime,
+    ) -> None:
+        """Record the thresholds this reserve took the budget (key, id, the call's run) to:
+        no I/O unless one is reached that this process has not seen fire."""
+        assert self.alerts is not None
+        committed = cap.amount - left.amount
+        due = self.alerts.due(budget[1], committed, cap.amount)
+        if due:
+            ref = _budget_ref(*budget)
+            self.alerts.record(conn, batch, ref, due, committed=committed, cap=cap.amount, at=now)
 
     def _budget_id(
         self,
@@ -563,8 +658,10 @@ class Ledger:
         violation: PolicyViolation,
         *,
         entry: AuditEntry | None = None,
+        exhausted: _Exhausted | None = None,
     ) -> None:
-        """Append the audit row of a refused call (nothing else is written)."""
+        """Append the audit row of a refused call (nothing else is written but, with alerts
+        on, the 100% threshold of the budget whose cap refused it, the first time)."""
         if entry is None:
             assert request is not None
             entry = AuditEntry(
@@ -578,15 +675,35 @@ class Ledger:
             )  # fmt: skip
         consequence = f"the call was refused ({violation.code}) but its audit row was not written"
         at = self.now()
+        alerts = self.alerts
+        batches: list[AlertBatch] = []
 
         def work(conn: Connection, retrying: bool) -> None:
+            batches.clear()
             if retrying:  # written already by an attempt whose COMMIT reply was lost?
                 params = {"p_chain": entry.agent, "p_at": at, "p_endpoint": entry.endpoint}
                 if conn.execute(S.DENIAL_AT, {**params, "p_code": entry.violation_code}).first():
                     return
+            if alerts is not None and exhausted is not None:
+                # Before the audit append: alert rows, then the chain head (one lock order).
+                ref, committed, cap = exhausted.budget, exhausted.committed, exhausted.cap
+                due = alerts.due(ref.id, committed, cap, refused=True)
+                if due:
+                    batch = AlertBatch()
+                    batches.append(batch)
+                    alerts.record(
+                        conn, batch, ref, due, committed=committed, cap=cap, at=at,
+                        refused=exhausted.refused,
+                    )  # fmt: skip
             audit_log.append(conn, entry, at)
 
         self._write("auditing a denial", consequence, work)
+        if alerts is not None:
+            for batch in batches:
+                alerts.committed(batch)
+            alerts.publish([denial_alert(entry, violation, at)])
+        if self.observer is not None:
+            self.observer.denied(entry)
 
     # -- resolve -------------------------------------------------------------------------
     def settle(
@@ -673,8 +790,11 @@ class Ledger:
         amount = actual.amount if actual is not None else 0
         now = self.now()
         action = f"recording hold {hold_id} as {state}"
+        alerts = self.alerts
+        batches: list[AlertBatch] = []
 
         def work(conn: Connection, retrying: bool) -> Hold:
+            batches.clear()
             if retrying:  # the first attempt may have committed with its reply lost
                 mine = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
                 ours = conn.execute(S.AUDIT_OF_HOLD_AT, {"p_hold": hold_id, "p_at": now}).first()
@@ -714,9 +834,19 @@ class Ledger:
                 delta = 0
             if delta:
                 # The reserve's order (run, then day): no lock cycles.
+                rising = alerts is not None and delta > 0  # may cross a threshold
+                adjusted = []
                 for budget_id in (resolved.run_budget_id, resolved.daily_budget_id):
-                    if budget_id is not None:
-                        conn.execute(S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": delta})
+                    if budget_id is None:
+                        continue
+                    params = {"p_bid": budget_id, "p_delta": delta}
+                    if rising:
+                        adjusted.append(conn.execute(S.ADJUST_BUDGET_RETURNING, params).one())
+                    else:
+                        conn.execute(S.ADJUST_BUDGET, params)
+                if adjusted:
+                    batches.append(AlertBatch())
+                    self._alert_adjusted(conn, batches[0], resolved, adjusted, now)
             error = template.error
             if state is HoldState.SETTLED and delta > 0:
                 over = Money(delta, currency).format()
@@ -736,7 +866,35 @@ class Ledger:
             audit_log.append(conn, entry, now)
             return resolved
 
-        return self._write(action, _not_recorded(hold_id), work)
+        observer = self.observer
+        started, done = time.perf_counter(), None
+        try:
+            done = self._write(action, _not_recorded(hold_id), work)
+        finally:
+            if observer is not None:
+                observer.resolved(state, done, time.perf_counter() - started)
+        if alerts is not None:
+            for batch in batches:
+                alerts.committed(batch)
+        return done
+
+    def _alert_adjusted(
+        self, conn: Connection, batch: AlertBatch, hold: Hold, rows: list[Any], now: datetime
+    ) -> None:
+        """Thresholds crossed by a settle above its estimate (budget rows as adjusted)."""
+        assert self.alerts is not None
+        currency = hold.estimate.currency
+        for row in rows:
+            if row.cap is None:
+                continue
+            committed, cap = int(row.committed), int(row.cap)
+            due = self.alerts.due(int(row.id), committed, cap)
+            if due:
+                ref = BudgetRef(
+                    int(row.id), row.kind, hold.agent, hold.vendor, currency, hold.run,
+                    row.window or None,
+                )  # fmt: skip
+                self.alerts.record(conn, batch, ref, due, committed=committed, cap=cap, at=now)
 
     # -- revocations ---------------------------------------------------------------------
     def revoke(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
@@ -762,7 +920,10 @@ class Ledger:
             inserted = insert(revocation).values(**fields, revoked_at=at)
             return int(conn.execute(inserted.returning(revocation.c.id)).scalar_one())
 
-        return self._write("revoking", "so nothing was revoked", work)
+        revocation_id = self._write("revoking", "so nothing was revoked", work)
+        if self.alerts is not None:
+            self.alerts.publish([revoke_alert(scope.value, name, reason=reason, by=by, at=at)])
+        return revocation_id
 
     def restore(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
         """Lift the active revocations of exactly this scope; returns how many."""
@@ -802,6 +963,24 @@ class Ledger:
                 )
                 for r in conn.execute(query)
             ]  # fmt: skip
+
+    def flag_stale_holds(self, older_than: timedelta) -> tuple[datetime, list[Hold]]:
+        """Mark the unresolved holds created ``older_than`` ago or earlier that were never
+        flagged, and return when and which: each hold is returned once, to one caller, of
+        all processes on the ledger (until it is released and reserved again)."""
+        if older_than < timedelta(0):
+            raise ValueError("older_than must not be negative")
+        at = self.now()
+
+        def work(conn: Connection, retrying: bool) -> list[Hold]:
+            if retrying:  # flagged already by an attempt whose COMMIT reply was lost?
+                mine = conn.execute(select(hold).where(hold.c.stale_alerted_at == at)).all()
+                if mine:
+                    return [Hold.from_row(row) for row in mine]
+            rows = conn.execute(S.STALE_HOLDS, {"p_cutoff": at - older_than, "p_at": at}).all()
+            return sorted((Hold.from_row(row) for row in rows), key=lambda h: h.created_at)
+
+        return at, self._write("flagging stale holds", "so no hold was flagged", work)
 
     # -- inspection ----------------------------------------------------------------------
     def hold_for_key(self, idempotency_key: str) -> Hold | None:

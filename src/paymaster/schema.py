@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["audit", "audit_chain", "budget", "hold", "metadata", "revocation"]
+__all__ = ["alert", "audit", "audit_chain", "budget", "hold", "metadata", "revocation"]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -99,9 +99,26 @@ hold = Table(
     Column("resolution", Text, nullable=True),
     # The agent framework's id of the tool call that made this call (revision 0002).
     Column("tool_call_id", String(200), nullable=True),
+    # When a stale-hold alert was sent for this hold (revision 0003): each hold alerts once.
+    Column("stale_alerted_at", UTCDateTime, nullable=True),
     Index("ix_hold_state_created", "state", "created_at"),
     Index("ix_hold_daily_budget", "daily_budget_id", "state"),
     Index("ix_hold_run", "run"),
+)
+
+#: One row per budget threshold alert fired (revision 0003). The unique key is what makes
+#: a threshold fire once per budget window (a budget row is one window) across processes:
+#: the transaction whose insert lands is the one whose process emits the alert.
+alert = Table(
+    "paymaster_alert",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("budget_id", Id, nullable=False),
+    Column("threshold_bp", Integer, nullable=False),  # basis points of the cap: 10000 = 100%
+    Column("committed", BigInteger, nullable=False),  # when it fired, minor units
+    Column("cap", BigInteger, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    UniqueConstraint("budget_id", "threshold_bp", name="uq_alert_budget_threshold"),
 )
 
 revocation = Table(

@@ -22,12 +22,15 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .schema import audit, audit_chain, budget, hold, revocation
+from .schema import alert, audit, audit_chain, budget, hold, revocation
 
 __all__ = [
     "ACTIVE_REVOCATION",
     "ADJUST_BUDGET",
+    "ADJUST_BUDGET_RETURNING",
     "AUDIT_INSERT",
     "AUDIT_OF_HOLD_AT",
     "BUDGET_STATE",
@@ -40,6 +43,8 @@ __all__ = [
     "INSERT_HOLD",
     "REARM_HOLD",
     "RESOLVE_HOLD",
+    "STALE_HOLDS",
+    "alert_insert",
     "audit_insert_and_head",
     "take_budget",
 ]
@@ -90,9 +95,13 @@ REARM_HOLD: Update = (
     .where(hold.c.id == bindparam("p_id"), hold.c.state == "released")
     .values(
         {
-            column: bindparam(f"p_{column.name}")
-            for column in hold.c
-            if column.name not in ("id", "idempotency_key")
+            **{
+                column: bindparam(f"p_{column.name}")
+                for column in hold.c
+                if column.name not in ("id", "idempotency_key", "stale_alerted_at")
+            },
+            # A hold reserved again may go stale, and alert, again.
+            hold.c.stale_alerted_at: None,
         }
     )
 )
@@ -114,6 +123,11 @@ ADJUST_BUDGET: Update = (
     update(budget)
     .where(budget.c.id == bindparam("p_bid"))
     .values(committed=budget.c.committed + bindparam("p_delta", type_=BigInteger))
+)
+
+#: :data:`ADJUST_BUDGET` telling what the budget now stands at (for threshold alerts).
+ADJUST_BUDGET_RETURNING: Update = ADJUST_BUDGET.returning(
+    budget.c.id, budget.c.kind, budget.c.run, budget.c.window, budget.c.cap, budget.c.committed
 )
 
 BUDGET_STATE = select(budget.c.cap, budget.c.committed, budget.c.calls).where(
@@ -147,6 +161,35 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
     if check_revoked:
         stmt = stmt.where(not_(exists().where(_REVOKED_WHERE)))
     return stmt
+
+
+# -- alerts ---------------------------------------------------------------------------
+
+#: Flag the unresolved holds created at or before ``p_cutoff`` that have not alerted yet;
+#: a concurrent checker's UPDATE re-checks ``stale_alerted_at`` under the row lock, so
+#: each hold is returned to exactly one of them.
+STALE_HOLDS: Update = (
+    update(hold)
+    .where(
+        hold.c.state.in_(["pending", "unknown"]),
+        hold.c.created_at <= bindparam("p_cutoff"),
+        hold.c.stale_alerted_at.is_(None),
+    )
+    .values(stale_alerted_at=bindparam("p_at"))
+    .returning(*hold.c)
+)
+
+
+@cache
+def alert_insert(postgres: bool) -> Insert:
+    """Record that a budget crossed a threshold, unless some transaction already did: a
+    returned row means this transaction fired it."""
+    dialect_insert = pg_insert if postgres else sqlite_insert
+    return (
+        dialect_insert(alert)
+        .on_conflict_do_nothing(index_elements=["budget_id", "threshold_bp"])
+        .returning(alert.c.id)
+    )
 
 
 # -- the audit chain -------------------------------------------------------------------
