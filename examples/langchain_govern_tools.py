@@ -10,14 +10,11 @@ cap, even through a ToolRetryMiddleware that would otherwise retry the refusal.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from langchain.agents import create_agent
 from langchain.agents.middleware import ToolRetryMiddleware
-from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 from rich.console import Console
@@ -26,18 +23,11 @@ from rich.markup import escape
 from paymaster import FREE, Governor, Money, PolicyViolation, ToolSpec, load_policies
 from paymaster.testing.localstripe import run_localstripe
 from paymaster_langchain import govern_tools
+from paymaster_langchain.testing import ScriptedChatModel
 
 console = Console()
 
 
-class ScriptedChatModel(GenericFakeChatModel):
-    """Replays scripted messages, tool calls included (it never streams)."""
-
-    _stream = BaseChatModel._stream  # type: ignore[assignment]
-    _astream = BaseChatModel._astream  # type: ignore[assignment]
-
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
-        return self
 
 
 with run_localstripe() as server, tempfile.TemporaryDirectory() as tmp:

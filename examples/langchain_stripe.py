@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from langchain.agents import create_agent
-from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from openai_agents_stripe import stripe_and_payment
 from rich.console import Console
@@ -27,19 +24,12 @@ from rich.markup import escape
 
 from paymaster import Governor, PolicyViolation, load_policies
 from paymaster_langchain import PaymasterStripeToolkit
+from paymaster_langchain.testing import ScriptedChatModel
 
 POLICIES = Path(__file__).with_name("policies.yaml")
 console = Console()
 
 
-class ScriptedChatModel(GenericFakeChatModel):
-    """Replays scripted messages, tool calls included (it never streams)."""
-
-    _stream = BaseChatModel._stream  # type: ignore[assignment]
-    _astream = BaseChatModel._astream  # type: ignore[assignment]
-
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
-        return self
 
 
 def the_model(intent: str) -> Any:

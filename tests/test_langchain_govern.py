@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import pytest
@@ -15,8 +15,6 @@ pytest.importorskip("langchain")
 
 from langchain.agents import create_agent
 from langchain.agents.middleware import ToolRetryMiddleware
-from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
 from langchain_core.tools import BaseTool, ToolException, tool
 from langgraph.graph import END, START, StateGraph
@@ -35,6 +33,7 @@ from paymaster import (
 )
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_langchain import PaymasterMiddleware, govern_tools
+from paymaster_langchain.testing import ScriptedChatModel
 from stripe_fixtures import assert_every_hold_accounted_for, localstripe, paid_intent
 
 __all__ = ["localstripe"]
@@ -56,14 +55,6 @@ def policy(**overrides: Any) -> Policy:
     return Policy.model_validate(fields)
 
 
-class ScriptedChatModel(GenericFakeChatModel):
-    """Replays scripted messages, tool calls included (it never streams)."""
-
-    _stream = BaseChatModel._stream  # type: ignore[assignment]
-    _astream = BaseChatModel._astream  # type: ignore[assignment]
-
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
-        return self
 
 
 def script(*turns: list[tuple[str, dict[str, Any]]]) -> ScriptedChatModel:

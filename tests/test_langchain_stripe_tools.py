@@ -13,13 +13,12 @@ pytest.importorskip("langchain")
 
 from langchain.agents import create_agent
 from langchain.agents.middleware import ToolRetryMiddleware
-from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, ToolMessage
 
 from paymaster import Governor, PolicyViolation, ViolationCode
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_langchain import PaymasterStripeToolkit
+from paymaster_langchain.testing import ScriptedChatModel
 from stripe_fixtures import (
     assert_every_hold_accounted_for,
     localstripe,
@@ -31,14 +30,6 @@ from stripe_fixtures import (
 __all__ = ["localstripe"]
 
 
-class ScriptedChatModel(GenericFakeChatModel):
-    """Replays its messages; tool calls survive because it never streams."""
-
-    _stream = BaseChatModel._stream  # type: ignore[assignment]
-    _astream = BaseChatModel._astream  # type: ignore[assignment]
-
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
-        return self
 
 
 def refund_script(*calls: dict[str, Any]) -> ScriptedChatModel:

@@ -18,13 +18,13 @@ and reserves nothing; its calls are still audited and stopped by a revoke.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .money import Money
 
-__all__ = ["FREE", "FreeTool", "GovernedCallSpec", "ToolSpec"]
+__all__ = ["FREE", "FreeTool", "GovernedCallSpec", "ToolSpec", "check_specs"]
 
 Arguments = Mapping[str, Any]
 T = TypeVar("T")
@@ -91,6 +91,20 @@ class FreeTool:
 
 #: The mark for a tool that costs nothing.
 FREE = FreeTool()
+
+
+def check_specs(names: Sequence[str], specs: Mapping[str, ToolSpec | FreeTool]) -> None:
+    """Refuse, when tools are wrapped, a tool without a spec (nothing runs ungoverned) and
+    a spec naming no given tool (a typo would leave the real tool without one)."""
+    missing = [name for name in names if name not in specs]
+    if missing:
+        raise ValueError(
+            f"no spec for {', '.join(map(repr, missing))}: give each tool a ToolSpec, or "
+            "paymaster.FREE if it spends nothing, so that nothing runs ungoverned"
+        )
+    unknown = sorted(set(specs) - set(names))
+    if unknown:
+        raise ValueError(f"specs name tools that are not given: {', '.join(unknown)}")
 
 
 def _value(field: T | Callable[[Arguments], T], arguments: Arguments) -> T:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from paymaster import Governor, PolicyViolation, ViolationCode
 from paymaster.governor import GovernedCall, is_outcome_unknown
-from paymaster.toolspec import FreeTool, ToolSpec
+from paymaster.toolspec import FreeTool, ToolSpec, check_specs
 from paymaster.vendors.stripe.tools import model_message
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
@@ -352,7 +352,7 @@ def govern_tools(
     for tool in tools:
         if not isinstance(tool, BaseTool):
             raise TypeError(f"{tool!r} is not a LangChain BaseTool")
-    _check_specs([tool.name for tool in tools], specs)
+    check_specs([tool.name for tool in tools], specs)
     governance = _Governance(governor, agent, on_violation, run_id)
     return [_governed(tool, specs[tool.name], governance) for tool in tools]
 
@@ -364,18 +364,6 @@ def _governed(tool: BaseTool, spec: Spec, governance: _Governance) -> GovernedTo
         metadata=tool.metadata, tags=tool.tags, extras=getattr(tool, "extras", None),
         inner=tool, spec=spec, governance=governance,
     )  # fmt: skip
-
-
-def _check_specs(names: Sequence[str], specs: Mapping[str, Spec]) -> None:
-    missing = [name for name in names if name not in specs]
-    if missing:
-        raise ValueError(
-            f"no spec for {', '.join(map(repr, missing))}: give each tool a ToolSpec, or "
-            "paymaster.FREE if it spends nothing, so that nothing runs ungoverned"
-        )
-    unknown = sorted(set(specs) - set(names))
-    if unknown:
-        raise ValueError(f"specs name tools that are not given: {', '.join(unknown)}")
 
 
 def _middleware_base() -> type:

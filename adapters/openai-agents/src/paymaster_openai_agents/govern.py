@@ -37,7 +37,7 @@ from agents.tool_context import ToolContext
 
 from paymaster import Governor, PolicyViolation, RunPolicy, ViolationCode
 from paymaster.governor import is_outcome_unknown
-from paymaster.toolspec import FreeTool, ToolSpec
+from paymaster.toolspec import FreeTool, ToolSpec, check_specs
 from paymaster.vendors.stripe.tools import model_message
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
@@ -84,16 +84,7 @@ def govern_tools(
             raise TypeError(
                 f"{tool!r} is not a FunctionTool; paymaster governs function tools only"
             )
-    names = [tool.name for tool in tools]
-    missing = [name for name in names if name not in specs]
-    if missing:
-        raise ValueError(
-            f"no spec for {', '.join(map(repr, missing))}: give each tool a ToolSpec, or "
-            "paymaster.FREE if it spends nothing, so that nothing runs ungoverned"
-        )
-    unknown = sorted(set(specs) - set(names))
-    if unknown:
-        raise ValueError(f"specs name tools that are not given: {', '.join(unknown)}")
+    check_specs([tool.name for tool in tools], specs)
     return [
         govern_tool(tool, governor, specs[tool.name], agent=agent, on_violation=on_violation)
         for tool in tools
