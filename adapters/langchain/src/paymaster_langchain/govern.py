@@ -22,6 +22,7 @@ refusal reaches the caller of ``invoke`` / ``ainvoke`` / ``stream`` (see
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -516,7 +517,7 @@ def _raw_copy(tool: BaseTool) -> BaseTool:
 
 
 def _capturing(method: Callable[..., Any]) -> Callable[..., Any]:
-    if _is_coroutine(method):
+    if inspect.iscoroutinefunction(method):
 
         @functools.wraps(method)
         async def acapture(*args: Any, **kwargs: Any) -> Any:
@@ -541,12 +542,6 @@ def _keep(value: Any) -> Any:
 
 def _is_content_and_artifact(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2  # (content, artifact)
-
-
-def _is_coroutine(method: Callable[..., Any]) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(method)
 
 
 def _handled(tool: BaseTool, exc: Exception, call_id: str | None) -> Any:

@@ -35,7 +35,7 @@ from agents.tool import (
 )
 from agents.tool_context import ToolContext
 
-from paymaster import Governor, PolicyViolation, RunPolicy, ViolationCode
+from paymaster import Governor, PolicyViolation, ViolationCode
 from paymaster.governor import is_outcome_unknown
 from paymaster.toolspec import FreeTool, ToolSpec, check_specs
 from paymaster.vendors.stripe.tools import model_message
@@ -204,7 +204,7 @@ async def _governed(
         )
         return message if message is not None else str(violation)
     async with governor.aguard(
-        agent=agent, run=run, run_policy=_run_policy(ctx), tool_call_id=ctx.tool_call_id,
+        agent=agent, run=run, run_policy=run_policy_of(ctx), tool_call_id=ctx.tool_call_id,
         **call_spec.as_guard_kwargs(),
     ) as call:  # fmt: skip
         result = await invoke(ctx, args_json)
@@ -298,10 +298,6 @@ def _agent_name(ctx: ToolContext[Any]) -> str:
     if ctx.agent is None:
         raise ValueError("the tool call has no agent: pass agent= to govern_tools()")
     return ctx.agent.name
-
-
-def _run_policy(ctx: ToolContext[Any]) -> RunPolicy | None:
-    return run_policy_of(ctx)
 
 
 def _describe(exc: BaseException) -> str:

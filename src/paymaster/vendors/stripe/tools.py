@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...errors import GovernanceUnavailable, PolicyViolation, ViolationCode
 from ...policy import RunPolicy
-from .catalogue import CATALOGUE, Operation
 
 if TYPE_CHECKING:
     import stripe
@@ -143,14 +142,6 @@ class StripeTool:
     """The argument passed positionally as the object id (``retrieve(id, params)``)."""
     fixed: Mapping[str, Any] | None = None
     """Parameters the tool always sends."""
-
-    @property
-    def moves_money(self) -> bool:
-        return any(CATALOGUE[name].moves_money for name in self.operations)
-
-    @property
-    def governed_operations(self) -> tuple[Operation, ...]:
-        return tuple(CATALOGUE[name] for name in self.operations)
 
     def arguments(self, raw: Mapping[str, Any] | BaseModel) -> BaseModel:
         """Validate the model's arguments (``pydantic.ValidationError`` names the field)."""

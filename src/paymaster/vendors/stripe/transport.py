@@ -263,18 +263,18 @@ class GovernedHTTPClient(stripe.HTTPClient):
             )  # fmt: skip
         ledger_key = _ledger_key(request, wire_key)
         plan = _Plan(binding, request, operation, headers, wire_key, ledger_key, pricing_lookup)
-        # A retry (a request the ledger knows by its key and fingerprint) is priced as the
-        # call it repeats: re-pricing "refund what remains" after the first attempt
-        # refunded it would price the retry at nothing.
-        held = self.governor.ledger.hold_for_key(ledger_key) if ledger_key else None
-        if held is not None:
-            return replace(plan, quote=Quote(held.estimate, held.customer))
         try:
             lookup = operation.lookup_path(request)
         except InvalidStripeRequest as violation:
             self._refuse(violation, binding, request.path, request.method)
-        if lookup is None:
+        if lookup is None:  # priced from the request alone: a retry prices the same
             return self._priced(plan, None)
+        # Priced from the world: a retry (a request the ledger knows by its key and
+        # fingerprint) is priced as the call it repeats, since re-pricing "refund what
+        # remains" after the first attempt refunded it would price the retry at nothing.
+        held = self.governor.ledger.hold_for_key(ledger_key) if ledger_key else None
+        if held is not None:
+            return replace(plan, quote=Quote(held.estimate, held.customer))
         return replace(plan, lookup=lookup)
 
     def _priced(self, plan: _Plan, looked_up: Any) -> _Plan:
