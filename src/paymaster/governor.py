@@ -403,7 +403,8 @@ class Governor:
     ) -> Callable[..., None]:
         """Admit a call that spends nothing and reserves nothing (an agent's tool marked
         free): refused, and audited, if its agent or run is revoked. Returns the function
-        that writes its audit row once it is done: ``record(error=None, duration_ms=...)``.
+        that writes its audit row once it is done: ``record(error=None, duration_ms=...)``,
+        which also takes the row's ``http_status``, ``vendor_request_id`` and ``hold_id``.
         """
         base = AuditEntry(
             agent=agent, vendor=vendor, endpoint=endpoint, method=method.upper(), run=run,
@@ -421,10 +422,18 @@ class Governor:
             ))  # fmt: skip
             raise violation
 
-        def record(error: str | None = None, duration_ms: int | None = None) -> None:
+        def record(
+            error: str | None = None,
+            duration_ms: int | None = None,
+            *,
+            http_status: int | None = None,
+            vendor_request_id: str | None = None,
+            hold_id: str | None = None,
+        ) -> None:
             outcome = Outcome.ERRORED if error else Outcome.ALLOWED
             self.ledger.record(dataclasses.replace(
-                base, outcome=outcome, error=error, duration_ms=duration_ms
+                base, outcome=outcome, error=error, duration_ms=duration_ms,
+                http_status=http_status, vendor_request_id=vendor_request_id, hold_id=hold_id,
             ))  # fmt: skip
 
         return record

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -26,7 +27,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["alert", "audit", "audit_chain", "budget", "hold", "metadata", "revocation"]
+__all__ = [
+    "alert",
+    "audit",
+    "audit_chain",
+    "budget",
+    "hold",
+    "metadata",
+    "proxy_replay",
+    "revocation",
+    "vault_key",
+]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -178,4 +189,39 @@ audit_chain = Table(
     Column("chain", String(200), primary_key=True),
     Column("seq", BigInteger, nullable=False),
     Column("head", String(64), nullable=False),
+)
+
+#: Vault keys (revision 0004): what a proxy client presents instead of the real vendor
+#: key. Only a digest of the secret part is stored; the key id is public.
+vault_key = Table(
+    "paymaster_vault_key",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("agent", String(200), nullable=False),
+    Column("run", String(200), nullable=True),
+    Column("run_policy", Text, nullable=True),  # the RunPolicy as JSON
+    Column("label", String(200), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("revoked_by", String(200), nullable=True),
+    Column("revoke_reason", Text, nullable=True),
+)
+
+#: Responses the proxy replays to a retry with the same idempotency key (revision 0004),
+#: kept 24 hours as Stripe keeps its keys. ``key`` is the ledger's idempotency key (the
+#: client's key scoped to the exact request).
+proxy_replay = Table(
+    "paymaster_proxy_replay",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("agent", String(200), nullable=False),
+    Column("hold_id", String(32), nullable=True),
+    Column("status", Integer, nullable=False),
+    Column("headers", Text, nullable=False),  # JSON object of the replayed headers
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_proxy_replay_created", "created_at"),
 )

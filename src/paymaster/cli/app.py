@@ -12,8 +12,9 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import audit, db, holds, policy, runs
+from . import audit, db, holds, keys, policy, runs
 from .init import init
+from .proxy import proxy
 from .revoke import restore, revoke
 from .runtime import PaymasterGroup
 from .status import status
@@ -22,7 +23,8 @@ __all__ = ["app"]
 
 app = typer.Typer(
     cls=PaymasterGroup,
-    help="Operate paymaster: policies, budgets, the audit log, holds and the kill switch.\n\n"
+    help="Operate paymaster: policies, budgets, the audit log, holds, the kill switch, "
+    "vault keys and the governing proxy.\n\n"
     "Exit codes: 0 ok, 1 a problem found (invalid policy, unknown or resolved hold, "
     "tampered audit log), 2 bad input, 3 database unreachable or unusable.",
     no_args_is_help=True,
@@ -55,3 +57,5 @@ app.command()(revoke)
 app.command()(restore)
 app.add_typer(holds.app, name="holds")
 app.add_typer(db.app, name="db")
+app.add_typer(keys.app, name="keys")
+app.command()(proxy)

@@ -45,7 +45,13 @@ from .catalogue import actual_cost as _actual_cost
 if TYPE_CHECKING:
     from ...governor import Governor
 
-__all__ = ["GovernedHTTPClient", "StripeBinding", "bind", "current_binding"]
+__all__ = [
+    "GovernedHTTPClient",
+    "StripeBinding",
+    "bind",
+    "current_binding",
+    "ledger_key_of",
+]
 
 log = logging.getLogger("paymaster.stripe")
 
@@ -476,6 +482,25 @@ def _ledger_key(request: StripeRequest, wire_key: str | None) -> str | None:
     if len(wire_key) <= 200:
         return f"{scope}:{wire_key}"
     return f"{scope}#{hashlib.sha256(wire_key.encode()).hexdigest()}"
+
+
+def ledger_key_of(
+    method: str, url: str, headers: Mapping[str, str] | None, body: str | bytes | None
+) -> str | None:
+    """The ledger's idempotency key for a request, as :class:`GovernedHTTPClient` would
+    reserve it: ``None`` for a request without an ``Idempotency-Key``, one that is not a
+    POST, or one that would be refused as unreadable."""
+    try:
+        wire_key = _idempotency_key(headers)
+        if wire_key is None:
+            return None
+        request = StripeRequest.parse(
+            method, url, body, content_type=_single_header(headers, "Content-Type"),
+            account=_single_header(headers, "Stripe-Account"),
+        )  # fmt: skip
+    except InvalidStripeRequest:
+        return None
+    return _ledger_key(request, wire_key)
 
 
 def _resolved_by_another_attempt(call: GovernedCall) -> None:

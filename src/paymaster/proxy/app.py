@@ -1,0 +1,332 @@
+"""The governing proxy: a Stripe-compatible ASGI app in front of the real Stripe API.
+
+Agents hold a vault key and the proxy's URL, never the real key. Each request is:
+
+1. refused if its body is too large or it has no valid vault key (401), before anything
+   is read or reserved;
+2. replayed, if it is a retry of a POST that already succeeded (same ``Idempotency-Key``,
+   same request, within 24 hours): counted once, not forwarded again;
+3. governed exactly as an in-process :func:`~paymaster.vendors.stripe.governed_client`
+   governs it (the same catalogue, look-ups, ledger, policies, kill switch and audit),
+   forwarded with the real key and an ``Idempotency-Key`` (the client's, or one made from
+   the hold), and settled or released from the response.
+
+Refusals answer in Stripe's error shape (see :mod:`paymaster.proxy.responses`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import httpx
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..db import unavailable_on_error
+from ..errors import GovernanceUnavailable, PolicyViolation, ViolationCode
+from ..governor import Governor
+from ..vault import VaultKey, VaultKeyRefused, VaultKeys
+from ..vendors.stripe.transport import VENDOR, GovernedHTTPClient, bind, ledger_key_of
+from .config import ProxyConfig
+from .replay import Replay, ReplayStore
+from .responses import key_refused_response, stripe_error, violation_response
+from .upstream import UpstreamClient
+
+__all__ = ["FORWARDED_HEADERS", "create_app"]
+
+log = logging.getLogger("paymaster.proxy")
+
+#: The request headers forwarded upstream; every other one (the vault key, cookies,
+#: forwarding and hop-by-hop headers) is dropped. The real key is added upstream.
+FORWARDED_HEADERS = (
+    "Content-Type",
+    "Idempotency-Key",
+    "Stripe-Version",
+    "Stripe-Account",
+    "Stripe-Context",
+    "User-Agent",
+    "X-Stripe-Client-User-Agent",
+    "Accept",
+)
+_METHODS = ("GET", "POST", "DELETE")
+_PURGE_EVERY = 3600.0  # seconds between sweeps of expired replays
+
+
+class _Refused(Exception):
+    """A request refused before governance, with its Stripe-shaped response."""
+
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = stripe_error(status, code, reason)
+
+
+class _Proxy:
+    def __init__(
+        self,
+        governor: Governor,
+        config: ProxyConfig,
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> None:
+        self.governor = governor
+        self.config = config
+        self.keys = VaultKeys(governor.engine, governor.ledger.now)
+        self.replays = ReplayStore(governor.engine, governor.ledger.now, config.replay_window)
+        self.upstream = UpstreamClient(
+            config.upstream, config.stripe_key, timeout=config.upstream_timeout,
+            transport=transport,
+        )  # fmt: skip
+        self.stripe = GovernedHTTPClient(governor, inner=self.upstream)
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            method = _method(request)
+            presented = _presented_key(request)
+            key = await self.governor.in_worker(self.keys.authenticate, presented)
+        except _Refused as refused:
+            return refused.response
+        except VaultKeyRefused as refused:
+            log.warning("refused a request to %s: %s", request.url.path, refused)
+            return key_refused_response(refused)
+        except GovernanceUnavailable as exc:
+            return _unavailable(exc)
+        with bind(agent=key.agent, run=key.run, run_policy=key.run_policy):
+            try:
+                try:
+                    _check_declared_length(request, self.config.max_body_bytes)
+                    body = await _read_body(request, self.config.max_body_bytes)
+                    headers = _forwarded(request)
+                    url = self.config.upstream + _target(request)
+                except _Refused as refused:  # the agent is known: audit the refusal
+                    await self.governor.in_worker(self._audit_refusal, key, request, refused)
+                    return refused.response
+                return await self._governed(key, method, url, headers, body)
+            except PolicyViolation as violation:
+                return violation_response(violation)
+            except GovernanceUnavailable as exc:
+                return _unavailable(exc)
+            except httpx.HTTPError as exc:
+                return stripe_error(
+                    502, "upstream_unreachable",
+                    f"the proxy could not complete the request to Stripe ({type(exc).__name__})"
+                    "; if it was a payment, retry with the same Idempotency-Key: it will not "
+                    "pay twice",
+                    kind="api_error", retry=True,
+                )  # fmt: skip
+
+    def _audit_refusal(self, key: VaultKey, request: Request, refused: _Refused) -> None:
+        endpoint = request.url.path[:500]
+        self.governor.record_refusal(
+            PolicyViolation(ViolationCode.INVALID_REQUEST, refused.reason, vendor=VENDOR,
+                            agent=key.agent, run=key.run, endpoint=endpoint),
+            agent=key.agent, vendor=VENDOR, endpoint=endpoint, method=request.method,
+            run=key.run,
+        )  # fmt: skip
+
+    async def _governed(
+        self, key: VaultKey, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> Response:
+        ledger_key = ledger_key_of(method, url, headers, body) if method == "POST" else None
+        if ledger_key is not None:
+            kept = await self.governor.in_worker(self.replays.find, ledger_key, key.agent)
+            if kept is not None:
+                return await self._replay(key, method, url, kept)
+        content, status, sent_back = await self.stripe.request_async(
+            method, url, headers, body or None
+        )
+        if status == 401:  # the proxy's own key was refused: the agent cannot fix that
+            log.error("Stripe refused the proxy's own API key (HTTP 401)")
+            return stripe_error(
+                502, "upstream_authentication_failed",
+                "Stripe refused the proxy's API key; the proxy's operator must fix it",
+                kind="api_error",
+            )  # fmt: skip
+        if ledger_key is not None and 200 <= status < 300:
+            try:
+                await self.governor.in_worker(
+                    self.replays.keep, ledger_key, key.agent, status, sent_back, content
+                )
+            except Exception:  # the call happened: its answer goes back regardless
+                log.exception("could not keep the response for replay")
+        return Response(content, status, headers=dict(sent_back))
+
+    async def _replay(self, key: VaultKey, method: str, url: str, kept: Replay) -> Response:
+        """Answer a retry with the kept response; audited as a free call of its own."""
+        endpoint = httpx.URL(url).path
+        started = time.perf_counter()
+        record = await self.governor.in_worker(
+            self.governor.free_call, agent=key.agent, vendor=VENDOR, endpoint=endpoint,
+            method=method, run=key.run,
+        )  # fmt: skip
+        await self.governor.in_worker(
+            record, None, int((time.perf_counter() - started) * 1000),
+            http_status=kept.status, vendor_request_id=_get(kept.headers, "Request-Id"),
+            hold_id=kept.hold_id,
+        )  # fmt: skip
+        return Response(
+            kept.body, kept.status, headers={**kept.headers, "Idempotent-Replayed": "true"}
+        )
+
+    async def health(self, request: Request) -> Response:
+        """200 when the ledger answers, 503 when it does not."""
+        try:
+            await self.governor.in_worker(self._ping)
+        except GovernanceUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
+        return JSONResponse({"status": "ok"})
+
+    def _ping(self) -> None:
+        engine = self.governor.engine
+        with unavailable_on_error(engine, "checking health", "so requests are refused"):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+    async def purge_forever(self) -> None:
+        while True:
+            try:
+                removed = await self.governor.in_worker(self.replays.purge)
+                if removed:
+                    log.info("forgot %d replayable responses older than the window", removed)
+            except Exception:
+                log.exception("could not purge expired replayable responses")
+            await asyncio.sleep(_PURGE_EVERY)
+
+
+def create_app(
+    governor: Governor,
+    config: ProxyConfig,
+    *,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The proxy as an ASGI app, governing with ``governor`` (which the caller closes).
+
+    ``upstream_transport`` replaces httpx's network transport (tests record or fault the
+    upstream with it); the upstream's address is always ``config.upstream``.
+    """
+    proxy = _Proxy(governor, config, upstream_transport)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(proxy.purge_forever())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await proxy.upstream.close_async()
+
+    app = Starlette(
+        routes=[
+            Route("/_paymaster/health", proxy.health, methods=["GET"]),
+            Route("/{path:path}", proxy.handle, methods=[*_METHODS, "PUT", "PATCH", "HEAD"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.proxy = proxy
+    return app
+
+
+# -- reading the request -----------------------------------------------------------------
+def _method(request: Request) -> str:
+    if request.method not in _METHODS:
+        raise _Refused(
+            405, "method_not_allowed",
+            f"{request.method} is not a Stripe API method; use GET, POST or DELETE",
+        )  # fmt: skip
+    return request.method
+
+
+def _presented_key(request: Request) -> str:
+    """The API key from ``Authorization: Bearer KEY`` or ``Basic base64(KEY:)``, as the
+    Stripe API accepts it."""
+    values = request.headers.getlist("authorization")
+    if len(values) != 1:
+        raise _Refused(
+            401, "missing_api_key",
+            "You did not provide an API key: send your paymaster vault key as "
+            "'Authorization: Bearer pmk_...'" if not values else
+            "send exactly one Authorization header",
+        )  # fmt: skip
+    scheme, _, credentials = values[0].strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "basic":
+        try:
+            credentials = base64.b64decode(credentials, validate=True).decode().split(":")[0]
+        except (binascii.Error, UnicodeDecodeError):
+            credentials = ""
+    elif scheme.lower() != "bearer":
+        credentials = ""
+    if not credentials:
+        raise _Refused(
+            401, "missing_api_key",
+            "the Authorization header must be 'Bearer pmk_...' (or Basic with the key as user)",
+        )  # fmt: skip
+    return credentials
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    if not declared.strip().isdigit():
+        raise _Refused(400, "invalid_request", "the Content-Length header is malformed")
+    if int(declared) > limit:
+        raise _too_large(limit)
+
+
+def _too_large(limit: int) -> _Refused:
+    return _Refused(
+        413, "request_too_large", f"the request body exceeds the proxy's {limit}-byte limit"
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _forwarded(request: Request) -> dict[str, str]:
+    forwarded = {}
+    for name in FORWARDED_HEADERS:
+        values = request.headers.getlist(name)
+        if len(values) > 1:
+            raise _Refused(400, "invalid_request", f"the {name} header is sent {len(values)} times")
+        if values:
+            forwarded[name] = values[0]
+    return forwarded
+
+
+def _target(request: Request) -> str:
+    """The path and query exactly as the client sent them (percent-encoding kept), so what
+    is governed is what is forwarded; only ever appended to the configured upstream."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    path = raw.decode("latin-1")
+    if not path.startswith("/"):
+        raise _Refused(400, "invalid_request", "the request path is not absolute")
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return f"{path}?{query}" if query else path
+
+
+def _get(headers: Mapping[str, str], name: str) -> str | None:
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == wanted), None)
+
+
+def _unavailable(exc: GovernanceUnavailable) -> Response:
+    return stripe_error(503, "ledger_unavailable", str(exc), kind="api_error", retry=True)

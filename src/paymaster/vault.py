@@ -1,0 +1,245 @@
+"""Vault keys: what an agent holds instead of a vendor's real API key.
+
+A vault key (``pmk_<id>_<secret>``) is shown once, when it is made; the ledger stores its
+public id and a SHA-256 digest of its secret only. (The secret is 256 random bits, so a
+fast digest is enough: there is nothing to guess.) A key binds the calls made with it to
+an agent type, optionally a run and a run policy, and an expiry. The governing proxy
+(:mod:`paymaster.proxy`) authenticates every request with :meth:`VaultKeys.authenticate`,
+reading the key's row each time, so a revoke refuses the very next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+
+from sqlalchemy import Engine, insert, select, update
+
+from .db import unavailable_on_error
+from .errors import PaymasterError
+from .policy import RunPolicy
+from .schema import vault_key
+
+__all__ = [
+    "KEY_PREFIX",
+    "NewVaultKey",
+    "VaultKey",
+    "VaultKeyError",
+    "VaultKeyNotFound",
+    "VaultKeyRefused",
+    "VaultKeys",
+]
+
+KEY_PREFIX = "pmk_"
+_ID_LENGTH = 12
+_KEY = re.compile(r"pmk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+# Compared against when the presented id is unknown, so that an unknown id costs the
+# same digest and comparison as a known one.
+_DUMMY_DIGEST = hashlib.sha256(b"paymaster: no such key").hexdigest()
+
+
+class VaultKeyError(PaymasterError):
+    """A vault key operation that cannot be done."""
+
+
+class VaultKeyNotFound(VaultKeyError, LookupError):
+    """No vault key has this id."""
+
+
+class VaultKeyRefused(VaultKeyError):
+    """A presented vault key does not authenticate. ``reason`` is stable: match on it."""
+
+    class Reason(str, Enum):
+        MALFORMED = "malformed"
+        UNKNOWN = "unknown"
+        EXPIRED = "expired"
+        REVOKED = "revoked"
+
+    def __init__(self, reason: VaultKeyRefused.Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VaultKey:
+    """A vault key's stored record (never its secret)."""
+
+    id: str
+    agent: str
+    run: str | None
+    run_policy: RunPolicy | None
+    label: str | None
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    revoked_by: str | None
+    revoke_reason: str | None
+
+    def state(self, now: datetime) -> str:
+        """``active``, ``expired`` or ``revoked``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+@dataclass(frozen=True)
+class NewVaultKey:
+    """A key just made: ``secret`` is the whole key, shown this once and stored nowhere."""
+
+    secret: str
+    record: VaultKey
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class VaultKeys:
+    """Make, list, revoke and authenticate vault keys in the ledger database."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = _utcnow) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def create(
+        self,
+        agent: str,
+        *,
+        by: str,
+        run: str | None = None,
+        run_policy: RunPolicy | None = None,
+        expires_at: datetime | None = None,
+        label: str | None = None,
+    ) -> NewVaultKey:
+        """Make a key for ``agent``. A run policy with a run budget needs a run to count
+        against: without ``run``, the key's own id is its run."""
+        if not agent.strip():
+            raise ValueError("a vault key needs an agent type")
+        now = self._clock()
+        if expires_at is not None and expires_at <= now:
+            raise ValueError(f"expires_at {expires_at.isoformat()} is not in the future")
+        key_id = secrets.token_hex(_ID_LENGTH // 2)
+        secret = secrets.token_urlsafe(32)
+        if run is None and run_policy is not None:
+            run = f"{KEY_PREFIX}{key_id}"
+        record = VaultKey(
+            id=key_id, agent=agent, run=run, run_policy=run_policy, label=label,
+            created_at=now, created_by=by, expires_at=expires_at, revoked_at=None,
+            revoked_by=None, revoke_reason=None,
+        )  # fmt: skip
+        with unavailable_on_error(self._engine, "making a vault key", "so no key was made"):
+            with self._engine.begin() as conn:
+                conn.execute(insert(vault_key).values(
+                    id=key_id, secret_sha256=_digest(secret), agent=agent, run=run,
+                    run_policy=None if run_policy is None else run_policy.model_dump_json(
+                        exclude_none=True
+                    ),
+                    label=label, created_at=now, created_by=by, expires_at=expires_at,
+                ))  # fmt: skip
+        return NewVaultKey(f"{KEY_PREFIX}{key_id}_{secret}", record)
+
+    def list(self, *, include_revoked: bool = False) -> list[VaultKey]:
+        """Keys, newest first; revoked ones only if asked."""
+        query = select(vault_key).order_by(vault_key.c.created_at.desc(), vault_key.c.id)
+        if not include_revoked:
+            query = query.where(vault_key.c.revoked_at.is_(None))
+        with unavailable_on_error(self._engine, "listing vault keys", "so none are listed"):
+            with self._engine.connect() as conn:
+                return [_record(row) for row in conn.execute(query)]
+
+    def get(self, key_id: str) -> VaultKey:
+        """The key with this id (``pmk_<id>`` or the bare id)."""
+        key_id = _bare_id(key_id)
+        with unavailable_on_error(self._engine, "reading a vault key", "so nothing changed"):
+            with self._engine.connect() as conn:
+                row = conn.execute(select(vault_key).where(vault_key.c.id == key_id)).first()
+        if row is None:
+            raise VaultKeyNotFound(f"no vault key has the id {key_id!r}")
+        return _record(row)
+
+    def revoke(self, key_id: str, *, by: str, reason: str) -> VaultKey:
+        """Revoke a key for good: the proxy refuses its next request. Revoking a revoked
+        key changes nothing and returns it."""
+        key_id = _bare_id(key_id)
+        with unavailable_on_error(self._engine, "revoking a vault key", "so it is not revoked"):
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(vault_key)
+                    .where(vault_key.c.id == key_id, vault_key.c.revoked_at.is_(None))
+                    .values(revoked_at=self._clock(), revoked_by=by, revoke_reason=reason)
+                )
+        return self.get(key_id)
+
+    def authenticate(self, presented: str) -> VaultKey:
+        """The active key ``presented`` is, or :class:`VaultKeyRefused` saying why.
+
+        The secret is compared in constant time, and an unknown id costs the same
+        comparison. A database failure raises
+        :class:`~paymaster.errors.GovernanceUnavailable` (fail closed).
+        """
+        match = _KEY.fullmatch(presented)
+        if match is None:
+            raise VaultKeyRefused(
+                VaultKeyRefused.Reason.MALFORMED,
+                "the API key is not a paymaster vault key (pmk_...); ask your operator for "
+                "one made with `paymaster keys create`",
+            )
+        key_id, secret = match.groups()
+        with unavailable_on_error(
+            self._engine, "checking a vault key", "so the request was not forwarded"
+        ):
+            with self._engine.connect() as conn:
+                row = conn.execute(select(vault_key).where(vault_key.c.id == key_id)).first()
+        stored = row.secret_sha256 if row is not None else _DUMMY_DIGEST
+        if not hmac.compare_digest(_digest(secret), stored) or row is None:
+            raise VaultKeyRefused(
+                VaultKeyRefused.Reason.UNKNOWN, f"no such vault key: {KEY_PREFIX}{key_id}_..."
+            )
+        record = _record(row)
+        state = record.state(self._clock())
+        if state == "revoked":
+            raise VaultKeyRefused(
+                VaultKeyRefused.Reason.REVOKED,
+                f"vault key {KEY_PREFIX}{key_id} was revoked by {record.revoked_by} at "
+                f"{record.revoked_at:%Y-%m-%d %H:%M:%S}Z: {record.revoke_reason}",
+            )
+        if state == "expired":
+            assert record.expires_at is not None
+            raise VaultKeyRefused(
+                VaultKeyRefused.Reason.EXPIRED,
+                f"vault key {KEY_PREFIX}{key_id} expired at {record.expires_at:%Y-%m-%d %H:%M:%S}Z",
+            )
+        return record
+
+
+def _bare_id(key_id: str) -> str:
+    """``pmk_<id>``, ``pmk_<id>_<secret>`` or ``<id>`` -> ``<id>``."""
+    text = key_id.strip()
+    if text.startswith(KEY_PREFIX):
+        text = text[len(KEY_PREFIX) :][:_ID_LENGTH]
+    return text
+
+
+def _record(row: object) -> VaultKey:
+    m = row._mapping  # type: ignore[attr-defined]
+    policy = m["run_policy"]
+    return VaultKey(
+        id=m["id"], agent=m["agent"], run=m["run"],
+        run_policy=None if policy is None else RunPolicy.model_validate_json(policy),
+        label=m["label"], created_at=m["created_at"], created_by=m["created_by"],
+        expires_at=m["expires_at"], revoked_at=m["revoked_at"], revoked_by=m["revoked_by"],
+        revoke_reason=m["revoke_reason"],
+    )  # fmt: skip
