@@ -2,8 +2,9 @@
 database, and turning paymaster's exceptions into messages and exit codes.
 
 Exit codes: 0 ok; 1 the command ran but found a problem (an invalid policy file, an
-unknown or already resolved hold, a broken audit chain); 2 bad input (usage errors, bad
-amounts or times); 3 the ledger database is unreachable or its schema unusable.
+unknown or already resolved hold, an unknown vault key, a broken audit chain); 2 bad input
+(usage errors, bad amounts or times); 3 the ledger database is unreachable or its schema
+unusable.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..errors import (
 )
 from ..governor import Governor
 from ..operations import schema_state
+from ..vault import VaultKeyError
 
 __all__ = [
     "EXIT_PROBLEM",
@@ -80,7 +82,7 @@ class PaymasterGroup(TyperGroup):
             return super().invoke(ctx)
         except (GovernanceUnavailable, SchemaVersionError) as exc:
             fail(str(exc), EXIT_UNAVAILABLE)
-        except (PolicyError, HoldNotFound, HoldAlreadyResolved) as exc:
+        except (PolicyError, HoldNotFound, HoldAlreadyResolved, VaultKeyError) as exc:
             fail(str(exc), EXIT_PROBLEM)
         except ValueError as exc:  # bad amounts, currencies, reasons: the input to fix
             fail(str(exc), EXIT_USAGE)

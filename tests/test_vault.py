@@ -1,0 +1,220 @@
+"""Vault keys (``paymaster.vault``) and the ``paymaster keys`` / ``paymaster proxy``
+commands, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import Engine, select
+from typer.testing import CliRunner
+
+from conftest import Clock
+from paymaster import RunPolicy
+from paymaster.cli import runtime
+from paymaster.cli.app import app
+from paymaster.db import connect, ensure_schema
+from paymaster.proxy import ProxyConfig, read_stripe_key
+from paymaster.schema import vault_key
+from paymaster.vault import VaultKeyNotFound, VaultKeyRefused, VaultKeys
+
+Reason = VaultKeyRefused.Reason
+runner = CliRunner()
+SECRET_AT = len("pmk_") + 12 + 1  # where the secret starts: pmk_<12-hex id>_<secret>
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = connect(db_url)
+    ensure_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def keys(engine: Engine, clock: Clock) -> VaultKeys:
+    return VaultKeys(engine, clock)
+
+
+def refused(keys: VaultKeys, presented: str) -> Reason:
+    with pytest.raises(VaultKeyRefused) as caught:
+        keys.authenticate(presented)
+    return caught.value.reason
+
+
+def test_a_key_authenticates_as_what_it_binds_and_only_its_digest_is_stored(
+    keys: VaultKeys, engine: Engine
+) -> None:
+    policy = RunPolicy.model_validate({"currency": "JPY", "cap": "500", "max_calls": 3})
+    made = keys.create("refund-agent", by="ops", run="run-7", run_policy=policy, label="ci")
+    assert made.secret.startswith(f"pmk_{made.record.id}_")
+    found = keys.authenticate(made.secret)
+    assert (found.agent, found.run, found.run_policy, found.label) == (
+        "refund-agent", "run-7", policy, "ci",
+    )  # fmt: skip
+    with engine.connect() as conn:
+        stored = [str(v) for row in conn.execute(select(vault_key)) for v in row]
+    secret = made.secret[SECRET_AT:]
+    assert not any(secret in value for value in stored)
+
+
+def test_a_run_policy_without_a_run_counts_against_the_keys_own_run(keys: VaultKeys) -> None:
+    made = keys.create("a", by="ops", run_policy=RunPolicy.model_validate(
+        {"currency": "USD", "cap": "5.00"}
+    ))  # fmt: skip
+    assert made.record.run == f"pmk_{made.record.id}"
+    assert keys.create("a", by="ops").record.run is None
+
+
+def test_unknown_malformed_expired_and_revoked_keys_are_refused(
+    keys: VaultKeys, clock: Clock
+) -> None:
+    made = keys.create("a", by="ops", expires_at=clock() + timedelta(hours=2))
+    key_id, secret = made.record.id, made.secret[SECRET_AT:]
+    assert refused(keys, "sk_test_123") is Reason.MALFORMED
+    assert refused(keys, made.secret + "x") is Reason.MALFORMED
+    assert refused(keys, f"pmk_{'0' * 12}_{secret}") is Reason.UNKNOWN
+    assert refused(keys, f"pmk_{key_id}_{'A' * 43}") is Reason.UNKNOWN
+    clock.advance(hours=1, minutes=59)
+    keys.authenticate(made.secret)
+    clock.advance(minutes=1)
+    assert refused(keys, made.secret) is Reason.EXPIRED
+
+    other = keys.create("a", by="ops")
+    revoked = keys.revoke(f"pmk_{other.record.id}", by="oncall", reason="leaked")
+    assert (revoked.revoked_by, revoked.revoke_reason) == ("oncall", "leaked")
+    assert refused(keys, other.secret) is Reason.REVOKED
+    again = keys.revoke(other.record.id, by="someone else", reason="twice")
+    assert again.revoked_by == "oncall"  # the first revoke stands
+
+
+def test_listing_and_bad_input(keys: VaultKeys, clock: Clock) -> None:
+    first = keys.create("a", by="ops")
+    clock.advance(seconds=1)
+    second = keys.create("b", by="ops")
+    keys.revoke(first.record.id, by="ops", reason="done")
+    assert [k.id for k in keys.list()] == [second.record.id]
+    assert [k.id for k in keys.list(include_revoked=True)] == [second.record.id, first.record.id]
+    with pytest.raises(VaultKeyNotFound):
+        keys.revoke("pmk_ffffffffffff", by="ops", reason="x")
+    with pytest.raises(ValueError, match="agent"):
+        keys.create(" ", by="ops")
+    with pytest.raises(ValueError, match="not in the future"):
+        keys.create("a", by="ops", expires_at=clock())
+
+
+# -- the commands ------------------------------------------------------------------------
+@pytest.fixture
+def cli(db_url: str, engine: Engine, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(runtime.hooks, "now", clock)
+    monkeypatch.delenv("PAYMASTER_POLICIES", raising=False)
+    return db_url
+
+
+def test_keys_create_prints_the_key_once_and_list_never_shows_it(
+    cli: str, tmp_path: Path, clock: Clock, keys: VaultKeys
+) -> None:
+    made = runner.invoke(app, ["keys", "create", "--agent", "refund-agent", "--run", "r1",
+                               "--expires", "2h", "--label", "nightly", "--db", cli])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    secret = made.stdout.strip()
+    assert keys.authenticate(secret).run == "r1"
+    assert "only time the key is shown" in made.stderr
+
+    listed = runner.invoke(app, ["keys", "list", "--json", "--db", cli])
+    (entry,) = json.loads(listed.stdout)
+    assert entry["id"] == secret[: len("pmk_") + 12]
+    assert (entry["state"], entry["run"], entry["label"]) == ("active", "r1", "nightly")
+    assert entry["expires_at"] == (clock() + timedelta(hours=2)).isoformat()
+    assert secret[SECRET_AT:] not in listed.stdout
+    table = runner.invoke(app, ["keys", "list", "--db", cli])
+    assert entry["id"] in table.stdout and secret not in table.stdout
+
+    gone = runner.invoke(app, ["keys", "revoke", entry["id"], "--reason", "rotated", "--db", cli])
+    assert gone.exit_code == 0, gone.output
+    assert "refuses its next request" in gone.stdout
+    assert json.loads(runner.invoke(app, ["keys", "list", "--json", "--db", cli]).stdout) == []
+    missing = runner.invoke(app, ["keys", "revoke", "pmk_ffffffffffff", "--reason", "x",
+                                  "--db", cli])  # fmt: skip
+    assert missing.exit_code == 1 and "no vault key" in missing.stderr
+
+
+def test_keys_create_checks_the_key_against_the_policies(cli: str, tmp_path: Path) -> None:
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(yaml.safe_dump({"policies": [{
+        "id": "refunds", "agent": "refund-agent", "vendor": "stripe", "currency": "USD",
+        "daily_cap": "100.00", "endpoints": ["/v1/refunds"],
+    }]}))  # fmt: skip
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(yaml.safe_dump({"currency": "USD", "cap": "500.00",
+                                    "endpoints": ["/v1/customers"]}))  # fmt: skip
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text(yaml.safe_dump({"currency": "USD", "cap": "5.00"}))
+    base = ["keys", "create", "--db", cli, "--policies", str(policies)]
+
+    nobody = runner.invoke(app, [*base, "--agent", "nobody"])
+    assert nobody.exit_code == 1 and "no key made" in nobody.stderr
+    widens = runner.invoke(app, [*base, "--agent", "refund-agent", "--run-policy", str(wide)])
+    assert widens.exit_code == 1 and "widens" in widens.stderr
+    made = runner.invoke(app, [*base, "--agent", "refund-agent", "--run-policy", str(narrow),
+                               "--json"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    document = json.loads(made.stdout)
+    assert document["run"] == document["id"]
+    assert document["run_policy"]["cap"] == "5.00 USD"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--agent", "a", "--expires", "soon"], "neither a duration"),
+        (["--agent", "a", "--expires", "2020-01-01"], "not in the future"),
+        (["--agent", " "], "must not be empty"),
+    ],
+)
+def test_keys_create_refuses_bad_input_with_exit_2(cli: str, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["keys", "create", "--db", cli, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+# -- the proxy's configuration -----------------------------------------------------------
+def test_the_proxy_command_refuses_a_bad_configuration_before_serving(
+    cli: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policies = tmp_path / "policies.yaml"
+    policies.write_text("policies: []\n")
+    base = ["proxy", "--db", cli, "--policies", str(policies)]
+    monkeypatch.delenv("PAYMASTER_STRIPE_KEY", raising=False)
+    no_key = runner.invoke(app, base)
+    assert no_key.exit_code == 2 and "PAYMASTER_STRIPE_KEY" in no_key.stderr
+    monkeypatch.setenv("PAYMASTER_STRIPE_KEY", "sk_test_secret")
+    for upstream, message in (
+        ("ftp://api.stripe.com", "http(s)"),
+        ("https://api.stripe.com/v1", "no path"),
+        ("https://user@api.stripe.com", "no path, query or user"),
+    ):
+        bad = runner.invoke(app, [*base, "--upstream", upstream])
+        assert bad.exit_code == 2 and message in bad.stderr, bad.stderr
+        assert "sk_test_secret" not in bad.output
+    listen = runner.invoke(app, [*base, "--listen", "8421"])
+    assert listen.exit_code == 2 and "HOST:PORT" in listen.output
+    missing_file = runner.invoke(app, [*base, "--stripe-key-file", str(tmp_path / "none")])
+    assert missing_file.exit_code == 2 and "cannot read the Stripe key file" in missing_file.stderr
+
+
+def test_the_real_key_is_read_from_a_file_or_the_environment_and_never_shown(
+    tmp_path: Path,
+) -> None:
+    secret_file = tmp_path / "stripe.key"
+    secret_file.write_text("sk_live_from_file\n")
+    assert read_stripe_key(secret_file, {}).get_secret_value() == "sk_live_from_file"
+    key = read_stripe_key(None, {"PAYMASTER_STRIPE_KEY": "sk_live_from_env"})
+    config = ProxyConfig(stripe_key=key)
+    assert "sk_live_from_env" not in repr(config) + str(config) + config.model_dump_json()
+    with pytest.raises(ValueError, match="vault key"):
+        ProxyConfig(stripe_key="pmk_0123456789ab_" + "A" * 43)
