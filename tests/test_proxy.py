@@ -8,6 +8,7 @@ proxy and with which key.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -17,7 +18,7 @@ import httpx
 import pytest
 import stripe
 
-from conftest import Clock
+from conftest import Clock, _pg_schema_url
 from paymaster import AuditRecord, Governor, HoldState, Money, Policy, RunPolicy
 from paymaster.proxy import ProxyConfig, create_app
 from paymaster.testing.localstripe import TEST_API_KEY, LocalStripe
@@ -108,6 +109,25 @@ def proxy(db_url: str, localstripe: LocalStripe, clock: Clock) -> Iterator[Proxy
         gov.close()
 
 
+@pytest.fixture
+def pg_schema_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema for a test that routes the ledger through a cuttable
+    TCP proxy."""
+    url, drop = _pg_schema_url(pg_admin_url)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+def routed_through(tcp_url: str) -> tuple[TcpProxy, str]:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(tcp_url)
+    tcp = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    return tcp, url.set(host="127.0.0.1", port=tcp.port).render_as_string(hide_password=False)
+
+
 def error_of(exc: stripe.StripeError) -> tuple[int | None, str | None]:
     """The HTTP status and the error code of a Stripe exception (``e.code`` is set only for
     400/402/404 by stripe-python; the error object always has it)."""
@@ -155,7 +175,7 @@ def test_the_real_key_goes_upstream_and_the_vault_key_never_does(proxy: Proxy) -
     assert post.headers["idempotency-key"]
 
 
-def test_a_post_without_an_idempotency_key_is_forwarded_with_one_made_from_its_hold(
+def test_a_post_without_an_idempotency_key_is_forwarded_with_one_the_client_is_told(
     proxy: Proxy,
 ) -> None:
     intent = paid_intent(proxy.server)
@@ -166,8 +186,12 @@ def test_a_post_without_an_idempotency_key_is_forwarded_with_one_made_from_its_h
     )
     assert response.status_code == 200, response.text
     (post,) = proxy.upstream.posts()
-    (row,) = proxy.audit("/v1/refunds")
-    assert post.headers["idempotency-key"] == f"paymaster-{row.hold_id}"
+    made = post.headers["idempotency-key"]
+    assert made.startswith("paymaster-proxy-")
+    assert response.headers["idempotency-key"] == made
+    (held,) = [h for h in proxy.gov.ledger.holds(states=list(HoldState))
+               if h.endpoint == "/v1/refunds"]  # fmt: skip
+    assert held.idempotency_key is not None and held.idempotency_key.endswith(made)
 
 
 def test_jpy_amounts_are_exact(proxy: Proxy) -> None:
@@ -304,7 +328,9 @@ def test_a_retry_after_a_lost_response_is_forwarded_with_the_same_key_and_counte
     params = {"payment_intent": intent, "amount": 2500}
     with pytest.raises(stripe.APIError) as failed:
         client.v1.refunds.create(params=params, options={"idempotency_key": "k-lost"})
-    assert error_of(failed.value) == (502, "paymaster_upstream_unreachable")
+    assert error_of(failed.value) == (502, "paymaster_upstream_outcome_unknown")
+    assert failed.value.headers is not None
+    assert failed.value.headers["idempotency-key"] == "k-lost"
     (kept,) = proxy.gov.holds()
     assert kept.state is HoldState.UNKNOWN
     assert proxy.committed() == Money(2500, "USD")  # still counted: Stripe may have paid
@@ -316,6 +342,55 @@ def test_a_retry_after_a_lost_response_is_forwarded_with_the_same_key_and_counte
     assert proxy.committed() == Money(2500, "USD")  # reserved and counted once
     # localstripe ignores idempotency keys, so it refunded twice; Stripe would replay.
     assert refunds_of(proxy.server, intent) == [2500, 2500]
+
+
+def test_the_same_key_on_behalf_of_another_account_is_another_call(proxy: Proxy) -> None:
+    """Stripe scopes idempotency keys per account: with another Stripe-Context the same key
+    and body are a new call, reserved and counted on their own, never a replay."""
+    intent = paid_intent(proxy.server, 5000)
+    for context in ("acct_A", "acct_B"):
+        response = httpx.post(
+            f"{proxy.url}/v1/refunds",
+            data={"payment_intent": intent, "amount": "1000"},
+            headers={"Authorization": f"Bearer {proxy.key}", "Idempotency-Key": "k-ctx",
+                     "Stripe-Context": context},
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        assert "idempotent-replayed" not in response.headers
+    posts = proxy.upstream.posts()
+    assert [p.headers["stripe-context"] for p in posts] == ["acct_A", "acct_B"]
+    assert proxy.committed() == Money(2000, "USD")
+
+
+def test_an_unreachable_upstream_releases_the_hold(proxy: Proxy, clock: Clock) -> None:
+    """No connection means nothing was sent: the hold is released, not kept unknown."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    config = ProxyConfig(upstream=f"http://127.0.0.1:{port}", stripe_key=TEST_API_KEY)
+    with serve_app(create_app(proxy.gov, config)) as url:
+        with pytest.raises(stripe.APIError) as failed:
+            proxy_client(url, proxy.key).v1.payment_intents.create(
+                params={"amount": 3000, "currency": "usd"}
+            )
+    assert error_of(failed.value) == (502, "paymaster_upstream_unreachable")
+    assert "not sent" in str(failed.value.user_message)
+    assert proxy.gov.holds() == []
+    assert proxy.committed() == Money(0, "USD")
+    (row,) = proxy.gov.audit.query()
+    assert (row.outcome, row.estimate, row.actual) == ("errored", 3000, 0)
+
+
+def test_a_header_value_httpx_cannot_send_is_refused_before_anything_is_reserved(
+    proxy: Proxy,
+) -> None:
+    response = httpx.post(
+        f"{proxy.url}/v1/payment_intents",
+        data={"amount": "100", "currency": "usd"},
+        headers=[("Authorization", f"Bearer {proxy.key}"), ("Idempotency-Key", b"k\xe9y")],
+    )
+    assert response.status_code == 400, response.text
+    assert "printable ASCII" in response.json()["error"]["message"]
+    assert proxy.upstream.seen == [] and proxy.gov.holds() == []
 
 
 # -- keys and the kill switch ------------------------------------------------------------
@@ -453,14 +528,8 @@ def test_the_health_endpoint_answers_when_the_ledger_does(proxy: Proxy) -> None:
 
 
 @pytest.mark.postgres
-def test_an_unreachable_ledger_fails_closed(
-    pg_admin_url: str, localstripe: LocalStripe, tmp_path: Any
-) -> None:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(pg_admin_url)
-    tcp = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    routed = url.set(host="127.0.0.1", port=tcp.port).render_as_string(hide_password=False)
+def test_an_unreachable_ledger_fails_closed(pg_schema_url: str, localstripe: LocalStripe) -> None:
+    tcp, routed = routed_through(pg_schema_url)
     gov = Governor(routed, policies=[refund_agent_policy(endpoints=POLICY_ENDPOINTS)])
     upstream = RecordingUpstream()
     config = ProxyConfig(upstream=localstripe.url, stripe_key=TEST_API_KEY)
@@ -473,9 +542,45 @@ def test_an_unreachable_ledger_fails_closed(
             with pytest.raises(stripe.APIError) as failed:
                 client.v1.customers.list()
             assert error_of(failed.value) == (503, "paymaster_ledger_unavailable")
-            assert "unavailable" in str(failed.value.user_message)
+            message = str(failed.value.user_message)
+            assert "unavailable" in message and "not forwarded" in message
+            assert str(tcp.port) not in message and "postgresql" not in message
             health = httpx.get(f"{proxy_url}/_paymaster/health")
-            assert health.status_code == 503
+            assert (health.status_code, health.json()) == (503, {"status": "unavailable"})
     finally:
         gov.close()
     assert len(upstream.seen) == 1
+
+
+@pytest.mark.postgres
+def test_a_ledger_lost_after_stripe_answered_still_returns_stripes_answer(
+    pg_schema_url: str, localstripe: LocalStripe
+) -> None:
+    """Raising after Stripe acted would tell the agent the refund failed and invite a
+    retry: the refund comes back, and its hold stays pending and counted."""
+    tcp, routed = routed_through(pg_schema_url)
+    gov = Governor(routed, policies=[refund_agent_policy(endpoints=POLICY_ENDPOINTS)])
+    intent = paid_intent(localstripe, 5000)
+
+    def lose_the_ledger(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        if request.method == "POST":
+            tcp.cut()
+        return response
+
+    upstream = RecordingUpstream(fault=lose_the_ledger)
+    config = ProxyConfig(upstream=localstripe.url, stripe_key=TEST_API_KEY)
+    try:
+        key = VaultKeys(gov.engine).create("refund-agent", by="test").secret
+        with serve_app(create_app(gov, config, upstream_transport=upstream)) as proxy_url:
+            refund = proxy_client(proxy_url, key).v1.refunds.create(
+                params={"payment_intent": intent, "amount": 1200}
+            )
+        assert refund.amount == 1200
+    finally:
+        gov.close()
+    assert refunds_of(localstripe, intent) == [1200]
+    with Governor(pg_schema_url, policies=[]) as direct:  # the same ledger, not through tcp
+        (held,) = [h for h in direct.holds() if h.endpoint == "/v1/refunds"]
+        assert (held.state, held.estimate) == (HoldState.PENDING, Money(1200, "USD"))
+        (budget,) = [b for b in direct.budgets() if b.kind == "daily"]
+        assert budget.committed == Money(1200, "USD")

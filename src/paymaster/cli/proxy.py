@@ -46,6 +46,10 @@ def proxy(
     max_body: Annotated[
         int, typer.Option("--max-body", min=1, help="Largest request body, in bytes.")
     ] = 256 * 1024,
+    upstream_timeout: Annotated[
+        float,
+        typer.Option("--upstream-timeout", min=1, help="Seconds to wait for the upstream."),
+    ] = 60.0,
     fd: Annotated[int | None, typer.Option("--fd", hidden=True)] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")] = "info",
     db: DbOption = DEFAULT_DB,
@@ -70,7 +74,10 @@ def proxy(
     except ValueError as exc:
         fail(str(exc), 2)
     try:
-        config = ProxyConfig(upstream=upstream, stripe_key=key, max_body_bytes=max_body)
+        config = ProxyConfig(
+            upstream=upstream, stripe_key=key, max_body_bytes=max_body,
+            upstream_timeout=upstream_timeout,
+        )  # fmt: skip
     except ValidationError as exc:
         fail(describe_error(exc), 2)
     with open_database(db) as engine, Governor(

@@ -21,7 +21,9 @@ import base64
 import binascii
 import contextlib
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 
 import httpx
@@ -39,7 +41,7 @@ from ..vendors.stripe.transport import VENDOR, GovernedHTTPClient, bind, ledger_
 from .config import ProxyConfig
 from .replay import Replay, ReplayStore
 from .responses import key_refused_response, stripe_error, violation_response
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, UpstreamNotReached
 
 __all__ = ["FORWARDED_HEADERS", "create_app"]
 
@@ -58,6 +60,7 @@ FORWARDED_HEADERS = (
     "Accept",
 )
 _METHODS = ("GET", "POST", "DELETE")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 _PURGE_EVERY = 3600.0  # seconds between sweeps of expired replays
 
 
@@ -95,10 +98,11 @@ class _Proxy:
         except _Refused as refused:
             return refused.response
         except VaultKeyRefused as refused:
-            log.warning("refused a request to %s: %s", request.url.path, refused)
+            log.warning("refused a request to %r: %s", request.url.path, refused)
             return key_refused_response(refused)
         except GovernanceUnavailable as exc:
             return _unavailable(exc)
+        headers: dict[str, str] = {}
         with bind(agent=key.agent, run=key.run, run_policy=key.run_policy):
             try:
                 try:
@@ -109,19 +113,42 @@ class _Proxy:
                 except _Refused as refused:  # the agent is known: audit the refusal
                     await self.governor.in_worker(self._audit_refusal, key, request, refused)
                     return refused.response
-                return await self._governed(key, method, url, headers, body)
+                if method == "POST" and "Idempotency-Key" not in headers:
+                    # Made here rather than from the hold, so the client can be told it
+                    # (in every answer's headers) and retry with it.
+                    headers["Idempotency-Key"] = f"paymaster-proxy-{uuid.uuid4().hex}"
+                response = await self._governed(key, method, url, headers, body)
             except PolicyViolation as violation:
-                return violation_response(violation)
+                response = violation_response(violation)
             except GovernanceUnavailable as exc:
-                return _unavailable(exc)
-            except httpx.HTTPError as exc:
-                return stripe_error(
+                response = _unavailable(exc)
+            except UpstreamNotReached as exc:
+                response = stripe_error(
                     502, "upstream_unreachable",
-                    f"the proxy could not complete the request to Stripe ({type(exc).__name__})"
-                    "; if it was a payment, retry with the same Idempotency-Key: it will not "
-                    "pay twice",
+                    f"the proxy could not reach Stripe ({exc}); the request was not sent and "
+                    "nothing was spent",
                     kind="api_error", retry=True,
                 )  # fmt: skip
+            except httpx.HTTPError as exc:
+                response = stripe_error(
+                    502, "upstream_outcome_unknown",
+                    f"the request to Stripe failed mid-way ({type(exc).__name__}), so whether "
+                    "it took effect is unknown; its cost stays counted. Retry with the same "
+                    "Idempotency-Key (in this response's headers): Stripe will not act twice",
+                    kind="api_error", retry=True,
+                )  # fmt: skip
+            except Exception:
+                log.exception("the proxy failed on %s %r", method, request.url.path)
+                response = stripe_error(
+                    500, "proxy_error",
+                    "the proxy failed unexpectedly; if this was a payment, check before "
+                    "retrying (the proxy's log has the details)",
+                    kind="api_error",
+                )  # fmt: skip
+        sent_key = headers.get("Idempotency-Key")
+        if sent_key is not None and "idempotency-key" not in response.headers:
+            response.headers["Idempotency-Key"] = sent_key
+        return response
 
     def _audit_refusal(self, key: VaultKey, request: Request, refused: _Refused) -> None:
         endpoint = request.url.path[:500]
@@ -140,9 +167,19 @@ class _Proxy:
             kept = await self.governor.in_worker(self.replays.find, ledger_key, key.agent)
             if kept is not None:
                 return await self._replay(key, method, url, kept)
-        content, status, sent_back = await self.stripe.request_async(
-            method, url, headers, body or None
-        )
+        try:
+            content, status, sent_back = await self.stripe.request_async(
+                method, url, headers, body or None
+            )
+        except PolicyViolation as violation:
+            # A retry racing the first attempt's kept response (or a keep that failed):
+            # the call succeeded, so its answer is replayed if it was kept.
+            if ledger_key is None or violation.code is not ViolationCode.ALREADY_COMPLETED:
+                raise
+            kept = await self.governor.in_worker(self.replays.find, ledger_key, key.agent)
+            if kept is None:
+                raise
+            return await self._replay(key, method, url, kept)
         if status == 401:  # the proxy's own key was refused: the agent cannot fix that
             log.error("Stripe refused the proxy's own API key (HTTP 401)")
             return stripe_error(
@@ -172,16 +209,16 @@ class _Proxy:
             http_status=kept.status, vendor_request_id=_get(kept.headers, "Request-Id"),
             hold_id=kept.hold_id,
         )  # fmt: skip
-        return Response(
-            kept.body, kept.status, headers={**kept.headers, "Idempotent-Replayed": "true"}
-        )
+        headers = {k: v for k, v in kept.headers.items() if k.lower() != "idempotent-replayed"}
+        return Response(kept.body, kept.status, headers={**headers, "Idempotent-Replayed": "true"})
 
     async def health(self, request: Request) -> Response:
         """200 when the ledger answers, 503 when it does not."""
         try:
             await self.governor.in_worker(self._ping)
         except GovernanceUnavailable as exc:
-            return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
+            log.error("health check: %s", exc)
+            return JSONResponse({"status": "unavailable"}, 503)
         return JSONResponse({"status": "ok"})
 
     def _ping(self) -> None:
@@ -308,6 +345,8 @@ def _forwarded(request: Request) -> dict[str, str]:
         if len(values) > 1:
             raise _Refused(400, "invalid_request", f"the {name} header is sent {len(values)} times")
         if values:
+            if not _PRINTABLE_ASCII.fullmatch(values[0]):
+                raise _Refused(400, "invalid_request", f"the {name} header must be printable ASCII")
             forwarded[name] = values[0]
     return forwarded
 
@@ -329,4 +368,11 @@ def _get(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def _unavailable(exc: GovernanceUnavailable) -> Response:
-    return stripe_error(503, "ledger_unavailable", str(exc), kind="api_error", retry=True)
+    """Fail closed. The details (which database, the driver's error) go to the log, not to
+    the client."""
+    log.error("ledger unavailable: %s", exc)
+    return stripe_error(
+        503, "ledger_unavailable",
+        "the paymaster ledger is unavailable, so the request was not forwarded; retry later",
+        kind="api_error", retry=True,
+    )  # fmt: skip

@@ -27,8 +27,9 @@ class ProxyConfig(BaseModel):
     """The real key the proxy forwards with. Agents never see it."""
     max_body_bytes: int = Field(default=256 * 1024, gt=0)
     """A larger request body is refused (413) before anything is reserved."""
-    upstream_timeout: float = Field(default=80.0, gt=0)
-    """Seconds to wait for the upstream (Stripe's own clients wait 80)."""
+    upstream_timeout: float = Field(default=60.0, gt=0)
+    """Seconds to wait for the upstream: under stripe-python's own 80, so that a client
+    hears the proxy's answer (and the idempotency key to retry with) before it gives up."""
     replay_window: timedelta = timedelta(hours=24)
     """How long a settled POST's response is replayed to a retry with its idempotency key
     (Stripe keeps keys 24 hours)."""

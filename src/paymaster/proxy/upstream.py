@@ -16,7 +16,7 @@ import httpx
 import stripe
 from pydantic import SecretStr
 
-__all__ = ["RESPONSE_HEADERS", "UpstreamClient", "scrub"]
+__all__ = ["RESPONSE_HEADERS", "UpstreamClient", "UpstreamNotReached", "scrub"]
 
 #: The upstream response headers passed back to the client (others are dropped: hop-by-hop
 #: headers, cookies, the upstream's framing).
@@ -43,6 +43,11 @@ def scrub(body: bytes, key: SecretStr) -> bytes:
     """``body`` without the real key, masked or whole."""
     body = body.replace(key.get_secret_value().encode(), _REDACTED)
     return _KEY_TEXT.sub(_REDACTED, body)
+
+
+class UpstreamNotReached(httpx.TransportError):
+    """No connection to the upstream: the request was not sent, so its hold is released.
+    (httpx's ``ConnectTimeout`` and ``PoolTimeout`` would read as "outcome unknown".)"""
 
 
 class UpstreamClient(stripe.HTTPClient):
@@ -78,7 +83,10 @@ class UpstreamClient(stripe.HTTPClient):
         ):  # fmt: skip
             raise ValueError("refusing to forward outside the configured upstream")
         sent = {**headers, "Authorization": f"Bearer {self._key.get_secret_value()}"}
-        response = await self._client.request(method, target, headers=sent, content=post_data)
+        try:
+            response = await self._client.request(method, target, headers=sent, content=post_data)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise UpstreamNotReached(f"{type(exc).__name__}: {exc}") from exc
         body = response.content
         if response.status_code >= 400:
             body = scrub(body, self._key)

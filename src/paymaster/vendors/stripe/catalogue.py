@@ -97,8 +97,8 @@ class StripeRequest:
     roots: frozenset[str]
     """The top-level name of every parameter sent, nested ones included."""
     fingerprint: str
-    """A digest of the method, path, every parameter and the account: what an idempotency
-    key may be reused for."""
+    """A digest of the method, path, every parameter, the account and the context: what an
+    idempotency key may be reused for."""
 
     @classmethod
     def parse(
@@ -109,6 +109,7 @@ class StripeRequest:
         *,
         content_type: str | None = None,
         account: str | None = None,
+        context: str | None = None,
     ) -> StripeRequest:
         """Read method, canonical path and parameters, exactly as Stripe would.
 
@@ -165,7 +166,11 @@ class StripeRequest:
                     f"parameter {key!r} is sent twice with different values; send it once"
                 )
             params[key] = value
-        material = json.dumps([method, path, sorted(pairs), account or ""])
+        # Stripe scopes idempotency keys per account: the same key and body on behalf of
+        # another account (Stripe-Account) or context (Stripe-Context) is another call.
+        material = json.dumps(
+            [method, path, sorted(pairs), account or ""] + ([context] if context else [])
+        )
         fingerprint = hashlib.sha256(material.encode()).hexdigest()
         return cls(method, path, params, frozenset(roots), fingerprint)
 

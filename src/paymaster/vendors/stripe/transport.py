@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import stripe
 from stripe._http_client import new_http_client_async_fallback
 
-from ...errors import HoldAlreadyResolved, PolicyViolation, ViolationCode
+from ...errors import GovernanceUnavailable, HoldAlreadyResolved, PolicyViolation, ViolationCode
 from ...governor import GovernedCall
 from ...money import Money
 from ...policy import RunPolicy
@@ -164,6 +164,8 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 getattr(call, kind)(**kwargs)
             except HoldAlreadyResolved:
                 _resolved_by_another_attempt(call)
+            except GovernanceUnavailable:
+                _not_recorded(call, response)
         return response
 
     async def request_async(
@@ -196,6 +198,8 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 await getattr(call, kind)(**kwargs)
             except HoldAlreadyResolved:
                 await _in_thread(_resolved_by_another_attempt, call)
+            except GovernanceUnavailable:
+                _not_recorded(call, response)
         return response
 
     def request_stream(
@@ -250,10 +254,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
         try:
             _check_headers(headers)
             wire_key = _idempotency_key(headers)
-            request = StripeRequest.parse(
-                method, url, post_data, content_type=_single_header(headers, "Content-Type"),
-                account=_single_header(headers, "Stripe-Account"),
-            )  # fmt: skip
+            request = _parse(method, url, headers, post_data)
         except InvalidStripeRequest as violation:
             self._refuse(violation, binding, path, method.upper())
         operation = self.catalogue.match(request)
@@ -463,6 +464,16 @@ def _single_header(headers: Mapping[str, str] | None, name: str) -> str | None:
     return found[0] if found else None
 
 
+def _parse(
+    method: str, url: str, headers: Mapping[str, str] | None, body: str | bytes | None
+) -> StripeRequest:
+    return StripeRequest.parse(
+        method, url, body, content_type=_single_header(headers, "Content-Type"),
+        account=_single_header(headers, "Stripe-Account"),
+        context=_single_header(headers, "Stripe-Context"),
+    )  # fmt: skip
+
+
 def _idempotency_key(headers: Mapping[str, str] | None) -> str | None:
     key = _single_header(headers, "Idempotency-Key")
     if key is not None and (not key or key != key.strip() or len(key) > 255):
@@ -494,10 +505,7 @@ def ledger_key_of(
         wire_key = _idempotency_key(headers)
         if wire_key is None:
             return None
-        request = StripeRequest.parse(
-            method, url, body, content_type=_single_header(headers, "Content-Type"),
-            account=_single_header(headers, "Stripe-Account"),
-        )  # fmt: skip
+        request = _parse(method, url, headers, body)
     except InvalidStripeRequest:
         return None
     return _ledger_key(request, wire_key)
@@ -512,6 +520,17 @@ def _resolved_by_another_attempt(call: GovernedCall) -> None:
     if call.hold.idempotency_key is None:
         log.warning("hold %s was resolved (%s) while its call was in flight",
                     call.hold_id, call.hold.state.value)  # fmt: skip
+
+
+def _not_recorded(call: GovernedCall, response: Response) -> None:
+    """Stripe answered but the ledger could not record it. Raising now would tell the
+    caller the call failed (and invite a retry) when Stripe acted: its answer is returned,
+    and the hold stays pending, counted against its budgets until it is reconciled."""
+    log.error(
+        "Stripe answered HTTP %s (request %s) but the ledger could not record it: hold %s "
+        "stays pending and counted; reconcile it with `paymaster holds resolve`",
+        response[1], _header(response[2], "Request-Id"), call.hold_id,
+    )  # fmt: skip
 
 
 def _lookup_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
