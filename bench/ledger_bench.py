@@ -1,6 +1,6 @@
 """Benchmark of paymaster's ledger; every figure is measured on this machine, in one run.
 
-    .venv/bin/python bench/ledger_bench.py            # everything: ~2.5 minutes on 2 CPUs
+    .venv/bin/python bench/ledger_bench.py            # everything: ~4 minutes on 2 CPUs
     .venv/bin/python bench/ledger_bench.py --quick    # a smoke run with small counts
     .venv/bin/python bench/ledger_bench.py --help     # every count, and its env variable
 
@@ -13,6 +13,9 @@
 3. The naive check-then-record enforcer under the same load, and its overshoot.
 4. The governed Stripe client against localstripe beside a bare stripe call (bench_stripe.py;
    its counts: ``PAYMASTER_BENCH_STRIPE_CALLS``, ``_WARMUP``, ``_ROUNDS``).
+5. The governing proxy's added latency against calling localstripe directly, and the time
+   from a revoke to the first refused request (bench_proxy.py; its counts:
+   ``PAYMASTER_BENCH_PROXY_CALLS``, ``_WARMUP``, ``_ROUNDS``, ``_REVOKES``).
 
 PostgreSQL: ``--pg-url`` / ``PAYMASTER_BENCH_PG_URL`` / ``PAYMASTER_TEST_POSTGRES_URL``,
 default ``postgresql+psycopg://root@127.0.0.1:5432/test``; every scenario runs in a
@@ -30,6 +33,7 @@ from datetime import datetime, timezone
 
 from bench_config import Config, parse_args
 from bench_env import background_busy, machine_facts, pg_facts, sqlite_dir
+from bench_proxy import proxy_section
 from bench_report import (
     print_hot,
     print_latency,
@@ -91,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if naive:
             print_naive(console, naive, hot, config)
     stripe_section(config, console, progress)
+    proxy_section(config, console, progress)
     print_targets(console, latency, hot, spread, naive)
     console.print(f"\nTotal wall time: {time.perf_counter() - started:.1f} s", highlight=False)
     return 0
