@@ -40,6 +40,13 @@ class ViolationCode(str, Enum):
     """The vendor call is not one paymaster knows how to govern, so it is refused."""
     INVALID_REQUEST = "invalid_request"
     """The call could not be priced from what it sends (a missing or malformed amount)."""
+    ESTIMATE_REQUIRED = "estimate_required"
+    """The policy has a cap but the call carries no estimate and is not declared free."""
+    BUDGET_FROZEN = "budget_frozen"
+    """A call on this budget settled above its reservation; an operator must acknowledge
+    the overrun (``Governor.acknowledge_overrun`` or ``paymaster holds acknowledge``)."""
+    RUN_POLICY_WIDENED = "run_policy_widened"
+    """A run policy tried to raise a limit its run's budget already has."""
 
     def __str__(self) -> str:
         return self.value
@@ -128,6 +135,18 @@ class SchemaVersionError(PaymasterError):
 
 class HoldNotFound(PaymasterError, LookupError):
     """No hold has the given id."""
+
+
+class SpecError(PaymasterError):
+    """A tool's spec (its ``estimate``, ``customer``, ``endpoint`` or ``actual``) raised or
+    returned something unusable: a programming error, not the model's. It ends the run the
+    way a :class:`PolicyViolation` does. ``hold_id`` names the hold that stays counted when
+    the tool had already run (``None`` when nothing was reserved)."""
+
+    def __init__(self, message: str, *, tool: str | None = None, hold_id: str | None = None):
+        super().__init__(message)
+        self.tool = tool
+        self.hold_id = hold_id
 
 
 class HoldAlreadyResolved(PaymasterError):

@@ -17,7 +17,6 @@ import contextvars
 import dataclasses
 import functools
 import getpass
-import http.client
 import inspect
 import logging
 import threading
@@ -48,6 +47,7 @@ from .ledger import (
 )
 from .loading import load_policies
 from .money import Money
+from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, is_outcome_unknown
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
 if TYPE_CHECKING:
@@ -59,52 +59,6 @@ log = logging.getLogger("paymaster")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: Exceptions after which nobody knows whether the vendor call moved money: the hold is
-#: kept (still counted) and marked for reconciliation instead of being released.
-OUTCOME_UNKNOWN_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    asyncio.CancelledError,
-    KeyboardInterrupt,
-    SystemExit,
-    GeneratorExit,
-    TimeoutError,
-    # Sockets, TLS and HTTP framing failing mid-request (ConnectionResetError, SSLEOFError,
-    # BadStatusLine, ...): the request may have been processed.
-    OSError,
-    http.client.HTTPException,
-)
-
-# HTTP clients' own timeout and connection-lost errors mostly do not derive from the
-# built-ins (requests' ReadTimeout and ConnectionError, httpx's ReadTimeout and ReadError,
-# urllib3's ProtocolError, http.client's IncompleteRead, Stripe's and OpenAI's
-# APIConnectionError / APITimeoutError); the core cannot import them, so they are
-# recognised by class name. Err towards "unknown": a wrong "unknown" keeps budget counted
-# until someone reconciles it, a wrong release can let the cap be overshot.
-_UNKNOWN_NAME_PARTS = (
-    "Timeout",
-    "ConnectionError",
-    "ProtocolError",
-    "Disconnected",
-    "ReadError",
-    "IncompleteRead",
-    "ChunkedEncoding",
-    "PayloadError",
-    "ConnectionClosed",
-    "BadStatusLine",
-)
-
-
-def is_outcome_unknown(
-    exc: BaseException, extra: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS
-) -> bool:
-    """Whether an exception leaves it unknown if the vendor acted (timeouts, cancellation,
-    a lost connection, the process exiting)."""
-    if isinstance(exc, extra):
-        return True
-    return any(
-        part in klass.__name__ for klass in type(exc).__mro__ for part in _UNKNOWN_NAME_PARTS
-    )
-
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -390,6 +344,25 @@ class Governor:
             tool_call_id=tool_call_id,
         ))  # fmt: skip
         return violation
+
+    def record_error(
+        self,
+        error: str,
+        *,
+        agent: str,
+        vendor: str,
+        endpoint: str,
+        method: str,
+        run: str | None = None,
+        customer: str | None = None,
+        tool_call_id: str | None = None,
+    ) -> None:
+        """Audit an attempt that ended in an error before anything was reserved (a tool's
+        spec that raised, say): one ``errored`` row with no hold, no budget moved."""
+        self.ledger.record(AuditEntry(
+            agent=agent, run=run, vendor=vendor, endpoint=endpoint, method=method.upper(),
+            customer=customer, outcome=Outcome.ERRORED, error=error, tool_call_id=tool_call_id,
+        ))  # fmt: skip
 
     def free_call(
         self,

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ...errors import GovernanceUnavailable, PolicyViolation, ViolationCode
+from ...outcomes import model_message, tool_failure_text
 from ...policy import RunPolicy
 
 if TYPE_CHECKING:
@@ -409,42 +409,3 @@ def _as_dict(result: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError(f"expected a Stripe object, got {type(result).__name__}")
     return value
-
-
-def model_message(exc: BaseException) -> str | None:
-    """What a model is told when a tool call fails in a way it can act on (bad arguments,
-    Stripe refusing the call, a policy refusal in "tell the model" mode); ``None`` for
-    anything else, which the adapter lets propagate."""
-    import stripe
-
-    if isinstance(exc, PolicyViolation) and exc.code is ViolationCode.INVALID_REQUEST:
-        return f"Invalid request, nothing was sent: {exc.message}"
-    if isinstance(exc, PolicyViolation):
-        return (
-            f"Refused by the spending policy [{exc.code.value}]: {exc.message}. The call was "
-            "not made. Do not retry it; change the request or stop."
-        )
-    if isinstance(exc, ValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'arguments'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        return f"Invalid arguments, nothing was sent: {problems}"
-    if isinstance(exc, json.JSONDecodeError):
-        return f"The arguments are not valid JSON ({exc.msg}); nothing was sent."
-    if isinstance(exc, stripe.StripeError):
-        code = f" {exc.code}" if exc.code else ""
-        return f"Stripe refused the call (HTTP {exc.http_status}{code}): {exc.user_message}"
-    return None
-
-
-def tool_failure_text(exc: Exception, *, tell_model_violations: bool) -> str | None:
-    """What a failed tool call hands the model as its result, or ``None`` when the
-    exception must end the run instead: a policy refusal (unless
-    ``tell_model_violations``), the ledger being unavailable, or an unexpected error.
-    Arguments Stripe would refuse (``invalid_request``) always go to the model to fix."""
-    if isinstance(exc, PolicyViolation) and exc.code is not ViolationCode.INVALID_REQUEST:
-        return model_message(exc) if tell_model_violations else None
-    if isinstance(exc, GovernanceUnavailable):
-        return None
-    return model_message(exc)
