@@ -223,15 +223,18 @@ def test_settle_resolves_exactly_once(make_governor: MakeGov) -> None:
     assert len(gov.audit.query()) == 1
 
 
-def test_actual_above_estimate_is_recorded_and_flagged(make_governor: MakeGov) -> None:
+def test_actual_above_estimate_is_recorded_as_an_overrun(make_governor: MakeGov) -> None:
     gov = make_governor()
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money.parse("40.00 USD")) as call:  # fmt: skip
+    estimate = Money.parse("40.00 USD")
+    refund = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds"}
+    with gov.guard(**refund, estimate=estimate) as call:
         call.settle(Money.parse("45.00 USD"))
     [row] = gov.audit.query()
-    assert row.actual == 4500
-    assert row.error is not None and "exceeded estimate by $5.00" in row.error
+    assert (row.outcome, row.actual) == ("overrun", 4500)
+    assert row.error is not None and "(by $5.00)" in row.error
     assert gov.budgets()[0].committed == Money(4500, USD)
+    assert gov.budgets()[0].frozen
+    assert [h.id for h in gov.overruns()] == [call.hold_id]
 
 
 def test_per_call_cap_and_call_limit(make_governor: MakeGov) -> None:

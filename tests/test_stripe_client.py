@@ -288,7 +288,10 @@ def test_a_refund_of_what_remains_is_estimated_from_the_looked_up_payment(
     refund = client.v1.refunds.create(params={"payment_intent": intent.id})
 
     call = rows(gov)[-1]
-    assert (call.outcome, call.endpoint) == ("allowed", "/v1/refunds")
+    # localstripe refunds the whole charge again (below): above the reservation, that is
+    # recorded as an overrun. Real Stripe would refund the 1500 reserved.
+    expected = "overrun" if refund.amount > 1500 else "allowed"
+    assert (call.outcome, call.endpoint) == (expected, "/v1/refunds")
     assert call.estimate == 1500  # 2000 paid, 500 refunded before
     # localstripe refunds the whole charge again whatever remains (a quirk: real Stripe
     # would refund 1500); the audit and the ledger record what Stripe answered.
@@ -299,7 +302,8 @@ def test_a_refund_of_what_remains_is_estimated_from_the_looked_up_payment(
     assert budget.committed == Money(refund.amount, "USD")
     if refund.amount > 1500:
         over = Money(refund.amount - 1500, "USD").format()
-        assert call.error == f"actual exceeded estimate by {over}"
+        assert call.error is not None and f"(by {over})" in call.error
+        assert [h.id for h in gov.overruns()] == [call.hold_id]
     assert gov.holds() == []
 
 
@@ -832,7 +836,7 @@ def test_a_free_call_whose_connection_fails_is_released(
     with pytest.raises(stripe.APIConnectionError):
         governed(gov, ls, http_client=transport).v1.customers.retrieve(customer)
     assert gov.holds() == []  # nothing to reconcile: a read moves no money
-    assert rows(gov)[-1].outcome == "failed"
+    assert rows(gov)[-1].outcome == "errored"
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def test_a_settled_call_is_one_span_with_its_attributes(gov: Governor, otel: Ote
 
 
 def test_a_free_call_span_carries_the_zero_estimate(gov: Governor, otel: Otel) -> None:
-    with gov.guard(**CALL, method="GET"):
+    with gov.guard(**CALL, method="GET", free=True):
         pass
     [span] = otel.finished()
     attributes = dict(span.attributes or {})

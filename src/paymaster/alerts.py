@@ -85,6 +85,7 @@ class AlertKind(str, Enum):
     DENIAL = "denial"
     REVOKE = "revoke"
     STALE_HOLD = "stale_hold"
+    OVERRUN = "overrun"
 
     def __str__(self) -> str:
         return self.value
@@ -565,3 +566,24 @@ def stale_hold_alert(hold: Hold, at: datetime, older_than: timedelta) -> Alert:
             f"(limit {older_than}); resolve it with resolve_hold()"
         ),
     )  # fmt: skip
+
+
+def overrun_alert(hold: Hold, at: datetime) -> Alert:
+    """The alert for a hold settled above its reservation (its budgets are frozen)."""
+    return Alert(
+        kind=AlertKind.OVERRUN,
+        at=at,
+        agent=hold.agent,
+        vendor=hold.vendor,
+        run=hold.run,
+        endpoint=hold.endpoint,
+        amount=hold.overrun,
+        hold_id=hold.id,
+        policy_id=hold.policy_id,
+        message=(
+            f"overrun: hold {hold.id} ({hold.agent}/{hold.vendor} {hold.method} "
+            f"{hold.endpoint}) settled {hold.actual} above its reservation of "
+            f"{hold.estimate}; its budgets are frozen until acknowledged with "
+            f"`paymaster holds acknowledge {hold.id} --reason ...`"
+        ),
+    )

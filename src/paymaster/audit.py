@@ -53,9 +53,17 @@ class Outcome(str, Enum):
     DENIED = "denied"
     UNKNOWN = "unknown"
     RECONCILED = "reconciled"
+    OVERRUN = "overrun"
+    """Settled above its reservation: recorded as spent, its budgets frozen."""
+    ACKNOWLEDGED = "acknowledged"
+    """An operator acknowledged an overrun, unfreezing its budgets."""
 
     def __str__(self) -> str:
         return self.value
+
+
+#: Rows that record an operator's or a reconciler's act on an earlier attempt's hold.
+_NOT_ATTEMPTS = frozenset({Outcome.RECONCILED.value, Outcome.ACKNOWLEDGED.value})
 
 
 def scrub(text: str | None) -> str | None:
@@ -315,7 +323,7 @@ class AuditLog:
                 conn.execute(select(audit.c.vendor).where(audit.c.run == run).distinct()).scalars()
             )
         for row in rows:
-            if row.outcome != Outcome.RECONCILED.value:
+            if row.outcome not in _NOT_ATTEMPTS:
                 summary.calls += int(row.n)
             summary.outcomes[row.outcome] = summary.outcomes.get(row.outcome, 0) + int(row.n)
             if row.currency and row.spent:

@@ -34,20 +34,20 @@ from sqlalchemy import Engine
 from .alerts import Alert, AlertConfig, Alerter, stale_hold_alert
 from .audit import AuditEntry, AuditLog, Outcome
 from .db import SQLiteSync, connect, ensure_schema, is_configured
-from .errors import PolicyViolation, ViolationCode
+from .errors import HoldAlreadyResolved, PolicyViolation, ViolationCode
 from .ledger import (
     BudgetStatus,
     Hold,
-    HoldState,
     Ledger,
     Reservation,
     ReserveRequest,
     Revocation,
     RevocationScope,
+    check_amount,
 )
 from .loading import load_policies
 from .money import Money
-from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, is_outcome_unknown
+from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, decide
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ log = logging.getLogger("paymaster")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -107,18 +108,32 @@ class GovernedCall:
     """One reserved call. Resolve it once: :meth:`settle`, :meth:`fail` or :meth:`unknown`.
 
     Leaving the ``guard`` block without resolving settles at the estimate; leaving it by an
-    exception releases the hold (or, for cancellation and timeouts, marks it unknown).
+    exception releases the hold, or keeps it counted as unknown when money may have moved
+    (:func:`paymaster.outcomes.decide`). Settling above the estimate is an overrun: it is
+    recorded and freezes the budget until an operator acknowledges it.
     """
 
-    def __init__(self, ledger: Ledger, reservation: Reservation, policy: EffectivePolicy) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        reservation: Reservation,
+        policy: EffectivePolicy,
+        *,
+        free: bool = False,
+    ) -> None:
         self._ledger = ledger
         self.reservation = reservation
         self.policy = policy
+        #: Declared to move no money: a failure releases it, whatever the exception.
+        self.free = free
         self.hold: Hold = reservation.hold
         self._started = time.monotonic()
         # Set once settle/fail/unknown is attempted: after that, a failure to record the
         # outcome must never release the hold (the vendor may have moved money).
         self._attempted = False
+        # Set once this attempt's outcome (and its audit row) is recorded. The hold itself
+        # may still be pending: another attempt may hold it too.
+        self._done = False
 
     @property
     def hold_id(self) -> str:
@@ -140,7 +155,19 @@ class GovernedCall:
 
     @property
     def resolved(self) -> bool:
-        return self.hold.state is not HoldState.PENDING
+        """Whether this attempt's outcome is recorded (its audit row written)."""
+        return self._done
+
+    def _record(self, resolve: Callable[[], Hold], *, attempted: bool = True) -> Hold:
+        if self._done:
+            raise HoldAlreadyResolved(
+                f"this call already recorded its outcome (hold {self.hold.id} is "
+                f"{self.hold.state}); an attempt records it exactly once"
+            )
+        self._attempted = self._attempted or attempted
+        self.hold = resolve()
+        self._done = True
+        return self.hold
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self._started) * 1000)
@@ -166,13 +193,17 @@ class GovernedCall:
         vendor_request_id: str | None = None,
     ) -> Hold:
         """The call succeeded: spend ``actual`` (Money, or int minor units in the call's
-        currency; default the estimate)."""
-        self._attempted = True
-        self.hold = self._ledger.settle(
-            self.hold.id, self._money(actual), http_status=http_status,
-            vendor_request_id=vendor_request_id, duration_ms=self._elapsed_ms(),
-        )  # fmt: skip
-        return self.hold
+        currency; default the estimate). Above the estimate it is an overrun."""
+        return self._record(
+            lambda: self._ledger.settle(
+                self.hold.id,
+                self._money(actual),
+                http_status=http_status,
+                vendor_request_id=vendor_request_id,
+                duration_ms=self._elapsed_ms(),
+                per_call_cap=self.policy.per_call_cap,
+            )
+        )
 
     def fail(
         self,
@@ -181,21 +212,38 @@ class GovernedCall:
         vendor_request_id: str | None = None,
         error: str | None = None,
     ) -> Hold:
-        """The vendor refused the call and no money moved: release the hold."""
-        self._attempted = True
-        self.hold = self._ledger.release(
-            self.hold.id, outcome=Outcome.FAILED, http_status=http_status,
-            vendor_request_id=vendor_request_id, error=error, duration_ms=self._elapsed_ms(),
-        )  # fmt: skip
-        return self.hold
+        """The vendor refused the call and no money moved: release the hold (unless another
+        attempt holds it too, which keeps it counted)."""
+        return self._record(
+            lambda: self._ledger.release(
+                self.hold.id,
+                outcome=Outcome.FAILED,
+                http_status=http_status,
+                vendor_request_id=vendor_request_id,
+                error=error,
+                duration_ms=self._elapsed_ms(),
+            )
+        )
 
     def unknown(self, error: str) -> Hold:
         """Whether money moved is unknown: keep the hold counted for reconciliation."""
-        self._attempted = True
-        self.hold = self._ledger.mark_unknown(
-            self.hold.id, error=error, duration_ms=self._elapsed_ms()
+        return self._record(
+            lambda: self._ledger.mark_unknown(
+                self.hold.id, error=error, duration_ms=self._elapsed_ms()
+            )
         )
-        return self.hold
+
+    def _release_errored(self, error: str) -> Hold:
+        """The block raised before any outcome was recorded, and no money moved."""
+        return self._record(
+            lambda: self._ledger.release(
+                self.hold.id,
+                outcome=Outcome.ERRORED,
+                error=error,
+                duration_ms=self._elapsed_ms(),
+            ),
+            attempted=False,
+        )
 
 
 class Governor:
@@ -290,34 +338,76 @@ class Governor:
         idempotency_key: str | None,
         pricing_lookup: bool = False,
         tool_call_id: str | None = None,
+        free: bool = False,
     ) -> ReserveRequest:
         """The pure checks; a violation is audited (the only I/O) and raised."""
         method = method.upper()
-        if pricing_lookup and estimate is not None and estimate.amount:
-            raise ValueError("a pricing look-up is a free call: estimate must be None or zero")
+        free = free or pricing_lookup
+        if estimate is not None:
+            check_amount(estimate, "estimate")
+            if free and estimate.amount:
+                raise ValueError(
+                    "a free call (free=True or pricing_lookup=True) cannot carry an "
+                    f"estimate of {estimate.format()}: drop free=True, or the estimate"
+                )
         try:
             policy_set_entry = self.policies.require(agent, vendor, run=run)
         except PolicyViolation as violation:
             self.record_refusal(
-                violation, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
-                run=run, customer=customer, estimate=estimate, tool_call_id=tool_call_id,
-            )  # fmt: skip
+                violation,
+                agent=agent,
+                vendor=vendor,
+                endpoint=endpoint,
+                method=method,
+                run=run,
+                customer=customer,
+                estimate=estimate,
+                tool_call_id=tool_call_id,
+            )
             raise
         policy = self._effective(policy_set_entry, run_policy)
         cost = estimate if estimate is not None else Money.zero(policy.currency)
         request = ReserveRequest(
-            agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=cost,
-            policy=policy, run=run, customer=customer, idempotency_key=idempotency_key,
+            agent=agent,
+            vendor=vendor,
+            endpoint=endpoint,
+            method=method,
+            estimate=cost,
+            policy=policy,
+            run=run,
+            customer=customer,
+            idempotency_key=idempotency_key,
             tool_call_id=tool_call_id,
-        )  # fmt: skip
+            free=free,
+        )
         try:
             canonical = policy.check(
-                endpoint=endpoint, method=method, customer=customer, estimate=cost,
-                now=self.ledger.now(), run=run, customer_checked_later=pricing_lookup,
-            )  # fmt: skip
+                endpoint=endpoint,
+                method=method,
+                customer=customer,
+                estimate=cost,
+                now=self.ledger.now(),
+                run=run,
+                customer_checked_later=pricing_lookup,
+            )
         except PolicyViolation as violation:
             self.ledger.record_denial(request, violation)
             raise
+        if estimate is None and not free:
+            # Every policy has a cap: a call that reserves nothing could settle anything.
+            missing = PolicyViolation(
+                ViolationCode.ESTIMATE_REQUIRED,
+                f"{agent}/{vendor} {method} {endpoint} carries no estimate, and its policy "
+                f"{policy.policy_id!r} has a cap: pass estimate=Money(...) (what the call may "
+                "cost at most), or free=True for a call that moves no money",
+                policy_id=policy.policy_id,
+                agent=agent,
+                run=run,
+                vendor=vendor,
+                endpoint=endpoint,
+            )
+            self.ledger.record_denial(request, missing)
+            raise missing
         return dataclasses.replace(request, endpoint=canonical)
 
     def record_refusal(
@@ -335,14 +425,24 @@ class Governor:
     ) -> PolicyViolation:
         """Audit a call refused before any policy applied (no policy for the agent, or a
         vendor operation paymaster cannot govern); returns ``violation`` for raising."""
-        self.ledger.record_denial(None, violation, entry=AuditEntry(
-            agent=agent, run=run, vendor=vendor, endpoint=endpoint, method=method.upper(),
-            customer=customer, outcome=Outcome.DENIED,
-            currency=estimate.currency if estimate else None,
-            estimate=estimate.amount if estimate else 0,
-            violation_code=violation.code.value, error=violation.message,
-            tool_call_id=tool_call_id,
-        ))  # fmt: skip
+        self.ledger.record_denial(
+            None,
+            violation,
+            entry=AuditEntry(
+                agent=agent,
+                run=run,
+                vendor=vendor,
+                endpoint=endpoint,
+                method=method.upper(),
+                customer=customer,
+                outcome=Outcome.DENIED,
+                currency=estimate.currency if estimate else None,
+                estimate=estimate.amount if estimate else 0,
+                violation_code=violation.code.value,
+                error=violation.message,
+                tool_call_id=tool_call_id,
+            ),
+        )
         return violation
 
     def record_error(
@@ -359,10 +459,19 @@ class Governor:
     ) -> None:
         """Audit an attempt that ended in an error before anything was reserved (a tool's
         spec that raised, say): one ``errored`` row with no hold, no budget moved."""
-        self.ledger.record(AuditEntry(
-            agent=agent, run=run, vendor=vendor, endpoint=endpoint, method=method.upper(),
-            customer=customer, outcome=Outcome.ERRORED, error=error, tool_call_id=tool_call_id,
-        ))  # fmt: skip
+        self.ledger.record(
+            AuditEntry(
+                agent=agent,
+                run=run,
+                vendor=vendor,
+                endpoint=endpoint,
+                method=method.upper(),
+                customer=customer,
+                outcome=Outcome.ERRORED,
+                error=error,
+                tool_call_id=tool_call_id,
+            )
+        )
 
     def free_call(
         self,
@@ -380,19 +489,34 @@ class Governor:
         which also takes the row's ``http_status``, ``vendor_request_id`` and ``hold_id``.
         """
         base = AuditEntry(
-            agent=agent, vendor=vendor, endpoint=endpoint, method=method.upper(), run=run,
-            outcome=Outcome.ALLOWED, tool_call_id=tool_call_id,
-        )  # fmt: skip
+            agent=agent,
+            vendor=vendor,
+            endpoint=endpoint,
+            method=method.upper(),
+            run=run,
+            outcome=Outcome.ALLOWED,
+            tool_call_id=tool_call_id,
+        )
         revoked = self.ledger.active_revocation(agent, run)
         if revoked is not None:
             violation = PolicyViolation(
-                ViolationCode.REVOKED, revoked, agent=agent, run=run, vendor=vendor,
+                ViolationCode.REVOKED,
+                revoked,
+                agent=agent,
+                run=run,
+                vendor=vendor,
                 endpoint=endpoint,
-            )  # fmt: skip
-            self.ledger.record_denial(None, violation, entry=dataclasses.replace(
-                base, outcome=Outcome.DENIED, violation_code=violation.code.value,
-                error=violation.message,
-            ))  # fmt: skip
+            )
+            self.ledger.record_denial(
+                None,
+                violation,
+                entry=dataclasses.replace(
+                    base,
+                    outcome=Outcome.DENIED,
+                    violation_code=violation.code.value,
+                    error=violation.message,
+                ),
+            )
             raise violation
 
         def record(
@@ -404,10 +528,17 @@ class Governor:
             hold_id: str | None = None,
         ) -> None:
             outcome = Outcome.ERRORED if error else Outcome.ALLOWED
-            self.ledger.record(dataclasses.replace(
-                base, outcome=outcome, error=error, duration_ms=duration_ms,
-                http_status=http_status, vendor_request_id=vendor_request_id, hold_id=hold_id,
-            ))  # fmt: skip
+            self.ledger.record(
+                dataclasses.replace(
+                    base,
+                    outcome=outcome,
+                    error=error,
+                    duration_ms=duration_ms,
+                    http_status=http_status,
+                    vendor_request_id=vendor_request_id,
+                    hold_id=hold_id,
+                )
+            )
 
         return record
 
@@ -426,12 +557,15 @@ class Governor:
         idempotency_key: str | None = None,
         pricing_lookup: bool = False,
         tool_call_id: str | None = None,
+        free: bool = False,
     ) -> Iterator[GovernedCall]:
         """Govern one call made inside the ``with`` block.
 
         Raises :class:`PolicyViolation` before the block runs if the call is refused, and
         :class:`GovernanceUnavailable` if the ledger cannot be reached (fail closed).
-        ``estimate=None`` governs a call that moves no money (still checked and counted).
+        ``estimate`` is what the call may cost at most: it is reserved, and settling above
+        it is an overrun that freezes the budget. A call that moves no money passes
+        ``free=True`` instead (still checked, counted and audited).
         ``pricing_lookup=True`` marks a free read made only to price another governed call
         (its result never reaches the agent): it may pass a customer allowlist without
         naming a customer, since the call it prices is checked against the allowlist.
@@ -439,12 +573,22 @@ class Governor:
         """
         with self._span(agent, vendor, endpoint, method, run, estimate) as span:
             request = self._prepare(
-                agent=agent, vendor=vendor, endpoint=endpoint, method=method, estimate=estimate,
-                customer=customer, run=run, run_policy=run_policy,
-                idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
+                agent=agent,
+                vendor=vendor,
+                endpoint=endpoint,
+                method=method,
+                estimate=estimate,
+                customer=customer,
+                run=run,
+                run_policy=run_policy,
+                idempotency_key=idempotency_key,
+                pricing_lookup=pricing_lookup,
                 tool_call_id=tool_call_id,
-            )  # fmt: skip
-            call = GovernedCall(self.ledger, self.ledger.reserve(request), request.policy)
+                free=free,
+            )
+            call = GovernedCall(
+                self.ledger, self.ledger.reserve(request), request.policy, free=request.free
+            )
             span.started(call)
             try:
                 yield call
@@ -465,9 +609,13 @@ class Governor:
         if self.telemetry is None:
             return _NO_SPAN
         return self.telemetry.call_span(
-            agent=agent, vendor=vendor, endpoint=endpoint, method=method, run=run,
+            agent=agent,
+            vendor=vendor,
+            endpoint=endpoint,
+            method=method,
+            run=run,
             estimate=estimate,
-        )  # fmt: skip
+        )
 
     def aguard(
         self,
@@ -483,6 +631,7 @@ class Governor:
         idempotency_key: str | None = None,
         pricing_lookup: bool = False,
         tool_call_id: str | None = None,
+        free: bool = False,
     ) -> AsyncGuard:
         """:meth:`guard` for asyncio (``async with``): ledger work runs in worker threads,
         never on the loop.
@@ -492,11 +641,20 @@ class Governor:
         unknown, since the vendor may have acted.
         """
         prepare = functools.partial(
-            self._prepare, agent=agent, vendor=vendor, endpoint=endpoint, method=method,
-            estimate=estimate, customer=customer, run=run, run_policy=run_policy,
-            idempotency_key=idempotency_key, pricing_lookup=pricing_lookup,
+            self._prepare,
+            agent=agent,
+            vendor=vendor,
+            endpoint=endpoint,
+            method=method,
+            estimate=estimate,
+            customer=customer,
+            run=run,
+            run_policy=run_policy,
+            idempotency_key=idempotency_key,
+            pricing_lookup=pricing_lookup,
             tool_call_id=tool_call_id,
-        )  # fmt: skip
+            free=free,
+        )
         span = self._span(agent, vendor, endpoint, method, run, estimate)
         return AsyncGuard(self, prepare, span)
 
@@ -578,23 +736,35 @@ class Governor:
         customer: str | Callable[..., str | None] | None = None,
         run: str | Callable[..., str | None] | None = None,
         actual: Callable[[Any], Money | int | None] | None = None,
+        free: bool = False,
     ) -> Callable[[F], F]:
         """Decorate a function (sync or async) so each call of it is governed.
 
         ``estimate``, ``customer`` and ``run`` may be callables of the function's
         arguments; ``actual`` maps its result to the actual cost (default: the estimate).
+        A function that moves no money passes ``free=True`` instead of an estimate.
         """
+        if estimate is None and not free:
+            raise ValueError(
+                f"governed(agent={agent!r}, endpoint={endpoint!r}) needs estimate= (Money, or "
+                "a function of the call's arguments returning Money): what one call may cost "
+                "at most; or free=True if it moves no money"
+            )
 
         def resolve(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return value(*args, **kwargs) if callable(value) else value
 
         def spec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
             return {
-                "agent": agent, "vendor": vendor, "endpoint": endpoint, "method": method,
+                "agent": agent,
+                "vendor": vendor,
+                "endpoint": endpoint,
+                "method": method,
                 "estimate": resolve(estimate, args, kwargs),
                 "customer": resolve(customer, args, kwargs),
                 "run": resolve(run, args, kwargs),
-            }  # fmt: skip
+                "free": free,
+            }
 
         def decorate(fn: F) -> F:
             if inspect.iscoroutinefunction(fn):
@@ -677,6 +847,16 @@ class Governor:
             hold_id, settle=settle, release=release, reason=reason, by=by or _who()
         )
 
+    def acknowledge_overrun(self, hold_id: str, *, reason: str, by: str | None = None) -> Hold:
+        """Acknowledge a call that settled above its reservation: its budgets, frozen by
+        the overrun, take calls again (they keep counting what was spent). Audited."""
+        return self.ledger.acknowledge_overrun(hold_id, reason=reason, by=by or _who())
+
+    def overruns(self, *, acknowledged: bool = False) -> list[Hold]:
+        """Holds settled above their reservation; by default those still freezing their
+        budgets (awaiting :meth:`acknowledge_overrun`)."""
+        return self.ledger.overruns(acknowledged=acknowledged)
+
     def budgets(self, *, day: date | None = None) -> list[BudgetStatus]:
         return self.ledger.budgets(day=day)
 
@@ -735,9 +915,10 @@ class _ReserveJob:
             if reservation is not None and not reservation.resumed:  # a hold found by
                 # its key belongs to another attempt, which may have paid
                 self._governor.ledger.release(
-                    reservation.hold.id, outcome=Outcome.ERRORED,
+                    reservation.hold.id,
+                    outcome=Outcome.ERRORED,
                     error="task cancelled before the call was made",
-                )  # fmt: skip
+                )
         except Exception:
             log.exception("could not free the hold of a cancelled call; it stays pending")
         finally:
@@ -784,6 +965,7 @@ class AsyncGuard:
             await gov._to_completion(job.wait_released, polling=True)
             raise asyncio.CancelledError
         self._call = AsyncGovernedCall(gov.ledger, reservation, request.policy, gov)
+        self._call.free = request.free
         return self._call
 
     async def __aexit__(
@@ -801,9 +983,12 @@ class AsyncGuard:
             await gov._finish(_close_call, call, None, gov._unknown_on)
             return False
         _, cancelled = await gov._to_completion(
-            _close_call, call, exc, gov._unknown_on,
+            _close_call,
+            call,
+            exc,
+            gov._unknown_on,
             polling=isinstance(exc, asyncio.CancelledError),
-        )  # fmt: skip
+        )
         if cancelled and not isinstance(exc, asyncio.CancelledError):
             # Cancelled while recording: the task must still end cancelled.
             raise asyncio.CancelledError from exc
@@ -831,9 +1016,12 @@ class AsyncGovernedCall(GovernedCall):
         vendor_request_id: str | None = None,
     ) -> Hold:
         return await self._governor._finish(
-            GovernedCall.settle, self, actual, http_status=http_status,
+            GovernedCall.settle,
+            self,
+            actual,
+            http_status=http_status,
             vendor_request_id=vendor_request_id,
-        )  # fmt: skip
+        )
 
     async def fail(  # type: ignore[override]
         self,
@@ -843,9 +1031,12 @@ class AsyncGovernedCall(GovernedCall):
         error: str | None = None,
     ) -> Hold:
         return await self._governor._finish(
-            GovernedCall.fail, self, http_status=http_status,
-            vendor_request_id=vendor_request_id, error=error,
-        )  # fmt: skip
+            GovernedCall.fail,
+            self,
+            http_status=http_status,
+            vendor_request_id=vendor_request_id,
+            error=error,
+        )
 
     async def unknown(self, error: str) -> Hold:  # type: ignore[override]
         return await self._governor._finish(GovernedCall.unknown, self, error)
@@ -863,7 +1054,14 @@ def _close_call(
     """
     if call.resolved:
         return
-    if exc is None and not call._attempted:
+    resolution = decide(
+        exc,
+        attempted=call._attempted,
+        shared=call.reservation.resumed,
+        moves_money=not call.free,
+        unknown_on=unknown_on,
+    )
+    if resolution is Resolution.SETTLE:
         GovernedCall.settle(call)
         return
     if exc is None:  # the block caught a failed settle/fail: the actual is not known
@@ -871,20 +1069,10 @@ def _close_call(
     else:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     try:
-        # A hold found by its idempotency key may be another attempt's, whose vendor call
-        # may have gone through: it is never released on an exception, only reconciled.
-        if (
-            exc is None
-            or call._attempted
-            or call.reservation.resumed
-            or is_outcome_unknown(exc, unknown_on)
-        ):
+        if resolution is Resolution.UNKNOWN:
             GovernedCall.unknown(call, f"outcome unknown, hold kept for reconciliation: {text}")
         else:
-            call.hold = call._ledger.release(
-                call.hold.id, outcome=Outcome.ERRORED, error=text,
-                duration_ms=call._elapsed_ms(),
-            )  # fmt: skip
+            call._release_errored(text)
     except Exception:
         # The user's exception must surface unchanged; the hold stays pending and counted.
         log.exception("could not record hold %s after %s; it stays pending", call.hold.id, text)

@@ -13,6 +13,9 @@ never expire: a crashed holder's hold stays counted until someone resolves it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import audit as audit_log
 from . import statements as S
-from .alerts import AlertBatch, Alerter, BudgetRef, denial_alert, revoke_alert
+from .alerts import AlertBatch, Alerter, BudgetRef, denial_alert, overrun_alert, revoke_alert
 from .audit import AuditEntry, Outcome
 from .db import read_only, unavailable_on_error
 from .errors import (
@@ -38,7 +41,7 @@ from .errors import (
     PolicyViolation,
     ViolationCode,
 )
-from .money import Money
+from .money import CurrencyMismatch, Money
 from .policy import EffectivePolicy
 from .schema import budget, hold, revocation
 
@@ -91,6 +94,8 @@ class ReserveRequest:
     customer: str | None = None
     idempotency_key: str | None = None
     tool_call_id: str | None = None
+    free: bool = False
+    """Declared to move no money: its failures leave nothing to reconcile."""
 
 
 @dataclass(frozen=True)
@@ -117,22 +122,49 @@ class Hold:
     resolved_by: str | None
     resolution: str | None
     tool_call_id: str | None = None
+    attempts: int = 1
+    """Attempts holding this hold: its first, plus each retry that resumed it by its key."""
+    overrun: Money | None = None
+    """What its settle spent above the estimate (its budgets froze until acknowledged)."""
+    overrun_acknowledged_at: datetime | None = None
+    overrun_acknowledged_by: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        """More than one attempt holds it: none of them may release it alone."""
+        return self.attempts > 1
 
     @classmethod
     def from_row(cls, row: Any) -> Hold:
         m = row._mapping
+        currency = m["currency"]
+        overrun = m.get("overrun")
         return cls(
-            id=m["id"], idempotency_key=m["idempotency_key"], agent=m["agent"], run=m["run"],
-            vendor=m["vendor"], endpoint=m["endpoint"], method=m["method"],
-            customer=m["customer"], estimate=Money(int(m["estimate"]), m["currency"]),
+            id=m["id"],
+            idempotency_key=m.get("vendor_key"),
+            agent=m["agent"],
+            run=m["run"],
+            vendor=m["vendor"],
+            endpoint=m["endpoint"],
+            method=m["method"],
+            customer=m["customer"],
+            estimate=Money(int(m["estimate"]), m["currency"]),
             actual=None if m["actual"] is None else Money(int(m["actual"]), m["currency"]),
             daily_budget_id=int(m["daily_budget_id"]),
             run_budget_id=None if m["run_budget_id"] is None else int(m["run_budget_id"]),
-            policy_id=m["policy_id"], policy_hash=m["policy_hash"],
-            state=HoldState(m["state"]), created_at=m["created_at"],
-            resolved_at=m["resolved_at"], resolved_by=m["resolved_by"],
-            resolution=m["resolution"], tool_call_id=m.get("tool_call_id"),
-        )  # fmt: skip
+            policy_id=m["policy_id"],
+            policy_hash=m["policy_hash"],
+            state=HoldState(m["state"]),
+            created_at=m["created_at"],
+            resolved_at=m["resolved_at"],
+            resolved_by=m["resolved_by"],
+            resolution=m["resolution"],
+            tool_call_id=m.get("tool_call_id"),
+            attempts=int(m.get("attempts") or 1),
+            overrun=None if overrun is None else Money(int(overrun), currency),
+            overrun_acknowledged_at=m.get("overrun_acknowledged_at"),
+            overrun_acknowledged_by=m.get("overrun_acknowledged_by"),
+        )
 
 
 @dataclass(frozen=True)
@@ -172,6 +204,8 @@ class BudgetStatus:
     pending: Money  # pending and unknown holds' estimates
     calls: int
     calls_cap: int | None
+    frozen: bool = False
+    """An overrun on it awaits an operator's acknowledgement: every reserve is refused."""
 
     @property
     def remaining(self) -> Money | None:
@@ -204,6 +238,41 @@ class _Denied(Exception):
         self.exhausted = exhausted
 
 
+@dataclass
+class _Step:
+    """What resolving one attempt did: the hold as it now is, the change to its budgets'
+    ``committed``, whether it froze them (an overrun), and what the attempt's audit row
+    says (the amount it adds to what the ledger counts, and a note)."""
+
+    hold: Hold
+    delta: int
+    counted: int
+    note: str | None = None
+    freeze: int = 0
+    outcome: Outcome | None = None
+
+
+def _joined(*parts: str | None) -> str | None:
+    text = "; ".join(part for part in parts if part)
+    return text or None
+
+
+def _overrun_note(step: _Step, per_call_cap: Money | None) -> str | None:
+    over = step.hold.overrun
+    if not step.freeze or over is None or step.hold.actual is None:
+        return None
+    note = (
+        f"overrun: settled {step.hold.actual.format()} above its reservation of "
+        f"{step.hold.estimate.format()} (by {over.format()})"
+    )
+    if per_call_cap is not None and step.hold.actual > per_call_cap:
+        note += f", above the per-call cap of {per_call_cap.format()}"
+    return (
+        note + f"; its budgets are frozen until an operator acknowledges it "
+        f"(paymaster holds acknowledge {step.hold.id})"
+    )
+
+
 class _Retry(Exception):
     """The transaction saw a state that changed under it; run it again."""
 
@@ -221,16 +290,44 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+def hold_key(agent: str, run: str | None, idempotency_key: str) -> str:
+    """The ledger's key for a caller's idempotency key: scoped to the agent type and the
+    run, so that another run presenting the same key makes another call (with its own
+    budgets and revocations) instead of resuming this run's hold."""
+    material = json.dumps([agent, run, idempotency_key], ensure_ascii=True)
+    return "k1:" + hashlib.sha256(material.encode()).hexdigest()
+
+
+#: The largest amount (estimate, actual or cap) in minor units the ledger accepts: ten
+#: trillion in a two-decimal currency. Sums of many stay far inside a BIGINT.
+MAX_AMOUNT = 10**15
+
+
+def check_amount(value: Money, field: str) -> None:
+    """Refuse an amount the ledger cannot count: negative, or above :data:`MAX_AMOUNT`."""
+    if not isinstance(value, Money):
+        raise TypeError(
+            f"{field} must be paymaster.Money, got {type(value).__name__} {value!r}: "
+            f"write Money.parse('25.00 USD') or Money(2500, 'USD')"
+        )
+    if value.amount < 0:
+        raise ValueError(f"{field} cannot be negative ({value.format()})")
+    if value.amount > MAX_AMOUNT:
+        raise ValueError(
+            f"{field} {value.amount} minor units is above the ledger's limit of "
+            f"{MAX_AMOUNT}: check the amount's unit (minor units, e.g. cents)"
+        )
+
+
 def _budget_ref(key: tuple[str, ...], budget_id: int, run: str | None) -> BudgetRef:
     kind, agent, vendor, currency, _, window = key
     return BudgetRef(budget_id, kind, agent, vendor, currency, run, window or None)
 
 
 _ATTEMPTS = 5
-# A settle records what the vendor charged even if another attempt with the same
-# idempotency key already marked the hold unknown. A release never starts from unknown:
-# that attempt's vendor call may have moved money.
-_OWNER_CAN_RESOLVE = (HoldState.PENDING, HoldState.UNKNOWN)
+#: ``p_max_attempts`` for resolutions that any number of holders may make.
+_ANY_ATTEMPTS = 2**31 - 1
+log = logging.getLogger("paymaster")
 _MAX_CACHED_BUDGETS = 10_000
 CALL_NOT_MADE = "so the call was not made"
 
@@ -365,45 +462,71 @@ class Ledger:
         policy = req.policy
         x = req.estimate.amount
         existing = None
+        key = None
         if req.idempotency_key is not None:
-            existing = conn.execute(S.HOLD_BY_KEY, {"p_key": req.idempotency_key}).first()
+            key = hold_key(req.agent, req.run, req.idempotency_key)
+            existing = conn.execute(S.HOLD_BY_KEY, {"p_key": key}).first()
         if existing is not None:
             found = Hold.from_row(existing)
             self._check_same_call(found, req)
             if found.state in (HoldState.PENDING, HoldState.UNKNOWN):
                 return self._resume(conn, req, found)
             if found.state is HoldState.SETTLED:
-                raise _Denied(self._violation(
-                    req, ViolationCode.ALREADY_COMPLETED,
-                    f"the call with idempotency key {req.idempotency_key!r} already settled "
-                    f"at {found.resolved_at}; it is not repeated",
-                ))  # fmt: skip
+                raise _Denied(
+                    self._violation(
+                        req,
+                        ViolationCode.ALREADY_COMPLETED,
+                        f"the call with idempotency key {req.idempotency_key!r} already settled "
+                        f"at {found.resolved_at}; it is not repeated",
+                    )
+                )
         daily_key = ("daily", req.agent, req.vendor, policy.currency, "", now.date().isoformat())
         daily_id = self._budget_id(conn, daily_key, now, new_ids)
         run_id = run_key = None
-        if policy.has_run_budget:
-            if req.run is None:
-                raise _Denied(self._violation(
-                    req, ViolationCode.RUN_CAP_EXCEEDED,
+        if policy.has_run_budget and req.run is None:
+            raise _Denied(
+                self._violation(
+                    req,
+                    ViolationCode.RUN_CAP_EXCEEDED,
                     "the run policy sets a run budget but the call names no run",
-                ))  # fmt: skip
+                )
+            )
+        if req.run is not None:
             run_key = ("run", req.agent, req.vendor, policy.currency, req.run, "")
-            run_id = self._budget_id(conn, run_key, now, new_ids)
+            # Once a run has a budget, it binds every call of the run, with or without a
+            # run policy: look for it even when this call brings none.
+            run_id = self._budget_id(conn, run_key, now, new_ids, create=policy.has_run_budget)
         fields = {
-            "agent": req.agent, "run": req.run, "vendor": req.vendor,
-            "endpoint": req.endpoint, "method": req.method, "customer": req.customer,
-            "currency": req.estimate.currency, "estimate": x, "actual": None,
-            "daily_budget_id": daily_id, "run_budget_id": run_id,
-            "policy_id": policy.policy_id, "policy_hash": policy.hash,
-            "state": HoldState.PENDING.value, "created_at": now, "resolved_at": None,
-            "resolved_by": None, "resolution": None, "tool_call_id": req.tool_call_id,
-        }  # fmt: skip
+            "agent": req.agent,
+            "run": req.run,
+            "vendor": req.vendor,
+            "endpoint": req.endpoint,
+            "method": req.method,
+            "customer": req.customer,
+            "currency": req.estimate.currency,
+            "estimate": x,
+            "actual": None,
+            "daily_budget_id": daily_id,
+            "run_budget_id": run_id,
+            "policy_id": policy.policy_id,
+            "policy_hash": policy.hash,
+            "state": HoldState.PENDING.value,
+            "created_at": now,
+            "resolved_at": None,
+            "resolved_by": None,
+            "resolution": None,
+            "tool_call_id": req.tool_call_id,
+            "vendor_key": req.idempotency_key,
+            "attempts": 1,
+            "overrun": None,
+            "overrun_acknowledged_at": None,
+            "overrun_acknowledged_by": None,
+            "overrun_acknowledgement": None,
+        }
         if existing is None:
             hold_id = new_hold_id
             written.append(hold_id)
-            conn.execute(
-                S.INSERT_HOLD, {"id": hold_id, "idempotency_key": req.idempotency_key, **fields}
-            )
+            conn.execute(S.INSERT_HOLD, {"id": hold_id, "idempotency_key": key, **fields})
         else:  # a released hold retried with its key: reserve it again
             hold_id = existing.id
             written.append(hold_id)
@@ -416,71 +539,113 @@ class Ledger:
         # lock is held only until the commit. Every transaction that touches both takes
         # the run's row before the day's: no lock cycles. The day's UPDATE also checks the
         # revocations, so a revoke committed before this statement started refuses it.
-        run_left = None
+        run_left = run_cap = None
         if run_id is not None:
             assert run_key is not None
+            run_cap, run_calls = self._run_limits(conn, req, run_id)
             run_left = self._take(
-                conn, req, run_id, policy.run_cap, policy.run_max_calls,
-                check_revoked=False, code=ViolationCode.RUN_CAP_EXCEEDED, key=run_key,
+                conn,
+                req,
+                run_id,
+                run_cap,
+                run_calls,
+                check_revoked=False,
+                code=ViolationCode.RUN_CAP_EXCEEDED,
+                key=run_key,
                 created=run_key in new_ids,
-            )  # fmt: skip
+            )
         daily_left = self._take(
-            conn, req, daily_id, policy.daily_cap, policy.max_calls_per_day,
-            check_revoked=True, code=ViolationCode.CAP_EXCEEDED, key=daily_key,
+            conn,
+            req,
+            daily_id,
+            policy.daily_cap,
+            policy.max_calls_per_day,
+            check_revoked=True,
+            code=ViolationCode.CAP_EXCEEDED,
+            key=daily_key,
             created=daily_key in new_ids,
-        )  # fmt: skip
+        )
         assert daily_left is not None
         if batch is not None:  # threshold alerts, once every budget row is taken
-            if run_left is not None and policy.run_cap is not None:
+            if run_left is not None and run_cap is not None:
                 assert run_key is not None
                 assert run_id is not None
                 run_budget = (run_key, run_id, req.run)
-                self._alert_thresholds(conn, batch, run_budget, policy.run_cap, run_left, now)
+                self._alert_thresholds(conn, batch, run_budget, run_cap, run_left, now)
             daily_budget = (daily_key, daily_id, req.run)
             self._alert_thresholds(conn, batch, daily_budget, policy.daily_cap, daily_left, now)
         reserved = Hold(
-            id=hold_id, idempotency_key=req.idempotency_key, agent=req.agent, run=req.run,
-            vendor=req.vendor, endpoint=req.endpoint, method=req.method,
-            customer=req.customer, estimate=req.estimate, actual=None,
-            daily_budget_id=daily_id, run_budget_id=run_id, policy_id=policy.policy_id,
-            policy_hash=policy.hash, state=HoldState.PENDING, created_at=now,
-            resolved_at=None, resolved_by=None, resolution=None,
+            id=hold_id,
+            idempotency_key=req.idempotency_key,
+            agent=req.agent,
+            run=req.run,
+            vendor=req.vendor,
+            endpoint=req.endpoint,
+            method=req.method,
+            customer=req.customer,
+            estimate=req.estimate,
+            actual=None,
+            daily_budget_id=daily_id,
+            run_budget_id=run_id,
+            policy_id=policy.policy_id,
+            policy_hash=policy.hash,
+            state=HoldState.PENDING,
+            created_at=now,
+            resolved_at=None,
+            resolved_by=None,
+            resolution=None,
             tool_call_id=req.tool_call_id,
-        )  # fmt: skip
+        )
         return Reservation(reserved, daily_left, run_left)
 
     def _check_same_call(self, found: Hold, req: ReserveRequest) -> None:
         """An idempotency key names one call: a different call reusing it is refused."""
-        mine = (req.agent, req.vendor, req.endpoint, req.method, req.customer, req.estimate)
+        mine = (
+            req.agent,
+            req.run,
+            req.vendor,
+            req.endpoint,
+            req.method,
+            req.customer,
+            req.estimate,
+        )
         theirs = (
-            found.agent, found.vendor, found.endpoint, found.method, found.customer,
+            found.agent,
+            found.run,
+            found.vendor,
+            found.endpoint,
+            found.method,
+            found.customer,
             found.estimate,
-        )  # fmt: skip
+        )
         if mine != theirs:
-            raise _Denied(self._violation(
-                req, ViolationCode.IDEMPOTENCY_KEY_REUSED,
-                f"idempotency key {req.idempotency_key!r} belongs to another call "
-                f"({found.agent} {found.method} {found.endpoint} {found.estimate}); "
-                "use a new key for a new call",
-            ))  # fmt: skip
+            raise _Denied(
+                self._violation(
+                    req,
+                    ViolationCode.IDEMPOTENCY_KEY_REUSED,
+                    f"idempotency key {req.idempotency_key!r} belongs to another call "
+                    f"({found.agent} {found.method} {found.endpoint} {found.estimate}); "
+                    "use a new key for a new call",
+                )
+            )
 
     def _resume(self, conn: Connection, req: ReserveRequest, found: Hold) -> Reservation:
-        """A retry of a call whose hold is still counted: no second reservation. The kill
-        switch applies to retries too."""
+        """A retry of a call whose hold is still counted: no second reservation, one more
+        attempt holding the hold (so that no single attempt may now release it). The kill
+        switch, and a frozen budget, apply to retries too."""
         self._check_revoked(conn, req)
-        if found.state is HoldState.UNKNOWN:
-            row = conn.execute(
-                S.RESOLVE_HOLD,
-                {
-                    "p_id": found.id, "p_from": HoldState.UNKNOWN.value,
-                    "p_state": HoldState.PENDING.value, "p_actual": None, "p_at": None,
-                    "p_by": None, "p_reason": None,
-                },
-            ).first()  # fmt: skip
-            if row is None:
-                raise _Retry
-            found = Hold.from_row(row)
-        return self._reservation_of(conn, found, resumed=True)
+        for budget_id in (found.run_budget_id, found.daily_budget_id):
+            state = (
+                None
+                if budget_id is None
+                else conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
+            )
+            if state is not None and int(state.frozen) > 0:
+                raise _Denied(self._frozen(conn, req, budget_id))  # type: ignore[arg-type]
+        row = conn.execute(S.RESUME_HOLD, {"p_id": found.id}).first()
+        if row is None:
+            raise _Retry
+        return self._reservation_of(conn, Hold.from_row(row), resumed=True)
 
     def _reservation_of(self, conn: Connection, found: Hold, resumed: bool = False) -> Reservation:
         """A reservation for a hold that already counts against its budgets."""
@@ -535,6 +700,8 @@ class Ledger:
         if row is None:
             raise _StaleBudgetId
         committed, calls = int(row.committed), int(row.calls)
+        if int(row.frozen) > 0:
+            raise _Denied(self._frozen(conn, req, budget_id))
         policy = req.policy
         if cap is not None and committed + x > cap:
             left = Money(max(cap - committed, 0), currency)
@@ -546,24 +713,37 @@ class Ledger:
                 if created or committed == 0
                 else _Exhausted(_budget_ref(key, budget_id, req.run), committed, cap, req.estimate)
             )
-            raise _Denied(PolicyViolation(
-                code,
-                f"{req.estimate.format()} would exceed the {label} cap of "
-                f"{Money(cap, currency).format()} for {req.agent}/{req.vendor} ({scope}): "
-                f"{Money(committed, currency).format()} already committed, "
-                f"{left.format()} remaining",
-                policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
-                endpoint=req.endpoint, remaining=left,
-            ), exhausted)  # fmt: skip
+            raise _Denied(
+                PolicyViolation(
+                    code,
+                    f"{req.estimate.format()} would exceed the {label} cap of "
+                    f"{Money(cap, currency).format()} for {req.agent}/{req.vendor} ({scope}): "
+                    f"{Money(committed, currency).format()} already committed, "
+                    f"{left.format()} remaining",
+                    policy_id=policy.policy_id,
+                    agent=req.agent,
+                    run=req.run,
+                    vendor=req.vendor,
+                    endpoint=req.endpoint,
+                    remaining=left,
+                ),
+                exhausted,
+            )
         if calls_cap is not None and calls >= calls_cap:
-            raise _Denied(PolicyViolation(
-                ViolationCode.CALL_LIMIT,
-                f"the {label} limit of {calls_cap} calls for {req.agent}/{req.vendor} is "
-                f"reached ({calls} made)",
-                policy_id=policy.policy_id, agent=req.agent, run=req.run, vendor=req.vendor,
-                endpoint=req.endpoint, calls_remaining=0,
-                remaining=None if cap is None else Money(cap - committed, currency),
-            ))  # fmt: skip
+            raise _Denied(
+                PolicyViolation(
+                    ViolationCode.CALL_LIMIT,
+                    f"the {label} limit of {calls_cap} calls for {req.agent}/{req.vendor} is "
+                    f"reached ({calls} made)",
+                    policy_id=policy.policy_id,
+                    agent=req.agent,
+                    run=req.run,
+                    vendor=req.vendor,
+                    endpoint=req.endpoint,
+                    calls_remaining=0,
+                    remaining=None if cap is None else Money(cap - committed, currency),
+                )
+            )
         raise _Retry
 
     def _alert_thresholds(
@@ -590,29 +770,92 @@ class Ledger:
         key: tuple[str, ...],
         now: datetime,
         new_ids: dict[tuple[str, ...], int],
-    ) -> int:
+        *,
+        create: bool = True,
+    ) -> Any:
+        """The id of the budget row ``key`` names, created race-free if absent (or, with
+        ``create=False``, ``None`` if absent)."""
         cached = self._budget_ids.get(key) or new_ids.get(key)
         if cached is not None:
             return cached
         kind, agent, vendor, currency, run, window = key
         where = and_(
-            budget.c.kind == kind, budget.c.agent == agent, budget.c.vendor == vendor,
-            budget.c.currency == currency, budget.c.run == run, budget.c.window == window,
-        )  # fmt: skip
+            budget.c.kind == kind,
+            budget.c.agent == agent,
+            budget.c.vendor == vendor,
+            budget.c.currency == currency,
+            budget.c.run == run,
+            budget.c.window == window,
+        )
         found = conn.execute(select(budget.c.id).where(where)).scalar()
+        if found is None and not create:
+            return None
         if found is None:
             dialect_insert = pg_insert if self._postgres else sqlite_insert
             conn.execute(
                 dialect_insert(budget)
                 .values(
-                    kind=kind, agent=agent, vendor=vendor, currency=currency, run=run,
-                    window=window, committed=0, calls=0, created_at=now,
+                    kind=kind,
+                    agent=agent,
+                    vendor=vendor,
+                    currency=currency,
+                    run=run,
+                    window=window,
+                    committed=0,
+                    calls=0,
+                    created_at=now,
                 )
                 .on_conflict_do_nothing()
-            )  # fmt: skip
+            )
             found = conn.execute(select(budget.c.id).where(where)).scalar_one()
         new_ids[key] = int(found)  # cached by reserve() only once this transaction commits
         return int(found)
+
+    def _run_limits(
+        self, conn: Connection, req: ReserveRequest, budget_id: int
+    ) -> tuple[Money | None, int | None]:
+        """The run budget's limits for this call: those it stored, narrowed by the call's
+        run policy. Widening is refused: a run's budget binds for the run's whole life."""
+        row = conn.execute(S.RUN_BUDGET_LOCKED, {"p_bid": budget_id}).first()
+        if row is None:
+            raise _StaleBudgetId
+        currency = req.policy.currency
+        stored_cap = None if row.cap is None else Money(int(row.cap), currency)
+        stored_calls = None if row.calls_cap is None else int(row.calls_cap)
+        asked_cap, asked_calls = req.policy.run_cap, req.policy.run_max_calls
+        widened = []
+        if asked_cap is not None and stored_cap is not None and asked_cap > stored_cap:
+            widened.append(f"cap {asked_cap.format()} above its {stored_cap.format()}")
+        if asked_calls is not None and stored_calls is not None and asked_calls > stored_calls:
+            widened.append(f"max_calls {asked_calls} above its {stored_calls}")
+        if widened:
+            raise _Denied(
+                self._violation(
+                    req,
+                    ViolationCode.RUN_POLICY_WIDENED,
+                    f"run {req.run!r} already has a budget; a run policy may narrow it, never "
+                    f"widen it ({'; '.join(widened)})",
+                )
+            )
+        cap = min((c for c in (stored_cap, asked_cap) if c is not None), default=None)
+        calls = min((c for c in (stored_calls, asked_calls) if c is not None), default=None)
+        return cap, calls
+
+    def _frozen(self, conn: Connection, req: ReserveRequest, budget_id: int) -> PolicyViolation:
+        """The refusal of a call on a budget that an unacknowledged overrun froze."""
+        overruns = conn.execute(S.UNACKNOWLEDGED_OVERRUNS, {"p_bid": budget_id}).all()
+        named = ", ".join(
+            f"hold {r.id} (over by {Money(int(r.overrun), r.currency).format()})" for r in overruns
+        )
+        first = overruns[0].id if overruns else "HOLD"
+        return self._violation(
+            req,
+            ViolationCode.BUDGET_FROZEN,
+            f"the budget is frozen: a call settled above its reservation "
+            f"({named or 'an overrun'}); "
+            f"an operator must acknowledge it first: Governor.acknowledge_overrun({first!r}, "
+            f"reason=...) or `paymaster holds acknowledge {first} --reason ...`",
+        )
 
     def _check_revoked(self, conn: Connection, req: ReserveRequest) -> None:
         row = conn.execute(S.ACTIVE_REVOCATION, {"p_agent": req.agent, "p_run": req.run}).first()
@@ -625,9 +868,14 @@ class Ledger:
     @staticmethod
     def _violation(req: ReserveRequest, code: ViolationCode, message: str) -> PolicyViolation:
         return PolicyViolation(
-            code, message, policy_id=req.policy.policy_id, agent=req.agent, run=req.run,
-            vendor=req.vendor, endpoint=req.endpoint,
-        )  # fmt: skip
+            code,
+            message,
+            policy_id=req.policy.policy_id,
+            agent=req.agent,
+            run=req.run,
+            vendor=req.vendor,
+            endpoint=req.endpoint,
+        )
 
     def active_revocation(self, agent: str, run: str | None) -> str | None:
         """Why ``agent`` (or ``run``) is revoked now, or ``None``: the kill switch for
@@ -665,14 +913,22 @@ class Ledger:
         if entry is None:
             assert request is not None
             entry = AuditEntry(
-                agent=request.agent, run=request.run, vendor=request.vendor,
-                endpoint=request.endpoint, method=request.method, customer=request.customer,
-                outcome=Outcome.DENIED, currency=request.estimate.currency,
-                estimate=request.estimate.amount, actual=0,
-                policy_id=request.policy.policy_id, policy_hash=request.policy.hash,
-                violation_code=violation.code.value, error=violation.message,
+                agent=request.agent,
+                run=request.run,
+                vendor=request.vendor,
+                endpoint=request.endpoint,
+                method=request.method,
+                customer=request.customer,
+                outcome=Outcome.DENIED,
+                currency=request.estimate.currency,
+                estimate=request.estimate.amount,
+                actual=0,
+                policy_id=request.policy.policy_id,
+                policy_hash=request.policy.hash,
+                violation_code=violation.code.value,
+                error=violation.message,
                 tool_call_id=request.tool_call_id,
-            )  # fmt: skip
+            )
         consequence = f"the call was refused ({violation.code}) but its audit row was not written"
         at = self.now()
         alerts = self.alerts
@@ -692,9 +948,15 @@ class Ledger:
                     batch = AlertBatch()
                     batches.append(batch)
                     alerts.record(
-                        conn, batch, ref, due, committed=committed, cap=cap, at=at,
+                        conn,
+                        batch,
+                        ref,
+                        due,
+                        committed=committed,
+                        cap=cap,
+                        at=at,
                         refused=exhausted.refused,
-                    )  # fmt: skip
+                    )
             audit_log.append(conn, entry, at)
 
         self._write("auditing a denial", consequence, work)
@@ -715,16 +977,25 @@ class Ledger:
         vendor_request_id: str | None = None,
         duration_ms: int | None = None,
         error: str | None = None,
+        per_call_cap: Money | None = None,
     ) -> Hold:
-        """The call succeeded and cost ``actual`` (which may differ from the estimate)."""
+        """The call succeeded and cost ``actual``. Above the estimate it is an overrun:
+        recorded as it is, and the hold's budgets are frozen until acknowledged
+        (:meth:`acknowledge_overrun`). A hold another attempt already settled is raised
+        to ``actual`` if that is more (the ledger never counts less than was moved)."""
         return self._resolve(
-            hold_id, HoldState.SETTLED, actual,
+            hold_id,
+            HoldState.SETTLED,
+            actual,
             _template(
-                Outcome.ALLOWED, http_status=http_status, vendor_request_id=vendor_request_id,
-                duration_ms=duration_ms, error=error,
+                Outcome.ALLOWED,
+                http_status=http_status,
+                vendor_request_id=vendor_request_id,
+                duration_ms=duration_ms,
+                error=error,
             ),
-            allowed_from=_OWNER_CAN_RESOLVE,
-        )  # fmt: skip
+            per_call_cap=per_call_cap,
+        )
 
     def release(
         self,
@@ -736,21 +1007,29 @@ class Ledger:
         duration_ms: int | None = None,
         error: str | None = None,
     ) -> Hold:
-        """The call failed and no money moved: free its estimate."""
+        """This attempt failed and moved no money: free the estimate, unless another
+        attempt holds the hold too (then it stays counted; this attempt's row is written)."""
         return self._resolve(
-            hold_id, HoldState.RELEASED, None,
+            hold_id,
+            HoldState.RELEASED,
+            None,
             _template(
-                outcome, http_status=http_status, vendor_request_id=vendor_request_id,
-                duration_ms=duration_ms, error=error,
+                outcome,
+                http_status=http_status,
+                vendor_request_id=vendor_request_id,
+                duration_ms=duration_ms,
+                error=error,
             ),
-        )  # fmt: skip
+        )
 
     def mark_unknown(self, hold_id: str, *, error: str, duration_ms: int | None = None) -> Hold:
         """Whether money moved is unknown: keep the hold counted, flag it for reconciliation."""
         return self._resolve(
-            hold_id, HoldState.UNKNOWN, None,
+            hold_id,
+            HoldState.UNKNOWN,
+            None,
             _template(Outcome.UNKNOWN, duration_ms=duration_ms, error=error),
-        )  # fmt: skip
+        )
 
     def resolve_hold(
         self,
@@ -769,10 +1048,14 @@ class Ledger:
         state = HoldState.SETTLED if settle is not None else HoldState.RELEASED
         outcome = Outcome.ALLOWED if settle is not None else Outcome.FAILED
         return self._resolve(
-            hold_id, state, settle,
+            hold_id,
+            state,
+            settle,
             _template(outcome, error=f"resolved by {by}: {reason}"),
-            by=by, reason=reason, allowed_from=(HoldState.PENDING, HoldState.UNKNOWN),
-        )  # fmt: skip
+            by=by,
+            reason=reason,
+            operator=True,
+        )
 
     def _resolve(
         self,
@@ -783,86 +1066,62 @@ class Ledger:
         *,
         by: str | None = None,
         reason: str | None = None,
-        allowed_from: Sequence[HoldState] = (HoldState.PENDING,),
+        operator: bool = False,
+        per_call_cap: Money | None = None,
     ) -> Hold:
-        if actual is not None and actual.amount < 0:
-            raise ValueError(f"a call cannot cost a negative amount ({actual})")
+        """Record how one attempt (or an operator) ended a hold, with the attempt's audit
+        row, in one transaction.
+
+        An attempt finds its hold as it left it (pending, or unknown after a retry) in the
+        common case: one UPDATE. Otherwise another attempt holding the same hold, or an
+        operator, got there first, and :meth:`_late` records this attempt's truth on top.
+        """
+        if actual is not None:
+            check_amount(actual, "actual")
         amount = actual.amount if actual is not None else 0
         now = self.now()
         action = f"recording hold {hold_id} as {state}"
         alerts = self.alerts
         batches: list[AlertBatch] = []
+        overruns: list[Hold] = []
 
         def work(conn: Connection, retrying: bool) -> Hold:
             batches.clear()
+            overruns.clear()
             if retrying:  # the first attempt may have committed with its reply lost
                 mine = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
                 ours = conn.execute(S.AUDIT_OF_HOLD_AT, {"p_hold": hold_id, "p_at": now}).first()
                 if mine is not None and ours is not None:
                     return Hold.from_row(mine)
-            row, previous = None, HoldState.PENDING
-            for previous in allowed_from:
-                row = conn.execute(
-                    S.RESOLVE_HOLD,
-                    {
-                        "p_id": hold_id, "p_from": previous.value, "p_state": state.value,
-                        "p_actual": amount if state is HoldState.SETTLED else None,
-                        "p_at": now, "p_by": by, "p_reason": reason,
-                    },
-                ).first()  # fmt: skip
-                if row is not None:
-                    break
-            if row is None:
-                current = conn.execute(S.HOLD_BY_ID, {"p_id": hold_id}).first()
-                if current is None:
-                    raise HoldNotFound(f"no hold {hold_id!r}")
-                raise HoldAlreadyResolved(
-                    f"hold {hold_id} is already {current.state} (at {current.resolved_at}); "
-                    "a hold resolves exactly once"
-                )
-            resolved = Hold.from_row(row)
+            step = self._transition(conn, hold_id, state, amount, now, by, reason, operator)
+            resolved = step.hold
             currency = resolved.estimate.currency
             if actual is not None and actual.currency != currency:
-                raise ValueError(  # rolls the transaction back
+                raise CurrencyMismatch(  # rolls the transaction back
                     f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
                 )
-            if state is HoldState.SETTLED:
-                delta = amount - resolved.estimate.amount
-            elif state is HoldState.RELEASED:
-                delta = -resolved.estimate.amount
-            else:
-                delta = 0
-            if delta:
-                # The reserve's order (run, then day): no lock cycles.
-                rising = alerts is not None and delta > 0  # may cross a threshold
-                adjusted = []
-                for budget_id in (resolved.run_budget_id, resolved.daily_budget_id):
-                    if budget_id is None:
-                        continue
-                    params = {"p_bid": budget_id, "p_delta": delta}
-                    if rising:
-                        adjusted.append(conn.execute(S.ADJUST_BUDGET_RETURNING, params).one())
-                    else:
-                        conn.execute(S.ADJUST_BUDGET, params)
-                if adjusted:
-                    batches.append(AlertBatch())
-                    self._alert_adjusted(conn, batches[0], resolved, adjusted, now)
-            error = template.error
-            if state is HoldState.SETTLED and delta > 0:
-                over = Money(delta, currency).format()
-                error = (error + "; " if error else "") + f"actual exceeded estimate by {over}"
+            if step.delta or step.freeze:
+                self._adjust(conn, resolved, step.delta, step.freeze, now, batches)
+            if step.freeze:
+                overruns.append(resolved)
             entry = replace(
                 template,
-                agent=resolved.agent, run=resolved.run, vendor=resolved.vendor,
-                endpoint=resolved.endpoint, method=resolved.method,
-                customer=resolved.customer, currency=currency,
-                estimate=resolved.estimate.amount, actual=amount,
-                policy_id=resolved.policy_id, policy_hash=resolved.policy_hash,
-                hold_id=hold_id, error=error, tool_call_id=resolved.tool_call_id,
-                outcome=(
-                    Outcome.RECONCILED if previous is HoldState.UNKNOWN else template.outcome
-                ),
-            )  # fmt: skip
+                agent=resolved.agent,
+                run=resolved.run,
+                vendor=resolved.vendor,
+                endpoint=resolved.endpoint,
+                method=resolved.method,
+                customer=resolved.customer,
+                currency=currency,
+                estimate=resolved.estimate.amount,
+                actual=step.counted,
+                policy_id=resolved.policy_id,
+                policy_hash=resolved.policy_hash,
+                hold_id=hold_id,
+                tool_call_id=resolved.tool_call_id,
+                error=_joined(template.error, step.note, _overrun_note(step, per_call_cap)),
+                outcome=Outcome.OVERRUN if step.freeze else step.outcome or template.outcome,
+            )
             audit_log.append(conn, entry, now)
             return resolved
 
@@ -873,10 +1132,273 @@ class Ledger:
         finally:
             if observer is not None:
                 observer.resolved(state, done, time.perf_counter() - started)
+        for over in overruns:
+            log.warning(
+                "overrun: hold %s (%s/%s %s %s) settled %s above its reservation of %s; its "
+                "budgets are frozen until an operator acknowledges it",
+                over.id,
+                over.agent,
+                over.vendor,
+                over.method,
+                over.endpoint,
+                over.overrun,
+                over.estimate,
+            )
         if alerts is not None:
             for batch in batches:
                 alerts.committed(batch)
+            alerts.publish([overrun_alert(over, now) for over in overruns])
         return done
+
+    def _transition(
+        self,
+        conn: Connection,
+        hold_id: str,
+        state: HoldState,
+        amount: int,
+        now: datetime,
+        by: str | None,
+        reason: str | None,
+        operator: bool,
+    ) -> _Step:
+        """Move the hold to ``state`` as the rules allow, and say what that did to its
+        budgets (``delta``), whether it froze them, and what the attempt's row counts."""
+        settle = state is HoldState.SETTLED
+        if operator or settle:
+            sources: tuple[HoldState, ...] = (HoldState.PENDING, HoldState.UNKNOWN)
+        else:
+            sources = (HoldState.PENDING,)
+        # A release is an attempt saying "nothing I did moved money": it frees the hold
+        # only if no other attempt holds it. An operator decides for all of them.
+        max_attempts = 1 if state is HoldState.RELEASED and not operator else _ANY_ATTEMPTS
+        for previous in sources:
+            row = conn.execute(
+                S.RESOLVE_HOLD,
+                {
+                    "p_id": hold_id,
+                    "p_from": previous.value,
+                    "p_state": state.value,
+                    "p_actual": amount if settle else None,
+                    "p_at": now,
+                    "p_by": by,
+                    "p_reason": reason,
+                    "p_max_attempts": max_attempts,
+                },
+            ).first()
+            if row is None:
+                continue
+            resolved = Hold.from_row(row)
+            estimate = resolved.estimate.amount
+            delta = (
+                amount - estimate if settle else (-estimate if state is HoldState.RELEASED else 0)
+            )
+            step = _Step(resolved, delta, counted=amount if settle else 0)
+            if previous is HoldState.UNKNOWN:
+                step.outcome = Outcome.RECONCILED
+            if resolved.overrun is not None:
+                if operator:  # the operator saw the amount: recorded, acknowledged
+                    step.hold = self._acknowledged(conn, resolved, now, by, reason)
+                else:
+                    step.freeze = 1
+            return step
+        current = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+        if current is None:
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        found = Hold.from_row(current)
+        if operator:
+            raise HoldAlreadyResolved(
+                f"hold {hold_id} is already {found.state} (at {found.resolved_at}); "
+                "a hold resolves exactly once"
+            )
+        return self._late(conn, found, state, amount, now)
+
+    def _late(
+        self, conn: Connection, found: Hold, state: HoldState, amount: int, now: datetime
+    ) -> _Step:
+        """An attempt ends after another attempt holding the same hold (or an operator)
+        resolved it. Its own row is written whatever it finds; money it reports that the
+        hold does not count yet is counted (the ledger never counts less than moved)."""
+        estimate = found.estimate.amount
+        if state is HoldState.RELEASED:
+            if found.state is HoldState.PENDING:  # shared: another attempt may pay
+                note = (
+                    f"this attempt moved no money, but {found.attempts} attempts hold this "
+                    "hold: it stays counted until one of them settles it or it is resolved"
+                )
+            else:
+                note = f"the hold was already {found.state} by another attempt"
+            return _Step(found, 0, counted=0, note=note)
+        if state is HoldState.UNKNOWN:
+            if found.state is HoldState.RELEASED:  # released under this attempt: recount
+                hold_now = self._set(conn, found, HoldState.UNKNOWN, None, now, found.overrun)
+                note = "the hold had been released, but this attempt may have paid: counted again"
+                return _Step(hold_now, estimate, counted=0, note=note)
+            note = f"the hold was already {found.state} by another attempt"
+            return _Step(found, 0, counted=0, note=note)
+        # A settle: the vendor says this attempt's call cost ``amount``.
+        if found.state is HoldState.SETTLED:
+            settled = found.actual.amount if found.actual is not None else 0
+            if amount <= settled:
+                note = f"another attempt settled this hold at {found.actual}; the vendor acted once"
+                return _Step(found, 0, counted=0, note=note)
+            base, note = settled, f"another attempt settled this hold at {found.actual}; raised"
+        else:  # released (by an operator, say) while this attempt's call paid
+            base, note = estimate, "the hold had been released, but this attempt paid"
+        over = amount - estimate if amount > estimate else None
+        refreeze = over is not None and (
+            found.overrun is None or found.overrun_acknowledged_at is not None
+        )
+        hold_now = self._set(
+            conn,
+            found,
+            HoldState.SETTLED,
+            amount,
+            now,
+            None if over is None else Money(over, found.estimate.currency),
+        )
+        delta = amount - base if found.state is HoldState.SETTLED else amount
+        return _Step(hold_now, delta, counted=delta, note=note, freeze=int(refreeze))
+
+    def _set(
+        self,
+        conn: Connection,
+        found: Hold,
+        state: HoldState,
+        actual: int | None,
+        now: datetime,
+        overrun: Money | None,
+    ) -> Hold:
+        """Rewrite a locked hold's resolution (its overrun awaiting acknowledgement)."""
+        row = conn.execute(
+            S.SET_HOLD_RESOLUTION,
+            {
+                "p_id": found.id,
+                "p_state": state.value,
+                "p_actual": actual,
+                "p_at": now,
+                "p_by": found.resolved_by,
+                "p_reason": found.resolution,
+                "p_overrun": None if overrun is None else overrun.amount,
+                "p_ack_at": None,
+                "p_ack_by": None,
+                "p_ack_reason": None,
+            },
+        ).one()
+        return Hold.from_row(row)
+
+    def _acknowledged(
+        self, conn: Connection, found: Hold, now: datetime, by: str | None, reason: str | None
+    ) -> Hold:
+        return Hold.from_row(
+            conn.execute(
+                S.SET_HOLD_RESOLUTION,
+                {
+                    "p_id": found.id,
+                    "p_state": found.state.value,
+                    "p_actual": None if found.actual is None else found.actual.amount,
+                    "p_at": found.resolved_at,
+                    "p_by": found.resolved_by,
+                    "p_reason": found.resolution,
+                    "p_overrun": None if found.overrun is None else found.overrun.amount,
+                    "p_ack_at": now,
+                    "p_ack_by": by,
+                    "p_ack_reason": reason,
+                },
+            ).one()
+        )
+
+    def _adjust(
+        self,
+        conn: Connection,
+        resolved: Hold,
+        delta: int,
+        freeze: int,
+        now: datetime,
+        batches: list[AlertBatch],
+    ) -> None:
+        """Move the hold's budgets by ``delta`` (and freeze them), run's row first: the
+        reserve's order, so no lock cycles."""
+        rising = self.alerts is not None and delta > 0  # may cross a threshold
+        adjusted = []
+        for budget_id in (resolved.run_budget_id, resolved.daily_budget_id):
+            if budget_id is None:
+                continue
+            params = {"p_bid": budget_id, "p_delta": delta, "p_freeze": freeze}
+            if rising:
+                adjusted.append(conn.execute(S.ADJUST_BUDGET_RETURNING, params).one())
+            else:
+                conn.execute(S.ADJUST_BUDGET, params)
+        if adjusted:
+            batches.append(AlertBatch())
+            self._alert_adjusted(conn, batches[0], resolved, adjusted, now)
+
+    def acknowledge_overrun(self, hold_id: str, *, reason: str, by: str) -> Hold:
+        """An operator has looked at an overrun: unfreeze the budgets it froze (they keep
+        counting what was spent). Audited. Raises :class:`ValueError` if the hold has no
+        overrun awaiting acknowledgement."""
+        if not reason.strip():
+            raise ValueError("acknowledging an overrun needs a reason")
+        now = self.now()
+
+        def work(conn: Connection, retrying: bool) -> Hold:
+            row = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+            if row is None:
+                raise HoldNotFound(f"no hold {hold_id!r}")
+            found = Hold.from_row(row)
+            if retrying and found.overrun_acknowledged_at == now:
+                return found
+            if found.overrun is None or found.overrun_acknowledged_at is not None:
+                raise ValueError(
+                    f"hold {hold_id} has no overrun awaiting acknowledgement"
+                    + (
+                        f" (acknowledged by {found.overrun_acknowledged_by} at "
+                        f"{found.overrun_acknowledged_at})"
+                        if found.overrun_acknowledged_at is not None
+                        else ""
+                    )
+                )
+            acknowledged = self._acknowledged(conn, found, now, by, reason)
+            for budget_id in (found.run_budget_id, found.daily_budget_id):
+                if budget_id is not None:
+                    conn.execute(
+                        S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": 0, "p_freeze": -1}
+                    )
+            audit_log.append(
+                conn,
+                AuditEntry(
+                    agent=found.agent,
+                    run=found.run,
+                    vendor=found.vendor,
+                    endpoint=found.endpoint,
+                    method=found.method,
+                    customer=found.customer,
+                    outcome=Outcome.ACKNOWLEDGED,
+                    currency=found.estimate.currency,
+                    estimate=found.estimate.amount,
+                    actual=0,
+                    policy_id=found.policy_id,
+                    policy_hash=found.policy_hash,
+                    hold_id=found.id,
+                    tool_call_id=found.tool_call_id,
+                    error=f"overrun of {found.overrun} acknowledged by {by}: {reason}",
+                ),
+                now,
+            )
+            return acknowledged
+
+        return self._write(
+            f"acknowledging the overrun of hold {hold_id}", "so its budgets stay frozen", work
+        )
+
+    def overruns(self, *, acknowledged: bool = False) -> list[Hold]:
+        """Holds settled above their reservation: by default those whose overrun still
+        freezes their budgets, oldest first."""
+        ack = hold.c.overrun_acknowledged_at
+        query = select(hold).where(
+            hold.c.overrun.is_not(None), ack.is_not(None) if acknowledged else ack.is_(None)
+        )
+        with read_only(self._engine) as conn:
+            return [Hold.from_row(r) for r in conn.execute(query.order_by(hold.c.resolved_at))]
 
     def _alert_adjusted(
         self, conn: Connection, batch: AlertBatch, hold: Hold, rows: list[Any], now: datetime
@@ -891,9 +1413,14 @@ class Ledger:
             due = self.alerts.due(int(row.id), committed, cap)
             if due:
                 ref = BudgetRef(
-                    int(row.id), row.kind, hold.agent, hold.vendor, currency, hold.run,
+                    int(row.id),
+                    row.kind,
+                    hold.agent,
+                    hold.vendor,
+                    currency,
+                    hold.run,
                     row.window or None,
-                )  # fmt: skip
+                )
                 self.alerts.record(conn, batch, ref, due, committed=committed, cap=cap, at=now)
 
     # -- revocations ---------------------------------------------------------------------
@@ -957,12 +1484,16 @@ class Ledger:
         with read_only(self._engine) as conn:
             return [
                 Revocation(
-                    id=int(r.id), scope=RevocationScope(r.kind), target=r.target,
-                    reason=r.reason, revoked_by=r.revoked_by, revoked_at=r.revoked_at,
+                    id=int(r.id),
+                    scope=RevocationScope(r.kind),
+                    target=r.target,
+                    reason=r.reason,
+                    revoked_by=r.revoked_by,
+                    revoked_at=r.revoked_at,
                     lifted_at=r.lifted_at,
                 )
                 for r in conn.execute(query)
-            ]  # fmt: skip
+            ]
 
     def flag_stale_holds(self, older_than: timedelta) -> tuple[datetime, list[Hold]]:
         """Mark the unresolved holds created ``older_than`` ago or earlier that were never
@@ -983,16 +1514,16 @@ class Ledger:
         return at, self._write("flagging stale holds", "so no hold was flagged", work)
 
     # -- inspection ----------------------------------------------------------------------
-    def hold_for_key(self, idempotency_key: str) -> Hold | None:
-        """The hold an idempotency key names, if any: a retry is priced as the call it
-        repeats, not re-priced from a world its first attempt may have changed."""
+    def hold_for_key(self, idempotency_key: str, *, agent: str, run: str | None) -> Hold | None:
+        """The hold an idempotency key names for this agent type and run, if any: a retry
+        is priced as the call it repeats, not re-priced from a world its first attempt may
+        have changed."""
+        key = hold_key(agent, run, idempotency_key)
         with (
             unavailable_on_error(self._engine, "reading a hold by its idempotency key"),
             read_only(self._engine) as conn,
         ):
-            row = conn.execute(
-                select(hold).where(hold.c.idempotency_key == idempotency_key)
-            ).first()
+            row = conn.execute(select(hold).where(hold.c.idempotency_key == key)).first()
         return None if row is None else Hold.from_row(row)
 
     def get_hold(self, hold_id: str) -> Hold:
@@ -1057,13 +1588,19 @@ class Ledger:
             settled, pending = sums.get(int(row.id), (0, 0))
             result.append(
                 BudgetStatus(
-                    id=int(row.id), kind=row.kind, agent=row.agent, vendor=row.vendor,
-                    run=row.run, window=row.window,
+                    id=int(row.id),
+                    kind=row.kind,
+                    agent=row.agent,
+                    vendor=row.vendor,
+                    run=row.run,
+                    window=row.window,
                     cap=None if row.cap is None else Money(int(row.cap), row.currency),
                     committed=Money(int(row.committed), row.currency),
-                    settled=Money(settled, row.currency), pending=Money(pending, row.currency),
+                    settled=Money(settled, row.currency),
+                    pending=Money(pending, row.currency),
                     calls=int(row.calls),
                     calls_cap=None if row.calls_cap is None else int(row.calls_cap),
+                    frozen=int(row.frozen) > 0,
                 )
-            )  # fmt: skip
+            )
         return result

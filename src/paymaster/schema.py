@@ -82,6 +82,9 @@ budget = Table(
     Column("committed", BigInteger, nullable=False, default=0),
     Column("calls", BigInteger, nullable=False, default=0),
     Column("created_at", UTCDateTime, nullable=False),
+    # Unacknowledged overruns of holds counting against this budget: while above zero,
+    # every reserve on it is refused (see Ledger.acknowledge_overrun).
+    Column("frozen", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("kind", "agent", "vendor", "currency", "run", "window", name="uq_budget"),
 )
 
@@ -89,6 +92,8 @@ hold = Table(
     "paymaster_hold",
     metadata,
     Column("id", String(32), primary_key=True),
+    # The ledger's key: the caller's idempotency key scoped to agent type and run
+    # (paymaster.ledger.hold_key); ``vendor_key`` is the key as the caller gave it.
     Column("idempotency_key", String(255), nullable=True, unique=True),
     Column("agent", String(200), nullable=False),
     Column("run", String(200), nullable=True),
@@ -112,6 +117,15 @@ hold = Table(
     Column("tool_call_id", String(200), nullable=True),
     # When a stale-hold alert was sent for this hold (revision 0003): each hold alerts once.
     Column("stale_alerted_at", UTCDateTime, nullable=True),
+    Column("vendor_key", String(255), nullable=True),
+    # Attempts that hold this hold (its first, plus each retry that resumed it by its
+    # key): a hold held by more than one is never released by one of them.
+    Column("attempts", Integer, nullable=False, default=1, server_default="1"),
+    # Settled above its estimate: by how much, and who acknowledged it (unfreezing).
+    Column("overrun", BigInteger, nullable=True),
+    Column("overrun_acknowledged_at", UTCDateTime, nullable=True),
+    Column("overrun_acknowledged_by", String(200), nullable=True),
+    Column("overrun_acknowledgement", Text, nullable=True),
     Index("ix_hold_state_created", "state", "created_at"),
     Index("ix_hold_daily_budget", "daily_budget_id", "state"),
     Index("ix_hold_run", "run"),

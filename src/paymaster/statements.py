@@ -11,10 +11,12 @@ from functools import cache
 from sqlalchemy import (
     BigInteger,
     Insert,
+    Integer,
     Select,
     Update,
     and_,
     bindparam,
+    case,
     exists,
     insert,
     not_,
@@ -43,7 +45,11 @@ __all__ = [
     "INSERT_HOLD",
     "REARM_HOLD",
     "RESOLVE_HOLD",
+    "RESUME_HOLD",
+    "RUN_BUDGET_LOCKED",
+    "SET_HOLD_RESOLUTION",
     "STALE_HOLDS",
+    "UNACKNOWLEDGED_OVERRUNS",
     "alert_insert",
     "audit_insert_and_head",
     "take_budget",
@@ -106,23 +112,85 @@ REARM_HOLD: Update = (
     )
 )
 
+_ACTUAL = bindparam("p_actual", type_=BigInteger)
+
+#: An attempt (or an operator) resolves a hold from ``p_from``. A hold held by more than
+#: ``p_max_attempts`` attempts is left alone (a release passes 1: a shared hold is never
+#: released by one of its attempts). ``overrun`` is what a settle spent above the estimate.
 RESOLVE_HOLD: Update = (
     update(hold)
-    .where(hold.c.id == bindparam("p_id"), hold.c.state == bindparam("p_from"))
+    .where(
+        hold.c.id == bindparam("p_id"),
+        hold.c.state == bindparam("p_from"),
+        hold.c.attempts <= bindparam("p_max_attempts"),
+    )
+    .values(
+        state=bindparam("p_state"),
+        actual=_ACTUAL,
+        resolved_at=bindparam("p_at"),
+        resolved_by=bindparam("p_by"),
+        resolution=bindparam("p_reason"),
+        overrun=case((hold.c.estimate < _ACTUAL, _ACTUAL - hold.c.estimate), else_=None),
+    )
+    .returning(*hold.c)
+)
+
+#: A hold's resolution as a late attempt or an operator finds it must change, the row
+#: being locked already (``SELECT ... FOR UPDATE``).
+SET_HOLD_RESOLUTION: Update = (
+    update(hold)
+    .where(hold.c.id == bindparam("p_id"))
     .values(
         state=bindparam("p_state"),
         actual=bindparam("p_actual"),
         resolved_at=bindparam("p_at"),
         resolved_by=bindparam("p_by"),
         resolution=bindparam("p_reason"),
+        overrun=bindparam("p_overrun"),
+        overrun_acknowledged_at=bindparam("p_ack_at"),
+        overrun_acknowledged_by=bindparam("p_ack_by"),
+        overrun_acknowledgement=bindparam("p_ack_reason"),
     )
     .returning(*hold.c)
+)
+
+#: Another attempt presents the hold's key while it is still counted: one more holder.
+RESUME_HOLD: Update = (
+    update(hold)
+    .where(hold.c.id == bindparam("p_id"), hold.c.state.in_(["pending", "unknown"]))
+    .values(
+        attempts=hold.c.attempts + 1,
+        state="pending",
+        actual=None,
+        resolved_at=None,
+        resolved_by=None,
+        resolution=None,
+    )
+    .returning(*hold.c)
+)
+
+#: The overruns that keep a budget frozen (for the refusal's message).
+UNACKNOWLEDGED_OVERRUNS = (
+    select(hold.c.id, hold.c.overrun, hold.c.currency)
+    .where(
+        or_(
+            hold.c.daily_budget_id == bindparam("p_bid"),
+            hold.c.run_budget_id == bindparam("p_bid"),
+        ),
+        hold.c.overrun.is_not(None),
+        hold.c.overrun_acknowledged_at.is_(None),
+    )
+    .order_by(hold.c.resolved_at)
+    .limit(3)
 )
 
 ADJUST_BUDGET: Update = (
     update(budget)
     .where(budget.c.id == bindparam("p_bid"))
-    .values(committed=budget.c.committed + bindparam("p_delta", type_=BigInteger))
+    .values(
+        committed=budget.c.committed + bindparam("p_delta", type_=BigInteger),
+        frozen=budget.c.frozen + bindparam("p_freeze", type_=Integer),
+    )
 )
 
 #: :data:`ADJUST_BUDGET` telling what the budget now stands at (for threshold alerts).
@@ -130,8 +198,15 @@ ADJUST_BUDGET_RETURNING: Update = ADJUST_BUDGET.returning(
     budget.c.id, budget.c.kind, budget.c.run, budget.c.window, budget.c.cap, budget.c.committed
 )
 
-BUDGET_STATE = select(budget.c.cap, budget.c.committed, budget.c.calls).where(
+BUDGET_STATE = select(budget.c.cap, budget.c.committed, budget.c.calls, budget.c.frozen).where(
     budget.c.id == bindparam("p_bid")
+)
+
+#: A run budget's stored limits, locked: a run policy may narrow them, never widen them.
+RUN_BUDGET_LOCKED = (
+    select(budget.c.cap, budget.c.calls_cap)
+    .where(budget.c.id == bindparam("p_bid"))
+    .with_for_update()
 )
 
 
@@ -152,6 +227,7 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
             cap=bindparam("p_cap", type_=BigInteger),
             calls_cap=bindparam("p_calls_cap", type_=BigInteger),
         )
+        .where(budget.c.frozen == 0)
         .returning(budget.c.committed)
     )
     if capped:  # written so that it cannot overflow BIGINT at the largest caps

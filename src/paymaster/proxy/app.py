@@ -190,7 +190,7 @@ class _Proxy:
         if ledger_key is not None and 200 <= status < 300:
             try:
                 await self.governor.in_worker(
-                    self.replays.keep, ledger_key, key.agent, status, sent_back, content
+                    self.replays.keep, ledger_key, key.agent, key.run, status, sent_back, content
                 )
             except Exception:  # the call happened: its answer goes back regardless
                 log.exception("could not keep the response for replay")

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..db import unavailable_on_error
+from ..ledger import hold_key
 from ..schema import hold, proxy_replay
 
 __all__ = ["Replay", "ReplayStore"]
@@ -64,11 +65,18 @@ class ReplayStore:
         return Replay(row.status, json.loads(row.headers), row.body, row.hold_id, row.created_at)
 
     def keep(
-        self, key: str, agent: str, status: int, headers: Mapping[str, str], body: bytes
+        self,
+        key: str,
+        agent: str,
+        run: str | None,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
     ) -> None:
         """Keep a response. The first one kept for a key stands (two attempts that both got
         an answer got the same one from Stripe)."""
-        hold_id = select(hold.c.id).where(hold.c.idempotency_key == key).scalar_subquery()
+        scoped = hold_key(agent, run, key)
+        hold_id = select(hold.c.id).where(hold.c.idempotency_key == scoped).scalar_subquery()
         try:
             with self._engine.begin() as conn:
                 conn.execute(insert(proxy_replay).values(

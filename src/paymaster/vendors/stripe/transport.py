@@ -28,9 +28,10 @@ from urllib.parse import urlsplit
 import stripe
 from stripe._http_client import new_http_client_async_fallback
 
-from ...errors import GovernanceUnavailable, HoldAlreadyResolved, PolicyViolation, ViolationCode
+from ...errors import GovernanceUnavailable, PolicyViolation, ViolationCode
 from ...governor import GovernedCall
 from ...money import Money
+from ...outcomes import Resolution, decide, resolution_of_status
 from ...policy import RunPolicy
 from .catalogue import (
     CATALOGUE,
@@ -57,7 +58,7 @@ log = logging.getLogger("paymaster.stripe")
 
 VENDOR = "stripe"
 Response = tuple[Any, int, Mapping[str, str]]
-Resolution = tuple[Literal["settle", "fail", "unknown"], dict[str, Any]]
+HoldEnd = tuple[Literal["settle", "fail", "unknown"], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -154,16 +155,10 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 return response
             plan = self._priced(plan, response[0])
         with self.governor.guard(**plan.spec()) as call:
-            try:
-                response = self.inner.request(method, url, plan.outgoing(call), post_data)
-            except Exception as exc:
-                plan.on_error(call, exc)
-                raise
+            response = self.inner.request(method, url, plan.outgoing(call), post_data)
             kind, kwargs = _resolution(call, plan.operation, response)
             try:
                 getattr(call, kind)(**kwargs)
-            except HoldAlreadyResolved:
-                _resolved_by_another_attempt(call)
             except GovernanceUnavailable:
                 _not_recorded(call, response)
         return response
@@ -186,18 +181,12 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 return response
             plan = await _in_thread(self._priced, plan, response[0])
         async with self.governor.aguard(**plan.spec()) as call:
-            try:
-                response = await self.inner.request_async(
-                    method, url, plan.outgoing(call) or {}, post_data
-                )
-            except Exception as exc:
-                await _in_thread(plan.on_error, call, exc)
-                raise
+            response = await self.inner.request_async(
+                method, url, plan.outgoing(call) or {}, post_data
+            )
             kind, kwargs = _resolution(call, plan.operation, response)
             try:
                 await getattr(call, kind)(**kwargs)
-            except HoldAlreadyResolved:
-                await _in_thread(_resolved_by_another_attempt, call)
             except GovernanceUnavailable:
                 _not_recorded(call, response)
         return response
@@ -279,7 +268,11 @@ class GovernedHTTPClient(stripe.HTTPClient):
         # Priced from the world: a retry (a request the ledger knows by its key and
         # fingerprint) is priced as the call it repeats, since re-pricing "refund what
         # remains" after the first attempt refunded it would price the retry at nothing.
-        held = self.governor.ledger.hold_for_key(ledger_key) if ledger_key else None
+        held = None
+        if ledger_key is not None and binding.agent is not None:
+            held = self.governor.ledger.hold_for_key(
+                ledger_key, agent=binding.agent, run=binding.run
+            )
         if held is not None:
             return replace(plan, quote=Quote(held.estimate, held.customer))
         return replace(plan, lookup=lookup)
@@ -346,6 +339,8 @@ class _Plan:
             "customer": self.quote.customer, "run": self.binding.run,
             "run_policy": self.binding.run_policy, "idempotency_key": self.ledger_key,
             "pricing_lookup": self.pricing_lookup, "tool_call_id": self.binding.tool_call_id,
+            # The catalogue declares a call free by pricing it at nothing.
+            "free": self.quote.estimate is None,
         }  # fmt: skip
 
     def outgoing(self, call: GovernedCall) -> Mapping[str, str] | None:
@@ -355,45 +350,38 @@ class _Plan:
             return self.sent_headers
         return {**(self.sent_headers or {}), "Idempotency-Key": call.idempotency_key}
 
-    def on_error(self, call: GovernedCall, exc: Exception) -> None:
-        """A free call whose request failed moved no money: release it rather than leave a
-        zero hold for someone to reconcile. (A paid one is left to the guard, which keeps
-        it counted when the outcome is unknown.)"""
-        if not self.operation.moves_money and not call.resolved:
-            # The base-class resolver: this runs in a worker thread for the async guard too.
-            GovernedCall.fail(call, error=f"{type(exc).__name__}: {exc}"[:500])
-
 
 async def _in_thread(fn: Any, *args: Any) -> Any:
     """Run a step that may write an audit row off the event loop."""
     return await asyncio.to_thread(fn, *args)
 
 
-def _resolution(call: GovernedCall, operation: Operation, response: Response) -> Resolution:
+def _resolution(call: GovernedCall, operation: Operation, response: Response) -> HoldEnd:
     """How the hold ends, from Stripe's HTTP response."""
     body, status, headers = response
     request_id = _header(headers, "Request-Id")
     free = not operation.moves_money
-    if status >= 500 or status < 200 or 300 <= status < 400:
-        text = f"Stripe answered HTTP {status} (request {request_id})"
-        if free:  # nothing to reconcile
-            return "fail", {"http_status": status, "vendor_request_id": request_id,
-                            "error": text}  # fmt: skip
-        return "unknown", {
-            "error": f"{text}: it may have acted; a retry with the same idempotency key "
-            "replays the call"
-        }
-    if status >= 400:
-        error = _error_text(body)
+    by_status = resolution_of_status(status)
+    if by_status is not Resolution.SETTLE:
         replayed = _header(headers, "Idempotent-Replayed") == "true"
-        if call.reservation.resumed and not replayed and not free:
-            # A retry refused (409 in progress, 429, a key mismatch) says nothing about
-            # the earlier attempt whose hold it resumed: that one may have paid.
+        # A retry refused (409 in progress, 429, a key mismatch) says nothing about the
+        # earlier attempt whose hold it resumed, which may have paid; a replayed refusal
+        # is that attempt's own answer.
+        shared = call.reservation.resumed and not replayed
+        failure = _VendorRefused() if by_status is Resolution.RELEASE else _VendorMayHaveActed()
+        if decide(failure, shared=shared, moves_money=not free) is Resolution.RELEASE:
+            error = _error_text(body) if 400 <= status < 500 else f"Stripe answered HTTP {status}"
+            return "fail", {"http_status": status, "vendor_request_id": request_id,
+                            "error": error}  # fmt: skip
+        if by_status is Resolution.RELEASE:
             return "unknown", {
-                "error": f"a retry got HTTP {status} ({error}); whether the first attempt "
-                "moved money is unknown"
+                "error": f"a retry got HTTP {status} ({_error_text(body)}); whether the first "
+                "attempt moved money is unknown"
             }
-        return "fail", {"http_status": status, "vendor_request_id": request_id, "error": error}
+        return "unknown", {
+            "error": f"Stripe answered HTTP {status} (request {request_id}): it may have "
+            "acted; a retry with the same idempotency key replays the call"
+        }
     try:
         actual = _actual_cost(operation, _json(body))
     except Exception as exc:
@@ -410,6 +398,14 @@ def _resolution(call: GovernedCall, operation: Operation, response: Response) ->
         "actual": actual if actual is not None else Money.zero(call.estimate.currency),
         "http_status": status, "vendor_request_id": request_id,
     }  # fmt: skip
+
+
+class _VendorRefused(Exception):
+    """Stripe refused the request (4xx): nothing moved."""
+
+
+class _VendorMayHaveActed(TimeoutError):
+    """Stripe answered 5xx, 1xx or 3xx: it may have acted."""
 
 
 def _error_text(body: Any) -> str:
@@ -509,17 +505,6 @@ def ledger_key_of(
     except InvalidStripeRequest:
         return None
     return _ledger_key(request, wire_key)
-
-
-def _resolved_by_another_attempt(call: GovernedCall) -> None:
-    """The hold was resolved before this attempt could record its outcome: by another
-    attempt with the same key (Stripe acted once and replayed it to the other) or by an
-    operator. Its recorded resolution stands; this attempt's response is still returned,
-    since raising after Stripe answered would invite a retry."""
-    call.hold = call._ledger.get_hold(call.hold_id)
-    if call.hold.idempotency_key is None:
-        log.warning("hold %s was resolved (%s) while its call was in flight",
-                    call.hold_id, call.hold.state.value)  # fmt: skip
 
 
 def _not_recorded(call: GovernedCall, response: Response) -> None:

@@ -1,0 +1,56 @@
+"""Money safety: shared holds, overruns that freeze a budget, run-scoped keys.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-02
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from paymaster.schema import UTCDateTime
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "paymaster_budget",
+        sa.Column("frozen", sa.Integer, nullable=False, server_default="0"),
+    )
+    op.add_column("paymaster_hold", sa.Column("vendor_key", sa.String(255), nullable=True))
+    op.add_column(
+        "paymaster_hold",
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    )
+    op.add_column("paymaster_hold", sa.Column("overrun", sa.BigInteger, nullable=True))
+    op.add_column(
+        "paymaster_hold",
+        sa.Column("overrun_acknowledged_at", UTCDateTime, nullable=True),
+    )
+    op.add_column(
+        "paymaster_hold", sa.Column("overrun_acknowledged_by", sa.String(200), nullable=True)
+    )
+    op.add_column("paymaster_hold", sa.Column("overrun_acknowledgement", sa.Text, nullable=True))
+    # Keys written before this revision were not scoped: they stay the vendor's key too.
+    op.execute("UPDATE paymaster_hold SET vendor_key = idempotency_key")
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("paymaster_hold") as batch:
+        for column in (
+            "overrun_acknowledgement",
+            "overrun_acknowledged_by",
+            "overrun_acknowledged_at",
+            "overrun",
+            "attempts",
+            "vendor_key",
+        ):
+            batch.drop_column(column)
+    with op.batch_alter_table("paymaster_budget") as batch:
+        batch.drop_column("frozen")
