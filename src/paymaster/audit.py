@@ -162,6 +162,14 @@ def row_hash(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
+def _hashed_fields(record: AuditRecord) -> dict[str, Any]:
+    """What :func:`row_hash` hashed when the row was written: the same function reads the
+    same fields at verification, ``tool_call_id`` included."""
+    values = {name: getattr(record, name) for name in _HASHED}
+    values["tool_call_id"] = record.tool_call_id
+    return values
+
+
 _ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
 
 
@@ -397,7 +405,7 @@ class AuditLog:
                         record.id,
                         f"chain {chain!r}: prev_hash does not match the row before",
                     )
-                if row_hash({name: getattr(record, name) for name in _HASHED}) != record.hash:
+                if row_hash(_hashed_fields(record)) != record.hash:
                     return checked, (
                         record.id,
                         f"chain {chain!r}: row content does not match its hash",

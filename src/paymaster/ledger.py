@@ -41,7 +41,7 @@ from .errors import (
     PolicyViolation,
     ViolationCode,
 )
-from .money import CurrencyMismatch, Money
+from .money import MAX_AMOUNT, CurrencyMismatch, Money
 from .policy import EffectivePolicy
 from .schema import budget, hold, revocation
 
@@ -296,11 +296,6 @@ def hold_key(agent: str, run: str | None, idempotency_key: str) -> str:
     budgets and revocations) instead of resuming this run's hold."""
     material = json.dumps([agent, run, idempotency_key], ensure_ascii=True)
     return "k1:" + hashlib.sha256(material.encode()).hexdigest()
-
-
-#: The largest amount (estimate, actual or cap) in minor units the ledger accepts: ten
-#: trillion in a two-decimal currency. Sums of many stay far inside a BIGINT.
-MAX_AMOUNT = 10**15
 
 
 def check_amount(value: Money, field: str) -> None:

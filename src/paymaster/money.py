@@ -25,7 +25,19 @@ from typing import Any
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
-__all__ = ["CURRENCY_EXPONENTS", "CurrencyMismatch", "Money", "currency_exponent", "is_currency"]
+__all__ = [
+    "CURRENCY_EXPONENTS",
+    "MAX_AMOUNT",
+    "CurrencyMismatch",
+    "Money",
+    "currency_exponent",
+    "is_currency",
+]
+
+#: The largest amount in minor units (a cap, an estimate or an actual) that paymaster
+#: counts: ten trillion in a two-decimal currency. A ledger's sums of many such amounts
+#: stay far inside its 64-bit columns on every backend.
+MAX_AMOUNT = 10**15
 
 _ZERO_DECIMAL = ("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF").split()
 _THREE_DECIMAL = "BHD IQD JOD KWD LYD OMR TND".split()

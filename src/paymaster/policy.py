@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from functools import cached_property
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 from pydantic import (
     AliasChoices,
@@ -22,7 +22,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -30,15 +29,19 @@ from pydantic import (
 
 from .endpoints import InvalidPath, normalise_path, path_matches, pattern_covers, validate_pattern
 from .errors import PolicyError, PolicyViolation, ViolationCode
-from .money import Money, is_currency
+from .money import MAX_AMOUNT, Money, is_currency
 
 __all__ = ["EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy"]
 
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-#: Budgets are BIGINT columns: no cap may exceed what they hold.
-MAX_MINOR_UNITS = 2**63 - 1
+#: No cap may exceed what the ledger counts (:data:`paymaster.money.MAX_AMOUNT`).
+MAX_MINOR_UNITS = MAX_AMOUNT
+#: The most calls a limit may allow: a billion a window is no limit at all in practice,
+#: and keeps the ledger's call counters far inside their columns.
+MAX_CALLS = 10**9
+CallLimit = Annotated[int, Field(gt=0, le=MAX_CALLS)]
 
 
 def _positive_cap(value: Money | None) -> Money | None:
@@ -154,7 +157,7 @@ class Policy(_Rules):
     currency: str
     daily_cap: Money
     per_call_cap: Money | None = None
-    max_calls_per_day: PositiveInt | None = None
+    max_calls_per_day: CallLimit | None = None
     endpoints: tuple[str, ...] = Field(
         validation_alias=AliasChoices("endpoints", "allowed_endpoints")
     )
@@ -223,7 +226,7 @@ class RunPolicy(_Rules):
     currency: str | None = None
     cap: Money | None = Field(default=None, validation_alias=AliasChoices("cap", "run_cap"))
     per_call_cap: Money | None = None
-    max_calls: PositiveInt | None = None
+    max_calls: CallLimit | None = None
     endpoints: tuple[str, ...] | None = Field(
         default=None, validation_alias=AliasChoices("endpoints", "allowed_endpoints")
     )

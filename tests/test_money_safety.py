@@ -1,0 +1,335 @@
+"""Money safety in the core (issue "Money safety, part 1"): one regression test per defect
+an adversarial review found, each on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from paymaster import (
+    Governor,
+    HoldAlreadyResolved,
+    HoldState,
+    Money,
+    PolicyViolation,
+    RunPolicy,
+    ViolationCode,
+)
+from paymaster.money import MAX_AMOUNT
+
+from conftest import refund_policy
+
+MakeGov = Callable[..., Governor]
+USD = "USD"
+REFUND: dict[str, Any] = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds"}
+
+
+def usd(text: str) -> Money:
+    return Money.parse(f"{text} USD")
+
+
+def outcomes(gov: Governor) -> list[str]:
+    return [row.outcome for row in gov.audit.query(limit=1000)]
+
+
+# -- 1. a shared hold is never released by one of its attempts ---------------------------
+def test_a_shared_hold_is_not_released_under_a_paying_attempt(make_governor: MakeGov) -> None:
+    """Attempt 2 resumes attempt 1's hold by its key; attempt 1 then fails with "nothing
+    moved" while attempt 2's call pays. Before: attempt 1 released the hold, attempt 2's
+    settle met HoldAlreadyResolved, and the vendor paid $20 against a $10 cap."""
+    gov = make_governor(refund_policy(daily_cap="10.00", per_call_cap="10.00"))
+    first = gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k1")
+    call_1 = first.__enter__()
+    with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k1") as call_2:
+        assert call_2.reservation.resumed and call_2.hold_id == call_1.hold_id
+        call_1.fail(http_status=409, error="idempotency key in use")  # nothing moved for it
+        first.__exit__(None, None, None)
+        assert gov.ledger.get_hold(call_1.hold_id).state is HoldState.PENDING
+        # the cap is still held: nothing else fits
+        with pytest.raises(PolicyViolation) as refused, gov.guard(**REFUND, estimate=usd("1.00")):
+            pass
+        assert refused.value.code is ViolationCode.CAP_EXCEEDED
+        call_2.settle(usd("10.00"))
+    [status] = gov.budgets()
+    assert status.committed == status.settled == usd("10.00")
+    assert gov.ledger.get_hold(call_1.hold_id).state is HoldState.SETTLED
+    # one row per attempt: attempt 1's failure, the refusal, attempt 2's settle
+    assert outcomes(gov) == ["failed", "denied", "allowed"]
+
+
+def test_an_attempt_ending_after_another_resolved_the_hold_still_writes_its_row(
+    make_governor: MakeGov,
+) -> None:
+    """Before: a resumed attempt that exited normally after the other attempt settled the
+    hold raised HoldAlreadyResolved and wrote no audit row."""
+    gov = make_governor()
+    first = gov.guard(**REFUND, estimate=usd("20.00"), idempotency_key="k")
+    call_1 = first.__enter__()
+    with gov.guard(**REFUND, estimate=usd("20.00"), idempotency_key="k") as call_2:
+        call_1.settle(usd("20.00"))
+        first.__exit__(None, None, None)
+        # the vendor replayed the first attempt's result to the second: same amount
+    assert call_2.resolved
+    assert outcomes(gov) == ["allowed", "allowed"]
+    [status] = gov.budgets()
+    assert status.committed == status.settled == usd("20.00")
+    rows = gov.audit.query()
+    assert sorted(row.actual for row in rows) == [0, 2000]  # counted once
+
+
+def test_a_late_attempt_that_paid_more_raises_the_settled_amount(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    first = gov.guard(**REFUND, estimate=usd("20.00"), idempotency_key="k")
+    call_1 = first.__enter__()
+    with gov.guard(**REFUND, estimate=usd("20.00"), idempotency_key="k") as call_2:
+        call_1.settle(usd("15.00"))
+        first.__exit__(None, None, None)
+        call_2.settle(usd("18.00"))
+    [status] = gov.budgets()
+    assert status.settled == usd("18.00")  # never less than the vendor reported
+
+
+def test_a_late_unknown_keeps_a_released_hold_counted(make_governor: MakeGov) -> None:
+    """An operator released a hold while its call was in flight; the call then timed out:
+    it may have paid, so the hold is counted again."""
+    gov = make_governor()
+    with pytest.raises(TimeoutError), gov.guard(**REFUND, estimate=usd("30.00")) as call:
+        gov.resolve_hold(call.hold_id, release=True, reason="looked stuck", by="ops")
+        assert gov.budgets()[0].committed == usd("0.00")
+        raise TimeoutError("read timed out")
+    assert gov.ledger.get_hold(call.hold_id).state is HoldState.UNKNOWN
+    assert gov.budgets()[0].committed == usd("30.00")
+
+
+def test_the_same_attempt_cannot_record_twice(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(**REFUND, estimate=usd("5.00")) as call:
+        call.settle()
+        with pytest.raises(HoldAlreadyResolved):
+            call.fail()
+    assert outcomes(gov) == ["allowed"]
+
+
+# -- 2. no settle above the reservation goes unflagged -----------------------------------
+def test_a_call_without_an_estimate_is_refused_and_audited(make_governor: MakeGov) -> None:
+    """Before: estimate=None reserved $0, and one settle put committed at 950% of the cap
+    with an ``allowed`` row."""
+    gov = make_governor()
+    ran = []
+    with pytest.raises(PolicyViolation) as refused, gov.guard(**REFUND):
+        ran.append(True)
+    assert not ran
+    assert refused.value.code is ViolationCode.ESTIMATE_REQUIRED
+    assert "estimate=" in refused.value.message and "free=True" in refused.value.message
+    [row] = gov.audit.query()
+    assert (row.outcome, row.violation_code) == ("denied", "estimate_required")
+
+
+def test_a_free_call_may_carry_no_estimate_but_may_not_cost(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(**REFUND, free=True) as call:
+        call.settle(usd("95.00"))  # a "free" call that charged: an overrun, flagged
+    [row] = gov.audit.query()
+    assert row.outcome == "overrun"
+    assert gov.budgets()[0].frozen
+
+
+def test_an_overrun_is_recorded_and_freezes_the_budget_until_acknowledged(
+    make_governor: MakeGov,
+) -> None:
+    gov = make_governor(refund_policy(daily_cap="100.00", per_call_cap="50.00"))
+    with gov.guard(**REFUND, estimate=usd("10.00")) as call:
+        call.settle(usd("60.00"))  # above the estimate, and above the per-call cap
+    [row] = gov.audit.query()
+    assert (row.outcome, row.actual) == ("overrun", 6000)
+    assert row.error is not None and "per-call cap of $50.00" in row.error
+    [status] = gov.budgets()
+    assert status.committed == usd("60.00") and status.frozen
+    with pytest.raises(PolicyViolation) as refused, gov.guard(**REFUND, estimate=usd("1.00")):
+        pass
+    assert refused.value.code is ViolationCode.BUDGET_FROZEN
+    assert call.hold_id in refused.value.message
+    [over] = gov.overruns()
+    assert over.id == call.hold_id and over.overrun == usd("50.00")
+
+    with pytest.raises(ValueError, match="reason"):
+        gov.acknowledge_overrun(call.hold_id, reason=" ")
+    acknowledged = gov.acknowledge_overrun(call.hold_id, reason="vendor fee", by="ops")
+    assert acknowledged.overrun_acknowledged_by == "ops"
+    assert gov.overruns() == []
+    assert not gov.budgets()[0].frozen
+    with pytest.raises(ValueError, match="no overrun awaiting"):
+        gov.acknowledge_overrun(call.hold_id, reason="again")
+    with gov.guard(**REFUND, estimate=usd("40.00")):
+        pass  # 60 + 40 = the cap
+    assert outcomes(gov)[-2:] == ["acknowledged", "allowed"]
+    assert gov.audit.verify().ok
+
+
+def test_a_retry_on_a_frozen_budget_is_refused(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    pending = gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k")
+    pending.__enter__()
+    with gov.guard(**REFUND, estimate=usd("5.00")) as other:
+        other.settle(usd("6.00"))
+    with pytest.raises(PolicyViolation) as refused:
+        with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k"):
+            pass
+    assert refused.value.code is ViolationCode.BUDGET_FROZEN
+    pending.__exit__(None, None, None)
+
+
+def test_an_operator_settle_above_the_estimate_is_recorded_but_not_frozen(
+    make_governor: MakeGov,
+) -> None:
+    gov = make_governor()
+    with pytest.raises(TimeoutError), gov.guard(**REFUND, estimate=usd("10.00")) as call:
+        raise TimeoutError
+    gov.resolve_hold(call.hold_id, settle=usd("12.00"), reason="Stripe says 12", by="ops")
+    [status] = gov.budgets()
+    assert status.committed == usd("12.00") and not status.frozen
+    assert gov.overruns() == []
+    [acknowledged] = gov.overruns(acknowledged=True)
+    assert acknowledged.overrun_acknowledged_by == "ops"
+
+
+# -- 3. an idempotency key is scoped to agent type and run -------------------------------
+def test_a_key_presented_by_another_run_is_another_call(make_governor: MakeGov) -> None:
+    """Before: run r4 resumed revoked run r3's hold; r4's run budget was never charged and
+    the audit showed an ``allowed`` row under the revoked r3."""
+    gov = make_governor()
+    r3 = gov.guard(**REFUND, run="r3", estimate=usd("10.00"), idempotency_key="k")
+    r3.__enter__()
+    gov.revoke(run="r3", reason="runaway")
+    r4_policy = RunPolicy(cap="20.00 USD")
+    r4_call = gov.guard(
+        **REFUND, run="r4", estimate=usd("10.00"), idempotency_key="k", run_policy=r4_policy
+    )
+    with r4_call as r4:
+        assert not r4.reservation.resumed
+        assert r4.hold.run == "r4"
+    runs = {b.run: b for b in gov.budgets() if b.kind == "run"}
+    assert runs["r4"].committed == usd("10.00")
+    with pytest.raises(PolicyViolation) as refused:  # r3's own retry is revoked
+        with gov.guard(**REFUND, run="r3", estimate=usd("10.00"), idempotency_key="k"):
+            pass
+    assert refused.value.code is ViolationCode.REVOKED
+    r3.__exit__(None, None, None)
+
+
+# -- 4. a run budget binds every call of the run ----------------------------------------
+def test_a_run_budget_binds_calls_without_a_run_policy(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(**REFUND, run="r", estimate=usd("8.00"), run_policy=RunPolicy(cap="10 USD")):
+        pass
+    with pytest.raises(PolicyViolation) as refused:  # no run policy: the run's cap binds
+        with gov.guard(**REFUND, run="r", estimate=usd("5.00")):
+            pass
+    assert refused.value.code is ViolationCode.RUN_CAP_EXCEEDED
+    with gov.guard(**REFUND, run="r", estimate=usd("2.00")):
+        pass
+    with gov.guard(**REFUND, run="another", estimate=usd("5.00")):  # runs without a budget
+        pass
+
+
+def test_a_later_run_policy_may_narrow_but_never_widen(make_governor: MakeGov) -> None:
+    gov = make_governor()
+    narrow, wide = RunPolicy(cap="10 USD", max_calls=5), RunPolicy(cap="50 USD")
+    with gov.guard(**REFUND, run="r", estimate=usd("4.00"), run_policy=narrow):
+        pass
+    with pytest.raises(PolicyViolation) as refused:
+        with gov.guard(**REFUND, run="r", estimate=usd("4.00"), run_policy=wide):
+            pass
+    assert refused.value.code is ViolationCode.RUN_POLICY_WIDENED
+    assert "$50.00" in refused.value.message and "$10.00" in refused.value.message
+    assert outcomes(gov)[-1] == "denied"
+    tighter = RunPolicy(cap="6 USD")
+    with gov.guard(**REFUND, run="r", estimate=usd("2.00"), run_policy=tighter):
+        pass
+    with pytest.raises(PolicyViolation) as capped:  # 6 stored now: 4 + 2 + 1 > 6
+        with gov.guard(**REFUND, run="r", estimate=usd("1.00")):
+            pass
+    assert capped.value.code is ViolationCode.RUN_CAP_EXCEEDED
+    [run] = [b for b in gov.budgets() if b.kind == "run"]
+    assert run.cap == usd("6.00")
+
+
+# -- 5. huge limits are refused where they are given -------------------------------------
+def test_huge_limits_are_refused_when_loaded(make_governor: MakeGov) -> None:
+    """Before: max_calls_per_day=2**64 raised a raw OverflowError (SQLite) or
+    GovernanceUnavailable (PostgreSQL) on every reserve."""
+    with pytest.raises(ValidationError, match="max_calls_per_day"):
+        refund_policy(max_calls_per_day=2**64)
+    with pytest.raises(ValidationError, match="daily_cap"):
+        refund_policy(daily_cap=f"{MAX_AMOUNT} USD")  # major units: 100x the limit
+    with pytest.raises(ValidationError, match="max_calls"):
+        RunPolicy(max_calls=2**63)
+
+
+def test_huge_amounts_are_refused_when_passed(make_governor: MakeGov) -> None:
+    """Before: on SQLite a settle past 2**63-1 silently turned ``committed`` into a REAL."""
+    gov = make_governor()
+    with pytest.raises(ValueError, match="estimate"), gov.guard(
+        **REFUND, estimate=Money(MAX_AMOUNT + 1, USD)
+    ):
+        pass
+    with pytest.raises(TypeError, match=r"estimate must be paymaster.Money.*Money.parse"):
+        with gov.guard(**REFUND, estimate="5.00 USD"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(ValueError, match="actual"), gov.guard(
+        **REFUND, estimate=usd("1.00")
+    ) as call:
+        call.settle(Money(2**63, USD))
+    [held] = gov.holds()  # the settle failed after the call: kept counted, not released
+    assert held.state is HoldState.UNKNOWN
+    [status] = gov.budgets()
+    assert isinstance(status.committed.amount, int) and status.committed == usd("1.00")
+
+
+def test_concurrent_attempts_on_one_key_count_once_and_each_leave_a_row(
+    make_governor: MakeGov,
+) -> None:
+    """Eight threads present one key at once: one hold, one reservation, eight rows."""
+    gov = make_governor()
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def attempt(n: int) -> None:
+        try:
+            barrier.wait()
+            with gov.guard(
+                **REFUND, estimate=usd("30.00"), idempotency_key="same", tool_call_id=f"t{n}"
+            ) as call:
+                if n % 2:
+                    call.fail(http_status=409, error="in progress")
+                else:
+                    call.settle()
+        except PolicyViolation as refused:  # came after the settle: refused, audited
+            if refused.code is not ViolationCode.ALREADY_COMPLETED:
+                errors.append(refused)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(gov.audit.query()) == 8
+    [status] = gov.budgets()
+    assert status.committed == usd("30.00")
+    assert gov.audit.verify().ok
+
+
+def test_rows_with_a_tool_call_id_verify(make_governor: MakeGov) -> None:
+    """Before: row_hash hashed tool_call_id but verify() recomputed without it, so every
+    row an adapter wrote failed verification."""
+    gov = make_governor()
+    with gov.guard(**REFUND, estimate=usd("1.00"), tool_call_id="call_1"):
+        pass
+    assert gov.audit.verify().ok
