@@ -812,3 +812,23 @@ def test_help_and_version() -> None:
         assert name in result.stdout
     assert "--iterations" not in runner.invoke(app, ["status", "--help"]).stdout
     assert runner.invoke(app, ["--version"]).stdout.startswith("paymaster ")
+
+
+def test_holds_acknowledge_an_overrun(invoke: Invoke, make_governor: MakeGov) -> None:
+    gov = make_governor()
+    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+                   estimate=Money(1000, "USD")) as call:  # fmt: skip
+        call.settle(Money(1500, "USD"))
+    listed = invoke("holds", "list", "--overruns")
+    assert listed.exit_code == 0, listed.output
+    assert "1 overrun awaiting" in listed.stdout and "$5.00" in listed.stdout
+    [row] = as_json(invoke("holds", "list", "--overruns", "--json"))
+    assert row["id"] == call.hold_id and row["overrun"]["amount"] == 500
+    assert invoke("holds", "acknowledge", call.hold_id, "--reason", " ").exit_code == 2
+    done = invoke("holds", "acknowledge", call.hold_id, "--reason", "fee", "--by", "ops")
+    assert done.exit_code == 0, done.output
+    assert "acknowledged by ops" in done.stdout
+    assert not gov.budgets()[0].frozen
+    again = invoke("holds", "acknowledge", call.hold_id, "--reason", "fee")
+    assert again.exit_code == 1 and "no overrun awaiting" in again.stderr
+    assert invoke("holds", "acknowledge", "nope", "--reason", "x").exit_code == 1

@@ -1,4 +1,5 @@
-"""``paymaster holds list | resolve``: unresolved holds and their reconciliation."""
+"""``paymaster holds list | resolve | acknowledge``: unresolved holds, their
+reconciliation, and overruns awaiting acknowledgement."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..errors import HoldAlreadyResolved
 from ..ledger import Hold
 from ..money import Money
 from .output import console, echo_json, fmt_age, fmt_money, fmt_time, money_json, time_json
@@ -29,6 +31,9 @@ def hold_json(h: Hold) -> dict[str, Any]:
         "idempotency_key": h.idempotency_key, "tool_call_id": h.tool_call_id,
         "created_at": time_json(h.created_at), "resolved_at": time_json(h.resolved_at),
         "resolved_by": h.resolved_by, "resolution": h.resolution,
+        "attempts": h.attempts, "overrun": money_json(h.overrun),
+        "overrun_acknowledged_at": time_json(h.overrun_acknowledged_at),
+        "overrun_acknowledged_by": h.overrun_acknowledged_by,
     }  # fmt: skip
 
 
@@ -59,6 +64,14 @@ def list_holds(
             help="Only holds created at least this long ago.",
         ),
     ] = None,
+    overruns: Annotated[
+        bool,
+        typer.Option(
+            "--overruns",
+            help="Instead: holds settled above their reservation whose overrun still "
+            "freezes their budgets (acknowledge each with `paymaster holds acknowledge`).",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """List pending and unknown holds, oldest first.
@@ -67,11 +80,70 @@ def list_holds(
     `paymaster holds resolve`.
     """
     with open_governor(db) as gov:
-        holds = gov.holds(older_than=older_than)
+        holds = gov.overruns() if overruns else gov.holds(older_than=older_than)
     if as_json:
         echo_json([hold_json(h) for h in holds])
         return
+    if overruns:
+        console().print(overruns_table(holds))
+        return
     console().print(holds_table(holds, f"{len(holds)} unresolved holds"))
+
+
+def overruns_table(holds: list[Hold]) -> Table:
+    title = f"{len(holds)} overrun{'' if len(holds) == 1 else 's'} awaiting acknowledgement"
+    table = Table(title=title, title_justify="left")
+    for name in ("hold", "agent", "run", "call", "estimate", "actual", "over", "settled"):
+        table.add_column(name, overflow="fold")
+    for h in holds:
+        table.add_row(
+            h.id,
+            h.agent,
+            h.run or "-",
+            f"{h.vendor} {h.method} {h.endpoint}",
+            fmt_money(h.estimate),
+            fmt_money(h.actual),
+            fmt_money(h.overrun),
+            fmt_time(h.resolved_at),
+        )
+    return table
+
+
+@app.command()
+def acknowledge(
+    hold_id: Annotated[str, typer.Argument(metavar="HOLD", help="The overrun's hold id.")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why the overrun is understood (audited).")
+    ],
+    by: Annotated[
+        str | None, typer.Option("--by", help="Who acknowledges it (default: OS user).")
+    ] = None,
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """Acknowledge a call that settled above its reservation, unfreezing its budgets.
+
+    The money it spent stays counted. Exits 1 if the hold has no overrun awaiting
+    acknowledgement.
+    """
+    if not reason.strip():
+        raise typer.BadParameter("must say why", param_hint="'--reason'")
+    with open_governor(db) as gov:
+        found = gov.ledger.get_hold(hold_id)
+        if found.overrun is None or found.overrun_acknowledged_at is not None:
+            raise HoldAlreadyResolved(
+                f"hold {hold_id} has no overrun awaiting acknowledgement"
+                + ("" if found.overrun is None else f" (by {found.overrun_acknowledged_by})")
+            )
+        acknowledged = gov.acknowledge_overrun(hold_id, reason=reason, by=by)
+    if as_json:
+        echo_json(hold_json(acknowledged))
+        return
+    typer.echo(
+        f"overrun of hold {acknowledged.id} ({fmt_money(acknowledged.overrun)} above its "
+        f"{acknowledged.estimate.format()} reservation) acknowledged by "
+        f"{acknowledged.overrun_acknowledged_by}: its budgets take calls again"
+    )
 
 
 @app.command()

@@ -115,10 +115,16 @@ def render_status(snapshot: Snapshot) -> RenderableType:
     table.add_column("used")
     for b in snapshot.budgets:
         calls = str(b.calls) if b.calls_cap is None else f"{b.calls}/{b.calls_cap}"
+        label = _label(b) + (" [FROZEN: overrun, see holds list --overruns]" if b.frozen else "")
         table.add_row(
-            _label(b), fmt_money(b.cap), fmt_money(b.settled), fmt_money(b.pending),
-            fmt_money(b.remaining), calls, _bar(b),
-        )  # fmt: skip
+            label,
+            fmt_money(b.cap),
+            fmt_money(b.settled),
+            fmt_money(b.pending),
+            fmt_money(b.remaining),
+            calls,
+            _bar(b),
+        )
     if not snapshot.budgets:
         table.add_row("(nothing spent or reserved this day)", "", "", "", "", "", "")
     parts: list[RenderableType] = [table]
@@ -139,7 +145,7 @@ def _budget_json(b: BudgetStatus) -> dict[str, Any]:
         "window": b.window or None, "cap": money_json(b.cap),
         "committed": money_json(b.committed), "settled": money_json(b.settled),
         "pending": money_json(b.pending), "remaining": money_json(b.remaining),
-        "calls": b.calls, "calls_cap": b.calls_cap,
+        "calls": b.calls, "calls_cap": b.calls_cap, "frozen": b.frozen,
     }  # fmt: skip
 
 
