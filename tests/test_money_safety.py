@@ -333,3 +333,70 @@ def test_rows_with_a_tool_call_id_verify(make_governor: MakeGov) -> None:
     with gov.guard(**REFUND, estimate=usd("1.00"), tool_call_id="call_1"):
         pass
     assert gov.audit.verify().ok
+
+
+def test_a_hold_is_released_when_every_attempt_on_it_moved_nothing(make_governor: MakeGov) -> None:
+    """Both attempts of an overlapping pair are refused by the vendor: nothing moved, so
+    the last one to end frees the hold (found by the vendor-truth simulation)."""
+    gov = make_governor()
+    first = gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k", tool_call_id="a")
+    call_1 = first.__enter__()
+    with gov.guard(
+        **REFUND, estimate=usd("10.00"), idempotency_key="k", tool_call_id="b"
+    ) as call_2:
+        call_1.fail(http_status=402, error="card_declined")
+        first.__exit__(None, None, None)
+        assert gov.ledger.get_hold(call_2.hold_id).state is HoldState.PENDING
+        call_2.fail(http_status=402, error="card_declined")
+    assert gov.ledger.get_hold(call_2.hold_id).state is HoldState.RELEASED
+    assert gov.budgets()[0].committed == usd("0.00")
+    # each row names its own attempt
+    assert [(r.tool_call_id, r.outcome) for r in gov.audit.query()] == [
+        ("a", "failed"),
+        ("b", "failed"),
+    ]
+
+
+def test_a_refused_retry_of_an_unknown_hold_leaves_it_unknown(make_governor: MakeGov) -> None:
+    """Before: resuming reset an ``unknown`` hold to ``pending``, and the retry's refusal
+    left it pending, no longer flagged for reconciliation (the vendor had charged)."""
+    gov = make_governor()
+    with pytest.raises(TimeoutError):
+        with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k"):
+            raise TimeoutError  # the vendor may have charged
+    with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k") as retry:
+        assert retry.reservation.resumed
+        retry.fail(http_status=429, error="rate limited")
+    held = gov.ledger.get_hold(retry.hold_id)
+    assert held.state is HoldState.UNKNOWN and held.holders == 0
+    assert gov.budgets()[0].committed == usd("10.00")
+    with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k") as again:
+        again.settle(usd("10.00"))  # the vendor replays the charge: reconciled by the retry
+    assert gov.ledger.get_hold(retry.hold_id).state is HoldState.SETTLED
+    assert outcomes(gov)[-1] == "allowed"
+
+
+def test_a_cancelled_resume_gives_up_its_share(make_governor: MakeGov) -> None:
+    """An aguard whose reserve resumed a hold and was then cancelled never ran its call:
+    it stops holding the hold, so the other attempt's "nothing moved" frees it."""
+    import asyncio
+
+    gov = make_governor()
+    first = gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k")
+    call_1 = first.__enter__()
+
+    async def cancelled_resume() -> None:
+        task = asyncio.ensure_future(
+            gov.aguard(**REFUND, estimate=usd("10.00"), idempotency_key="k").__aenter__()
+        )
+        await asyncio.sleep(0)  # let the reserve start in its worker thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_resume())
+    call_1.fail(http_status=402, error="declined")
+    first.__exit__(None, None, None)
+    held = gov.ledger.get_hold(call_1.hold_id)
+    assert held.state is HoldState.RELEASED, held
+    assert gov.audit.verify().ok

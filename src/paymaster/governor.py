@@ -120,12 +120,15 @@ class GovernedCall:
         policy: EffectivePolicy,
         *,
         free: bool = False,
+        tool_call_id: str | None = None,
     ) -> None:
         self._ledger = ledger
         self.reservation = reservation
         self.policy = policy
         #: Declared to move no money: a failure releases it, whatever the exception.
         self.free = free
+        #: This attempt's tool call (its own, even when it resumed another's hold).
+        self.tool_call_id = tool_call_id
         self.hold: Hold = reservation.hold
         self._started = time.monotonic()
         # Set once settle/fail/unknown is attempted: after that, a failure to record the
@@ -202,6 +205,7 @@ class GovernedCall:
                 vendor_request_id=vendor_request_id,
                 duration_ms=self._elapsed_ms(),
                 per_call_cap=self.policy.per_call_cap,
+                tool_call_id=self.tool_call_id,
             )
         )
 
@@ -222,6 +226,7 @@ class GovernedCall:
                 vendor_request_id=vendor_request_id,
                 error=error,
                 duration_ms=self._elapsed_ms(),
+                tool_call_id=self.tool_call_id,
             )
         )
 
@@ -229,7 +234,10 @@ class GovernedCall:
         """Whether money moved is unknown: keep the hold counted for reconciliation."""
         return self._record(
             lambda: self._ledger.mark_unknown(
-                self.hold.id, error=error, duration_ms=self._elapsed_ms()
+                self.hold.id,
+                error=error,
+                duration_ms=self._elapsed_ms(),
+                tool_call_id=self.tool_call_id,
             )
         )
 
@@ -241,6 +249,7 @@ class GovernedCall:
                 outcome=Outcome.ERRORED,
                 error=error,
                 duration_ms=self._elapsed_ms(),
+                tool_call_id=self.tool_call_id,
             ),
             attempted=False,
         )
@@ -587,7 +596,11 @@ class Governor:
                 free=free,
             )
             call = GovernedCall(
-                self.ledger, self.ledger.reserve(request), request.policy, free=request.free
+                self.ledger,
+                self.ledger.reserve(request),
+                request.policy,
+                free=request.free,
+                tool_call_id=request.tool_call_id,
             )
             span.started(call)
             try:
@@ -912,8 +925,8 @@ class _ReserveJob:
     def _release(self) -> None:
         reservation = self._reservation
         try:
-            if reservation is not None and not reservation.resumed:  # a hold found by
-                # its key belongs to another attempt, which may have paid
+            if reservation is not None:  # the call never ran: give up this attempt's
+                # share (a hold other attempts still hold stays counted for them)
                 self._governor.ledger.release(
                     reservation.hold.id,
                     outcome=Outcome.ERRORED,
@@ -966,6 +979,7 @@ class AsyncGuard:
             raise asyncio.CancelledError
         self._call = AsyncGovernedCall(gov.ledger, reservation, request.policy, gov)
         self._call.free = request.free
+        self._call.tool_call_id = request.tool_call_id
         return self._call
 
     async def __aexit__(

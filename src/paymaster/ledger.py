@@ -123,7 +123,9 @@ class Hold:
     resolution: str | None
     tool_call_id: str | None = None
     attempts: int = 1
-    """Attempts holding this hold: its first, plus each retry that resumed it by its key."""
+    """Attempts that held this hold: its first, plus each retry that resumed it by its key."""
+    holders: int = 1
+    """Of those, the attempts that have not ended yet."""
     overrun: Money | None = None
     """What its settle spent above the estimate (its budgets froze until acknowledged)."""
     overrun_acknowledged_at: datetime | None = None
@@ -161,6 +163,7 @@ class Hold:
             resolution=m["resolution"],
             tool_call_id=m.get("tool_call_id"),
             attempts=int(m.get("attempts") or 1),
+            holders=int(m.get("holders") or 0),
             overrun=None if overrun is None else Money(int(overrun), currency),
             overrun_acknowledged_at=m.get("overrun_acknowledged_at"),
             overrun_acknowledged_by=m.get("overrun_acknowledged_by"),
@@ -320,8 +323,8 @@ def _budget_ref(key: tuple[str, ...], budget_id: int, run: str | None) -> Budget
 
 
 _ATTEMPTS = 5
-#: ``p_max_attempts`` for resolutions that any number of holders may make.
-_ANY_ATTEMPTS = 2**31 - 1
+#: ``p_max_holders`` for resolutions that any number of holders may make.
+_ANY_HOLDERS = 2**31 - 1
 log = logging.getLogger("paymaster")
 _MAX_CACHED_BUDGETS = 10_000
 CALL_NOT_MADE = "so the call was not made"
@@ -513,6 +516,7 @@ class Ledger:
             "tool_call_id": req.tool_call_id,
             "vendor_key": req.idempotency_key,
             "attempts": 1,
+            "holders": 1,
             "overrun": None,
             "overrun_acknowledged_at": None,
             "overrun_acknowledged_by": None,
@@ -973,6 +977,7 @@ class Ledger:
         duration_ms: int | None = None,
         error: str | None = None,
         per_call_cap: Money | None = None,
+        tool_call_id: str | None = None,
     ) -> Hold:
         """The call succeeded and cost ``actual``. Above the estimate it is an overrun:
         recorded as it is, and the hold's budgets are frozen until acknowledged
@@ -988,6 +993,7 @@ class Ledger:
                 vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms,
                 error=error,
+                tool_call_id=tool_call_id,
             ),
             per_call_cap=per_call_cap,
         )
@@ -1001,6 +1007,7 @@ class Ledger:
         vendor_request_id: str | None = None,
         duration_ms: int | None = None,
         error: str | None = None,
+        tool_call_id: str | None = None,
     ) -> Hold:
         """This attempt failed and moved no money: free the estimate, unless another
         attempt holds the hold too (then it stays counted; this attempt's row is written)."""
@@ -1014,16 +1021,29 @@ class Ledger:
                 vendor_request_id=vendor_request_id,
                 duration_ms=duration_ms,
                 error=error,
+                tool_call_id=tool_call_id,
             ),
         )
 
-    def mark_unknown(self, hold_id: str, *, error: str, duration_ms: int | None = None) -> Hold:
-        """Whether money moved is unknown: keep the hold counted, flag it for reconciliation."""
+    def mark_unknown(
+        self,
+        hold_id: str,
+        *,
+        error: str,
+        duration_ms: int | None = None,
+        tool_call_id: str | None = None,
+    ) -> Hold:
+        """Whether money moved is unknown: keep the hold counted, flag it for reconciliation.
+
+        ``tool_call_id`` (for each resolver) names the attempt on its audit row; ``None``:
+        the hold's, as its first attempt gave it."""
         return self._resolve(
             hold_id,
             HoldState.UNKNOWN,
             None,
-            _template(Outcome.UNKNOWN, duration_ms=duration_ms, error=error),
+            _template(
+                Outcome.UNKNOWN, duration_ms=duration_ms, error=error, tool_call_id=tool_call_id
+            ),
         )
 
     def resolve_hold(
@@ -1113,7 +1133,7 @@ class Ledger:
                 policy_id=resolved.policy_id,
                 policy_hash=resolved.policy_hash,
                 hold_id=hold_id,
-                tool_call_id=resolved.tool_call_id,
+                tool_call_id=template.tool_call_id or resolved.tool_call_id,
                 error=_joined(template.error, step.note, _overrun_note(step, per_call_cap)),
                 outcome=Outcome.OVERRUN if step.freeze else step.outcome or template.outcome,
             )
@@ -1164,8 +1184,9 @@ class Ledger:
         else:
             sources = (HoldState.PENDING,)
         # A release is an attempt saying "nothing I did moved money": it frees the hold
-        # only if no other attempt holds it. An operator decides for all of them.
-        max_attempts = 1 if state is HoldState.RELEASED and not operator else _ANY_ATTEMPTS
+        # only if no other attempt still holds it (those that ended before it said the
+        # same, or the hold would be settled or unknown). An operator decides for all.
+        max_holders = 1 if state is HoldState.RELEASED and not operator else _ANY_HOLDERS
         for previous in sources:
             row = conn.execute(
                 S.RESOLVE_HOLD,
@@ -1177,7 +1198,8 @@ class Ledger:
                     "p_at": now,
                     "p_by": by,
                     "p_reason": reason,
-                    "p_max_attempts": max_attempts,
+                    "p_max_holders": max_holders,
+                    "p_done": 0 if operator else 1,
                 },
             ).first()
             if row is None:
@@ -1188,7 +1210,7 @@ class Ledger:
                 amount - estimate if settle else (-estimate if state is HoldState.RELEASED else 0)
             )
             step = _Step(resolved, delta, counted=amount if settle else 0)
-            if previous is HoldState.UNKNOWN:
+            if previous is HoldState.UNKNOWN and operator:
                 step.outcome = Outcome.RECONCILED
             if resolved.overrun is not None:
                 if operator:  # the operator saw the amount: recorded, acknowledged
@@ -1205,7 +1227,8 @@ class Ledger:
                 f"hold {hold_id} is already {found.state} (at {found.resolved_at}); "
                 "a hold resolves exactly once"
             )
-        return self._late(conn, found, state, amount, now)
+        dropped = conn.execute(S.DROP_HOLDER, {"p_id": hold_id, "p_done": 1}).one()
+        return self._late(conn, Hold.from_row(dropped), state, amount, now)
 
     def _late(
         self, conn: Connection, found: Hold, state: HoldState, amount: int, now: datetime
@@ -1217,8 +1240,8 @@ class Ledger:
         if state is HoldState.RELEASED:
             if found.state is HoldState.PENDING:  # shared: another attempt may pay
                 note = (
-                    f"this attempt moved no money, but {found.attempts} attempts hold this "
-                    "hold: it stays counted until one of them settles it or it is resolved"
+                    f"this attempt moved no money, but {found.holders} other attempt(s) "
+                    "still hold this hold: it stays counted until they end"
                 )
             else:
                 note = f"the hold was already {found.state} by another attempt"

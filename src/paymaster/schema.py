@@ -121,6 +121,9 @@ hold = Table(
     # Attempts that hold this hold (its first, plus each retry that resumed it by its
     # key): a hold held by more than one is never released by one of them.
     Column("attempts", Integer, nullable=False, default=1, server_default="1"),
+    # Of those, the attempts that have not ended yet: a release frees the hold only when
+    # the last of them ends with "nothing moved" (none settled it or marked it unknown).
+    Column("holders", Integer, nullable=False, default=1, server_default="1"),
     # Settled above its estimate: by how much, and who acknowledged it (unfreezing).
     Column("overrun", BigInteger, nullable=True),
     Column("overrun_acknowledged_at", UTCDateTime, nullable=True),

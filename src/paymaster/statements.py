@@ -39,6 +39,7 @@ __all__ = [
     "CHAIN_NEXT",
     "CHAIN_SET_HEAD",
     "DENIAL_AT",
+    "DROP_HOLDER",
     "HOLD_BY_ID",
     "HOLD_BY_ID_LOCKED",
     "HOLD_BY_KEY",
@@ -114,17 +115,23 @@ REARM_HOLD: Update = (
 
 _ACTUAL = bindparam("p_actual", type_=BigInteger)
 
-#: An attempt (or an operator) resolves a hold from ``p_from``. A hold held by more than
-#: ``p_max_attempts`` attempts is left alone (a release passes 1: a shared hold is never
-#: released by one of its attempts). ``overrun`` is what a settle spent above the estimate.
+_DONE = bindparam("p_done", type_=Integer)
+#: One attempt fewer holds the hold (``p_done`` is 1 for an attempt, 0 for an operator).
+_HOLDERS_LEFT = case((hold.c.holders > _DONE, hold.c.holders - _DONE), else_=0)
+
+#: An attempt (or an operator) resolves a hold from ``p_from``. A hold still held by more
+#: than ``p_max_holders`` attempts is left alone (a release passes 1: a hold another
+#: attempt still holds is never released by one of them). ``overrun`` is what a settle
+#: spent above the estimate.
 RESOLVE_HOLD: Update = (
     update(hold)
     .where(
         hold.c.id == bindparam("p_id"),
         hold.c.state == bindparam("p_from"),
-        hold.c.attempts <= bindparam("p_max_attempts"),
+        hold.c.holders <= bindparam("p_max_holders"),
     )
     .values(
+        holders=_HOLDERS_LEFT,
         state=bindparam("p_state"),
         actual=_ACTUAL,
         resolved_at=bindparam("p_at"),
@@ -155,17 +162,20 @@ SET_HOLD_RESOLUTION: Update = (
 )
 
 #: Another attempt presents the hold's key while it is still counted: one more holder.
+#: An ``unknown`` hold stays unknown (the earlier attempt may have paid).
 RESUME_HOLD: Update = (
     update(hold)
     .where(hold.c.id == bindparam("p_id"), hold.c.state.in_(["pending", "unknown"]))
-    .values(
-        attempts=hold.c.attempts + 1,
-        state="pending",
-        actual=None,
-        resolved_at=None,
-        resolved_by=None,
-        resolution=None,
-    )
+    .values(attempts=hold.c.attempts + 1, holders=hold.c.holders + 1)
+    .returning(*hold.c)
+)
+
+#: An attempt ends without changing the hold's state (another attempt or an operator
+#: decided it, or others still hold it): it no longer holds it.
+DROP_HOLDER: Update = (
+    update(hold)
+    .where(hold.c.id == bindparam("p_id"))
+    .values(holders=_HOLDERS_LEFT)
     .returning(*hold.c)
 )
 

@@ -28,6 +28,10 @@ def upgrade() -> None:
         "paymaster_hold",
         sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
     )
+    op.add_column(
+        "paymaster_hold",
+        sa.Column("holders", sa.Integer, nullable=False, server_default="1"),
+    )
     op.add_column("paymaster_hold", sa.Column("overrun", sa.BigInteger, nullable=True))
     op.add_column(
         "paymaster_hold",
@@ -48,6 +52,7 @@ def downgrade() -> None:
             "overrun_acknowledged_by",
             "overrun_acknowledged_at",
             "overrun",
+            "holders",
             "attempts",
             "vendor_key",
         ):
