@@ -5,8 +5,10 @@ call localstripe."""
 from __future__ import annotations
 
 import asyncio
+import json
 import operator
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import pytest
@@ -31,6 +33,7 @@ from paymaster import (
     ToolSpec,
     ViolationCode,
 )
+from paymaster.errors import SpecError
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_langchain import PaymasterMiddleware, govern_tools
 from paymaster_langchain.testing import ScriptedChatModel
@@ -53,8 +56,6 @@ def policy(**overrides: Any) -> Policy:
     }  # fmt: skip
     fields.update(overrides)
     return Policy.model_validate(fields)
-
-
 
 
 def script(*turns: list[tuple[str, dict[str, Any]]]) -> ScriptedChatModel:
@@ -361,25 +362,6 @@ def test_a_timeout_the_tool_turns_into_a_message_keeps_its_hold_counted(
     assert hold.state is HoldState.UNKNOWN  # it may have paid
 
 
-def test_an_unreadable_actual_keeps_the_hold_counted(
-    make_governor: Callable[..., Governor],
-) -> None:
-    gov = make_governor(policy())
-
-    @tool
-    def pays(amount: int) -> str:
-        """Pays and answers in prose."""
-        return "done"
-
-    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
-                    estimate=lambda a: Money(a["amount"], "USD"),
-                    actual=lambda output: output["amount"])  # fmt: skip
-    (tool_,) = govern_tools([pays], gov, specs={"pays": spec}, agent="refund-agent")
-    assert tool_.invoke({"amount": 900}) == "done"
-    (hold,) = gov.holds()
-    assert (hold.state, hold.estimate) == (HoldState.UNKNOWN, Money(900, "USD"))
-
-
 def test_the_spec_sees_the_arguments_as_the_tool_does(
     make_governor: Callable[..., Governor],
 ) -> None:
@@ -434,3 +416,337 @@ def test_the_middleware_passes_a_made_up_tool_to_the_agent(
     (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
     assert "not a valid tool" in str(message.content)
     assert gov.audit.query() == []
+
+
+# -- issue 13: a broken spec ends the run; siblings are settled, not abandoned ---------------------
+def refund_tool(kind: str, body: Callable[[int], Any] | None = None) -> BaseTool:
+    """A refund tool, sync or async, whose body is ``body`` (default: pays ``amount``)."""
+    pay = body or (lambda amount: {"amount": amount})
+    if kind == "sync":
+
+        def refund(amount: int) -> Any:
+            """Refund an amount in cents (a sync tool)."""
+            return pay(amount)
+
+        return tool(refund)
+
+    async def arefund(amount: int) -> Any:
+        """Refund an amount in cents (an async tool)."""
+        result = pay(amount)
+        return await result if asyncio.iscoroutine(result) else result
+
+    return tool("refund", arefund)  # type: ignore[call-overload, no-any-return]
+
+
+def run_agent(agent: Any, kind: str, run: str) -> dict[str, Any]:
+    request = {"messages": [("user", "refund")]}
+    if kind == "sync":
+        return agent.invoke(request, config=config(run))  # type: ignore[no-any-return]
+    return asyncio.run(agent.ainvoke(request, config=config(run)))  # type: ignore[no-any-return]
+
+
+def refund_spec(**fields: Any) -> ToolSpec:
+    fields.setdefault("estimate", lambda a: Money(a["amount"], "USD"))
+    return ToolSpec(vendor="stripe", endpoint="/v1/refunds", **fields)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_spec_that_raises_ends_the_run_with_a_spec_error(
+    make_governor: Callable[..., Governor], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gov = make_governor(policy())
+    paid: list[int] = []
+    spec = refund_spec(estimate=lambda a: Money(a["amount"], a["currency"]))  # a bug
+    tools = govern_tools([refund_tool(kind, paid.append)], gov, specs={"refund": spec})
+    agent = create_agent(script([("refund", {"amount": 700})]), tools=tools, name="refund-agent")
+    with pytest.raises(SpecError) as caught:
+        run_agent(agent, kind, "run-s")
+    assert (caught.value.tool, caught.value.hold_id) == ("refund", None)
+    assert paid == []  # the tool never ran
+    (row,) = gov.audit.query(run="run-s")
+    assert (row.outcome, row.hold_id, row.tool_call_id) == ("errored", None, "call_0_0")
+    assert "KeyError: 'currency'" in (row.error or "")
+    assert gov.holds() == [] and gov.budgets() == []  # nothing reserved
+    assert any(r.name == "paymaster" and "refund" in r.getMessage() for r in caplog.records)
+
+
+def test_a_spec_failing_on_arguments_the_tool_refuses_is_the_models_to_fix(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+    tools = govern_tools([refund_tool("sync")], gov, specs={"refund": refund_spec()})
+    agent = create_agent(script([("refund", {"amont": 700})]), tools=tools, name="refund-agent")
+    state = agent.invoke({"messages": [("user", "refund")]})
+    (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and "Invalid request" in str(message.content)
+    (row,) = gov.audit.query()
+    assert (row.outcome, row.violation_code) == ("denied", "invalid_request")
+
+
+def test_a_refusal_raised_by_the_spec_itself_stays_a_refusal(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+
+    def estimate(args: Mapping[str, Any]) -> Money:
+        if args["amount"] > 1000:
+            raise PolicyViolation(ViolationCode.PER_CALL_CAP, "refunds above $10 need a human")
+        return Money(args["amount"], "USD")
+
+    tools = govern_tools(
+        [refund_tool("sync")], gov, specs={"refund": refund_spec(estimate=estimate)}
+    )
+    agent = create_agent(script([("refund", {"amount": 2000})]), tools=tools, name="refund-agent")
+    with pytest.raises(PolicyViolation) as caught:
+        agent.invoke({"messages": [("user", "refund")]})
+    assert caught.value.code is ViolationCode.PER_CALL_CAP
+    (row,) = gov.audit.query()
+    assert (row.outcome, row.violation_code) == ("denied", "per_call_cap")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_actual_that_raises_after_the_tool_paid_keeps_the_hold_and_ends_the_run(
+    make_governor: Callable[..., Governor], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gov = make_governor(policy())
+    paid: list[int] = []
+
+    def pays_then_answers_in_prose(amount: int) -> str:
+        paid.append(amount)
+        return f"refunded {amount} cents"  # the spec expects {"amount": ...}
+
+    spec = refund_spec(actual=lambda output: output["amount"])
+    tools = govern_tools(
+        [refund_tool(kind, pays_then_answers_in_prose)], gov, specs={"refund": spec}
+    )
+    model = script([("refund", {"amount": 900})], [("refund", {"amount": 100})])
+    agent = create_agent(model, tools=tools, name="refund-agent")
+    with pytest.raises(SpecError) as caught:
+        run_agent(agent, kind, "run-a")
+    assert paid == [900]  # the run stopped there
+    (kept,) = gov.holds()
+    assert (kept.state, kept.estimate) == (HoldState.UNKNOWN, Money(900, "USD"))
+    assert (caught.value.tool, caught.value.hold_id) == ("refund", kept.id)
+    (row,) = gov.audit.query(run="run-a")
+    assert (row.outcome, row.hold_id) == ("unknown", kept.id)
+    (budget,) = gov.budgets()
+    assert budget.committed == Money(900, "USD")  # counted until reconciled
+    assert any(kept.id in r.getMessage() for r in caplog.records if r.name == "paymaster")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_actual_sees_a_json_string_result_decoded_as_the_readme_says(
+    make_governor: Callable[..., Governor], kind: str
+) -> None:
+    gov = make_governor(policy())
+    spec = refund_spec(actual=lambda output: output["amount"])
+    body = refund_tool(kind, lambda amount: json.dumps({"amount": amount - 1}))
+    tools = govern_tools([body], gov, specs={"refund": spec})
+    agent = create_agent(script([("refund", {"amount": 900})]), tools=tools, name="refund-agent")
+    run_agent(agent, kind, "run-j")
+    (row,) = gov.audit.query(run="run-j")
+    assert (row.outcome, row.actual) == ("allowed", 899)
+    assert gov.holds() == []
+
+
+def test_a_pair_returned_by_a_content_tool_is_its_content_not_an_artifact(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+    spec = refund_spec(actual=lambda output: output[1]["amount"])
+    body = refund_tool("sync", lambda amount: ("ok", {"amount": amount}))
+    (governed,) = govern_tools([body], gov, specs={"refund": spec}, agent="refund-agent")
+    governed.invoke({"amount": 300})
+    (row,) = gov.audit.query()
+    assert (row.outcome, row.actual) == ("allowed", 300)
+
+
+IN_CALL = threading.Barrier(3, timeout=30)  # the two refunds and the failing lookup
+
+
+@tool
+async def lookup(ref: str) -> str:
+    """Look a refund up; fails once both refunds are mid-call (a bug of its own)."""
+    await asyncio.to_thread(IN_CALL.wait)
+    raise RuntimeError("the lookup service is down")
+
+
+def slow_refunds(gov: Governor, body: Callable[[int], Any], kind: str) -> list[BaseTool]:
+    """``refund`` (governed, slow) and ``lookup`` (free), which fails once both refunds are
+    mid-call: LangGraph then cancels the refunds' tasks."""
+    spec = refund_spec(actual=lambda output: output["amount"])
+    return govern_tools([refund_tool(kind, body), lookup], gov,
+                        specs={"refund": spec, "lookup": FREE})
+
+
+REFUNDS_AND_A_FAILING_LOOKUP = [
+    ("refund", {"amount": 4000}),
+    ("refund", {"amount": 3000}),
+    ("lookup", {"ref": "r1"}),
+]
+
+
+def assert_both_settled(gov: Governor, run: str) -> None:
+    gov.close()  # waits for calls still in the governor's workers
+    url = gov.engine.url.render_as_string(hide_password=False)
+    with Governor(url, policies=gov.policies) as fresh:
+        rows = [r for r in fresh.audit.query(run=run) if r.endpoint == "/v1/refunds"]
+        assert sorted((r.outcome, r.actual) for r in rows) == [
+            ("allowed", 3000),
+            ("allowed", 4000),
+        ]
+        assert fresh.holds() == []  # none left unknown for an operator to resolve
+        (budget,) = [b for b in fresh.budgets(day=gov.ledger.now().date()) if b.kind == "daily"]
+        assert budget.committed == budget.settled == Money(7000, "USD")
+
+
+def test_sync_siblings_langgraph_stops_waiting_for_are_settled_from_their_result(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+    IN_CALL.reset()
+    release = threading.Event()
+
+    def slow_refund(amount: int) -> dict[str, Any]:
+        IN_CALL.wait()
+        assert release.wait(timeout=30)  # the vendor answers after LangGraph gave up
+        return {"amount": amount}
+
+    tools = slow_refunds(gov, slow_refund, "sync")
+    agent = create_agent(script(REFUNDS_AND_A_FAILING_LOOKUP), tools=tools, name="refund-agent")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="lookup service is down"):
+            await agent.ainvoke({"messages": [("user", "go")]}, config=config("run-7"))
+        release.set()
+
+    asyncio.run(main())
+    assert_both_settled(gov, "run-7")
+
+
+def test_async_siblings_langgraph_stops_waiting_for_are_settled_from_their_result(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+    IN_CALL.reset()
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow_refund(amount: int) -> dict[str, Any]:
+            await asyncio.to_thread(IN_CALL.wait)
+            await release.wait()  # the vendor answers after LangGraph gave up
+            return {"amount": amount}
+
+        tools = slow_refunds(gov, slow_refund, "async")
+        model = script(REFUNDS_AND_A_FAILING_LOOKUP)
+        agent = create_agent(model, tools=tools, name="refund-agent")
+        with pytest.raises(RuntimeError, match="lookup service is down"):
+            await agent.ainvoke({"messages": [("user", "go")]}, config=config("run-7a"))
+        # A long-lived loop (a server, say) goes on: the vendor answers the two calls
+        # LangGraph cancelled, and they settle themselves.
+        release.set()
+        await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))
+
+    asyncio.run(main())
+    assert_both_settled(gov, "run-7a")
+
+
+def test_an_async_body_still_running_when_the_loop_shuts_down_is_kept_unknown(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+    IN_CALL.reset()
+
+    async def never_answered(amount: int) -> dict[str, Any]:
+        await asyncio.to_thread(IN_CALL.wait)
+        await asyncio.Event().wait()  # the vendor never answers
+        return {"amount": amount}
+
+    tools = slow_refunds(gov, never_answered, "async")
+    agent = create_agent(script(REFUNDS_AND_A_FAILING_LOOKUP), tools=tools, name="refund-agent")
+    with pytest.raises(RuntimeError, match="lookup service is down"):
+        # The run fails with both refunds waiting on the vendor; asyncio.run's shutdown
+        # then cancels their bodies: whether they paid is truly unknown.
+        asyncio.run(agent.ainvoke({"messages": [("user", "go")]}, config=config("run-u")))
+    assert sorted((h.state, h.estimate.amount) for h in gov.holds()) == [
+        (HoldState.UNKNOWN, 3000),
+        (HoldState.UNKNOWN, 4000),
+    ]
+    assert_every_hold_accounted_for(gov)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_parallel_calls_past_the_cap_settle_the_ones_that_fit(
+    make_governor: Callable[..., Governor], kind: str
+) -> None:
+    gov = make_governor(policy())
+    spec = refund_spec(actual=lambda output: output["amount"])
+    tools = govern_tools([refund_tool(kind)], gov, specs={"refund": spec})
+    model = script([("refund", {"amount": 4000})] * 3)  # the cap ($100) fits two
+    agent = create_agent(model, tools=tools, name="refund-agent")
+    with pytest.raises(PolicyViolation) as caught:
+        run_agent(agent, kind, "run-3")
+    assert caught.value.code is ViolationCode.CAP_EXCEEDED
+    assert sorted((r.outcome, r.actual) for r in gov.audit.query(run="run-3")) == [
+        ("allowed", 4000),
+        ("allowed", 4000),
+        ("denied", 0),
+    ]
+    assert gov.holds() == []
+
+
+def test_governing_your_own_tools_does_not_import_stripe(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from langchain_core.tools import tool
+from paymaster import FREE, Governor
+from paymaster_langchain import govern_tools
+
+@tool
+def look(x: int) -> int:
+    "Look."
+    return x
+
+govern_tools([look], Governor(sys.argv[1], policies=[]), specs={"look": FREE})
+assert "stripe" not in sys.modules, "stripe was imported"
+import paymaster_langchain
+assert paymaster_langchain.PaymasterStripeToolkit.__name__ == "PaymasterStripeToolkit"
+"""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    subprocess.run([sys.executable, "-c", code, url], check=True)
+
+
+class UpstreamError(Exception):
+    """A vendor SDK's error answer, shaped like Stripe's (``http_status``)."""
+
+    def __init__(self, http_status: int) -> None:
+        super().__init__(f"HTTP {http_status} from the vendor")
+        self.http_status = http_status
+
+
+@pytest.mark.parametrize(
+    ("status", "state"), [(502, HoldState.UNKNOWN), (402, HoldState.RELEASED)]
+)
+def test_a_vendor_error_answer_keeps_the_hold_unless_it_is_a_refusal(
+    make_governor: Callable[..., Governor], status: int, state: HoldState
+) -> None:
+    from langchain_core.tools import StructuredTool
+
+    gov = make_governor(policy())
+
+    def refund(amount: int) -> str:
+        """Refund; the vendor answers with an error."""
+        raise ToolException("the vendor answered with an error") from UpstreamError(status)
+
+    handled = StructuredTool.from_function(refund, handle_tool_error=True)
+    (governed,) = govern_tools([handled], gov, specs={"refund": refund_spec()},
+                               agent="refund-agent")
+    output = governed.invoke({"type": "tool_call", "id": "c1", "name": "refund",
+                              "args": {"amount": 900}})
+    assert output.status == "error"  # the tool's own handling, as before
+    (hold,) = gov.ledger.holds(states=[state])
+    assert hold.estimate == Money(900, "USD")

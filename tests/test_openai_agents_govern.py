@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+import threading
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
 
 pytest.importorskip("agents")
 
-from agents import Agent, FunctionTool, Runner, function_tool, set_tracing_disabled
+from agents import Agent, FunctionTool, RunHooks, Runner, function_tool, set_tracing_disabled
 from agents.exceptions import UserError
 from agents.testing import ScriptedModel, assistant_message, function_call
 
@@ -26,6 +28,7 @@ from paymaster import (
     ToolSpec,
     ViolationCode,
 )
+from paymaster.errors import SpecError
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_openai_agents import (
     govern_tools,
@@ -273,7 +276,14 @@ def test_parallel_calls_one_denied_leave_no_hold_pending(
     with pytest.raises(PolicyViolation):
         Runner.run_sync(agent, "refund both", context={"run_id": "run-p"})
     assert refunds_of(localstripe, big) == []
-    assert_every_hold_accounted_for(gov)
+    gov.close()  # waits for calls still in the governor's workers
+    url = gov.engine.url.render_as_string(hide_password=False)
+    fresh = Governor(url, policies=gov.policies, clock=gov.ledger.now)
+    if fresh.budgets(day=gov.ledger.now().date()):
+        assert_every_hold_accounted_for(fresh)
+    else:  # the SDK cancelled the small refund before it started: nothing was reserved
+        assert [r.outcome for r in fresh.audit.query()] == ["denied"]
+        fresh.close()
 
 
 # -- runs, run policies, free tools ------------------------------------------------------------
@@ -357,11 +367,12 @@ def test_the_decorator_makes_a_governed_tool_in_one_step(
     assert [h.state for h in gov.ledger.holds(states=[HoldState.SETTLED])] == [HoldState.SETTLED]
 
 
-def test_a_sibling_cancelled_mid_call_is_kept_counted_as_unknown(
-    make_governor: Callable[..., Governor],
+@pytest.mark.parametrize("mode", ["run_sync", "asyncio.run"])
+def test_a_sibling_still_running_when_the_run_ends_is_kept_counted_as_unknown(
+    make_governor: Callable[..., Governor], mode: str
 ) -> None:
     gov = make_governor(policy())
-    sibling_in_call = asyncio.Event()
+    sibling_in_call = asyncio.Event()  # binds to the loop of the run that first waits
 
     @function_tool
     async def refused_inside(amount: int) -> str:
@@ -376,25 +387,36 @@ def test_a_sibling_cancelled_mid_call_is_kept_counted_as_unknown(
         await asyncio.Event().wait()
         return "unreachable"
 
-    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
-                    estimate=lambda a: Money(a["amount"], "USD"))  # fmt: skip
-    tools = govern_tools([refused_inside, slow_refund], gov,
-                         specs={"refused_inside": spec, "slow_refund": spec})  # fmt: skip
+    spec = ToolSpec(
+        vendor="stripe", endpoint="/v1/refunds", estimate=lambda a: Money(a["amount"], "USD")
+    )
+    tools = govern_tools(
+        [refused_inside, slow_refund], gov, specs={"refused_inside": spec, "slow_refund": spec}
+    )
     model = script([("refused_inside", {"amount": 100}), ("slow_refund", {"amount": 700})])
+    agent = Agent(name="refund-agent", tools=tools, model=model)
     with pytest.raises(PolicyViolation, match="own governed call"):
-        Runner.run_sync(Agent(name="refund-agent", tools=tools, model=model), "go",
-                        context={"run_id": "run-c"})  # fmt: skip
-    rows = {r.tool_call_id: r for r in gov.audit.query(run="run-c")}
-    assert rows["call_0_0"].outcome == "errored"  # released: refused before it paid
-    assert rows["call_0_1"].outcome == "unknown"  # may have paid: kept counted
-    (kept,) = gov.holds()
-    assert (kept.state, kept.estimate) == (HoldState.UNKNOWN, Money(700, "USD"))
-    (budget,) = gov.budgets()
-    assert budget.committed == Money(700, "USD")
+        # The run ends with slow_refund still waiting on the vendor, and its event loop
+        # stops (asyncio.run shuts it down; run_sync leaves it idle): its body is
+        # cancelled, and whether it paid is truly unknown.
+        if mode == "run_sync":
+            Runner.run_sync(agent, "go", context={"run_id": "run-c"})
+        else:
+            asyncio.run(Runner.run(agent, "go", context={"run_id": "run-c"}))
+    gov.close()  # waits for the record made in a governor worker
+    url = gov.engine.url.render_as_string(hide_password=False)
+    with Governor(url, policies=gov.policies, clock=gov.ledger.now) as fresh:
+        rows = {r.tool_call_id: r for r in fresh.audit.query(run="run-c")}
+        assert rows["call_0_0"].outcome == "failed"  # released: refused before it paid
+        assert rows["call_0_1"].outcome == "unknown"  # may have paid: kept counted
+        (kept,) = fresh.holds()
+        assert (kept.state, kept.estimate) == (HoldState.UNKNOWN, Money(700, "USD"))
+        (budget,) = fresh.budgets(day=gov.ledger.now().date())
+        assert budget.committed == Money(700, "USD")
 
 
 # -- outcomes and mechanisms pinned by review ----------------------------------------------------
-def test_a_tool_that_paid_but_cannot_be_read_keeps_its_hold_counted(
+def test_a_tool_whose_output_the_sdk_refuses_keeps_its_hold_counted(
     make_governor: Callable[..., Governor],
 ) -> None:
     from pydantic import BaseModel
@@ -404,11 +426,6 @@ def test_a_tool_that_paid_but_cannot_be_read_keeps_its_hold_counted(
     class Refund(BaseModel):
         amount: int
 
-    @function_tool
-    async def pays_in_prose(amount: int) -> str:
-        """Pays, then answers in prose (the spec expects a dict)."""
-        return "refunded"
-
     @function_tool(output_type=Refund)  # type: ignore[call-overload]
     async def pays_wrong_shape(amount: int) -> dict:
         """Pays, then returns something its declared output type refuses."""
@@ -417,13 +434,10 @@ def test_a_tool_that_paid_but_cannot_be_read_keeps_its_hold_counted(
     spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
                     estimate=lambda a: Money(a["amount"], "USD"),
                     actual=lambda result: result["amount"])  # fmt: skip
-    tools = govern_tools([pays_in_prose, pays_wrong_shape], gov,
-                         specs={"pays_in_prose": spec, "pays_wrong_shape": spec})  # fmt: skip
-    model = script([("pays_in_prose", {"amount": 300})], [("pays_wrong_shape", {"amount": 400})])
+    tools = govern_tools([pays_wrong_shape], gov, specs={"pays_wrong_shape": spec})
+    model = script([("pays_wrong_shape", {"amount": 400})])
     Runner.run_sync(Agent(name="refund-agent", tools=tools, model=model), "go")
-    assert sorted((h.state, h.estimate.amount) for h in gov.holds()) == [
-        (HoldState.UNKNOWN, 300), (HoldState.UNKNOWN, 400),
-    ]  # fmt: skip
+    assert [(h.state, h.estimate.amount) for h in gov.holds()] == [(HoldState.UNKNOWN, 400)]
 
 
 def test_a_callable_needs_approval_still_sees_the_prepared_arguments(
@@ -461,3 +475,291 @@ def test_a_refusal_caught_by_the_caller_can_be_pickled(
     copy = pickle.loads(pickle.dumps(caught.value))
     assert type(copy) is PolicyViolation
     assert (copy.code, copy.message) == (caught.value.code, caught.value.message)
+
+
+# -- issue 13: a broken spec ends the run; parallel siblings are settled, not abandoned ------------
+def refund_tool(kind: str, body: Callable[[int], dict[str, Any]] | None = None) -> FunctionTool:
+    """A refund tool, sync or async, whose body is ``body`` (default: pays ``amount``)."""
+    pay = body or (lambda amount: {"amount": amount})
+
+    if kind == "sync":
+
+        def refund(amount: int) -> dict[str, Any]:
+            """Refund an amount in cents (a sync tool)."""
+            return pay(amount)
+
+    else:
+
+        async def refund(amount: int) -> dict[str, Any]:  # type: ignore[misc]
+            """Refund an amount in cents (an async tool)."""
+            return pay(amount)
+
+    return function_tool(refund)
+
+
+#: Reserves the amount asked, settles the amount the tool says it refunded.
+READ_REFUND_SPEC = ToolSpec(
+    vendor="stripe",
+    endpoint="/v1/refunds",
+    estimate=lambda a: Money(a["amount"], "USD"),
+    actual=lambda result: result["amount"],
+)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_spec_that_raises_ends_the_run_with_a_spec_error(
+    make_governor: Callable[..., Governor], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gov = make_governor(policy())
+    paid: list[int] = []
+    tool = refund_tool(kind, lambda amount: paid.append(amount) or {"amount": amount})
+    spec = ToolSpec(
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=lambda a: Money(a["amount"], a["currency"]),  # a bug: no currency
+    )
+    (governed,) = govern_tools([tool], gov, specs={"refund": spec})
+    model = script([("refund", {"amount": 700})])
+    agent = Agent(name="refund-agent", tools=[governed], model=model)
+    with pytest.raises(SpecError) as caught:
+        Runner.run_sync(agent, "go", context={"run_id": "run-s"})
+    assert (caught.value.tool, caught.value.hold_id) == ("refund", None)
+    assert "KeyError" in str(caught.value)
+    assert paid == []  # the tool never ran
+    (row,) = gov.audit.query(run="run-s")
+    assert (row.outcome, row.hold_id, row.tool_call_id) == ("errored", None, "call_0_0")
+    assert "KeyError: 'currency'" in (row.error or "")
+    assert gov.holds() == [] and gov.budgets() == []  # nothing reserved
+    assert any(r.name == "paymaster" and "refund" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refusal_raised_by_the_spec_itself_stays_a_refusal(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+
+    def estimate(args: Mapping[str, Any]) -> Money:
+        if args["amount"] > 1000:
+            raise PolicyViolation(ViolationCode.PER_CALL_CAP, "refunds above $10 need a human")
+        return Money(args["amount"], "USD")
+
+    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds", estimate=estimate)
+    (governed,) = govern_tools([refund_tool("async")], gov, specs={"refund": spec})
+    model = script([("refund", {"amount": 2000})])
+    with pytest.raises(PolicyViolation) as caught:
+        Runner.run_sync(Agent(name="refund-agent", tools=[governed], model=model), "go")
+    assert caught.value.code is ViolationCode.PER_CALL_CAP
+    (row,) = gov.audit.query()
+    assert (row.outcome, row.violation_code) == ("denied", "per_call_cap")
+
+
+def test_arguments_that_are_not_json_are_still_the_models_to_fix(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+    spec = ToolSpec(
+        vendor="stripe", endpoint="/v1/refunds", estimate=lambda a: Money(a["amount"], "USD")
+    )
+    (governed,) = govern_tools([refund_tool("sync")], gov, specs={"refund": spec})
+    not_json = function_call("refund", '{"amount": 7', call_id="c1")
+    model = ScriptedModel([[not_json], [assistant_message("done")]])
+    result = Runner.run_sync(Agent(name="refund-agent", tools=[governed], model=model), "go")
+    assert result.final_output == "done"
+    assert "Please try again" in str(model.last_call)  # the tool's own failure message
+    (row,) = gov.audit.query()
+    assert (row.outcome, row.violation_code) == ("denied", "invalid_request")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_actual_that_raises_after_the_tool_paid_keeps_the_hold_and_ends_the_run(
+    make_governor: Callable[..., Governor], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gov = make_governor(policy())
+    paid: list[int] = []
+
+    def pays_then_answers_json(amount: int) -> str:
+        paid.append(amount)
+        return json.dumps({"amount": amount})  # a JSON string; the spec expects a dict
+
+    tool = refund_tool(kind, pays_then_answers_json)
+    (governed,) = govern_tools([tool], gov, specs={"refund": READ_REFUND_SPEC})
+    model = script([("refund", {"amount": 900})], [("refund", {"amount": 100})])
+    agent = Agent(name="refund-agent", tools=[governed], model=model)
+    with pytest.raises(SpecError) as caught:
+        Runner.run_sync(agent, "go", context={"run_id": "run-a"})
+    assert paid == [900]  # the run stopped there
+    (kept,) = gov.holds()
+    assert (kept.state, kept.estimate) == (HoldState.UNKNOWN, Money(900, "USD"))
+    assert (caught.value.tool, caught.value.hold_id) == ("refund", kept.id)
+    (row,) = gov.audit.query(run="run-a")
+    assert (row.outcome, row.hold_id) == ("unknown", kept.id)
+    (budget,) = gov.budgets()
+    assert budget.committed == Money(900, "USD")  # counted until reconciled
+    assert any(kept.id in r.getMessage() for r in caplog.records if r.name == "paymaster")
+
+
+class GateTheThirdCall(RunHooks[Any]):
+    """Holds the third tool call of the turn back until ``opened`` says so: its refusal
+    then comes while its two siblings are mid-call."""
+
+    def __init__(self, opened: Callable[[], Awaitable[None]]) -> None:
+        self.opened = opened
+
+    async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
+        if getattr(context, "tool_call_id", None) == "call_0_2":
+            await self.opened()
+
+
+def three_refunds_of_40_dollars() -> ScriptedModel:
+    # The cap ($100) fits two; the third is refused and the SDK cancels its siblings.
+    return script([("refund", {"amount": 4000})] * 3)
+
+
+def assert_two_settled_and_one_denied(gov: Governor, run: str) -> None:
+    assert_every_hold_accounted_for(gov)  # closes gov: waits for calls still in its workers
+    url = gov.engine.url.render_as_string(hide_password=False)
+    with Governor(url, policies=gov.policies) as fresh:
+        rows = fresh.audit.query(run=run)
+        assert sorted((r.outcome, r.actual) for r in rows) == [
+            ("allowed", 4000),
+            ("allowed", 4000),
+            ("denied", 0),
+        ]
+        assert fresh.holds() == []  # none left unknown for an operator to resolve
+        (budget,) = [b for b in fresh.budgets(day=gov.ledger.now().date()) if b.kind == "daily"]
+        assert budget.committed == budget.settled == Money(8000, "USD")
+
+
+def test_parallel_sync_siblings_cancelled_mid_call_are_settled_from_their_result(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+    in_call = threading.Barrier(3, timeout=30)  # the two bodies and the gate
+    release = threading.Event()
+
+    def slow_refund(amount: int) -> dict[str, Any]:
+        in_call.wait()
+        assert release.wait(timeout=30)  # the vendor answers once the run has been refused
+        return {"amount": amount}
+
+    tool = refund_tool("sync", slow_refund)
+    (governed,) = govern_tools([tool], gov, specs={"refund": READ_REFUND_SPEC})
+    agent = Agent(name="refund-agent", tools=[governed], model=three_refunds_of_40_dollars())
+    hooks = GateTheThirdCall(lambda: asyncio.to_thread(in_call.wait))
+    with pytest.raises(PolicyViolation) as caught:
+        Runner.run_sync(agent, "go", context={"run_id": "run-7"}, hooks=hooks)
+    assert caught.value.code is ViolationCode.CAP_EXCEEDED
+    release.set()  # both bodies finish after the SDK stopped waiting for them
+    assert_two_settled_and_one_denied(gov, "run-7")
+
+
+def test_parallel_async_siblings_cancelled_mid_call_are_settled_from_their_result(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor(policy())
+
+    async def main() -> None:
+        both_in_call, release = asyncio.Event(), asyncio.Event()
+        in_call: list[int] = []
+
+        @function_tool
+        async def refund(amount: int) -> dict[str, Any]:
+            """Refund an amount in cents (async, slow)."""
+            in_call.append(amount)
+            if len(in_call) == 2:
+                both_in_call.set()
+            await release.wait()  # the vendor answers once the run has been refused
+            return {"amount": amount}
+
+        (governed,) = govern_tools([refund], gov, specs={"refund": READ_REFUND_SPEC})
+        agent = Agent(name="refund-agent", tools=[governed], model=three_refunds_of_40_dollars())
+        hooks = GateTheThirdCall(both_in_call.wait)
+        with pytest.raises(PolicyViolation):
+            await Runner.run(agent, "go", context={"run_id": "run-7a"}, hooks=hooks)
+        # A long-lived loop (a server, say) goes on: the vendor answers the two calls the
+        # SDK stopped waiting for, and they settle themselves.
+        release.set()
+        await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))
+
+    asyncio.run(main())
+    assert_two_settled_and_one_denied(gov, "run-7a")
+
+
+def test_governing_your_own_tools_does_not_import_stripe(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from agents import function_tool
+from paymaster import FREE, Governor
+from paymaster_openai_agents import govern_tools
+
+@function_tool
+def look(x: int) -> int:
+    "Look."
+    return x
+
+govern_tools([look], Governor(sys.argv[1], policies=[]), specs={"look": FREE})
+assert "stripe" not in sys.modules, "stripe was imported"
+import paymaster_openai_agents
+assert paymaster_openai_agents.stripe_tools.__name__ == "stripe_tools"
+"""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    subprocess.run([sys.executable, "-c", code, url], check=True)
+
+
+class UpstreamError(Exception):
+    """A vendor SDK's error answer, shaped like Stripe's (``http_status``)."""
+
+    def __init__(self, http_status: int) -> None:
+        super().__init__(f"HTTP {http_status} from the vendor")
+        self.http_status = http_status
+
+
+@pytest.mark.parametrize(("kind", "status", "state"), [
+    ("sync", 502, HoldState.UNKNOWN),
+    ("async", 500, HoldState.UNKNOWN),
+    ("sync", 402, HoldState.RELEASED),
+])
+def test_a_vendor_error_answer_keeps_the_hold_unless_it_is_a_refusal(
+    make_governor: Callable[..., Governor], kind: str, status: int, state: HoldState
+) -> None:
+    gov = make_governor(policy())
+
+    def answered_with_an_error(amount: int) -> dict[str, Any]:
+        raise UpstreamError(status)  # a 5xx may have charged; a 4xx refused
+
+    (governed,) = govern_tools([refund_tool(kind, answered_with_an_error)], gov,
+                               specs={"refund": READ_REFUND_SPEC})
+    model = script([("refund", {"amount": 900})])
+    result = Runner.run_sync(Agent(name="refund-agent", tools=[governed], model=model), "go")
+    assert result.final_output == "done"  # the tool's own failure message went to the model
+    (hold,) = gov.ledger.holds(states=[state])
+    assert hold.estimate == Money(900, "USD")
+    (budget,) = gov.budgets()
+    assert budget.committed == (Money(900, "USD") if state is HoldState.UNKNOWN
+                                else Money(0, "USD"))
+
+
+@pytest.mark.parametrize("unusable", ["900", -900, Money(900, "EUR"), True])
+def test_an_actual_returning_no_usable_cost_keeps_the_hold_and_ends_the_run(
+    make_governor: Callable[..., Governor], unusable: Any
+) -> None:
+    gov = make_governor(policy())
+    spec = ToolSpec(
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=lambda a: Money(a["amount"], "USD"),
+        actual=lambda result: unusable,  # the tool ran; its cost cannot be recorded
+    )
+    (governed,) = govern_tools([refund_tool("async")], gov, specs={"refund": spec})
+    model = script([("refund", {"amount": 900})])
+    with pytest.raises(SpecError) as caught:
+        Runner.run_sync(Agent(name="refund-agent", tools=[governed], model=model), "go")
+    (kept,) = gov.holds()
+    assert (kept.state, kept.estimate, caught.value.hold_id) == (
+        HoldState.UNKNOWN,
+        Money(900, "USD"),
+        kept.id,
+    )

@@ -129,6 +129,9 @@ class GovernedCall:
         self.free = free
         #: This attempt's tool call (its own, even when it resumed another's hold).
         self.tool_call_id = tool_call_id
+        #: The exceptions after which money may have moved (``Governor(unknown_on=...)``):
+        #: adapters deciding this call's outcome pass them to ``outcomes.decide``.
+        self.unknown_on: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS
         self.hold: Hold = reservation.hold
         self._started = time.monotonic()
         # Set once settle/fail/unknown is attempted: after that, a failure to record the
@@ -602,6 +605,7 @@ class Governor:
                 free=request.free,
                 tool_call_id=request.tool_call_id,
             )
+            call.unknown_on = self._unknown_on
             span.started(call)
             try:
                 yield call
@@ -980,6 +984,7 @@ class AsyncGuard:
         self._call = AsyncGovernedCall(gov.ledger, reservation, request.policy, gov)
         self._call.free = request.free
         self._call.tool_call_id = request.tool_call_id
+        self._call.unknown_on = gov._unknown_on
         return self._call
 
     async def __aexit__(

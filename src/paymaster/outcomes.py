@@ -26,6 +26,8 @@ __all__ = [
     "OUTCOME_UNKNOWN_EXCEPTIONS",
     "Resolution",
     "decide",
+    "describe",
+    "http_status_of",
     "is_outcome_unknown",
     "model_message",
     "resolution_of_status",
@@ -86,12 +88,39 @@ def is_outcome_unknown(
     exc: BaseException, extra: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS
 ) -> bool:
     """Whether an exception leaves it unknown if the vendor acted (timeouts, cancellation,
-    a lost connection, the process exiting, a spec failing after the tool ran)."""
+    a lost connection, the process exiting, a spec failing after the tool ran, a vendor's
+    error answer whose HTTP status is not a 4xx refusal)."""
     if isinstance(exc, extra):
+        return True
+    # A vendor SDK's error for a 5xx answer (stripe.APIError, an HTTP client's status
+    # error) is an ordinary exception: its status says the vendor may have acted.
+    status = http_status_of(exc)
+    if status is not None and resolution_of_status(status) is Resolution.UNKNOWN:
         return True
     return any(
         part in klass.__name__ for klass in type(exc).__mro__ for part in _UNKNOWN_NAME_PARTS
     )
+
+
+def http_status_of(exc: BaseException) -> int | None:
+    """The HTTP status of the vendor's answer an exception reports, if it carries one:
+    ``http_status`` (Stripe's errors), ``status_code`` (OpenAI's), ``status`` (aiohttp's),
+    or its ``response``'s ``status_code`` (requests', httpx')."""
+    found = [_attribute(exc, name) for name in ("http_status", "status_code", "status")]
+    response = _attribute(exc, "response")
+    if response is not None:
+        found += [_attribute(response, "status_code"), _attribute(response, "status")]
+    for status in found:
+        if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
+            return status
+    return None
+
+
+def _attribute(thing: object, name: str) -> Any:
+    try:
+        return getattr(thing, name, None)
+    except Exception:  # a property that raises (httpx's ``request`` when unset, say)
+        return None
 
 
 def decide(
@@ -120,10 +149,17 @@ def decide(
     return Resolution.RELEASE
 
 
-def resolution_of_status(status: int, *, replayed: bool = False) -> Resolution:
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """An exception as a hold's audit row records it: its class and message, cut to
+    ``limit`` characters."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:limit]
+
+
+def resolution_of_status(status: int) -> Resolution:
     """What an HTTP answer from a vendor means for money, before its body is read: a 2xx
     settles; a 4xx is a refusal after which nothing moved (release); anything else (5xx,
-    1xx, 3xx) may have acted. A replayed 4xx is the stored answer of an earlier attempt."""
+    1xx, 3xx) may have acted."""
     if 200 <= status < 300:
         return Resolution.SETTLE
     if 400 <= status < 500:

@@ -59,7 +59,10 @@ class ToolSpec:
     customer: str | Callable[[Arguments], str | None] | None = None
     actual: Callable[[Any], Money | int | None] | None = None
     """What it cost, from the tool's result (default: the estimate). An int is minor
-    units in the estimate's currency."""
+    units in the estimate's currency. A spec function that raises is a bug, not the
+    model's mistake: the adapters end the run with :class:`~paymaster.errors.SpecError`
+    (raise :class:`~paymaster.PolicyViolation` from ``estimate``, ``customer`` or
+    ``endpoint`` to refuse a call instead)."""
 
     def for_call(self, arguments: Arguments) -> GovernedCallSpec:
         """The governed call of one tool call with these parsed arguments."""
@@ -74,8 +77,30 @@ class ToolSpec:
             customer=_value(self.customer, arguments),
         )
 
-    def actual_cost(self, result: Any) -> Money | int | None:
-        return self.actual(result) if self.actual is not None else None
+    def actual_cost(self, result: Any, estimate: Money | None = None) -> Money | int | None:
+        """What a call that returned ``result`` cost (``None``: its estimate), checked
+        before anything is settled: Money (in ``estimate``'s currency when given) or an
+        int of minor units, not negative. Raises what ``actual`` raises, and
+        ``TypeError`` / ``ValueError`` for anything else it returns."""
+        if self.actual is None:
+            return None
+        cost = self.actual(result)
+        if cost is None:
+            return None
+        if isinstance(cost, bool) or not isinstance(cost, (Money, int)):
+            raise TypeError(
+                f"a tool's actual must return Money, an int of minor units or None, got "
+                f"{type(cost).__name__} {cost!r}"
+            )
+        amount = cost.amount if isinstance(cost, Money) else cost
+        if amount < 0:
+            raise ValueError(f"a tool's actual cannot be negative, got {cost!r}")
+        if isinstance(cost, Money) and estimate is not None and cost.currency != estimate.currency:
+            raise ValueError(
+                f"a tool's actual must be in its estimate's currency ({estimate.currency}), "
+                f"got {cost}"
+            )
+        return cost
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,13 @@
 * :class:`PaymasterStripeToolkit`: the prebuilt governed Stripe tools.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from .govern import GovernedTool, PaymasterMiddleware, govern_tools, run_id_of
-from .stripe import PaymasterStripeToolkit
+
+if TYPE_CHECKING:
+    from .stripe import PaymasterStripeToolkit
 
 __all__ = [
     "STOPS_THE_RUN",
@@ -18,3 +22,13 @@ __all__ = [
     "run_id_of",
     "stop_the_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the Stripe toolkit needs ``stripe``; governing your own
+    # tools does not.
+    if name == "PaymasterStripeToolkit":
+        from .stripe import PaymasterStripeToolkit
+
+        return PaymasterStripeToolkit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from paymaster.errors import GovernanceUnavailable, PolicyViolation, reduce_as
+from paymaster.errors import GovernanceUnavailable, PolicyViolation, SpecError, reduce_as
 
 __all__ = ["STOPS_THE_RUN", "stop_the_run"]
 
-#: The exceptions that end a run rather than being shown to the model.
-STOPS_THE_RUN: tuple[type[Exception], ...] = (PolicyViolation, GovernanceUnavailable)
+#: The exceptions that end a run rather than being shown to the model: a refusal, the
+#: ledger being unreachable, a tool's spec failing (a bug, not the model's mistake).
+STOPS_THE_RUN: tuple[type[Exception], ...] = (PolicyViolation, GovernanceUnavailable, SpecError)
 
 E = TypeVar("E", bound=Exception)
 

@@ -16,31 +16,59 @@ A governed tool call is reserved before the tool runs and settled from its outpu
 tool itself is invoked unchanged (the same input, injected arguments and config), so its
 own error handling, ``return_direct`` and content-and-artifact output keep working. A
 refusal reaches the caller of ``invoke`` / ``ainvoke`` / ``stream`` (see
-:mod:`._propagation`).
+:mod:`._propagation`), and so does a spec that raises (a bug:
+:class:`~paymaster.errors.SpecError`).
+
+Called asynchronously, a governed tool's reservation, body and settle run as one piece of
+work that cancelling the awaiting task (LangGraph cancelling a step, the caller giving
+up) cannot cut in two: a sync tool's in the governor's worker threads, an async tool's as
+a task of its own. The cancelled call ends at once; its body, once started, runs on and
+settles from its result. Only a body that is itself cancelled (the event loop shutting
+down under it) is kept ``unknown``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
+import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig, ensure_config
-from langchain_core.tools import BaseTool, ToolException
+from langchain_core.tools import BaseTool, StructuredTool, Tool, ToolException
 from langchain_core.tools.base import _format_output, _handle_tool_error, _handle_validation_error
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from paymaster import Governor, PolicyViolation, ViolationCode
-from paymaster.governor import GovernedCall, is_outcome_unknown
+from paymaster.errors import SpecError
+from paymaster.governor import AsyncGovernedCall, GovernedCall
+from paymaster.money import Money
+from paymaster.outcomes import (
+    OUTCOME_UNKNOWN_EXCEPTIONS,
+    Resolution,
+    decide,
+    describe,
+    is_outcome_unknown,
+    model_message,
+)
 from paymaster.toolspec import FreeTool, ToolSpec, check_specs
-from paymaster.vendors.stripe.tools import model_message
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 
@@ -48,6 +76,9 @@ __all__ = ["GovernedTool", "OnViolation", "PaymasterMiddleware", "govern_tools",
 
 OnViolation = Literal["raise", "tell_model"]
 Spec = ToolSpec | FreeTool
+T = TypeVar("T")
+
+log = logging.getLogger("paymaster")
 
 
 def run_id_of(config: RunnableConfig) -> str | None:
@@ -97,122 +128,302 @@ class _Governance:
 
     # -- one call -------------------------------------------------------------------------
     def _guard_kwargs(
-        self, name: str, spec: ToolSpec, args: Mapping[str, Any], call_id: str | None,
+        self,
+        name: str,
+        spec: ToolSpec,
+        args: Mapping[str, Any],
+        valid: bool,
+        call_id: str | None,
         config: RunnableConfig,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
+        """The ``guard`` arguments of one call (in a worker from async code: the spec is
+        user code). A refusal raised by the spec stays a refusal; the spec failing on
+        arguments the tool's own schema refuses is the model's mistake (``invalid_request``);
+        failing on arguments the tool accepts is a bug (:class:`SpecError`)."""
         agent, run = self.who(config), self.run_id(config)
+        where: dict[str, Any] = {
+            "agent": agent,
+            "vendor": spec.vendor,
+            "endpoint": f"/tools/{name}",
+            "method": spec.method,
+            "run": run,
+            "tool_call_id": call_id,
+        }
         try:
             call = spec.for_call(args)
-        except Exception as exc:  # the model's arguments do not fit the spec
-            violation = PolicyViolation(
-                ViolationCode.INVALID_REQUEST,
-                f"cannot tell what {name} would cost from its arguments ({exc})",
-                agent=agent, run=run,
-            )  # fmt: skip
-            raise self.governor.record_refusal(
-                violation, agent=agent, vendor=spec.vendor, endpoint=f"/tools/{name}",
-                method=spec.method, run=run, tool_call_id=call_id,
-            ) from exc  # fmt: skip
+        except PolicyViolation as violation:
+            raise self.governor.record_refusal(violation, **where) from None
+        except Exception as exc:
+            if not valid:  # the tool would refuse these arguments itself
+                invalid = PolicyViolation(
+                    ViolationCode.INVALID_REQUEST,
+                    f"cannot tell what {name} would cost from its arguments ({exc})",
+                    agent=agent,
+                    run=run,
+                )
+                raise self.governor.record_refusal(invalid, **where) from exc
+            error = f"the spec of tool {name!r} raised {describe(exc)}"
+            self.governor.record_error(error, **where)
+            log.error("%s: nothing was reserved or run; the run stops", error, exc_info=exc)
+            raise SpecError(f"{error}; nothing was reserved or run", tool=name) from exc
         return {"agent": agent, "run": run, "tool_call_id": call_id, **call.as_guard_kwargs()}
 
     @contextmanager
     def call(
-        self, name: str, spec: Spec, args: Mapping[str, Any], call_id: str | None,
+        self,
+        name: str,
+        spec: Spec,
+        args: Mapping[str, Any],
+        valid: bool,
+        call_id: str | None,
         config: RunnableConfig,
-    ) -> Iterator[_Outcome]:  # fmt: skip
+        abandoned: threading.Event | None = None,
+    ) -> Iterator[_Tracked]:
         """Govern one tool call made inside the block; the block reports how it ended on
-        the yielded :class:`_Outcome` (an exception escaping it is classified too)."""
+        the yielded :class:`_Tracked` (an exception escaping it is classified too).
+        ``abandoned`` set once admitted: the caller stopped waiting, the tool is not run."""
         if isinstance(spec, FreeTool):
             record = self.governor.free_call(
-                agent=self.who(config), vendor=spec.vendor, endpoint=spec.endpoint(name),
-                run=self.run_id(config), tool_call_id=call_id,
-            )  # fmt: skip
-            outcome = _Outcome(None, spec, record)
-        else:
-            kwargs = self._guard_kwargs(name, spec, args, call_id, config)
-            with self.governor.guard(**kwargs) as call:
-                yield _Outcome(call, spec, None)
+                agent=self.who(config),
+                vendor=spec.vendor,
+                endpoint=spec.endpoint(name),
+                run=self.run_id(config),
+                tool_call_id=call_id,
+            )
+            tracked = _Tracked(name, spec, None, record)
+            try:
+                _check_not_abandoned(abandoned)
+                yield tracked
+            except BaseException as exc:
+                if not tracked.done:  # cancelled or failed: its row is written regardless
+                    self.governor.submit(tracked.failed, exc)
+                raise
             return
-        try:
-            yield outcome
-        except BaseException as exc:
-            if not outcome.done:  # cancelled or failed: its row is written regardless
-                self.governor.submit(outcome.failed, exc)
-            raise
+        kwargs = self._guard_kwargs(name, spec, args, valid, call_id, config)
+        with self.governor.guard(**kwargs) as call:
+            _check_not_abandoned(abandoned)
+            yield _Tracked(name, spec, call, None)
 
     @asynccontextmanager
     async def acall(
-        self, name: str, spec: Spec, args: Mapping[str, Any], call_id: str | None,
+        self,
+        name: str,
+        spec: Spec,
+        args: Mapping[str, Any],
+        valid: bool,
+        call_id: str | None,
         config: RunnableConfig,
-    ) -> Any:  # fmt: skip
-        """:meth:`call` for asyncio: the outcome's methods run in worker threads (through
-        :meth:`_Outcome.settle_in` and friends)."""
+        abandoned: threading.Event | None = None,
+    ) -> AsyncIterator[_Tracked]:
+        """:meth:`call` for asyncio (report through :meth:`_Tracked.aok` and friends)."""
         gov = self.governor
         if isinstance(spec, FreeTool):
             record = await gov.in_worker(
-                gov.free_call, agent=self.who(config), vendor=spec.vendor,
-                endpoint=spec.endpoint(name), run=self.run_id(config), tool_call_id=call_id,
-            )  # fmt: skip
-            outcome = _Outcome(None, spec, record)
+                gov.free_call,
+                agent=self.who(config),
+                vendor=spec.vendor,
+                endpoint=spec.endpoint(name),
+                run=self.run_id(config),
+                tool_call_id=call_id,
+            )
+            tracked = _Tracked(name, spec, None, record)
             try:
-                yield outcome
+                _check_not_abandoned(abandoned)
+                yield tracked
             except BaseException as exc:
-                if not outcome.done:
-                    gov.submit(outcome.failed, exc)
+                if not tracked.done:
+                    gov.submit(tracked.failed, exc)
                 raise
             return
-        kwargs = await gov.in_worker(self._guard_kwargs, name, spec, args, call_id, config)
+        kwargs = await gov.in_worker(self._guard_kwargs, name, spec, args, valid, call_id, config)
         async with gov.aguard(**kwargs) as call:
-            yield _Outcome(call, spec, None)
+            _check_not_abandoned(abandoned)
+            yield _Tracked(name, spec, call, None)
 
 
-class _Outcome:
-    """How one governed tool call ended, recorded once (sync: call it in a worker thread
-    from async code)."""
+class _NotRun(Exception):
+    """The caller stopped waiting for the call before its tool started: the tool is not
+    run, and its hold is released (nothing was sent)."""
+
+
+def _check_not_abandoned(abandoned: threading.Event | None) -> None:
+    if abandoned is not None and abandoned.is_set():
+        raise _NotRun("the caller stopped waiting for this call before its tool started")
+
+
+class _ErrorResult(Exception):
+    """An error result a tool call returned instead of raising, made by something other
+    than the tool's own error handling (a middleware, a ToolNode): nobody knows whether
+    the tool paid first."""
+
+
+@functools.cache
+def _also_unknown_on() -> tuple[type[BaseException], ...]:
+    """After these the tool may have paid, besides the governor's ``unknown_on``: an error
+    result, and ``interrupt()`` pausing the run (LangGraph runs the tool again on resume)."""
+    try:
+        from langgraph.errors import GraphBubbleUp
+    except ImportError:  # pragma: no cover - langgraph is not installed
+        return (_ErrorResult,)
+    return (_ErrorResult, GraphBubbleUp)
+
+
+def _unknown_on(call: GovernedCall | None = None) -> tuple[type[BaseException], ...]:
+    base = OUTCOME_UNKNOWN_EXCEPTIONS if call is None else call.unknown_on
+    return (*base, *_also_unknown_on())
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What one call does to its hold (from :func:`paymaster.outcomes.decide`)."""
+
+    resolution: Resolution
+    actual: Money | int | None = None
+    reason: str = ""
+    broken: Exception | None = None
+    """The spec's ``actual`` raised or returned something unusable."""
+
+
+class _Tracked:
+    """How one governed tool call ended, recorded once: with the sync methods (from
+    async code, the ``a``-methods)."""
 
     def __init__(
-        self, call: GovernedCall | None, spec: Spec, record: Callable[..., None] | None
+        self,
+        name: str,
+        spec: Spec,
+        call: GovernedCall | None,
+        record: Callable[..., None] | None,
     ) -> None:
-        self.call, self.spec, self.record = call, spec, record
+        self.name, self.spec, self.call, self.record = name, spec, call, record
         self.started = time.monotonic()
         self.done = False
 
-    def ok(self, output: Any, raw: Any = None, has_raw: bool = False) -> None:
-        """The tool returned ``output`` (its return value ``raw`` when captured)."""
+    def ok(self, output: Any, captured: _Captured | None = None) -> None:
+        """The tool returned ``output`` (``captured``: its own return value)."""
         self.done = True
-        failure = _failure(output)
         if self.record is not None:
-            self.record(error=failure, duration_ms=_ms(self.started))
+            self.record(error=_failure(output), duration_ms=_ms(self.started))
             return
         assert self.call is not None
-        assert isinstance(self.spec, ToolSpec)
-        if failure is not None:
-            # An error message made by something other than the tool's own handler (a
-            # middleware, a ToolNode): nobody knows whether the tool paid first.
-            GovernedCall.unknown(self.call, f"the tool call ended in an error: {failure}")
-            return
-        try:
-            actual = self.spec.actual_cost(raw if has_raw else _value(output))
-        except Exception as exc:  # the tool ran: never release its hold
-            GovernedCall.unknown(self.call, f"the tool returned, but its cost is unreadable: {exc}")
-            return
-        GovernedCall.settle(self.call, actual)
+        verdict = self._returned(self.call, output, captured)
+        _apply(self.call, verdict)
+        self._raise_if_broken(self.call, verdict)
 
     def failed(self, exc: BaseException) -> None:
         """The tool raised ``exc`` (before any handler turned it into a message)."""
         self.done = True
         if self.record is not None:
-            self.record(error=_describe(exc), duration_ms=_ms(self.started))
+            self.record(error=describe(exc), duration_ms=_ms(self.started))
             return
         assert self.call is not None
-        if self.call.resolved:
+        if not self.call.resolved:
+            _apply(self.call, self._raised(self.call, exc))
+
+    async def aok(self, governor: Governor, output: Any, captured: _Captured | None = None) -> None:
+        """:meth:`ok` from async code."""
+        if self.record is not None or self.call is None:
+            await governor.in_worker(self.ok, output, captured)
             return
-        if is_outcome_unknown(_root(exc)) or _is_interrupt(exc):
-            # A timeout, a lost connection, or interrupt() pausing the run (LangGraph runs
-            # the tool again on resume): it may have paid; keep the hold counted.
-            GovernedCall.unknown(self.call, f"the tool stopped: {_describe(exc)}")
-        else:
-            GovernedCall.fail(self.call, error=_describe(exc))
+        self.done = True
+        verdict = self._returned(self.call, output, captured)
+        await _aapply(self.call, verdict)
+        self._raise_if_broken(self.call, verdict)
+
+    async def afailed(self, governor: Governor, exc: BaseException) -> None:
+        """:meth:`failed` from async code."""
+        if self.record is not None or self.call is None:
+            await governor.in_worker(self.failed, exc)
+            return
+        self.done = True
+        if not self.call.resolved:
+            await _aapply(self.call, self._raised(self.call, exc))
+
+    def _returned(self, call: GovernedCall, output: Any, captured: _Captured | None) -> _Verdict:
+        assert isinstance(self.spec, ToolSpec)
+        failure = _failure(output)
+        if failure is not None:
+            resolution = decide(
+                _ErrorResult(failure), shared=call.reservation.resumed, unknown_on=_unknown_on(call)
+            )
+            return _Verdict(resolution, reason=f"the tool call ended in an error: {failure}")
+        try:
+            actual = self.spec.actual_cost(_value(output, captured), call.estimate)
+        except Exception as exc:  # the tool ran: its hold stays counted
+            reason = f"the tool returned, but its spec's actual failed: {describe(exc)}"
+            return _Verdict(Resolution.UNKNOWN, reason=reason, broken=exc)
+        return _Verdict(decide(None), actual=actual)
+
+    def _raised(self, call: GovernedCall, exc: BaseException) -> _Verdict:
+        unknown_on = _unknown_on(call)
+        resolution = decide(
+            _root(exc, unknown_on), shared=call.reservation.resumed, unknown_on=unknown_on
+        )
+        if resolution is Resolution.UNKNOWN:
+            return _Verdict(resolution, reason=f"the tool stopped: {describe(exc)}")
+        return _Verdict(resolution, reason=describe(exc))
+
+    def _raise_if_broken(self, call: GovernedCall, verdict: _Verdict) -> None:
+        if verdict.broken is None:
+            return
+        log.error(
+            "the spec of tool %r could not read what its call cost; hold %s is kept counted "
+            "as unknown for reconciliation and the run stops",
+            self.name,
+            call.hold_id,
+            exc_info=verdict.broken,
+        )
+        raise SpecError(
+            f"the spec of tool {self.name!r} could not read what its call cost "
+            f"({describe(verdict.broken)}); hold {call.hold_id} is kept counted as unknown: "
+            "reconcile it with the vendor",
+            tool=self.name,
+            hold_id=call.hold_id,
+        ) from verdict.broken
+
+
+def _apply(call: GovernedCall, verdict: _Verdict) -> None:
+    if verdict.resolution is Resolution.SETTLE:
+        GovernedCall.settle(call, verdict.actual)
+    elif verdict.resolution is Resolution.UNKNOWN:
+        GovernedCall.unknown(call, verdict.reason)
+    else:
+        GovernedCall.fail(call, error=verdict.reason)
+
+
+async def _aapply(call: GovernedCall, verdict: _Verdict) -> None:
+    assert isinstance(call, AsyncGovernedCall)
+    if verdict.resolution is Resolution.SETTLE:
+        await call.settle(verdict.actual)
+    elif verdict.resolution is Resolution.UNKNOWN:
+        await call.unknown(verdict.reason)
+    else:
+        await call.fail(error=verdict.reason)
+
+
+# Tasks of async tool calls whose caller stopped waiting: kept referenced until they end
+# (the event loop holds its tasks weakly).
+_DETACHED: set[asyncio.Task[Any]] = set()
+
+
+async def _detached(work: Coroutine[Any, Any, T], abandoned: threading.Event) -> T:
+    """Run ``work`` as a task of its own, shielded from the cancellation of the awaiting
+    task: cancelled, that task ends at once and ``work`` runs on to its recorded outcome
+    (``abandoned`` tells it, so that a tool not started yet is not started)."""
+    task = asyncio.ensure_future(work)
+    _DETACHED.add(task)
+    task.add_done_callback(_forget)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        abandoned.set()
+        raise
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _DETACHED.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: its outcome is in the ledger (and the log)
 
 
 class GovernedTool(BaseTool):
@@ -276,54 +487,88 @@ class GovernedTool(BaseTool):
         return await self.ainvoke(*_as_invoke(tool_input, kwargs))
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """Reserve, invoke the tool, settle from its output (or refuse)."""
+        return self._invoke(input, ensure_config(config), None, **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """:meth:`invoke` for asyncio. Cancelled, it ends at once; a call whose tool had
+        started runs on and settles from its output (see the module's docstring)."""
         config = ensure_config(config)
+        abandoned = threading.Event()
+        if _runs_in_a_thread(self.inner):
+            # LangChain would run it in a thread of its own and forget it if cancelled: run
+            # it in the governor's workers, reservation to settle, instead.
+            gov = self.governance.governor
+            try:
+                return await gov.in_worker(self._invoke, input, config, abandoned, **kwargs)
+            except asyncio.CancelledError:
+                abandoned.set()
+                raise
+        return await _detached(self._ainvoke(input, config, abandoned, **kwargs), abandoned)
+
+    def _invoke(
+        self,
+        input: Any,
+        config: RunnableConfig,
+        abandoned: threading.Event | None,
+        **kwargs: Any,
+    ) -> Any:
+        _check_not_abandoned(abandoned)  # cancelled as it was picked up: never started
         args, call_id = _split(input)
         governance: _Governance = self.governance
         try:
-            priced = _priced_arguments(self.inner, args, governance, self.spec, call_id, config)
-            with governance.call(self.name, self.spec, priced, call_id, config) as outcome:
+            priced, valid = _priced_arguments(self.inner, args)
+            with governance.call(
+                self.name, self.spec, priced, valid, call_id, config, abandoned
+            ) as tracked:
                 captured = _Captured()
                 token = _captured.set(captured)
                 try:
                     output = self._raw.invoke(input, config, **kwargs)
                 except Exception as exc:
-                    outcome.failed(exc)
+                    tracked.failed(exc)
                     handled = _handled(self.inner, exc, call_id)
                     if handled is _UNHANDLED:
                         raise
                     return handled
                 finally:
                     _captured.reset(token)
-                outcome.ok(output, captured.value, captured.set)
+                tracked.ok(output, captured)
                 return output
         except PolicyViolation as violation:
             return governance.refusal(violation, call_id)
         except STOPS_THE_RUN as exc:
             raise stop_the_run(exc)  # noqa: B904 - the same object, its cause kept
 
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        config = ensure_config(config)
+    async def _ainvoke(
+        self,
+        input: Any,
+        config: RunnableConfig,
+        abandoned: threading.Event,
+        **kwargs: Any,
+    ) -> Any:
+        _check_not_abandoned(abandoned)  # cancelled before the task first ran: never started
         args, call_id = _split(input)
         governance: _Governance = self.governance
         gov = governance.governor
         try:
-            priced = await gov.in_worker(
-                _priced_arguments, self.inner, args, governance, self.spec, call_id, config
-            )
-            async with governance.acall(self.name, self.spec, priced, call_id, config) as outcome:
+            priced, valid = await gov.in_worker(_priced_arguments, self.inner, args)
+            async with governance.acall(
+                self.name, self.spec, priced, valid, call_id, config, abandoned
+            ) as tracked:
                 captured = _Captured()
                 token = _captured.set(captured)
                 try:
                     output = await self._raw.ainvoke(input, config, **kwargs)
                 except Exception as exc:
-                    await gov.in_worker(outcome.failed, exc)
+                    await tracked.afailed(gov, exc)
                     handled = _handled(self.inner, exc, call_id)
                     if handled is _UNHANDLED:
                         raise
                     return handled
                 finally:
                     _captured.reset(token)
-                await gov.in_worker(outcome.ok, output, captured.value, captured.set)
+                await tracked.aok(gov, output, captured)
                 return output
         except PolicyViolation as violation:
             return governance.refusal(violation, call_id)
@@ -347,7 +592,10 @@ def govern_tools(
     :data:`~paymaster.FREE` for a tool that spends nothing; a tool without one is refused
     here. ``agent`` is the policy's agent type (default: the ``name`` given to
     ``create_agent``). ``on_violation="tell_model"`` returns a refusal to the model as an
-    error ``ToolMessage`` instead of ending the run.
+    error ``ToolMessage`` instead of ending the run. A spec that raises ends the run with
+    :class:`~paymaster.errors.SpecError` (logged, audited; when its ``actual`` raises, the
+    tool's hold is kept ``unknown``). ``actual`` sees the tool's artifact, else its
+    content, JSON-decoded when it is JSON text.
     """
     tools = list(tools)
     for tool in tools:
@@ -383,8 +631,9 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
     ``GraphBubbleUp``) still passes every LangChain tool-error middleware outside it. A
     tool call whose tool has no spec is refused: nothing runs ungoverned. An error
     message that reaches it from the tool's own handling keeps the hold counted as
-    ``unknown`` (it cannot tell a decline from a timeout); wrap tools with
-    :func:`govern_tools` to have paymaster see the raw exception.
+    ``unknown`` (it cannot tell a decline from a timeout), and so does a call cancelled
+    mid-body (it runs inside LangGraph's task); wrap tools with :func:`govern_tools` to
+    have paymaster see the raw exception and settle a call its caller stopped waiting for.
     """
 
     def __init__(
@@ -400,7 +649,7 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
         self.specs = dict(specs)
         self.governance = _Governance(governor, agent, on_violation, run_id)
 
-    def _spec(self, request: Any) -> tuple[str, Spec, Mapping[str, Any], str | None]:
+    def _spec(self, request: Any) -> tuple[str, Spec, Mapping[str, Any], bool, str | None]:
         call = request.tool_call
         name, call_id = call["name"], call.get("id")
         spec = self.specs.get(name)
@@ -416,21 +665,22 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
                 violation, agent=agent, vendor="tool", endpoint=f"/tools/{name}",
                 method="CALL", run=self.governance.run_id(config), tool_call_id=call_id,
             )  # fmt: skip
-        return name, spec, call.get("args") or {}, call_id
+        args, valid = _priced_arguments(request.tool, call.get("args") or {})
+        return name, spec, args, valid, call_id
 
     def wrap_tool_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         if request.tool is None:  # a tool the model made up: nothing can run
             return handler(request)
         config = ensure_config(request.runtime.config if request.runtime else None)
         try:
-            name, spec, args, call_id = self._spec(request)
-            with self.governance.call(name, spec, args, call_id, config) as outcome:
+            name, spec, args, valid, call_id = self._spec(request)
+            with self.governance.call(name, spec, args, valid, call_id, config) as tracked:
                 try:
                     output = handler(request)
                 except Exception as exc:
-                    outcome.failed(exc)
+                    tracked.failed(exc)
                     raise
-                outcome.ok(output)
+                tracked.ok(output)
                 return output
         except PolicyViolation as violation:
             return self.governance.refusal(violation, request.tool_call.get("id"))
@@ -443,14 +693,14 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
         config = ensure_config(request.runtime.config if request.runtime else None)
         gov = self.governance.governor
         try:
-            name, spec, args, call_id = await gov.in_worker(self._spec, request)
-            async with self.governance.acall(name, spec, args, call_id, config) as outcome:
+            name, spec, args, valid, call_id = await gov.in_worker(self._spec, request)
+            async with self.governance.acall(name, spec, args, valid, call_id, config) as tracked:
                 try:
                     output = await handler(request)
                 except Exception as exc:
-                    await gov.in_worker(outcome.failed, exc)
+                    await tracked.afailed(gov, exc)
                     raise
-                await gov.in_worker(outcome.ok, output)
+                await tracked.aok(gov, output)
                 return output
         except PolicyViolation as violation:
             return self.governance.refusal(violation, request.tool_call.get("id"))
@@ -475,29 +725,39 @@ def _failure(output: Any) -> str | None:
     return None
 
 
-def _value(output: Any) -> Any:
-    """What a spec's ``actual`` sees: a ToolMessage's artifact, else its content (JSON
-    decoded when it is JSON), else the output itself."""
+def _value(output: Any, captured: _Captured | None = None) -> Any:
+    """What a spec's ``actual`` sees (as the README says): the artifact of a
+    content-and-artifact tool, else its content, JSON-decoded when it is JSON text. The
+    content is the tool's own return value when it was caught (a dict stays a dict),
+    else the ToolMessage's (or the output itself)."""
+    if captured is not None and captured.set:
+        return captured.value if captured.artifact else _decoded(captured.value)
     if not isinstance(output, ToolMessage):
-        return output
+        return _decoded(output)
     if output.artifact is not None:
         return output.artifact
-    if isinstance(output.content, str):
+    return _decoded(output.content)
+
+
+def _decoded(content: Any) -> Any:
+    if isinstance(content, (str, bytes, bytearray)):
         try:
-            return json.loads(output.content)
-        except ValueError:
-            return output.content
-    return output.content
+            return json.loads(content)
+        except ValueError:  # not JSON: prose, seen as it is
+            return content
+    return content
 
 
 class _Captured:
-    """The tool's own return value, caught on its way out of ``_run`` / ``_arun``."""
+    """The tool's own return value (its artifact, for a content-and-artifact tool),
+    caught on its way out of ``_run`` / ``_arun``."""
 
-    __slots__ = ("set", "value")
+    __slots__ = ("artifact", "set", "value")
 
     def __init__(self) -> None:
         self.value: Any = None
         self.set = False
+        self.artifact = False
 
 
 _captured: ContextVar[_Captured | None] = ContextVar("paymaster_tool_return", default=None)
@@ -510,38 +770,37 @@ def _raw_copy(tool: BaseTool) -> BaseTool:
     raw: BaseTool = tool.model_copy(
         update={"handle_tool_error": False, "handle_validation_error": False}
     )
+    artifact = tool.response_format == "content_and_artifact"
     for name in ("_run", "_arun"):
         method = getattr(raw, name)
-        object.__setattr__(raw, name, _capturing(method))
+        object.__setattr__(raw, name, _capturing(method, artifact))
     return raw
 
 
-def _capturing(method: Callable[..., Any]) -> Callable[..., Any]:
+def _capturing(method: Callable[..., Any], artifact: bool) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(method):
 
         @functools.wraps(method)
         async def acapture(*args: Any, **kwargs: Any) -> Any:
-            return _keep(await method(*args, **kwargs))
+            return _keep(await method(*args, **kwargs), artifact)
 
         return acapture
 
     @functools.wraps(method)
     def capture(*args: Any, **kwargs: Any) -> Any:
-        return _keep(method(*args, **kwargs))
+        return _keep(method(*args, **kwargs), artifact)
 
     return capture
 
 
-def _keep(value: Any) -> Any:
+def _keep(value: Any, artifact: bool) -> Any:
     captured = _captured.get()
     if captured is not None:
-        captured.value = value[1] if _is_content_and_artifact(value) else value
+        pair = artifact and isinstance(value, tuple) and len(value) == 2  # (content, artifact)
+        captured.value = value[1] if pair else value
+        captured.artifact = pair
         captured.set = True
     return value
-
-
-def _is_content_and_artifact(value: Any) -> bool:
-    return isinstance(value, tuple) and len(value) == 2  # (content, artifact)
 
 
 def _handled(tool: BaseTool, exc: Exception, call_id: str | None) -> Any:
@@ -557,36 +816,37 @@ def _handled(tool: BaseTool, exc: Exception, call_id: str | None) -> Any:
     return _format_output(content, None, call_id, tool.name, "error")
 
 
-def _priced_arguments(
-    tool: BaseTool, args: Mapping[str, Any], governance: _Governance, spec: Spec,
-    call_id: str | None, config: RunnableConfig,
-) -> Mapping[str, Any]:  # fmt: skip
-    """The arguments as the tool will see them (validated, with defaults), for the spec."""
+def _priced_arguments(tool: BaseTool, args: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+    """The arguments as the tool will see them (validated, with defaults), for the spec,
+    and whether the tool's own schema accepts them."""
     schema = tool.tool_call_schema
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
-        return args
+        return args, True
     fields = set(schema.model_fields)
     try:
         parsed = schema.model_validate({k: v for k, v in args.items() if k in fields})
     except ValidationError:
-        return args  # the tool's own validation will refuse them, before it runs
-    return {**args, **parsed.model_dump()}
+        return args, False  # the tool's own validation will refuse them, before it runs
+    return {**args, **parsed.model_dump()}, True
 
 
-def _root(exc: BaseException) -> BaseException:
+def _runs_in_a_thread(tool: BaseTool) -> bool:
+    """Whether ``tool`` is a sync tool: no coroutine, and the ``_arun`` LangChain gives
+    every tool (which runs ``_run`` in a thread)."""
+    if getattr(tool, "coroutine", None) is not None:
+        return False
+    return type(tool)._arun in (BaseTool._arun, StructuredTool._arun, Tool._arun)
+
+
+def _root(
+    exc: BaseException, unknown_on: tuple[type[BaseException], ...] | None = None
+) -> BaseException:
     """A ToolException raised ``from`` a timeout is a timeout."""
     seen = exc
-    while seen.__cause__ is not None and not is_outcome_unknown(seen):
+    known = _unknown_on() if unknown_on is None else unknown_on
+    while seen.__cause__ is not None and not is_outcome_unknown(seen, known):
         seen = seen.__cause__
     return seen
-
-
-def _is_interrupt(exc: BaseException) -> bool:
-    try:
-        from langgraph.errors import GraphBubbleUp
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, GraphBubbleUp)
 
 
 def _as_invoke(tool_input: Any, kwargs: Mapping[str, Any]) -> tuple[Any, RunnableConfig]:
@@ -599,11 +859,6 @@ def _as_invoke(tool_input: Any, kwargs: Mapping[str, Any]) -> tuple[Any, Runnabl
     if call_id is not None and isinstance(tool_input, Mapping):
         return {"type": "tool_call", "id": call_id, "name": "", "args": tool_input}, config
     return tool_input, config
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return text[:500]
 
 
 def _ms(started: float) -> int:

@@ -15,12 +15,17 @@ from typing import TypeVar
 
 from agents.exceptions import AgentsException
 
-from paymaster.errors import GovernanceUnavailable, PolicyViolation, reduce_as
+from paymaster.errors import GovernanceUnavailable, PolicyViolation, SpecError, reduce_as
 
 __all__ = ["STOPS_THE_RUN", "stop_the_run"]
 
-#: The exceptions that end a run rather than being shown to the model.
-STOPS_THE_RUN: tuple[type[BaseException], ...] = (PolicyViolation, GovernanceUnavailable)
+#: The exceptions that end a run rather than being shown to the model: a refusal, the
+#: ledger being unreachable, a tool's spec failing (a bug, not the model's mistake).
+STOPS_THE_RUN: tuple[type[BaseException], ...] = (
+    PolicyViolation,
+    GovernanceUnavailable,
+    SpecError,
+)
 
 E = TypeVar("E", bound=BaseException)
 _PASSTHROUGH: dict[type[BaseException], type[BaseException]] = {}

@@ -14,13 +14,25 @@ wraps the tool's raw invocation *inside* the SDK's failure handling (so the user
 reach the model exactly as before, and paymaster sees the raw exception to decide whether
 money may have moved), and the reservation *outside* it (so a refusal is never turned
 into a message for the model).
+
+A call's reservation, its tool's body and the recording of its outcome run as one piece
+of work that the SDK cancelling the call cannot cut in two (it does, to the siblings of
+a call that fails or is refused): a sync tool's in the governor's worker threads (as the
+prebuilt Stripe tools), an async tool's as a task of its own. The cancelled call ends at
+once; its body, once started, runs on and settles from its result. Only a body that is
+itself cancelled (its event loop stopping: ``asyncio.run`` shutting down, or
+``Runner.run_sync`` returning) is kept ``unknown``. A spec that raises is a bug: it ends
+the run as :class:`~paymaster.errors.SpecError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
+import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -36,9 +48,16 @@ from agents.tool import (
 from agents.tool_context import ToolContext
 
 from paymaster import Governor, PolicyViolation, ViolationCode
-from paymaster.governor import is_outcome_unknown
+from paymaster.errors import SpecError
+from paymaster.governor import AsyncGovernedCall, GovernedCall
+from paymaster.money import Money
+from paymaster.outcomes import (
+    Resolution,
+    decide,
+    describe,
+    model_message,
+)
 from paymaster.toolspec import FreeTool, ToolSpec, check_specs
-from paymaster.vendors.stripe.tools import model_message
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from ._runs import run_id_of, run_policy_of
@@ -48,6 +67,8 @@ __all__ = ["OnViolation", "govern_tool", "govern_tools", "governed_function_tool
 OnViolation = Literal["raise", "tell_model"]
 Invoke = Callable[[ToolContext[Any], str], Awaitable[Any]]
 Spec = ToolSpec | FreeTool
+
+log = logging.getLogger("paymaster")
 
 
 class _Attempt:
@@ -76,7 +97,9 @@ def govern_tools(
     :data:`~paymaster.FREE` for a tool that spends nothing; a tool without one is refused
     here, so nothing is silently ungoverned. ``agent`` is the policy's agent type
     (default: the name of the Agent running the tool). ``on_violation="tell_model"``
-    hands a refusal to the model as the tool's output instead of ending the run.
+    hands a refusal to the model as the tool's output instead of ending the run. A spec
+    that raises ends the run with :class:`~paymaster.errors.SpecError` (logged, audited;
+    when its ``actual`` raises, the tool's hold is kept ``unknown``).
     """
     tools = list(tools)
     for tool in tools:
@@ -122,23 +145,24 @@ def govern_tool(
 ) -> FunctionTool:
     """A governed copy of one tool; see :func:`govern_tools`."""
     invoke = _watched(tool)
+    # The SDK runs a sync function in a thread of its own and forgets it when the call is
+    # cancelled; run it in the governor's workers instead, together with its settle.
+    in_worker = bool(getattr(tool.on_invoke_tool, "__agents_sync_function_tool__", False))
 
     async def on_invoke_tool(ctx: ToolContext[Any], args_json: str) -> Any:
-        who = agent or _agent_name(ctx)
-        attempt = _Attempt()
-        token = _attempt.set(attempt)
+        call = _ToolCall(governor, tool, spec, agent or _agent_name(ctx), ctx, args_json, invoke)
         try:
-            if isinstance(spec, FreeTool):
-                return await _free(governor, spec, tool.name, who, ctx, args_json, invoke, attempt)
-            return await _governed(governor, tool, spec, who, ctx, args_json, invoke, attempt)
+            if in_worker:
+                return await call.run_in_worker()
+            return await call.run_detached()
+        except _BadArguments as bad:
+            return await _told(tool, ctx, bad.violation)
         except PolicyViolation as violation:
             if on_violation == "tell_model" or violation.code is ViolationCode.INVALID_REQUEST:
                 return model_message(violation) or str(violation)
             raise stop_the_run(violation) from None
         except STOPS_THE_RUN as exc:
             raise stop_the_run(exc) from None
-        finally:
-            _attempt.reset(token)
 
     return dataclasses.replace(tool, on_invoke_tool=_GovernedInvoker(on_invoke_tool, invoke))
 
@@ -171,91 +195,337 @@ class _GovernedInvoker(_FailureHandlingFunctionToolInvoker):
         return await self._governed(ctx, input)
 
 
-async def _governed(
-    governor: Governor,
-    tool: FunctionTool,
-    spec: ToolSpec,
-    agent: str,
-    ctx: ToolContext[Any],
-    args_json: str,
-    invoke: Invoke,
-    attempt: _Attempt,
-) -> Any:
-    run = run_id_of(ctx)
-    try:
-        call_spec = spec.for_call(json.loads(args_json or "{}"))
-    except Exception as exc:  # the model's arguments do not fit the spec
-        violation = PolicyViolation(
-            ViolationCode.INVALID_REQUEST,
-            f"cannot tell what {ctx.tool_name} would cost from its arguments ({exc})",
-            agent=agent, run=run,
-        )  # fmt: skip
-        await governor.in_worker(
-            governor.record_refusal, violation, agent=agent, vendor=spec.vendor,
-            endpoint=f"/tools/{ctx.tool_name}", method=spec.method, run=run,
-            tool_call_id=ctx.tool_call_id,
-        )  # fmt: skip
-        # Arguments the spec cannot read: the tool's own failure policy decides, as it
-        # would for arguments the tool itself cannot take.
-        if resolve_function_tool_failure_error_function(tool, ctx) is None:
-            raise violation from exc
-        message = await maybe_invoke_function_tool_failure_error_function(
-            function_tool=tool, context=ctx, error=violation
+#: After these the tool may have paid, besides the governor's own ``unknown_on``. A
+#: ``UserError`` comes from the SDK checking the tool's output: its body ran.
+_ALSO_UNKNOWN_ON: tuple[type[BaseException], ...] = (UserError,)
+
+# Tasks of async tool calls whose caller stopped waiting: kept referenced until they end
+# (the event loop holds its tasks weakly).
+_DETACHED: set[asyncio.Task[Any]] = set()
+
+
+class _BadArguments(Exception):
+    """The model's arguments are not a JSON object: the call is refused as
+    ``invalid_request`` (audited) and answered by the tool's own failure policy, as
+    arguments the tool itself cannot take are."""
+
+    def __init__(self, violation: PolicyViolation) -> None:
+        super().__init__(str(violation))
+        self.violation = violation
+
+
+class _NotRun(Exception):
+    """The SDK stopped waiting for the call before its tool started: the tool is not
+    run, and its hold is released (nothing was sent)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ran:
+    """How the tool's own invocation ended: its result, and the raw exception it raised,
+    which either reached us (``raised``) or was made into a message for the model by the
+    tool's failure handling."""
+
+    result: Any
+    error: Exception | None = None
+    raised: bool = False
+
+    def value(self) -> Any:
+        """What the call returns to the SDK (or raises)."""
+        if self.error is not None and (self.raised or isinstance(self.error, STOPS_THE_RUN)):
+            # A refusal of the tool's own governed call is not the model's to see.
+            raise self.error
+        return self.result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+    """What one call does to its hold (from :func:`paymaster.outcomes.decide`)."""
+
+    resolution: Resolution
+    actual: Money | int | None = None
+    reason: str = ""
+    broken: Exception | None = None
+    """The spec's ``actual`` raised or returned something unusable."""
+
+
+class _ToolCall:
+    """One call of a governed tool, from its admission to its recorded outcome, run as one
+    piece of work: :meth:`run_in_worker` (sync tools) or :meth:`run_detached` (async)."""
+
+    def __init__(
+        self,
+        governor: Governor,
+        tool: FunctionTool,
+        spec: Spec,
+        agent: str,
+        ctx: ToolContext[Any],
+        args_json: str,
+        invoke: Invoke,
+    ) -> None:
+        self.governor, self.tool, self.spec, self.agent = governor, tool, spec, agent
+        self.ctx, self.args_json, self.invoke = ctx, args_json, invoke
+        self.run_id = run_id_of(ctx)
+        self.run_policy = run_policy_of(ctx)
+        # Set (from the event loop) when the SDK stops waiting for the call; read by the
+        # work before the tool starts.
+        self.abandoned = threading.Event()
+
+    # -- where the work runs ----------------------------------------------------------------
+    async def run_in_worker(self) -> Any:
+        """The whole call in a governor worker thread: cancelling the awaiting task ends it
+        at once, while a call whose work has started runs to its recorded outcome."""
+        try:
+            return await self.governor.in_worker(self._work)
+        except asyncio.CancelledError:
+            self.abandoned.set()
+            raise
+
+    async def run_detached(self) -> Any:
+        """The whole call as a task of its own, shielded from the awaiting task's
+        cancellation: it settles itself when the tool's body completes."""
+        task = asyncio.ensure_future(self._awork())
+        _DETACHED.add(task)
+        task.add_done_callback(_forget)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.abandoned.set()
+            _cancel_when_the_loop_stops(task)
+            raise
+
+    # -- the work -----------------------------------------------------------------------------
+    def _work(self) -> Any:
+        self._check_not_abandoned()  # cancelled as it was picked up: never started
+        if isinstance(self.spec, FreeTool):
+            return self._free_work(self.spec)
+        with self.governor.guard(**self._priced(self.spec)) as call:
+            self._check_not_abandoned()
+            ran = asyncio.run(self._body())  # the SDK's invocation, on a loop of this thread
+            verdict = self._verdict(self.spec, call, ran)
+            _apply(call, verdict)
+        return self._returned(call, verdict, ran)
+
+    async def _awork(self) -> Any:
+        gov = self.governor
+        self._check_not_abandoned()  # cancelled before the task first ran: never started
+        if isinstance(self.spec, FreeTool):
+            return await self._afree_work(self.spec)
+        kwargs = await gov.in_worker(self._priced, self.spec)
+        async with gov.aguard(**kwargs) as call:
+            self._check_not_abandoned()
+            ran = await self._body()
+            verdict = self._verdict(self.spec, call, ran)
+            await _aapply(call, verdict)
+        return self._returned(call, verdict, ran)
+
+    def _free_work(self, spec: FreeTool) -> Any:
+        record = self.governor.free_call(**self._free_kwargs(spec))
+        started = time.monotonic()
+        if self.abandoned.is_set():
+            record(error="cancelled before the tool ran", duration_ms=0)
+            raise _NotRun
+        try:
+            ran = asyncio.run(self._body())
+        except BaseException as exc:
+            record(error=describe(exc), duration_ms=_ms(started))
+            raise
+        record(error=_text(ran.error), duration_ms=_ms(started))
+        return ran.value()
+
+    async def _afree_work(self, spec: FreeTool) -> Any:
+        gov = self.governor
+        record = await gov.in_worker(gov.free_call, **self._free_kwargs(spec))
+        started = time.monotonic()
+        if self.abandoned.is_set():
+            await gov.in_worker(record, error="cancelled before the tool ran", duration_ms=0)
+            raise _NotRun
+        try:
+            ran = await self._body()
+        except BaseException as exc:  # cancelled: write its row without waiting for it
+            gov.submit(record, error=describe(exc), duration_ms=_ms(started))
+            raise
+        await gov.in_worker(record, error=_text(ran.error), duration_ms=_ms(started))
+        return ran.value()
+
+    async def _body(self) -> _Ran:
+        """The tool's own (failure-handling) invocation, its raw exception noted."""
+        attempt = _Attempt()
+        token = _attempt.set(attempt)
+        try:
+            result = await self.invoke(self.ctx, self.args_json)
+        except Exception as exc:
+            return _Ran(None, exc, raised=True)
+        finally:
+            _attempt.reset(token)
+        return _Ran(result, attempt.error)
+
+    def _check_not_abandoned(self) -> None:
+        # The SDK stopped waiting for this call before its tool started: do not start it
+        # now (a hold reserved meanwhile is released by the guard: nothing was sent).
+        if self.abandoned.is_set():
+            raise _NotRun("the run stopped waiting for this call before its tool started")
+
+    # -- admission ----------------------------------------------------------------------------
+    def _priced(self, spec: ToolSpec) -> dict[str, Any]:
+        """The ``guard`` arguments of this call (in a worker: the spec is user code). A
+        refusal by the spec itself stays a refusal; any other failure is a SpecError."""
+        name = self.tool.name
+        try:
+            arguments = json.loads(self.args_json or "{}")
+            if not isinstance(arguments, dict):
+                raise ValueError(f"expected an object, got {type(arguments).__name__}")
+        except ValueError as exc:  # the model's mistake, not the spec's
+            violation = PolicyViolation(
+                ViolationCode.INVALID_REQUEST,
+                f"the arguments of {name} are not a JSON object ({exc})",
+                agent=self.agent,
+                run=self.run_id,
+            )
+            self._refused(spec, violation)
+            raise _BadArguments(violation) from exc
+        try:
+            call = spec.for_call(arguments)
+        except PolicyViolation as violation:
+            raise self._refused(spec, violation) from None
+        except Exception as exc:
+            raise self._spec_failed(spec, exc) from exc
+        return {
+            "agent": self.agent,
+            "run": self.run_id,
+            "run_policy": self.run_policy,
+            "tool_call_id": self.ctx.tool_call_id,
+            **call.as_guard_kwargs(),
+        }
+
+    def _refused(self, spec: ToolSpec, violation: PolicyViolation) -> PolicyViolation:
+        return self.governor.record_refusal(
+            violation,
+            agent=self.agent,
+            vendor=spec.vendor,
+            endpoint=f"/tools/{self.tool.name}",
+            method=spec.method,
+            run=self.run_id,
+            tool_call_id=self.ctx.tool_call_id,
         )
-        return message if message is not None else str(violation)
-    async with governor.aguard(
-        agent=agent, run=run, run_policy=run_policy_of(ctx), tool_call_id=ctx.tool_call_id,
-        **call_spec.as_guard_kwargs(),
-    ) as call:  # fmt: skip
-        result = await invoke(ctx, args_json)
-        error = attempt.error
-        if error is None:
-            try:
-                actual = spec.actual_cost(result)
-            except Exception as exc:  # the tool ran: never release its hold
-                await call.unknown(f"the tool returned, but its cost is unreadable: {exc}")
-                return result
-            await call.settle(actual)
-        elif isinstance(error, STOPS_THE_RUN):  # raised by the tool itself: not the model's
-            raise error
-        elif is_outcome_unknown(error) or isinstance(error, UserError):
-            # A UserError comes from checking the tool's output: its body ran and may
-            # have paid. A timeout or a lost connection may have paid too.
-            await call.unknown(f"the tool failed: {_describe(error)}")
-        else:
-            await call.fail(error=_describe(error))
-        return result
+
+    def _spec_failed(self, spec: ToolSpec, exc: Exception) -> SpecError:
+        name = self.tool.name
+        error = f"the spec of tool {name!r} raised {describe(exc)}"
+        self.governor.record_error(
+            error,
+            agent=self.agent,
+            vendor=spec.vendor,
+            endpoint=f"/tools/{name}",
+            method=spec.method,
+            run=self.run_id,
+            tool_call_id=self.ctx.tool_call_id,
+        )
+        log.error("%s: nothing was reserved or run; the run stops", error, exc_info=exc)
+        return SpecError(f"{error}; nothing was reserved or run", tool=name)
+
+    def _free_kwargs(self, spec: FreeTool) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "vendor": spec.vendor,
+            "endpoint": spec.endpoint(self.tool.name),
+            "run": self.run_id,
+            "tool_call_id": self.ctx.tool_call_id,
+        }
+
+    # -- outcome ------------------------------------------------------------------------------
+    def _verdict(self, spec: ToolSpec, call: GovernedCall, ran: _Ran) -> _Verdict:
+        if ran.error is not None:
+            resolution = decide(
+                ran.error,
+                shared=call.reservation.resumed,
+                unknown_on=(*call.unknown_on, *_ALSO_UNKNOWN_ON),
+            )
+            if resolution is Resolution.UNKNOWN:
+                return _Verdict(resolution, reason=f"the tool failed: {describe(ran.error)}")
+            return _Verdict(resolution, reason=describe(ran.error))
+        try:
+            actual = spec.actual_cost(ran.result, call.estimate)
+        except Exception as exc:  # the tool ran: its hold stays counted
+            reason = f"the tool returned, but its spec's actual failed: {describe(exc)}"
+            return _Verdict(Resolution.UNKNOWN, reason=reason, broken=exc)
+        return _Verdict(decide(None), actual=actual)
+
+    def _returned(self, call: GovernedCall, verdict: _Verdict, ran: _Ran) -> Any:
+        if verdict.broken is not None:
+            name = self.tool.name
+            log.error(
+                "the spec of tool %r could not read what its call cost; hold %s is kept "
+                "counted as unknown for reconciliation and the run stops",
+                name,
+                call.hold_id,
+                exc_info=verdict.broken,
+            )
+            raise SpecError(
+                f"the spec of tool {name!r} could not read what its call cost "
+                f"({describe(verdict.broken)}); hold {call.hold_id} is kept counted as "
+                "unknown: reconcile it with the vendor",
+                tool=name,
+                hold_id=call.hold_id,
+            ) from verdict.broken
+        return ran.value()
 
 
-async def _free(
-    governor: Governor,
-    spec: FreeTool,
-    name: str,
-    agent: str,
-    ctx: ToolContext[Any],
-    args_json: str,
-    invoke: Invoke,
-    attempt: _Attempt,
-) -> Any:
-    record = await governor.in_worker(
-        governor.free_call, agent=agent, vendor=spec.vendor, endpoint=spec.endpoint(name),
-        run=run_id_of(ctx), tool_call_id=ctx.tool_call_id,
-    )  # fmt: skip
-    started = time.monotonic()
-    try:
-        result = await invoke(ctx, args_json)
-    except Exception as exc:
-        await governor.in_worker(record, error=_describe(exc))
-        raise
-    except BaseException as exc:  # cancelled: write its row without waiting for it
-        governor.submit(record, error=_describe(exc) or "cancelled", duration_ms=_ms(started))
-        raise
-    if isinstance(attempt.error, STOPS_THE_RUN):
-        await governor.in_worker(record, error=_describe(attempt.error))
-        raise attempt.error
-    error = _describe(attempt.error) if attempt.error is not None else None
-    await governor.in_worker(record, error=error, duration_ms=_ms(started))
-    return result
+def _apply(call: GovernedCall, verdict: _Verdict) -> None:
+    if verdict.resolution is Resolution.SETTLE:
+        GovernedCall.settle(call, verdict.actual)
+    elif verdict.resolution is Resolution.UNKNOWN:
+        GovernedCall.unknown(call, verdict.reason)
+    else:
+        GovernedCall.fail(call, error=verdict.reason)
+
+
+async def _aapply(call: AsyncGovernedCall, verdict: _Verdict) -> None:
+    if verdict.resolution is Resolution.SETTLE:
+        await call.settle(verdict.actual)
+    elif verdict.resolution is Resolution.UNKNOWN:
+        await call.unknown(verdict.reason)
+    else:
+        await call.fail(error=verdict.reason)
+
+
+def _cancel_when_the_loop_stops(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` if it is still running when the task its event loop runs until
+    complete ends, as ``asyncio.run``'s shutdown would. ``Runner.run_sync`` leaves its loop
+    open but idle after the run: a body still in flight then would stay suspended, its
+    hold pending, until the loop next runs. Cancelled, it is kept ``unknown`` (the
+    cancellation is delivered when ``run_sync`` flushes the loop's async generators; the
+    record is made in a governor worker). On a loop that keeps running (a server's),
+    the body runs on and settles."""
+    loop = task.get_loop()
+    for root in asyncio.all_tasks(loop):
+        # The loop's run_until_complete callback, which stops the loop once its task ends
+        # (asyncio has no public accessor for it).
+        callbacks = getattr(root, "_callbacks", None) or ()
+        if root is not task and any(_stops_the_loop(callback) for callback in callbacks):
+            root.add_done_callback(lambda _: task.cancel())
+            return
+
+
+def _stops_the_loop(callback: Any) -> bool:
+    function = callback[0] if isinstance(callback, tuple) else callback
+    return getattr(function, "__name__", None) == "_run_until_complete_cb"
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _DETACHED.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: its outcome is in the ledger (and the log)
+
+
+async def _told(tool: FunctionTool, ctx: ToolContext[Any], violation: PolicyViolation) -> Any:
+    """What the model is told about arguments that are not JSON: the tool's own failure
+    message, as for arguments the tool itself cannot take."""
+    if resolve_function_tool_failure_error_function(tool, ctx) is None:
+        return model_message(violation) or str(violation)
+    message = await maybe_invoke_function_tool_failure_error_function(
+        function_tool=tool, context=ctx, error=violation
+    )
+    return message if message is not None else str(violation)
 
 
 def _watched(tool: FunctionTool) -> Invoke:
@@ -300,9 +570,8 @@ def _agent_name(ctx: ToolContext[Any]) -> str:
     return ctx.agent.name
 
 
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return text[:500]
+def _text(error: BaseException | None) -> str | None:
+    return None if error is None else describe(error)
 
 
 def _ms(started: float) -> int:
