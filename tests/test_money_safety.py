@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from conftest import refund_policy
 from paymaster import (
     Governor,
     HoldAlreadyResolved,
@@ -20,8 +21,6 @@ from paymaster import (
     ViolationCode,
 )
 from paymaster.money import MAX_AMOUNT
-
-from conftest import refund_policy
 
 MakeGov = Callable[..., Governor]
 USD = "USD"
@@ -400,3 +399,11 @@ def test_a_cancelled_resume_gives_up_its_share(make_governor: MakeGov) -> None:
     held = gov.ledger.get_hold(call_1.hold_id)
     assert held.state is HoldState.RELEASED, held
     assert gov.audit.verify().ok
+
+
+def test_a_tool_spec_without_an_estimate_is_refused_when_wrapped() -> None:
+    from paymaster import FREE, ToolSpec
+    from paymaster.toolspec import check_specs
+
+    with pytest.raises(ValueError, match=r"'refund' has no estimate.*paymaster.FREE"):
+        check_specs(["refund", "look"], {"refund": ToolSpec("stripe", "/v1/refunds"), "look": FREE})

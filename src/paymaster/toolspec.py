@@ -130,6 +130,15 @@ def check_specs(names: Sequence[str], specs: Mapping[str, ToolSpec | FreeTool]) 
     unknown = sorted(set(specs) - set(names))
     if unknown:
         raise ValueError(f"specs name tools that are not given: {', '.join(unknown)}")
+    unpriced = [
+        name for name, spec in specs.items() if isinstance(spec, ToolSpec) and spec.estimate is None
+    ]
+    if unpriced:
+        raise ValueError(
+            f"the spec of {', '.join(map(repr, sorted(unpriced)))} has no estimate: give it "
+            "estimate= (Money, or a function of the arguments returning Money: what one call "
+            "may cost at most), or mark the tool paymaster.FREE if it spends nothing"
+        )
 
 
 def _value(field: T | Callable[[Arguments], T], arguments: Arguments) -> T:
