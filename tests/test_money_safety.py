@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from conftest import refund_policy
 from paymaster import (
+    GovernedCall,
     Governor,
     HoldAlreadyResolved,
     HoldState,
@@ -272,16 +273,18 @@ def test_huge_limits_are_refused_when_loaded(make_governor: MakeGov) -> None:
 def test_huge_amounts_are_refused_when_passed(make_governor: MakeGov) -> None:
     """Before: on SQLite a settle past 2**63-1 silently turned ``committed`` into a REAL."""
     gov = make_governor()
-    with pytest.raises(ValueError, match="estimate"), gov.guard(
-        **REFUND, estimate=Money(MAX_AMOUNT + 1, USD)
+    with (
+        pytest.raises(ValueError, match="estimate"),
+        gov.guard(**REFUND, estimate=Money(MAX_AMOUNT + 1, USD)),
     ):
         pass
     with pytest.raises(TypeError, match=r"estimate must be paymaster.Money.*Money.parse"):
         with gov.guard(**REFUND, estimate="5.00 USD"):  # type: ignore[arg-type]
             pass
-    with pytest.raises(ValueError, match="actual"), gov.guard(
-        **REFUND, estimate=usd("1.00")
-    ) as call:
+    with (
+        pytest.raises(ValueError, match="actual"),
+        gov.guard(**REFUND, estimate=usd("1.00")) as call,
+    ):
         call.settle(Money(2**63, USD))
     [held] = gov.holds()  # the settle failed after the call: kept counted, not released
     assert held.state is HoldState.UNKNOWN
@@ -407,3 +410,245 @@ def test_a_tool_spec_without_an_estimate_is_refused_when_wrapped() -> None:
 
     with pytest.raises(ValueError, match=r"'refund' has no estimate.*paymaster.FREE"):
         check_specs(["refund", "look"], {"refund": ToolSpec("stripe", "/v1/refunds"), "look": FREE})
+
+
+# -- found by the adversarial review of this work -----------------------------------------
+def test_a_decorated_call_whose_actual_raises_keeps_its_hold_counted(
+    make_governor: MakeGov,
+) -> None:
+    """The function returned (the vendor acted) and ``actual=`` then raised. Before: the
+    hold was released as if nothing had moved, and the ValueError passed as the model's."""
+    from paymaster import SpecError
+
+    gov = make_governor()
+    paid: list[int] = []
+
+    def broken_actual(result: dict[str, int]) -> Money:
+        return Money(result["amount_refunded"], USD)  # the vendor's field is "amount"
+
+    @gov.governed(**REFUND, estimate=usd("10.00"), actual=broken_actual)
+    def refund() -> dict[str, int]:
+        paid.append(1000)
+        return {"amount": 1000}
+
+    with pytest.raises(SpecError, match=r"actual= of .*refund raised after the call returned"):
+        refund()
+    assert paid == [1000]
+    [hold] = gov.holds()
+    assert hold.state is HoldState.UNKNOWN
+    assert gov.budgets()[0].committed == usd("10.00")
+    assert outcomes(gov) == ["unknown"]
+
+
+def test_an_async_decorated_call_whose_actual_raises_keeps_its_hold_counted(
+    make_governor: MakeGov,
+) -> None:
+    import asyncio
+
+    from paymaster import SpecError
+
+    gov = make_governor()
+
+    @gov.governed(**REFUND, estimate=usd("10.00"), actual=lambda result: result["missing"])
+    async def refund() -> dict[str, int]:
+        return {"amount": 1000}
+
+    with pytest.raises(SpecError):
+        asyncio.run(refund())
+    [hold] = gov.holds()
+    assert hold.state is HoldState.UNKNOWN
+
+
+def _released_under_an_attempt(gov: Governor) -> tuple[Any, GovernedCall]:
+    """An operator releases a pending hold while its attempt's call is still in flight."""
+    block = gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k")
+    call = block.__enter__()
+    gov.resolve_hold(call.hold_id, release=True, reason="looked stuck", by="ops")
+    return block, call
+
+
+def test_a_late_settle_that_takes_a_budget_past_its_cap_is_an_overrun(
+    make_governor: MakeGov,
+) -> None:
+    """Before: the released room went to another call, the late settle then counted $10
+    more, and the budget stood at $20 against its $10 cap with no overrun and no freeze."""
+    gov = make_governor(refund_policy(daily_cap="10.00", per_call_cap="10.00"))
+    block, call = _released_under_an_attempt(gov)
+    with gov.guard(**REFUND, estimate=usd("10.00")):
+        pass  # the freed room, taken
+    call.settle(usd("10.00"))  # the vendor did pay the first call
+    block.__exit__(None, None, None)
+    [status] = gov.budgets()
+    assert status.committed == usd("20.00") and status.frozen
+    [over] = gov.overruns()
+    assert over.id == call.hold_id and over.overrun == usd("10.00")
+    assert outcomes(gov)[-1] == "overrun"
+    with pytest.raises(PolicyViolation) as refused, gov.guard(**REFUND, estimate=usd("1.00")):
+        pass
+    assert refused.value.code is ViolationCode.BUDGET_FROZEN
+    gov.acknowledge_overrun(call.hold_id, reason="the operator's release was wrong", by="ops")
+    assert not gov.budgets()[0].frozen
+    assert gov.audit.verify().ok
+
+
+def test_a_late_unknown_that_takes_a_budget_past_its_cap_is_an_overrun(
+    make_governor: MakeGov,
+) -> None:
+    gov = make_governor(refund_policy(daily_cap="10.00", per_call_cap="10.00"))
+    block, call = _released_under_an_attempt(gov)
+    with gov.guard(**REFUND, estimate=usd("10.00")):
+        pass
+    assert not block.__exit__(TimeoutError, TimeoutError(), None)  # the block timed out
+    held = gov.ledger.get_hold(call.hold_id)
+    assert held.state is HoldState.UNKNOWN and held.overrun == usd("10.00")
+    assert gov.budgets()[0].frozen
+    # reconciling it keeps the overrun awaiting acknowledgement
+    gov.resolve_hold(call.hold_id, settle=usd("10.00"), reason="Stripe says paid", by="ops")
+    assert [over.id for over in gov.overruns()] == [call.hold_id]
+    gov.acknowledge_overrun(call.hold_id, reason="seen", by="ops")
+    assert not gov.budgets()[0].frozen
+
+
+def test_a_rearmed_hold_is_not_released_by_the_attempt_an_operator_left_running(
+    make_governor: MakeGov,
+) -> None:
+    """Before: the re-arm reset the hold's holder count to 1, so the first attempt's "no
+    money moved" released the hold under the second attempt's paying call."""
+    gov = make_governor(refund_policy(daily_cap="10.00", per_call_cap="10.00"))
+    block, call_1 = _released_under_an_attempt(gov)
+    with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k") as call_2:
+        assert call_2.hold_id == call_1.hold_id  # the released hold, re-armed
+        call_1.fail(http_status=409, error="idempotency key in use")
+        block.__exit__(None, None, None)
+        assert gov.ledger.get_hold(call_1.hold_id).state is HoldState.PENDING
+        with pytest.raises(PolicyViolation), gov.guard(**REFUND, estimate=usd("10.00")):
+            pass  # the cap is still held for call 2
+        call_2.settle(usd("10.00"))
+    [status] = gov.budgets()
+    assert status.committed == usd("10.00") and not status.frozen
+
+
+def test_a_freeze_outlives_the_day_it_happened_on(make_governor: MakeGov, clock: Any) -> None:
+    """Before: a new UTC day's budget row was unfrozen, so the agent went on at midnight
+    with its overrun never acknowledged."""
+    gov = make_governor()
+    with gov.guard(**REFUND, estimate=usd("10.00")) as call:
+        call.settle(usd("12.00"))
+    clock.advance(days=1)
+    with pytest.raises(PolicyViolation) as refused, gov.guard(**REFUND, estimate=usd("1.00")):
+        pass
+    assert refused.value.code is ViolationCode.BUDGET_FROZEN
+    assert call.hold_id in refused.value.message
+    gov.acknowledge_overrun(call.hold_id, reason="vendor fee", by="ops")
+    with gov.guard(**REFUND, estimate=usd("1.00")):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "code"),
+    [
+        ({"estimate": Money(-1, USD)}, ValueError, "invalid_request"),
+        ({"estimate": Money(MAX_AMOUNT + 1, USD)}, ValueError, "invalid_request"),
+        ({"estimate": usd("1.00"), "free": True}, ValueError, "invalid_request"),
+        ({"estimate": 100}, TypeError, "invalid_request"),
+        (
+            {"estimate": usd("1.00"), "run": "r", "run_policy": RunPolicy(cap="500.00 USD")},
+            ValueError,
+            "run_policy_widened",
+        ),
+    ],
+)
+def test_an_attempt_refused_for_bad_input_leaves_its_row(
+    make_governor: MakeGov, arguments: dict[str, Any], error: type[Exception], code: str
+) -> None:
+    """Before: these raised before anything was audited, so the attempt left no row."""
+    gov = make_governor()
+    with pytest.raises(error), gov.guard(**REFUND, **arguments):
+        pass
+    [row] = gov.audit.query()
+    assert (row.outcome, row.violation_code) == ("denied", code)
+    assert row.error
+    assert gov.audit.verify().ok
+
+
+def test_an_aguard_cancelled_while_it_is_checked_leaves_its_row(make_governor: MakeGov) -> None:
+    """Before: the checks ran in one worker job and the reserve in another; a task
+    cancelled between them reserved nothing and wrote no row."""
+    import asyncio
+
+    gov = make_governor()
+    entered, go_on = threading.Event(), threading.Event()
+    require = gov.policies.require
+
+    def slow_require(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        go_on.wait(timeout=10)
+        return require(*args, **kwargs)
+
+    gov.policies.require = slow_require  # type: ignore[method-assign]
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(gov.aguard(**REFUND, estimate=usd("10.00")).__aenter__())
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait)
+        task.cancel()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    [row] = gov.audit.query()
+    assert row.outcome == "errored" and row.error == "task cancelled before the call was made"
+    assert gov.budgets()[0].committed == usd("0.00")
+
+
+def _lose_the_first_try(gov: Governor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next ledger write's first transaction dies before its COMMIT (rolled back); the
+    write is then retried, told that it may have committed."""
+    ledger = gov.ledger
+    real_write = ledger._write
+
+    class Lost(Exception):
+        pass
+
+    def write(action: str, consequence: str, work: Callable[..., Any]) -> Any:
+        monkeypatch.setattr(ledger, "_write", real_write)
+        try:
+            with ledger._engine.begin() as conn:
+                work(conn, False)
+                raise Lost
+        except Lost:
+            pass
+        with ledger._engine.begin() as conn:
+            return work(conn, True)
+
+    monkeypatch.setattr(ledger, "_write", write)
+
+
+def test_a_retried_resolve_never_takes_another_attempts_row_for_its_own(
+    make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two attempts on one hold end at the same instant; the second one's first try is
+    lost. Before: its retry found the first attempt's row (same hold, same time), took it
+    for its own, and wrote nothing: its settle vanished and the hold stayed pending."""
+    gov = make_governor()
+    first = gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k")
+    call_1 = first.__enter__()
+    with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k") as call_2:
+        call_1.fail(http_status=409, error="in progress")
+        first.__exit__(None, None, None)
+        _lose_the_first_try(gov, monkeypatch)
+        call_2.settle(usd("10.00"))
+    assert outcomes(gov) == ["failed", "allowed"]
+    assert gov.ledger.get_hold(call_1.hold_id).state is HoldState.SETTLED
+
+
+def test_a_retried_denial_never_takes_another_attempts_row_for_its_own(
+    make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gov = make_governor(refund_policy(daily_cap="10.00", per_call_cap="10.00"))
+    for lost in (False, True):
+        if lost:
+            _lose_the_first_try(gov, monkeypatch)
+        with pytest.raises(PolicyViolation), gov.guard(**REFUND, estimate=usd("11.00")):
+            pass
+    assert outcomes(gov) == ["denied", "denied"]

@@ -15,6 +15,7 @@ from .errors import (
     PolicyError,
     PolicyViolation,
     SchemaVersionError,
+    SpecError,
     ViolationCode,
 )
 from .governor import GovernedCall, Governor
@@ -57,6 +58,7 @@ __all__ = [
     "RunPolicy",
     "RunSummary",
     "SchemaVersionError",
+    "SpecError",
     "ToolSpec",
     "VerifyResult",
     "ViolationCode",

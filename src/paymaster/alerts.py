@@ -569,7 +569,8 @@ def stale_hold_alert(hold: Hold, at: datetime, older_than: timedelta) -> Alert:
 
 
 def overrun_alert(hold: Hold, at: datetime) -> Alert:
-    """The alert for a hold settled above its reservation (its budgets are frozen)."""
+    """The alert for a hold that moved money its reservation did not cover (settled above
+    it, or counted late past its budget's cap): its budgets are frozen."""
     return Alert(
         kind=AlertKind.OVERRUN,
         at=at,
@@ -582,8 +583,8 @@ def overrun_alert(hold: Hold, at: datetime) -> Alert:
         policy_id=hold.policy_id,
         message=(
             f"overrun: hold {hold.id} ({hold.agent}/{hold.vendor} {hold.method} "
-            f"{hold.endpoint}) settled {hold.actual} above its reservation of "
-            f"{hold.estimate}; its budgets are frozen until acknowledged with "
+            f"{hold.endpoint}) moved {hold.overrun} that its reservation of "
+            f"{hold.estimate} did not cover; its budgets are frozen until acknowledged with "
             f"`paymaster holds acknowledge {hold.id} --reason ...`"
         ),
     )

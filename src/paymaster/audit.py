@@ -31,7 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from . import statements as S
 from .db import read_only
 from .money import Money
-from .schema import audit, audit_chain
+from .schema import AUDIT_RECORD_COLUMNS, audit, audit_chain
 
 __all__ = ["AuditEntry", "AuditLog", "AuditRecord", "Outcome", "RunSummary", "VerifyResult"]
 
@@ -173,8 +173,9 @@ def _hashed_fields(record: AuditRecord) -> dict[str, Any]:
 _ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
 
 
-def append(conn: Connection, entry: AuditEntry, at: datetime) -> None:
-    """Append one row in the caller's transaction.
+def append(conn: Connection, entry: AuditEntry, at: datetime, token: str | None = None) -> None:
+    """Append one row in the caller's transaction. ``token`` (unhashed) lets a retry after
+    a lost COMMIT reply find this very row (:data:`paymaster.statements.AUDIT_WRITTEN`).
 
     The row is built before the agent type's chain head is locked; the lock is taken by
     ``UPDATE ... SET seq = seq + 1 RETURNING seq, head`` (``head`` is still the previous
@@ -196,6 +197,7 @@ def append(conn: Connection, entry: AuditEntry, at: datetime) -> None:
         head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).one()
     values.update(seq=int(head.seq), prev_hash=str(head.head))
     values["hash"] = row_hash(values)
+    values["write_token"] = token
     if postgres:
         params = {f"a_{name}": value for name, value in values.items()}
         conn.execute(
@@ -247,7 +249,7 @@ class AuditLog:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> Any:
-        query = select(audit)
+        query = select(*AUDIT_RECORD_COLUMNS)
         if run is not None:
             query = query.where(audit.c.run == run)
         if agent is not None:
@@ -382,7 +384,7 @@ class AuditLog:
         expected_seq, prev, last_id, checked = 1, GENESIS, 0, 0
         while True:
             query = (
-                select(audit)
+                select(*AUDIT_RECORD_COLUMNS)
                 .where(
                     audit.c.chain == chain,
                     audit.c.seq >= expected_seq,

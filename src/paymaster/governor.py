@@ -34,7 +34,7 @@ from sqlalchemy import Engine
 from .alerts import Alert, AlertConfig, Alerter, stale_hold_alert
 from .audit import AuditEntry, AuditLog, Outcome
 from .db import SQLiteSync, connect, ensure_schema, is_configured
-from .errors import HoldAlreadyResolved, PolicyViolation, ViolationCode
+from .errors import HoldAlreadyResolved, PolicyError, PolicyViolation, SpecError, ViolationCode
 from .ledger import (
     BudgetStatus,
     Hold,
@@ -47,7 +47,7 @@ from .ledger import (
 )
 from .loading import load_policies
 from .money import Money
-from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, decide
+from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, decide, describe
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
 if TYPE_CHECKING:
@@ -355,13 +355,6 @@ class Governor:
         """The pure checks; a violation is audited (the only I/O) and raised."""
         method = method.upper()
         free = free or pricing_lookup
-        if estimate is not None:
-            check_amount(estimate, "estimate")
-            if free and estimate.amount:
-                raise ValueError(
-                    "a free call (free=True or pricing_lookup=True) cannot carry an "
-                    f"estimate of {estimate.format()}: drop free=True, or the estimate"
-                )
         try:
             policy_set_entry = self.policies.require(agent, vendor, run=run)
         except PolicyViolation as violation:
@@ -377,7 +370,28 @@ class Governor:
                 tool_call_id=tool_call_id,
             )
             raise
-        policy = self._effective(policy_set_entry, run_policy)
+        try:
+            _check_estimate(estimate, free)
+            policy = self._effective(policy_set_entry, run_policy)
+        except (TypeError, ValueError) as bad:
+            # Bad input is the caller's error, raised as it is; the attempt still leaves
+            # its row (a refusal naming what was wrong), as every attempt does.
+            code = (
+                ViolationCode.RUN_POLICY_WIDENED
+                if isinstance(bad, PolicyError)
+                else ViolationCode.INVALID_REQUEST
+            )
+            self.record_refusal(
+                PolicyViolation(code, str(bad), agent=agent, run=run, vendor=vendor),
+                agent=agent,
+                vendor=vendor,
+                endpoint=endpoint,
+                method=method,
+                run=run,
+                customer=customer,
+                tool_call_id=tool_call_id,
+            )
+            raise
         cost = estimate if estimate is not None else Money.zero(policy.currency)
         request = ReserveRequest(
             agent=agent,
@@ -694,9 +708,6 @@ class Governor:
         :meth:`close` waits for it."""
         return self._executor.submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
-    async def _off_loop(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
     async def _to_completion(
         self,
         fn: Callable[..., T],
@@ -790,7 +801,7 @@ class Governor:
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                     async with self.aguard(**spec(args, kwargs)) as call:
                         result = await fn(*args, **kwargs)
-                        await call.settle(actual(result) if actual else None)
+                        await call.settle(_cost_of(call, fn, actual, result))
                         return result
 
                 return cast(F, async_wrapper)
@@ -799,7 +810,7 @@ class Governor:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 with self.guard(**spec(args, kwargs)) as call:
                     result = fn(*args, **kwargs)
-                    call.settle(actual(result) if actual else None)
+                    call.settle(_cost_of(call, fn, actual, result))
                     return result
 
             return cast(F, wrapper)
@@ -898,19 +909,23 @@ class _ReserveJob:
     for it was cancelled meanwhile (a framework may abandon that task, never resuming it
     to do so)."""
 
-    def __init__(self, governor: Governor, request: ReserveRequest) -> None:
+    def __init__(self, governor: Governor, prepare: Callable[[], ReserveRequest]) -> None:
         self._governor = governor
-        self._request = request
+        # The checks run in the same job as the reserve, so a task cancelled during
+        # either still leaves its attempt's row: a refusal, or the freed reservation.
+        self._prepare = prepare
+        self.request: ReserveRequest | None = None
         self._lock = threading.Lock()
-        self._abandoned = False
+        self.abandoned = False
         self._reservation: Reservation | None = None
         self._released = threading.Event()
 
     def run(self) -> Reservation:
-        reservation = self._governor.ledger.reserve(self._request)
+        self.request = self._prepare()
+        reservation = self._governor.ledger.reserve(self.request)
         with self._lock:
             self._reservation = reservation
-            abandoned = self._abandoned
+            abandoned = self.abandoned
         if abandoned:
             self._release()
         return reservation
@@ -918,7 +933,7 @@ class _ReserveJob:
     def abandon(self) -> None:
         """The asking task was cancelled (on the event loop)."""
         with self._lock:
-            self._abandoned = True
+            self.abandoned = True
             landed = self._reservation is not None
         if landed:  # reserved already: free it in a worker, without waiting
             self._governor._executor.submit(self._release)
@@ -973,9 +988,15 @@ class AsyncGuard:
 
     async def _enter(self) -> AsyncGovernedCall:
         gov = self._governor
-        request = await gov._off_loop(self._prepare)
-        job = _ReserveJob(gov, request)
-        reservation, cancelled = await gov._to_completion(job.run, on_cancel=job.abandon)
+        job = _ReserveJob(gov, self._prepare)
+        try:
+            reservation, cancelled = await gov._to_completion(job.run, on_cancel=job.abandon)
+        except Exception as exc:
+            if job.abandoned:  # refused (and audited) while the task was being cancelled
+                raise asyncio.CancelledError from exc
+            raise
+        request = job.request
+        assert request is not None
         if cancelled:
             # The job frees the hold in its worker thread (the call never ran), so it is
             # freed even if this task is abandoned now; wait for that when we can.
@@ -1059,6 +1080,42 @@ class AsyncGovernedCall(GovernedCall):
 
     async def unknown(self, error: str) -> Hold:  # type: ignore[override]
         return await self._governor._finish(GovernedCall.unknown, self, error)
+
+
+def _check_estimate(estimate: Money | None, free: bool) -> None:
+    if estimate is None:
+        return
+    check_amount(estimate, "estimate")
+    if free and estimate.amount:
+        raise ValueError(
+            "a free call (free=True or pricing_lookup=True) cannot carry an "
+            f"estimate of {estimate.format()}: drop free=True, or the estimate"
+        )
+
+
+def _cost_of(
+    call: GovernedCall,
+    fn: Callable[..., Any],
+    actual: Callable[[Any], Money | int | None] | None,
+    result: Any,
+) -> Money | int | None:
+    """What a decorated call cost, by its ``actual=``. The function has returned, so money
+    may have moved: from here on a failure keeps the hold counted (unknown), never releases
+    it, and a failing ``actual`` is a :class:`SpecError` naming the hold."""
+    call._attempted = True
+    if actual is None:
+        return None
+    try:
+        return actual(result)
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise SpecError(
+            f"actual= of {name} raised after the call returned ({describe(exc)}); hold "
+            f"{call.hold_id} stays counted as unknown until an operator reconciles it: "
+            "fix the actual function",
+            tool=name,
+            hold_id=call.hold_id,
+        ) from exc
 
 
 def _close_call(

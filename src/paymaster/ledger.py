@@ -255,6 +255,22 @@ class _Step:
     outcome: Outcome | None = None
 
 
+def _token() -> str:
+    """A write's own token, stored (unhashed) on the audit row it writes."""
+    return uuid.uuid4().hex
+
+
+def _written(conn: Connection, at: datetime, token: str) -> bool:
+    """Whether the write holding ``token`` committed its audit row (its reply was lost)."""
+    return conn.execute(S.AUDIT_WRITTEN, {"p_at": at, "p_token": token}).first() is not None
+
+
+def _frozen_by(found: Hold) -> bool:
+    """Whether ``found`` has an overrun still awaiting acknowledgement (its budgets are
+    frozen by it already)."""
+    return found.overrun is not None and found.overrun_acknowledged_at is None
+
+
 def _joined(*parts: str | None) -> str | None:
     text = "; ".join(part for part in parts if part)
     return text or None
@@ -262,13 +278,14 @@ def _joined(*parts: str | None) -> str | None:
 
 def _overrun_note(step: _Step, per_call_cap: Money | None) -> str | None:
     over = step.hold.overrun
-    if not step.freeze or over is None or step.hold.actual is None:
+    actual = step.hold.actual
+    if not step.freeze or over is None or actual is None or actual <= step.hold.estimate:
         return None
     note = (
-        f"overrun: settled {step.hold.actual.format()} above its reservation of "
+        f"overrun: settled {actual.format()} above its reservation of "
         f"{step.hold.estimate.format()} (by {over.format()})"
     )
-    if per_call_cap is not None and step.hold.actual > per_call_cap:
+    if per_call_cap is not None and actual > per_call_cap:
         note += f", above the per-call cap of {per_call_cap.format()}"
     return (
         note + f"; its budgets are frozen until an operator acknowledges it "
@@ -529,9 +546,8 @@ class Ledger:
         else:  # a released hold retried with its key: reserve it again
             hold_id = existing.id
             written.append(hold_id)
-            rearmed = conn.execute(
-                S.REARM_HOLD, {"p_id": hold_id, **{f"p_{k}": v for k, v in fields.items()}}
-            )
+            rearm = {f"p_{k}": v for k, v in fields.items() if k not in ("attempts", "holders")}
+            rearmed = conn.execute(S.REARM_HOLD, {"p_id": hold_id, **rearm})
             if rearmed.rowcount != 1:
                 raise _Retry
         # Budget rows last, and the hottest (the agent type's day) last of all, so its row
@@ -639,8 +655,9 @@ class Ledger:
                 if budget_id is None
                 else conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
             )
-            if state is not None and int(state.frozen) > 0:
-                raise _Denied(self._frozen(conn, req, budget_id))  # type: ignore[arg-type]
+            if state is not None:
+                daily = budget_id == found.daily_budget_id
+                self._refuse_if_frozen(conn, req, budget_id, int(state.frozen), daily)  # type: ignore[arg-type]
         row = conn.execute(S.RESUME_HOLD, {"p_id": found.id}).first()
         if row is None:
             raise _Retry
@@ -699,8 +716,7 @@ class Ledger:
         if row is None:
             raise _StaleBudgetId
         committed, calls = int(row.committed), int(row.calls)
-        if int(row.frozen) > 0:
-            raise _Denied(self._frozen(conn, req, budget_id))
+        self._refuse_if_frozen(conn, req, budget_id, int(row.frozen), daily=check_revoked)
         policy = req.policy
         if cap is not None and committed + x > cap:
             left = Money(max(cap - committed, 0), currency)
@@ -840,20 +856,38 @@ class Ledger:
         calls = min((c for c in (stored_calls, asked_calls) if c is not None), default=None)
         return cap, calls
 
-    def _frozen(self, conn: Connection, req: ReserveRequest, budget_id: int) -> PolicyViolation:
-        """The refusal of a call on a budget that an unacknowledged overrun froze."""
-        overruns = conn.execute(S.UNACKNOWLEDGED_OVERRUNS, {"p_bid": budget_id}).all()
+    def _refuse_if_frozen(
+        self, conn: Connection, req: ReserveRequest, budget_id: int, frozen: int, daily: bool
+    ) -> None:
+        """Refuse a call on a budget that an unacknowledged overrun froze: one of its own
+        holds' (its ``frozen`` count) or, for a daily budget, any of its agent type's, so
+        that a freeze outlives the day it happened on."""
+        if frozen <= 0 and not daily:
+            return
+        overruns = conn.execute(
+            S.UNACKNOWLEDGED_OVERRUNS,
+            {
+                "p_bid": budget_id,
+                "p_agent": req.agent,
+                "p_vendor": req.vendor,
+                "p_currency": req.policy.currency,
+            },
+        ).all()
+        if not overruns and frozen <= 0:
+            return
         named = ", ".join(
             f"hold {r.id} (over by {Money(int(r.overrun), r.currency).format()})" for r in overruns
         )
         first = overruns[0].id if overruns else "HOLD"
-        return self._violation(
-            req,
-            ViolationCode.BUDGET_FROZEN,
-            f"the budget is frozen: a call settled above its reservation "
-            f"({named or 'an overrun'}); "
-            f"an operator must acknowledge it first: Governor.acknowledge_overrun({first!r}, "
-            f"reason=...) or `paymaster holds acknowledge {first} --reason ...`",
+        raise _Denied(
+            self._violation(
+                req,
+                ViolationCode.BUDGET_FROZEN,
+                f"the budget is frozen: a call moved money its reservation did not cover "
+                f"({named or 'an overrun'}); an operator must acknowledge it first: "
+                f"Governor.acknowledge_overrun({first!r}, reason=...) or "
+                f"`paymaster holds acknowledge {first} --reason ...`",
+            )
         )
 
     def _check_revoked(self, conn: Connection, req: ReserveRequest) -> None:
@@ -890,14 +924,15 @@ class Ledger:
         return f"{what} is revoked: {row.reason}"
 
     def record(self, entry: AuditEntry) -> None:
-        """Append the audit row of a call that reserved nothing (a free tool's call).
-        After a lost COMMIT reply the row may be written twice; it moves no budget."""
-        at = self.now()
-        self._write(
-            "auditing a free call",
-            "so this free call's audit row was not written",
-            lambda conn, retrying: audit_log.append(conn, entry, at),
-        )
+        """Append the audit row of a call that reserved nothing (a free tool's call, or an
+        attempt that ended before anything was reserved)."""
+        at, token = self.now(), _token()
+
+        def work(conn: Connection, retrying: bool) -> None:
+            if not (retrying and _written(conn, at, token)):
+                audit_log.append(conn, entry, at, token)
+
+        self._write("auditing a call", "so this call's audit row was not written", work)
 
     def record_denial(
         self,
@@ -929,16 +964,14 @@ class Ledger:
                 tool_call_id=request.tool_call_id,
             )
         consequence = f"the call was refused ({violation.code}) but its audit row was not written"
-        at = self.now()
+        at, token = self.now(), _token()
         alerts = self.alerts
         batches: list[AlertBatch] = []
 
         def work(conn: Connection, retrying: bool) -> None:
             batches.clear()
-            if retrying:  # written already by an attempt whose COMMIT reply was lost?
-                params = {"p_chain": entry.agent, "p_at": at, "p_endpoint": entry.endpoint}
-                if conn.execute(S.DENIAL_AT, {**params, "p_code": entry.violation_code}).first():
-                    return
+            if retrying and _written(conn, at, token):  # the first try's COMMIT reply was lost
+                return
             if alerts is not None and exhausted is not None:
                 # Before the audit append: alert rows, then the chain head (one lock order).
                 ref, committed, cap = exhausted.budget, exhausted.committed, exhausted.cap
@@ -956,7 +989,7 @@ class Ledger:
                         at=at,
                         refused=exhausted.refused,
                     )
-            audit_log.append(conn, entry, at)
+            audit_log.append(conn, entry, at, token)
 
         self._write("auditing a denial", consequence, work)
         if alerts is not None:
@@ -1094,7 +1127,7 @@ class Ledger:
         if actual is not None:
             check_amount(actual, "actual")
         amount = actual.amount if actual is not None else 0
-        now = self.now()
+        now, token = self.now(), _token()
         action = f"recording hold {hold_id} as {state}"
         alerts = self.alerts
         batches: list[AlertBatch] = []
@@ -1105,8 +1138,7 @@ class Ledger:
             overruns.clear()
             if retrying:  # the first attempt may have committed with its reply lost
                 mine = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
-                ours = conn.execute(S.AUDIT_OF_HOLD_AT, {"p_hold": hold_id, "p_at": now}).first()
-                if mine is not None and ours is not None:
+                if mine is not None and _written(conn, now, token):
                     return Hold.from_row(mine)
             step = self._transition(conn, hold_id, state, amount, now, by, reason, operator)
             resolved = step.hold
@@ -1116,7 +1148,19 @@ class Ledger:
                     f"hold {hold_id} is in {currency}; cannot settle it in {actual.currency}"
                 )
             if step.delta or step.freeze:
-                self._adjust(conn, resolved, step.delta, step.freeze, now, batches)
+                beyond = self._adjust(conn, resolved, step.delta, step.freeze, now, batches)
+                if beyond and not operator and not step.freeze and not _frozen_by(resolved):
+                    # Money counted late (the hold had been freed under this attempt, and
+                    # the room given to other calls) took a budget past its cap: the cap
+                    # did not bound it, so it is an overrun like any other.
+                    step.hold = resolved = self._beyond_cap(conn, resolved, beyond, now)
+                    step.freeze = 1
+                    step.note = _joined(
+                        step.note,
+                        f"counting it took its budget {Money(beyond, currency).format()} past "
+                        "its cap: an overrun; its budgets are frozen until an operator "
+                        f"acknowledges it (paymaster holds acknowledge {hold_id})",
+                    )
             if step.freeze:
                 overruns.append(resolved)
             entry = replace(
@@ -1137,7 +1181,7 @@ class Ledger:
                 error=_joined(template.error, step.note, _overrun_note(step, per_call_cap)),
                 outcome=Outcome.OVERRUN if step.freeze else step.outcome or template.outcome,
             )
-            audit_log.append(conn, entry, now)
+            audit_log.append(conn, entry, now, token)
             return resolved
 
         observer = self.observer
@@ -1149,8 +1193,8 @@ class Ledger:
                 observer.resolved(state, done, time.perf_counter() - started)
         for over in overruns:
             log.warning(
-                "overrun: hold %s (%s/%s %s %s) settled %s above its reservation of %s; its "
-                "budgets are frozen until an operator acknowledges it",
+                "overrun: hold %s (%s/%s %s %s) moved %s that its reservation of %s did not "
+                "cover; its budgets are frozen until an operator acknowledges it",
                 over.id,
                 over.agent,
                 over.vendor,
@@ -1188,6 +1232,9 @@ class Ledger:
         # same, or the hold would be settled or unknown). An operator decides for all.
         max_holders = 1 if state is HoldState.RELEASED and not operator else _ANY_HOLDERS
         for previous in sources:
+            # Only an unknown hold can carry an overrun already (money counted late past
+            # its cap): that one stays as it is, neither frozen again nor acknowledged.
+            had_overrun = previous is HoldState.UNKNOWN and self._has_overrun(conn, hold_id)
             row = conn.execute(
                 S.RESOLVE_HOLD,
                 {
@@ -1212,7 +1259,7 @@ class Ledger:
             step = _Step(resolved, delta, counted=amount if settle else 0)
             if previous is HoldState.UNKNOWN and operator:
                 step.outcome = Outcome.RECONCILED
-            if resolved.overrun is not None:
+            if resolved.overrun is not None and not had_overrun:
                 if operator:  # the operator saw the amount: recorded, acknowledged
                     step.hold = self._acknowledged(conn, resolved, now, by, reason)
                 else:
@@ -1229,6 +1276,11 @@ class Ledger:
             )
         dropped = conn.execute(S.DROP_HOLDER, {"p_id": hold_id, "p_done": 1}).one()
         return self._late(conn, Hold.from_row(dropped), state, amount, now)
+
+    @staticmethod
+    def _has_overrun(conn: Connection, hold_id: str) -> bool:
+        row = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+        return row is not None and row.overrun is not None
 
     def _late(
         self, conn: Connection, found: Hold, state: HoldState, amount: int, now: datetime
@@ -1333,10 +1385,11 @@ class Ledger:
         freeze: int,
         now: datetime,
         batches: list[AlertBatch],
-    ) -> None:
+    ) -> int:
         """Move the hold's budgets by ``delta`` (and freeze them), run's row first: the
-        reserve's order, so no lock cycles."""
-        rising = self.alerts is not None and delta > 0  # may cross a threshold
+        reserve's order, so no lock cycles. Returns how far this delta took a budget past
+        its cap (0 when none)."""
+        rising = delta > 0  # may cross a threshold, or the cap
         adjusted = []
         for budget_id in (resolved.run_budget_id, resolved.daily_budget_id):
             if budget_id is None:
@@ -1346,9 +1399,24 @@ class Ledger:
                 adjusted.append(conn.execute(S.ADJUST_BUDGET_RETURNING, params).one())
             else:
                 conn.execute(S.ADJUST_BUDGET, params)
-        if adjusted:
+        if adjusted and self.alerts is not None:
             batches.append(AlertBatch())
             self._alert_adjusted(conn, batches[0], resolved, adjusted, now)
+        beyond = [
+            min(delta, int(row.committed) - int(row.cap)) for row in adjusted if row.cap is not None
+        ]
+        return max([0, *beyond])
+
+    def _beyond_cap(self, conn: Connection, found: Hold, beyond: int, now: datetime) -> Hold:
+        """Record on ``found`` (locked by this transaction) that money counted late went
+        ``beyond`` its cap, and freeze its budgets until that is acknowledged."""
+        for budget_id in (found.run_budget_id, found.daily_budget_id):
+            if budget_id is not None:
+                conn.execute(S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": 0, "p_freeze": 1})
+        actual = None if found.actual is None else found.actual.amount
+        return self._set(
+            conn, found, found.state, actual, now, Money(beyond, found.estimate.currency)
+        )
 
     def acknowledge_overrun(self, hold_id: str, *, reason: str, by: str) -> Hold:
         """An operator has looked at an overrun: unfreeze the budgets it froze (they keep

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, Select, func, select
 
 from .audit import AuditRecord
 from .db import ensure_schema, read_only
-from .schema import audit
+from .schema import AUDIT_RECORD_COLUMNS, audit
 
 __all__ = [
     "EXPORT_FIELDS",
@@ -122,7 +122,7 @@ def latest_audit(
     engine: Engine, where: AuditFilter, limit: int, *, before_id: int | None = None
 ) -> list[AuditRecord]:
     """The ``limit`` newest matching rows (below ``before_id`` if given), oldest first."""
-    query = where.apply(select(audit))
+    query = where.apply(select(*AUDIT_RECORD_COLUMNS))
     if before_id is not None:
         query = query.where(audit.c.id < before_id)
     query = query.order_by(audit.c.id.desc()).limit(limit)
@@ -184,7 +184,7 @@ class AuditFollower:
         low = max(self._high - self._lookback, 0)
         while True:
             query = (
-                self._where.apply(select(audit))
+                self._where.apply(select(*AUDIT_RECORD_COLUMNS))
                 .where(audit.c.id > low)
                 .order_by(audit.c.id)
                 .limit(self._batch)

@@ -24,10 +24,12 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
 )
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "AUDIT_RECORD_COLUMNS",
     "alert",
     "audit",
     "audit_chain",
@@ -134,6 +136,18 @@ hold = Table(
     Index("ix_hold_run", "run"),
 )
 
+#: The holds whose overrun still awaits acknowledgement, by agent type: while one exists,
+#: the agent type's daily budgets are frozen, whichever day's row a reserve takes.
+_UNACKNOWLEDGED = and_(hold.c.overrun.is_not(None), hold.c.overrun_acknowledged_at.is_(None))
+Index(
+    "ix_hold_unacknowledged_overrun",
+    hold.c.agent,
+    hold.c.vendor,
+    hold.c.currency,
+    sqlite_where=_UNACKNOWLEDGED,
+    postgresql_where=_UNACKNOWLEDGED,
+)
+
 #: One row per budget threshold alert fired (revision 0003). The unique key is what makes
 #: a threshold fire once per budget window (a budget row is one window) across processes:
 #: the transaction whose insert lands is the one whose process emits the alert.
@@ -193,6 +207,10 @@ audit = Table(
     Column("seq", BigInteger, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # Not hashed, not part of the record: a random token of the write that made the row
+    # (revision 0005), so a retry after a lost COMMIT reply recognises its own row, never
+    # another attempt's written at the same instant.
+    Column("write_token", String(32), nullable=True),
     UniqueConstraint("chain", "seq", name="uq_audit_chain_seq"),
     Index("ix_audit_run", "run"),
     Index("ix_audit_agent_at", "agent", "at"),
@@ -242,3 +260,6 @@ proxy_replay = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_proxy_replay_created", "created_at"),
 )
+
+#: The columns of a stored audit record (:class:`paymaster.audit.AuditRecord`).
+AUDIT_RECORD_COLUMNS = tuple(column for column in audit.c if column.name != "write_token")

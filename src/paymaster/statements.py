@@ -34,11 +34,10 @@ __all__ = [
     "ADJUST_BUDGET",
     "ADJUST_BUDGET_RETURNING",
     "AUDIT_INSERT",
-    "AUDIT_OF_HOLD_AT",
+    "AUDIT_WRITTEN",
     "BUDGET_STATE",
     "CHAIN_NEXT",
     "CHAIN_SET_HEAD",
-    "DENIAL_AT",
     "DROP_HOLDER",
     "HOLD_BY_ID",
     "HOLD_BY_ID_LOCKED",
@@ -77,22 +76,11 @@ HOLD_BY_KEY = select(hold).where(hold.c.idempotency_key == bindparam("p_key")).w
 HOLD_BY_ID = select(hold).where(hold.c.id == bindparam("p_id"))
 #: Waits for a transaction still committing the hold (a retry after a lost COMMIT reply).
 HOLD_BY_ID_LOCKED = HOLD_BY_ID.with_for_update()
-#: The audit row a resolution wrote: immutable proof that that transaction committed.
-AUDIT_OF_HOLD_AT = (
+#: The audit row a write made (found by its token): immutable proof that the write's
+#: transaction committed, for a retry after a lost COMMIT reply.
+AUDIT_WRITTEN = (
     select(audit.c.id)
-    .where(audit.c.hold_id == bindparam("p_hold"), audit.c.at == bindparam("p_at"))
-    .limit(1)
-)
-#: The row of a denial, to recognise one already written by an attempt whose reply was lost.
-DENIAL_AT = (
-    select(audit.c.id)
-    .where(
-        audit.c.chain == bindparam("p_chain"),
-        audit.c.at == bindparam("p_at"),
-        audit.c.hold_id.is_(None),
-        audit.c.endpoint == bindparam("p_endpoint"),
-        audit.c.violation_code == bindparam("p_code"),
-    )
+    .where(audit.c.at == bindparam("p_at"), audit.c.write_token == bindparam("p_token"))
     .limit(1)
 )
 INSERT_HOLD: Insert = insert(hold)
@@ -105,10 +93,15 @@ REARM_HOLD: Update = (
             **{
                 column: bindparam(f"p_{column.name}")
                 for column in hold.c
-                if column.name not in ("id", "idempotency_key", "stale_alerted_at")
+                if column.name
+                not in ("id", "idempotency_key", "stale_alerted_at", "attempts", "holders")
             },
             # A hold reserved again may go stale, and alert, again.
             hold.c.stale_alerted_at: None,
+            # An attempt an operator's release left running still holds it: the new
+            # attempt joins it rather than resetting the count it may release against.
+            hold.c.attempts: hold.c.attempts + 1,
+            hold.c.holders: hold.c.holders + 1,
         }
     )
 )
@@ -137,7 +130,12 @@ RESOLVE_HOLD: Update = (
         resolved_at=bindparam("p_at"),
         resolved_by=bindparam("p_by"),
         resolution=bindparam("p_reason"),
-        overrun=case((hold.c.estimate < _ACTUAL, _ACTUAL - hold.c.estimate), else_=None),
+        # An unknown hold may carry an overrun already (counted late past its cap): kept.
+        overrun=case(
+            (hold.c.overrun.is_not(None), hold.c.overrun),
+            (hold.c.estimate < _ACTUAL, _ACTUAL - hold.c.estimate),
+            else_=None,
+        ),
     )
     .returning(*hold.c)
 )
@@ -179,13 +177,29 @@ DROP_HOLDER: Update = (
     .returning(*hold.c)
 )
 
-#: The overruns that keep a budget frozen (for the refusal's message).
+#: An overrun awaiting acknowledgement of the agent type of the budget being taken: it
+#: freezes every daily budget of that type, including days that begin after it.
+_AGENT_OVERRUN_WHERE = and_(
+    hold.c.agent == budget.c.agent,
+    hold.c.vendor == budget.c.vendor,
+    hold.c.currency == budget.c.currency,
+    hold.c.overrun.is_not(None),
+    hold.c.overrun_acknowledged_at.is_(None),
+)
+
+#: The overruns that keep a budget frozen (for the refusal's message): its own holds'
+#: and, for a daily budget, its agent type's.
 UNACKNOWLEDGED_OVERRUNS = (
     select(hold.c.id, hold.c.overrun, hold.c.currency)
     .where(
         or_(
             hold.c.daily_budget_id == bindparam("p_bid"),
             hold.c.run_budget_id == bindparam("p_bid"),
+            and_(
+                hold.c.agent == bindparam("p_agent"),
+                hold.c.vendor == bindparam("p_vendor"),
+                hold.c.currency == bindparam("p_currency"),
+            ),
         ),
         hold.c.overrun.is_not(None),
         hold.c.overrun_acknowledged_at.is_(None),
@@ -244,8 +258,10 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
         stmt = stmt.where(budget.c.committed <= bindparam("p_cap", type_=BigInteger) - x)
     if call_capped:
         stmt = stmt.where(budget.c.calls < bindparam("p_calls_cap", type_=BigInteger))
-    if check_revoked:
-        stmt = stmt.where(not_(exists().where(_REVOKED_WHERE)))
+    if check_revoked:  # the agent type's daily budget
+        stmt = stmt.where(
+            not_(exists().where(_REVOKED_WHERE)), not_(exists().where(_AGENT_OVERRUN_WHERE))
+        )
     return stmt
 
 

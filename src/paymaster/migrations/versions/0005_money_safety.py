@@ -41,11 +41,23 @@ def upgrade() -> None:
         "paymaster_hold", sa.Column("overrun_acknowledged_by", sa.String(200), nullable=True)
     )
     op.add_column("paymaster_hold", sa.Column("overrun_acknowledgement", sa.Text, nullable=True))
+    op.add_column("paymaster_audit", sa.Column("write_token", sa.String(32), nullable=True))
+    unacknowledged = sa.text("overrun IS NOT NULL AND overrun_acknowledged_at IS NULL")
+    op.create_index(
+        "ix_hold_unacknowledged_overrun",
+        "paymaster_hold",
+        ["agent", "vendor", "currency"],
+        sqlite_where=unacknowledged,
+        postgresql_where=unacknowledged,
+    )
     # Keys written before this revision were not scoped: they stay the vendor's key too.
     op.execute("UPDATE paymaster_hold SET vendor_key = idempotency_key")
 
 
 def downgrade() -> None:
+    op.drop_index("ix_hold_unacknowledged_overrun", table_name="paymaster_hold")
+    with op.batch_alter_table("paymaster_audit") as batch:
+        batch.drop_column("write_token")
     with op.batch_alter_table("paymaster_hold") as batch:
         for column in (
             "overrun_acknowledgement",
