@@ -652,3 +652,111 @@ def test_a_retried_denial_never_takes_another_attempts_row_for_its_own(
         with pytest.raises(PolicyViolation), gov.guard(**REFUND, estimate=usd("11.00")):
             pass
     assert outcomes(gov) == ["denied", "denied"]
+
+
+@pytest.mark.parametrize("broken", ["estimate", "customer", "run"])
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_decorated_call_whose_own_arguments_raise_leaves_its_row(
+    make_governor: MakeGov, broken: str, is_async: bool
+) -> None:
+    """Before: the decorator worked out estimate=/customer=/run= before the guard, so an
+    exception there escaped with no audit row."""
+    import asyncio
+
+    from paymaster import SpecError
+
+    gov = make_governor()
+
+    def fails(*args: Any) -> Any:
+        raise KeyError(broken)
+
+    arguments: dict[str, Any] = {"estimate": usd("1.00"), broken: fails}
+    ran: list[bool] = []
+    if is_async:
+
+        @gov.governed(**REFUND, **arguments)
+        async def refund_async() -> None:
+            ran.append(True)
+
+        with pytest.raises(SpecError, match=f"{broken}="):
+            asyncio.run(refund_async())
+    else:
+
+        @gov.governed(**REFUND, **arguments)
+        def refund() -> None:
+            ran.append(True)
+
+        with pytest.raises(SpecError):
+            refund()
+    assert ran == []
+    [row] = gov.audit.query()
+    assert row.outcome == "errored" and row.error and "KeyError" in row.error
+    assert gov.holds() == []
+
+
+def _late_unknown_past_the_cap(gov: Governor) -> str:
+    """A's hold is released by an operator, the room goes to other pending calls, then A
+    times out: its late unknown is counted past the cap (an overrun of its estimate)."""
+    block, call = _released_under_an_attempt(gov)
+    others = [gov.guard(**REFUND, estimate=usd("20.00")) for _ in range(5)]
+    calls = [other.__enter__() for other in others]
+    block.__exit__(TimeoutError, TimeoutError(), None)
+    for other, other_call in zip(others, calls, strict=True):
+        other_call.fail(http_status=402)
+        other.__exit__(None, None, None)
+    return call.hold_id
+
+
+def test_a_larger_overrun_on_a_hold_that_had_one_freezes_again(make_governor: MakeGov) -> None:
+    """Before: B resumed A's unknown hold, whose $10 overrun an operator had acknowledged,
+    and settled $60 on its $10 estimate (per-call cap $20): the row said allowed, the hold
+    kept the old $10 overrun, and nothing froze."""
+    gov = make_governor(refund_policy(daily_cap="100.00", per_call_cap="20.00"))
+    hold_id = _late_unknown_past_the_cap(gov)
+    assert gov.ledger.get_hold(hold_id).overrun == usd("10.00")
+    gov.acknowledge_overrun(hold_id, reason="A's late unknown", by="ops")
+    with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k") as b:
+        assert b.reservation.resumed
+        b.settle(usd("60.00"))
+    held = gov.ledger.get_hold(hold_id)
+    assert held.overrun == usd("50.00") and held.overrun_acknowledged_at is None
+    assert outcomes(gov)[-1] == "overrun"
+    with pytest.raises(PolicyViolation) as refused, gov.guard(**REFUND, estimate=usd("5.00")):
+        pass
+    assert refused.value.code is ViolationCode.BUDGET_FROZEN
+    gov.acknowledge_overrun(hold_id, reason="seen", by="ops")
+    assert not any(status.frozen for status in gov.budgets())
+
+
+def test_a_smaller_settle_keeps_an_unacknowledged_overrun(make_governor: MakeGov) -> None:
+    gov = make_governor(refund_policy(daily_cap="100.00", per_call_cap="20.00"))
+    hold_id = _late_unknown_past_the_cap(gov)
+    with pytest.raises(PolicyViolation):  # a retry of it is refused while it freezes
+        with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k"):
+            pass
+    gov.resolve_hold(hold_id, settle=usd("4.00"), reason="Stripe says 4", by="ops")
+    held = gov.ledger.get_hold(hold_id)
+    assert held.overrun == usd("10.00") and held.overrun_acknowledged_at is None
+    assert [over.id for over in gov.overruns()] == [hold_id]
+    gov.acknowledge_overrun(hold_id, reason="seen", by="ops")
+    assert not any(status.frozen for status in gov.budgets())
+
+
+def test_a_released_hold_with_an_unacknowledged_overrun_cannot_be_rearmed(
+    make_governor: MakeGov, clock: Any
+) -> None:
+    """Before: the re-arm wiped the overrun, unfreezing the agent type with nobody having
+    acknowledged it, and left the old day's budget frozen with nothing to acknowledge."""
+    gov = make_governor(refund_policy(daily_cap="100.00", per_call_cap="20.00"))
+    hold_id = _late_unknown_past_the_cap(gov)
+    gov.resolve_hold(hold_id, release=True, reason="Stripe has no such refund", by="ops")
+    clock.advance(days=1)
+    with pytest.raises(PolicyViolation) as refused:
+        with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k"):
+            pass
+    assert refused.value.code is ViolationCode.BUDGET_FROZEN
+    assert gov.ledger.get_hold(hold_id).overrun == usd("10.00")
+    gov.acknowledge_overrun(hold_id, reason="seen", by="ops")
+    assert not any(status.frozen for status in gov.budgets())
+    with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k") as again:
+        assert again.hold_id == hold_id  # re-armed once acknowledged

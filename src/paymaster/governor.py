@@ -782,19 +782,40 @@ class Governor:
         def resolve(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return value(*args, **kwargs) if callable(value) else value
 
-        def spec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-            return {
-                "agent": agent,
-                "vendor": vendor,
-                "endpoint": endpoint,
-                "method": method,
-                "estimate": resolve(estimate, args, kwargs),
-                "customer": resolve(customer, args, kwargs),
-                "run": resolve(run, args, kwargs),
-                "free": free,
-            }
-
         def decorate(fn: F) -> F:
+            name = getattr(fn, "__qualname__", repr(fn))
+
+            def spec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    worked_out = {
+                        "estimate": resolve(estimate, args, kwargs),
+                        "customer": resolve(customer, args, kwargs),
+                        "run": resolve(run, args, kwargs),
+                    }
+                except Exception as exc:
+                    # A bug in the decorator's own arguments: nothing was reserved or
+                    # sent, and the attempt still leaves its row.
+                    message = (
+                        f"estimate=, customer= or run= of {name} raised ({describe(exc)}); "
+                        "nothing was reserved or sent: fix that function"
+                    )
+                    self.record_error(
+                        f"SpecError: {message}",
+                        agent=agent,
+                        vendor=vendor,
+                        endpoint=endpoint,
+                        method=method,
+                    )
+                    raise SpecError(message, tool=name) from exc
+                return {
+                    "agent": agent,
+                    "vendor": vendor,
+                    "endpoint": endpoint,
+                    "method": method,
+                    "free": free,
+                    **worked_out,
+                }
+
             if inspect.iscoroutinefunction(fn):
 
                 @functools.wraps(fn)

@@ -127,9 +127,12 @@ class Hold:
     holders: int = 1
     """Of those, the attempts that have not ended yet."""
     overrun: Money | None = None
-    """What its settle spent above the estimate (its budgets froze until acknowledged)."""
+    """What it moved that its reservation did not cover: spent above the estimate, or
+    counted late past its budget's cap (its budgets froze until acknowledged)."""
     overrun_acknowledged_at: datetime | None = None
     overrun_acknowledged_by: str | None = None
+    overrun_acknowledgement: str | None = None
+    """The acknowledging operator's reason."""
 
     @property
     def shared(self) -> bool:
@@ -167,6 +170,7 @@ class Hold:
             overrun=None if overrun is None else Money(int(overrun), currency),
             overrun_acknowledged_at=m.get("overrun_acknowledged_at"),
             overrun_acknowledged_by=m.get("overrun_acknowledged_by"),
+            overrun_acknowledgement=m.get("overrun_acknowledgement"),
         )
 
 
@@ -486,6 +490,8 @@ class Ledger:
             self._check_same_call(found, req)
             if found.state in (HoldState.PENDING, HoldState.UNKNOWN):
                 return self._resume(conn, req, found)
+            if _frozen_by(found):  # released with its overrun still unacknowledged
+                self._refuse_if_frozen(conn, req, found.daily_budget_id, 1, daily=True)
             if found.state is HoldState.SETTLED:
                 raise _Denied(
                     self._violation(
@@ -1149,12 +1155,13 @@ class Ledger:
                 )
             if step.delta or step.freeze:
                 beyond = self._adjust(conn, resolved, step.delta, step.freeze, now, batches)
-                if beyond and not operator and not step.freeze and not _frozen_by(resolved):
+                recorded = 0 if resolved.overrun is None else resolved.overrun.amount
+                if beyond > recorded and not operator and not step.freeze:
                     # Money counted late (the hold had been freed under this attempt, and
                     # the room given to other calls) took a budget past its cap: the cap
                     # did not bound it, so it is an overrun like any other.
-                    step.hold = resolved = self._beyond_cap(conn, resolved, beyond, now)
-                    step.freeze = 1
+                    step.hold, step.freeze = self._beyond_cap(conn, resolved, beyond, now)
+                    resolved = step.hold
                     step.note = _joined(
                         step.note,
                         f"counting it took its budget {Money(beyond, currency).format()} past "
@@ -1234,7 +1241,7 @@ class Ledger:
         for previous in sources:
             # Only an unknown hold can carry an overrun already (money counted late past
             # its cap): that one stays as it is, neither frozen again nor acknowledged.
-            had_overrun = previous is HoldState.UNKNOWN and self._has_overrun(conn, hold_id)
+            prior = self._locked(conn, hold_id) if previous is HoldState.UNKNOWN else None
             row = conn.execute(
                 S.RESOLVE_HOLD,
                 {
@@ -1259,7 +1266,14 @@ class Ledger:
             step = _Step(resolved, delta, counted=amount if settle else 0)
             if previous is HoldState.UNKNOWN and operator:
                 step.outcome = Outcome.RECONCILED
-            if resolved.overrun is not None and not had_overrun:
+            if prior is not None and prior.overrun is not None:
+                # Money was counted past its cap already: the larger of the two facts
+                # stands, and only more than was recorded freezes (or is acknowledged).
+                new_over = 0 if resolved.overrun is None else resolved.overrun.amount
+                step.hold, step.freeze = self._overrun_again(
+                    conn, prior, resolved, new_over, now, by, reason, operator
+                )
+            elif resolved.overrun is not None:
                 if operator:  # the operator saw the amount: recorded, acknowledged
                     step.hold = self._acknowledged(conn, resolved, now, by, reason)
                 else:
@@ -1278,9 +1292,38 @@ class Ledger:
         return self._late(conn, Hold.from_row(dropped), state, amount, now)
 
     @staticmethod
-    def _has_overrun(conn: Connection, hold_id: str) -> bool:
+    def _locked(conn: Connection, hold_id: str) -> Hold | None:
         row = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
-        return row is not None and row.overrun is not None
+        return None if row is None else Hold.from_row(row)
+
+    def _overrun_again(
+        self,
+        conn: Connection,
+        prior: Hold,
+        now_hold: Hold,
+        new_over: int,
+        now: datetime,
+        by: str | None,
+        reason: str | None,
+        operator: bool,
+    ) -> tuple[Hold, int]:
+        """A hold that carried an overrun (``prior``) is resolved again as ``now_hold``
+        with ``new_over`` beyond what it covered: keep the larger amount. More than was
+        recorded is a new overrun: it freezes (unless one still awaiting acknowledgement
+        freezes already), or an operator's own settle acknowledges it. Returns the hold
+        and the freeze to apply."""
+        assert prior.overrun is not None
+        recorded = prior.overrun.amount
+        waiting = _frozen_by(prior)
+        actual = None if now_hold.actual is None else now_hold.actual.amount
+        if new_over <= recorded:  # nothing new: the prior overrun stands as it was
+            keep = Money(recorded, prior.estimate.currency)
+            return self._set(conn, now_hold, now_hold.state, actual, now, keep, prior), 0
+        larger = Money(new_over, prior.estimate.currency)
+        hold_now = self._set(conn, now_hold, now_hold.state, actual, now, larger)
+        if operator and not waiting:
+            return self._acknowledged(conn, hold_now, now, by, reason), 0
+        return hold_now, 0 if waiting else 1
 
     def _late(
         self, conn: Connection, found: Hold, state: HoldState, amount: int, now: datetime
@@ -1300,7 +1343,9 @@ class Ledger:
             return _Step(found, 0, counted=0, note=note)
         if state is HoldState.UNKNOWN:
             if found.state is HoldState.RELEASED:  # released under this attempt: recount
-                hold_now = self._set(conn, found, HoldState.UNKNOWN, None, now, found.overrun)
+                hold_now = self._set(
+                    conn, found, HoldState.UNKNOWN, None, now, found.overrun, found
+                )
                 note = "the hold had been released, but this attempt may have paid: counted again"
                 return _Step(hold_now, estimate, counted=0, note=note)
             note = f"the hold was already {found.state} by another attempt"
@@ -1314,20 +1359,19 @@ class Ledger:
             base, note = settled, f"another attempt settled this hold at {found.actual}; raised"
         else:  # released (by an operator, say) while this attempt's call paid
             base, note = estimate, "the hold had been released, but this attempt paid"
-        over = amount - estimate if amount > estimate else None
-        refreeze = over is not None and (
-            found.overrun is None or found.overrun_acknowledged_at is not None
-        )
-        hold_now = self._set(
-            conn,
-            found,
-            HoldState.SETTLED,
-            amount,
-            now,
-            None if over is None else Money(over, found.estimate.currency),
-        )
         delta = amount - base if found.state is HoldState.SETTLED else amount
-        return _Step(hold_now, delta, counted=delta, note=note, freeze=int(refreeze))
+        over = max(amount - estimate, 0)
+        if found.overrun is not None:
+            hold_now, freeze = self._overrun_again(
+                conn, found, found, over, now, None, None, operator=False
+            )
+            hold_now = self._set(
+                conn, hold_now, HoldState.SETTLED, amount, now, hold_now.overrun, hold_now
+            )
+            return _Step(hold_now, delta, counted=delta, note=note, freeze=freeze)
+        overrun = Money(over, found.estimate.currency) if over else None
+        hold_now = self._set(conn, found, HoldState.SETTLED, amount, now, overrun)
+        return _Step(hold_now, delta, counted=delta, note=note, freeze=int(over > 0))
 
     def _set(
         self,
@@ -1337,8 +1381,11 @@ class Ledger:
         actual: int | None,
         now: datetime,
         overrun: Money | None,
+        acknowledged: Hold | None = None,
     ) -> Hold:
-        """Rewrite a locked hold's resolution (its overrun awaiting acknowledgement)."""
+        """Rewrite a locked hold's resolution: its overrun awaiting acknowledgement, or
+        acknowledged as ``acknowledged``'s was."""
+        ack = acknowledged
         row = conn.execute(
             S.SET_HOLD_RESOLUTION,
             {
@@ -1349,9 +1396,9 @@ class Ledger:
                 "p_by": found.resolved_by,
                 "p_reason": found.resolution,
                 "p_overrun": None if overrun is None else overrun.amount,
-                "p_ack_at": None,
-                "p_ack_by": None,
-                "p_ack_reason": None,
+                "p_ack_at": None if ack is None else ack.overrun_acknowledged_at,
+                "p_ack_by": None if ack is None else ack.overrun_acknowledged_by,
+                "p_ack_reason": None if ack is None else ack.overrun_acknowledgement,
             },
         ).one()
         return Hold.from_row(row)
@@ -1407,16 +1454,26 @@ class Ledger:
         ]
         return max([0, *beyond])
 
-    def _beyond_cap(self, conn: Connection, found: Hold, beyond: int, now: datetime) -> Hold:
+    def _beyond_cap(
+        self, conn: Connection, found: Hold, beyond: int, now: datetime
+    ) -> tuple[Hold, int]:
         """Record on ``found`` (locked by this transaction) that money counted late went
-        ``beyond`` its cap, and freeze its budgets until that is acknowledged."""
-        for budget_id in (found.run_budget_id, found.daily_budget_id):
-            if budget_id is not None:
-                conn.execute(S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": 0, "p_freeze": 1})
-        actual = None if found.actual is None else found.actual.amount
-        return self._set(
-            conn, found, found.state, actual, now, Money(beyond, found.estimate.currency)
-        )
+        ``beyond`` its cap, freezing its budgets until that is acknowledged (unless an
+        overrun of the hold freezes them already). Returns the hold and the freeze."""
+        if found.overrun is not None:
+            hold_now, freeze = self._overrun_again(
+                conn, found, found, beyond, now, None, None, operator=False
+            )
+        else:
+            actual = None if found.actual is None else found.actual.amount
+            over = Money(beyond, found.estimate.currency)
+            hold_now, freeze = self._set(conn, found, found.state, actual, now, over), 1
+        if freeze:
+            for budget_id in (found.run_budget_id, found.daily_budget_id):
+                if budget_id is not None:
+                    params = {"p_bid": budget_id, "p_delta": 0, "p_freeze": 1}
+                    conn.execute(S.ADJUST_BUDGET, params)
+        return hold_now, freeze
 
     def acknowledge_overrun(self, hold_id: str, *, reason: str, by: str) -> Hold:
         """An operator has looked at an overrun: unfreeze the budgets it froze (they keep

@@ -130,12 +130,8 @@ RESOLVE_HOLD: Update = (
         resolved_at=bindparam("p_at"),
         resolved_by=bindparam("p_by"),
         resolution=bindparam("p_reason"),
-        # An unknown hold may carry an overrun already (counted late past its cap): kept.
-        overrun=case(
-            (hold.c.overrun.is_not(None), hold.c.overrun),
-            (hold.c.estimate < _ACTUAL, _ACTUAL - hold.c.estimate),
-            else_=None,
-        ),
+        # (An unknown hold that carried an overrun already is reconciled by the ledger.)
+        overrun=case((hold.c.estimate < _ACTUAL, _ACTUAL - hold.c.estimate), else_=None),
     )
     .returning(*hold.c)
 )
