@@ -47,7 +47,7 @@ from .ledger import (
 )
 from .loading import load_policies
 from .money import Money
-from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, decide, describe
+from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, Verdict, decide, describe
 from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
 if TYPE_CHECKING:
@@ -1101,6 +1101,27 @@ class AsyncGovernedCall(GovernedCall):
 
     async def unknown(self, error: str) -> Hold:  # type: ignore[override]
         return await self._governor._finish(GovernedCall.unknown, self, error)
+
+
+def conclude(call: GovernedCall, verdict: Verdict) -> Hold:
+    """Record ``verdict`` on ``call`` with the blocking methods (also for the call of an
+    ``aguard``, from a worker thread)."""
+    if verdict.resolution is Resolution.SETTLE:
+        return GovernedCall.settle(call, verdict.actual)
+    if verdict.resolution is Resolution.UNKNOWN:
+        return GovernedCall.unknown(call, verdict.reason)
+    return GovernedCall.fail(call, error=verdict.reason)
+
+
+async def aconclude(call: GovernedCall, verdict: Verdict) -> Hold:
+    """:func:`conclude` for the call of an ``aguard``, awaited on its event loop."""
+    if not isinstance(call, AsyncGovernedCall):
+        raise TypeError("aconclude takes the call of an aguard block; use conclude")
+    if verdict.resolution is Resolution.SETTLE:
+        return await call.settle(verdict.actual)
+    if verdict.resolution is Resolution.UNKNOWN:
+        return await call.unknown(verdict.reason)
+    return await call.fail(error=verdict.reason)
 
 
 def _check_estimate(estimate: Money | None, free: bool) -> None:

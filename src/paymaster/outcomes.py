@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -25,6 +26,7 @@ from .errors import GovernanceUnavailable, PolicyViolation, SpecError, Violation
 __all__ = [
     "OUTCOME_UNKNOWN_EXCEPTIONS",
     "Resolution",
+    "Verdict",
     "decide",
     "describe",
     "http_status_of",
@@ -47,6 +49,18 @@ class Resolution(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one call does to its hold: its :class:`Resolution`, the actual cost of a
+    settle, the reason recorded otherwise. ``broken`` is the exception of a spec whose
+    ``actual`` raised or returned something unusable (the hold is then kept unknown)."""
+
+    resolution: Resolution
+    actual: Any = None
+    reason: str = ""
+    broken: Exception | None = None
 
 
 #: Exceptions after which nobody knows whether the vendor call moved money.

@@ -58,11 +58,11 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from paymaster import Governor, PolicyViolation, ViolationCode
 from paymaster.errors import SpecError
-from paymaster.governor import AsyncGovernedCall, GovernedCall
-from paymaster.money import Money
+from paymaster.governor import GovernedCall, aconclude, conclude
 from paymaster.outcomes import (
     OUTCOME_UNKNOWN_EXCEPTIONS,
     Resolution,
+    Verdict,
     decide,
     describe,
     is_outcome_unknown,
@@ -273,17 +273,6 @@ def _unknown_on(call: GovernedCall | None = None) -> tuple[type[BaseException], 
     return (*base, *_also_unknown_on())
 
 
-@dataclass(frozen=True)
-class _Verdict:
-    """What one call does to its hold (from :func:`paymaster.outcomes.decide`)."""
-
-    resolution: Resolution
-    actual: Money | int | None = None
-    reason: str = ""
-    broken: Exception | None = None
-    """The spec's ``actual`` raised or returned something unusable."""
-
-
 class _Tracked:
     """How one governed tool call ended, recorded once: with the sync methods (from
     async code, the ``a``-methods)."""
@@ -307,7 +296,7 @@ class _Tracked:
             return
         assert self.call is not None
         verdict = self._returned(self.call, output, captured)
-        _apply(self.call, verdict)
+        conclude(self.call, verdict)
         self._raise_if_broken(self.call, verdict)
 
     def failed(self, exc: BaseException) -> None:
@@ -318,7 +307,7 @@ class _Tracked:
             return
         assert self.call is not None
         if not self.call.resolved:
-            _apply(self.call, self._raised(self.call, exc))
+            conclude(self.call, self._raised(self.call, exc))
 
     async def aok(self, governor: Governor, output: Any, captured: _Captured | None = None) -> None:
         """:meth:`ok` from async code."""
@@ -327,7 +316,7 @@ class _Tracked:
             return
         self.done = True
         verdict = self._returned(self.call, output, captured)
-        await _aapply(self.call, verdict)
+        await aconclude(self.call, verdict)
         self._raise_if_broken(self.call, verdict)
 
     async def afailed(self, governor: Governor, exc: BaseException) -> None:
@@ -337,33 +326,33 @@ class _Tracked:
             return
         self.done = True
         if not self.call.resolved:
-            await _aapply(self.call, self._raised(self.call, exc))
+            await aconclude(self.call, self._raised(self.call, exc))
 
-    def _returned(self, call: GovernedCall, output: Any, captured: _Captured | None) -> _Verdict:
+    def _returned(self, call: GovernedCall, output: Any, captured: _Captured | None) -> Verdict:
         assert isinstance(self.spec, ToolSpec)
         failure = _failure(output)
         if failure is not None:
             resolution = decide(
                 _ErrorResult(failure), shared=call.reservation.resumed, unknown_on=_unknown_on(call)
             )
-            return _Verdict(resolution, reason=f"the tool call ended in an error: {failure}")
+            return Verdict(resolution, reason=f"the tool call ended in an error: {failure}")
         try:
             actual = self.spec.actual_cost(_value(output, captured), call.estimate)
         except Exception as exc:  # the tool ran: its hold stays counted
             reason = f"the tool returned, but its spec's actual failed: {describe(exc)}"
-            return _Verdict(Resolution.UNKNOWN, reason=reason, broken=exc)
-        return _Verdict(decide(None), actual=actual)
+            return Verdict(Resolution.UNKNOWN, reason=reason, broken=exc)
+        return Verdict(decide(None), actual=actual)
 
-    def _raised(self, call: GovernedCall, exc: BaseException) -> _Verdict:
+    def _raised(self, call: GovernedCall, exc: BaseException) -> Verdict:
         unknown_on = _unknown_on(call)
         resolution = decide(
             _root(exc, unknown_on), shared=call.reservation.resumed, unknown_on=unknown_on
         )
         if resolution is Resolution.UNKNOWN:
-            return _Verdict(resolution, reason=f"the tool stopped: {describe(exc)}")
-        return _Verdict(resolution, reason=describe(exc))
+            return Verdict(resolution, reason=f"the tool stopped: {describe(exc)}")
+        return Verdict(resolution, reason=describe(exc))
 
-    def _raise_if_broken(self, call: GovernedCall, verdict: _Verdict) -> None:
+    def _raise_if_broken(self, call: GovernedCall, verdict: Verdict) -> None:
         if verdict.broken is None:
             return
         log.error(
@@ -380,25 +369,6 @@ class _Tracked:
             tool=self.name,
             hold_id=call.hold_id,
         ) from verdict.broken
-
-
-def _apply(call: GovernedCall, verdict: _Verdict) -> None:
-    if verdict.resolution is Resolution.SETTLE:
-        GovernedCall.settle(call, verdict.actual)
-    elif verdict.resolution is Resolution.UNKNOWN:
-        GovernedCall.unknown(call, verdict.reason)
-    else:
-        GovernedCall.fail(call, error=verdict.reason)
-
-
-async def _aapply(call: GovernedCall, verdict: _Verdict) -> None:
-    assert isinstance(call, AsyncGovernedCall)
-    if verdict.resolution is Resolution.SETTLE:
-        await call.settle(verdict.actual)
-    elif verdict.resolution is Resolution.UNKNOWN:
-        await call.unknown(verdict.reason)
-    else:
-        await call.fail(error=verdict.reason)
 
 
 # Tasks of async tool calls whose caller stopped waiting: kept referenced until they end

@@ -49,10 +49,10 @@ from agents.tool_context import ToolContext
 
 from paymaster import Governor, PolicyViolation, ViolationCode
 from paymaster.errors import SpecError
-from paymaster.governor import AsyncGovernedCall, GovernedCall
-from paymaster.money import Money
+from paymaster.governor import GovernedCall, aconclude, conclude
 from paymaster.outcomes import (
     Resolution,
+    Verdict,
     decide,
     describe,
     model_message,
@@ -237,17 +237,6 @@ class _Ran:
         return self.result
 
 
-@dataclasses.dataclass(frozen=True)
-class _Verdict:
-    """What one call does to its hold (from :func:`paymaster.outcomes.decide`)."""
-
-    resolution: Resolution
-    actual: Money | int | None = None
-    reason: str = ""
-    broken: Exception | None = None
-    """The spec's ``actual`` raised or returned something unusable."""
-
-
 class _ToolCall:
     """One call of a governed tool, from its admission to its recorded outcome, run as one
     piece of work: :meth:`run_in_worker` (sync tools) or :meth:`run_detached` (async)."""
@@ -302,7 +291,7 @@ class _ToolCall:
             self._check_not_abandoned()
             ran = asyncio.run(self._body())  # the SDK's invocation, on a loop of this thread
             verdict = self._verdict(self.spec, call, ran)
-            _apply(call, verdict)
+            conclude(call, verdict)
         return self._returned(call, verdict, ran)
 
     async def _awork(self) -> Any:
@@ -315,7 +304,7 @@ class _ToolCall:
             self._check_not_abandoned()
             ran = await self._body()
             verdict = self._verdict(self.spec, call, ran)
-            await _aapply(call, verdict)
+            await aconclude(call, verdict)
         return self._returned(call, verdict, ran)
 
     def _free_work(self, spec: FreeTool) -> Any:
@@ -433,7 +422,7 @@ class _ToolCall:
         }
 
     # -- outcome ------------------------------------------------------------------------------
-    def _verdict(self, spec: ToolSpec, call: GovernedCall, ran: _Ran) -> _Verdict:
+    def _verdict(self, spec: ToolSpec, call: GovernedCall, ran: _Ran) -> Verdict:
         if ran.error is not None:
             resolution = decide(
                 ran.error,
@@ -441,16 +430,16 @@ class _ToolCall:
                 unknown_on=(*call.unknown_on, *_ALSO_UNKNOWN_ON),
             )
             if resolution is Resolution.UNKNOWN:
-                return _Verdict(resolution, reason=f"the tool failed: {describe(ran.error)}")
-            return _Verdict(resolution, reason=describe(ran.error))
+                return Verdict(resolution, reason=f"the tool failed: {describe(ran.error)}")
+            return Verdict(resolution, reason=describe(ran.error))
         try:
             actual = spec.actual_cost(ran.result, call.estimate)
         except Exception as exc:  # the tool ran: its hold stays counted
             reason = f"the tool returned, but its spec's actual failed: {describe(exc)}"
-            return _Verdict(Resolution.UNKNOWN, reason=reason, broken=exc)
-        return _Verdict(decide(None), actual=actual)
+            return Verdict(Resolution.UNKNOWN, reason=reason, broken=exc)
+        return Verdict(decide(None), actual=actual)
 
-    def _returned(self, call: GovernedCall, verdict: _Verdict, ran: _Ran) -> Any:
+    def _returned(self, call: GovernedCall, verdict: Verdict, ran: _Ran) -> Any:
         if verdict.broken is not None:
             name = self.tool.name
             log.error(
@@ -468,24 +457,6 @@ class _ToolCall:
                 hold_id=call.hold_id,
             ) from verdict.broken
         return ran.value()
-
-
-def _apply(call: GovernedCall, verdict: _Verdict) -> None:
-    if verdict.resolution is Resolution.SETTLE:
-        GovernedCall.settle(call, verdict.actual)
-    elif verdict.resolution is Resolution.UNKNOWN:
-        GovernedCall.unknown(call, verdict.reason)
-    else:
-        GovernedCall.fail(call, error=verdict.reason)
-
-
-async def _aapply(call: AsyncGovernedCall, verdict: _Verdict) -> None:
-    if verdict.resolution is Resolution.SETTLE:
-        await call.settle(verdict.actual)
-    elif verdict.resolution is Resolution.UNKNOWN:
-        await call.unknown(verdict.reason)
-    else:
-        await call.fail(error=verdict.reason)
 
 
 def _cancel_when_the_loop_stops(task: asyncio.Task[Any]) -> None:
