@@ -760,3 +760,74 @@ def test_a_released_hold_with_an_unacknowledged_overrun_cannot_be_rearmed(
     assert not any(status.frozen for status in gov.budgets())
     with gov.guard(**REFUND, estimate=usd("10.00"), idempotency_key="k") as again:
         assert again.hold_id == hold_id  # re-armed once acknowledged
+
+
+# -- part 2: subjects and credentials ------------------------------------------------------
+def test_one_call_in_flight_per_subject(make_governor: MakeGov) -> None:
+    """While a call changing an object is in flight (pending or unknown), every other call
+    on it is refused and audited; a retry of the same call (its key) is not another."""
+    gov, other_process = make_governor(), make_governor()
+    on_invoice: dict[str, Any] = {**REFUND, "subject": "stripe:in_1"}
+    finalize = gov.guard(**on_invoice, estimate=usd("10.00"), idempotency_key="fin")
+    first = finalize.__enter__()
+    with pytest.raises(PolicyViolation) as busy:
+        with other_process.guard(**on_invoice, estimate=usd("1.00")):
+            pass
+    assert busy.value.code is ViolationCode.SUBJECT_BUSY
+    assert first.hold_id in busy.value.message
+    with gov.guard(**on_invoice, estimate=usd("10.00"), idempotency_key="fin") as retry:
+        assert retry.reservation.resumed
+        retry.fail(http_status=409, error="the first attempt is in progress")
+    with gov.guard(**REFUND, subject="stripe:in_2", estimate=usd("1.00")):
+        pass  # another subject
+    assert not finalize.__exit__(TimeoutError, TimeoutError(), None)  # unknown: still busy
+    with pytest.raises(PolicyViolation), gov.guard(**on_invoice, estimate=usd("1.00")):
+        pass
+    gov.resolve_hold(first.hold_id, settle=usd("10.00"), reason="Stripe: paid", by="ops")
+    with gov.guard(**on_invoice, estimate=usd("1.00")):
+        pass
+    assert outcomes(gov).count("denied") == 2
+    assert gov.audit.verify().ok
+
+
+def test_concurrent_calls_on_one_subject_never_both_proceed(make_governor: MakeGov) -> None:
+    """Processes racing for one subject: the partial unique index lets one hold exist."""
+    govs = [make_governor() for _ in range(4)]
+    barrier = threading.Barrier(len(govs))
+    entered: list[str] = []
+    refused: list[ViolationCode] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def race(gov: Governor) -> None:
+        barrier.wait()
+        try:
+            with gov.guard(**REFUND, subject="stripe:in_9", estimate=usd("1.00")) as call:
+                with lock:
+                    entered.append(call.hold_id)
+                release.wait(timeout=30)
+        except PolicyViolation as violation:
+            with lock:
+                refused.append(violation.code)
+            if len(refused) == len(govs) - 1:
+                release.set()
+
+    threads = [threading.Thread(target=race, args=(gov,)) for gov in govs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(entered) == 1
+    assert refused == [ViolationCode.SUBJECT_BUSY] * (len(govs) - 1)
+
+
+def test_a_credential_is_on_every_row_and_verifies(make_governor: MakeGov) -> None:
+    gov = make_governor(refund_policy(daily_cap="10.00", per_call_cap="10.00"))
+    with gov.guard(**REFUND, estimate=usd("5.00"), credential="pmk_a") as call:
+        call.settle(usd("5.00"))
+    with pytest.raises(PolicyViolation):
+        with gov.guard(**REFUND, estimate=usd("9.00"), credential="pmk_b"):
+            pass
+    gov.free_call(**REFUND, credential="pmk_c")(None, 1)
+    assert [row.credential for row in gov.audit.query()] == ["pmk_a", "pmk_b", "pmk_c"]
+    assert gov.audit.verify().ok

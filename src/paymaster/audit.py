@@ -100,6 +100,7 @@ class AuditEntry:
     hold_id: str | None = None
     duration_ms: int | None = None
     tool_call_id: str | None = None
+    credential: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ class AuditRecord:
     prev_hash: str
     hash: str
     tool_call_id: str | None = None
+    credential: str | None = None
+    """What the call was presented with: a proxy's vault key id."""
 
     @property
     def cost(self) -> Money | None:
@@ -159,6 +162,10 @@ def row_hash(values: dict[str, Any]) -> str:
     # Added in schema revision 0002: hashed only when set, so older rows verify as before.
     if values.get("tool_call_id") is not None:
         payload.append(values["tool_call_id"])
+    # Added in revision 0006, hashed only when set, as an object so that it can never be
+    # read as a tool call id.
+    if values.get("credential") is not None:
+        payload.append({"credential": values["credential"]})
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -167,6 +174,7 @@ def _hashed_fields(record: AuditRecord) -> dict[str, Any]:
     same fields at verification, ``tool_call_id`` included."""
     values = {name: getattr(record, name) for name in _HASHED}
     values["tool_call_id"] = record.tool_call_id
+    values["credential"] = record.credential
     return values
 
 

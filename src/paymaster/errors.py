@@ -47,6 +47,15 @@ class ViolationCode(str, Enum):
     the overrun (``Governor.acknowledge_overrun`` or ``paymaster holds acknowledge``)."""
     RUN_POLICY_WIDENED = "run_policy_widened"
     """A run policy tried to raise a limit its run's budget already has."""
+    SUBJECT_BUSY = "subject_busy"
+    """Another call changing the same object (an invoice being finalized, say) is in
+    flight; retry once it has ended."""
+    STALE_PRICE = "stale_price"
+    """The object a call was priced from changed before the call was sent; retry, and it
+    is priced again."""
+    ACCOUNT_NOT_ALLOWED = "account_not_allowed"
+    """The call acts for, or routes money to, a connected account the policy does not
+    list in ``accounts``."""
 
     def __str__(self) -> str:
         return self.value

@@ -121,6 +121,7 @@ class GovernedCall:
         *,
         free: bool = False,
         tool_call_id: str | None = None,
+        credential: str | None = None,
     ) -> None:
         self._ledger = ledger
         self.reservation = reservation
@@ -129,6 +130,8 @@ class GovernedCall:
         self.free = free
         #: This attempt's tool call (its own, even when it resumed another's hold).
         self.tool_call_id = tool_call_id
+        #: What the call was presented with (a proxy's vault key id), on its rows.
+        self.credential = credential
         #: The exceptions after which money may have moved (``Governor(unknown_on=...)``):
         #: adapters deciding this call's outcome pass them to ``outcomes.decide``.
         self.unknown_on: tuple[type[BaseException], ...] = OUTCOME_UNKNOWN_EXCEPTIONS
@@ -209,6 +212,7 @@ class GovernedCall:
                 duration_ms=self._elapsed_ms(),
                 per_call_cap=self.policy.per_call_cap,
                 tool_call_id=self.tool_call_id,
+                credential=self.credential,
             )
         )
 
@@ -230,6 +234,7 @@ class GovernedCall:
                 error=error,
                 duration_ms=self._elapsed_ms(),
                 tool_call_id=self.tool_call_id,
+                credential=self.credential,
             )
         )
 
@@ -241,6 +246,7 @@ class GovernedCall:
                 error=error,
                 duration_ms=self._elapsed_ms(),
                 tool_call_id=self.tool_call_id,
+                credential=self.credential,
             )
         )
 
@@ -253,6 +259,7 @@ class GovernedCall:
                 error=error,
                 duration_ms=self._elapsed_ms(),
                 tool_call_id=self.tool_call_id,
+                credential=self.credential,
             ),
             attempted=False,
         )
@@ -350,6 +357,8 @@ class Governor:
         idempotency_key: str | None,
         pricing_lookup: bool = False,
         tool_call_id: str | None = None,
+        credential: str | None = None,
+        subject: str | None = None,
         free: bool = False,
     ) -> ReserveRequest:
         """The pure checks; a violation is audited (the only I/O) and raised."""
@@ -368,6 +377,7 @@ class Governor:
                 customer=customer,
                 estimate=estimate,
                 tool_call_id=tool_call_id,
+                credential=credential,
             )
             raise
         try:
@@ -390,6 +400,7 @@ class Governor:
                 run=run,
                 customer=customer,
                 tool_call_id=tool_call_id,
+                credential=credential,
             )
             raise
         cost = estimate if estimate is not None else Money.zero(policy.currency)
@@ -404,6 +415,8 @@ class Governor:
             customer=customer,
             idempotency_key=idempotency_key,
             tool_call_id=tool_call_id,
+            credential=credential,
+            subject=subject,
             free=free,
         )
         try:
@@ -448,6 +461,7 @@ class Governor:
         customer: str | None = None,
         estimate: Money | None = None,
         tool_call_id: str | None = None,
+        credential: str | None = None,
     ) -> PolicyViolation:
         """Audit a call refused before any policy applied (no policy for the agent, or a
         vendor operation paymaster cannot govern); returns ``violation`` for raising."""
@@ -467,6 +481,7 @@ class Governor:
                 violation_code=violation.code.value,
                 error=violation.message,
                 tool_call_id=tool_call_id,
+                credential=credential,
             ),
         )
         return violation
@@ -482,6 +497,7 @@ class Governor:
         run: str | None = None,
         customer: str | None = None,
         tool_call_id: str | None = None,
+        credential: str | None = None,
     ) -> None:
         """Audit an attempt that ended in an error before anything was reserved (a tool's
         spec that raised, say): one ``errored`` row with no hold, no budget moved."""
@@ -496,6 +512,7 @@ class Governor:
                 outcome=Outcome.ERRORED,
                 error=error,
                 tool_call_id=tool_call_id,
+                credential=credential,
             )
         )
 
@@ -508,6 +525,7 @@ class Governor:
         method: str = "CALL",
         run: str | None = None,
         tool_call_id: str | None = None,
+        credential: str | None = None,
     ) -> Callable[..., None]:
         """Admit a call that spends nothing and reserves nothing (an agent's tool marked
         free): refused, and audited, if its agent or run is revoked. Returns the function
@@ -522,6 +540,7 @@ class Governor:
             run=run,
             outcome=Outcome.ALLOWED,
             tool_call_id=tool_call_id,
+            credential=credential,
         )
         revoked = self.ledger.active_revocation(agent, run)
         if revoked is not None:
@@ -583,6 +602,8 @@ class Governor:
         idempotency_key: str | None = None,
         pricing_lookup: bool = False,
         tool_call_id: str | None = None,
+        credential: str | None = None,
+        subject: str | None = None,
         free: bool = False,
     ) -> Iterator[GovernedCall]:
         """Govern one call made inside the ``with`` block.
@@ -595,7 +616,11 @@ class Governor:
         ``pricing_lookup=True`` marks a free read made only to price another governed call
         (its result never reaches the agent): it may pass a customer allowlist without
         naming a customer, since the call it prices is checked against the allowlist.
-        ``tool_call_id`` names the agent framework's tool call on the hold and audit rows.
+        ``tool_call_id`` names the agent framework's tool call on the hold and audit rows;
+        ``credential`` what the call was presented with (a proxy's vault key id) on its rows.
+        ``subject`` names the object the call changes (``"stripe:in_123"``): while this
+        call's hold is pending or unknown, every other call on it is refused
+        (``subject_busy``), in every process on the ledger.
         """
         with self._span(agent, vendor, endpoint, method, run, estimate) as span:
             request = self._prepare(
@@ -610,6 +635,8 @@ class Governor:
                 idempotency_key=idempotency_key,
                 pricing_lookup=pricing_lookup,
                 tool_call_id=tool_call_id,
+                credential=credential,
+                subject=subject,
                 free=free,
             )
             call = GovernedCall(
@@ -618,6 +645,7 @@ class Governor:
                 request.policy,
                 free=request.free,
                 tool_call_id=request.tool_call_id,
+                credential=request.credential,
             )
             call.unknown_on = self._unknown_on
             span.started(call)
@@ -662,6 +690,8 @@ class Governor:
         idempotency_key: str | None = None,
         pricing_lookup: bool = False,
         tool_call_id: str | None = None,
+        credential: str | None = None,
+        subject: str | None = None,
         free: bool = False,
     ) -> AsyncGuard:
         """:meth:`guard` for asyncio (``async with``): ledger work runs in worker threads,
@@ -684,6 +714,8 @@ class Governor:
             idempotency_key=idempotency_key,
             pricing_lookup=pricing_lookup,
             tool_call_id=tool_call_id,
+            credential=credential,
+            subject=subject,
             free=free,
         )
         span = self._span(agent, vendor, endpoint, method, run, estimate)
@@ -967,10 +999,13 @@ class _ReserveJob:
         try:
             if reservation is not None:  # the call never ran: give up this attempt's
                 # share (a hold other attempts still hold stays counted for them)
+                request = self.request
                 self._governor.ledger.release(
                     reservation.hold.id,
                     outcome=Outcome.ERRORED,
                     error="task cancelled before the call was made",
+                    tool_call_id=None if request is None else request.tool_call_id,
+                    credential=None if request is None else request.credential,
                 )
         except Exception:
             log.exception("could not free the hold of a cancelled call; it stays pending")
@@ -1026,6 +1061,7 @@ class AsyncGuard:
         self._call = AsyncGovernedCall(gov.ledger, reservation, request.policy, gov)
         self._call.free = request.free
         self._call.tool_call_id = request.tool_call_id
+        self._call.credential = request.credential
         self._call.unknown_on = gov._unknown_on
         return self._call
 

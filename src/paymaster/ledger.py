@@ -96,6 +96,11 @@ class ReserveRequest:
     tool_call_id: str | None = None
     free: bool = False
     """Declared to move no money: its failures leave nothing to reconcile."""
+    subject: str | None = None
+    """The object this call changes (``stripe:in_123``): while its hold is pending or
+    unknown, every other call on the same subject is refused (``subject_busy``)."""
+    credential: str | None = None
+    """What the call was presented with (a proxy's vault key id), for its audit rows."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class Hold:
     overrun_acknowledged_by: str | None = None
     overrun_acknowledgement: str | None = None
     """The acknowledging operator's reason."""
+    subject: str | None = None
+    """The object the call changes; no other call on it may start while this is held."""
 
     @property
     def shared(self) -> bool:
@@ -171,6 +178,7 @@ class Hold:
             overrun_acknowledged_at=m.get("overrun_acknowledged_at"),
             overrun_acknowledged_by=m.get("overrun_acknowledged_by"),
             overrun_acknowledgement=m.get("overrun_acknowledgement"),
+            subject=m.get("subject"),
         )
 
 
@@ -444,7 +452,9 @@ class Ledger:
                     # A concurrent reserve with the same idempotency key committed first, or
                     # our own earlier attempt's commit landed meanwhile: the next attempt
                     # finds that hold.
-                    if request.idempotency_key is None and attempt == 0:
+                    # Or a call on the same subject did: the next attempt refuses it.
+                    keyless = request.idempotency_key is None and request.subject is None
+                    if keyless and attempt == 0:
                         raise
                 except _StaleBudgetId:
                     self._budget_ids.clear()
@@ -538,6 +548,7 @@ class Ledger:
             "resolution": None,
             "tool_call_id": req.tool_call_id,
             "vendor_key": req.idempotency_key,
+            "subject": req.subject,
             "attempts": 1,
             "holders": 1,
             "overrun": None,
@@ -545,6 +556,8 @@ class Ledger:
             "overrun_acknowledged_by": None,
             "overrun_acknowledgement": None,
         }
+        if req.subject is not None:
+            self._check_subject_free(conn, req, None if existing is None else existing.id)
         if existing is None:
             hold_id = new_hold_id
             written.append(hold_id)
@@ -618,6 +631,23 @@ class Ledger:
             tool_call_id=req.tool_call_id,
         )
         return Reservation(reserved, daily_left, run_left)
+
+    def _check_subject_free(self, conn: Connection, req: ReserveRequest, own: str | None) -> None:
+        """Refuse a call on a subject another call in flight is changing. The partial
+        unique index on the hold's subject settles races between processes: the loser's
+        insert fails, and its retry is refused here."""
+        busy = conn.execute(S.HOLD_ON_SUBJECT, {"p_subject": req.subject}).first()
+        if busy is not None and busy.id != own:
+            raise _Denied(
+                self._violation(
+                    req,
+                    ViolationCode.SUBJECT_BUSY,
+                    f"another call on {req.subject} is in flight ({busy.method} "
+                    f"{busy.endpoint}, hold {busy.id}, {busy.state}); retry once it has "
+                    "ended (an unknown one ends when an operator resolves it: "
+                    f"paymaster holds resolve {busy.id})",
+                )
+            )
 
     def _check_same_call(self, found: Hold, req: ReserveRequest) -> None:
         """An idempotency key names one call: a different call reusing it is refused."""
@@ -968,6 +998,7 @@ class Ledger:
                 violation_code=violation.code.value,
                 error=violation.message,
                 tool_call_id=request.tool_call_id,
+                credential=request.credential,
             )
         consequence = f"the call was refused ({violation.code}) but its audit row was not written"
         at, token = self.now(), _token()
@@ -1017,6 +1048,7 @@ class Ledger:
         error: str | None = None,
         per_call_cap: Money | None = None,
         tool_call_id: str | None = None,
+        credential: str | None = None,
     ) -> Hold:
         """The call succeeded and cost ``actual``. Above the estimate it is an overrun:
         recorded as it is, and the hold's budgets are frozen until acknowledged
@@ -1033,6 +1065,7 @@ class Ledger:
                 duration_ms=duration_ms,
                 error=error,
                 tool_call_id=tool_call_id,
+                credential=credential,
             ),
             per_call_cap=per_call_cap,
         )
@@ -1047,6 +1080,7 @@ class Ledger:
         duration_ms: int | None = None,
         error: str | None = None,
         tool_call_id: str | None = None,
+        credential: str | None = None,
     ) -> Hold:
         """This attempt failed and moved no money: free the estimate, unless another
         attempt holds the hold too (then it stays counted; this attempt's row is written)."""
@@ -1061,6 +1095,7 @@ class Ledger:
                 duration_ms=duration_ms,
                 error=error,
                 tool_call_id=tool_call_id,
+                credential=credential,
             ),
         )
 
@@ -1071,17 +1106,23 @@ class Ledger:
         error: str,
         duration_ms: int | None = None,
         tool_call_id: str | None = None,
+        credential: str | None = None,
     ) -> Hold:
         """Whether money moved is unknown: keep the hold counted, flag it for reconciliation.
 
         ``tool_call_id`` (for each resolver) names the attempt on its audit row; ``None``:
-        the hold's, as its first attempt gave it."""
+        the hold's, as its first attempt gave it. ``credential`` names what the attempt
+        was presented with (a proxy's vault key id)."""
         return self._resolve(
             hold_id,
             HoldState.UNKNOWN,
             None,
             _template(
-                Outcome.UNKNOWN, duration_ms=duration_ms, error=error, tool_call_id=tool_call_id
+                Outcome.UNKNOWN,
+                duration_ms=duration_ms,
+                error=error,
+                tool_call_id=tool_call_id,
+                credential=credential,
             ),
         )
 

@@ -131,9 +131,21 @@ hold = Table(
     Column("overrun_acknowledged_at", UTCDateTime, nullable=True),
     Column("overrun_acknowledged_by", String(200), nullable=True),
     Column("overrun_acknowledgement", Text, nullable=True),
+    # The object the call changes (revision 0006): one call in flight per subject.
+    Column("subject", String(255), nullable=True),
     Index("ix_hold_state_created", "state", "created_at"),
     Index("ix_hold_daily_budget", "daily_budget_id", "state"),
     Index("ix_hold_run", "run"),
+)
+
+#: One call in flight per subject: a second pending or unknown hold on it cannot exist.
+_IN_FLIGHT = and_(hold.c.subject.is_not(None), hold.c.state.in_(["pending", "unknown"]))
+Index(
+    "uq_hold_subject_in_flight",
+    hold.c.subject,
+    unique=True,
+    sqlite_where=_IN_FLIGHT,
+    postgresql_where=_IN_FLIGHT,
 )
 
 #: The holds whose overrun still awaits acknowledgement, by agent type: while one exists,
@@ -202,6 +214,8 @@ audit = Table(
     Column("hold_id", String(32), nullable=True),
     Column("duration_ms", Integer, nullable=True),
     Column("tool_call_id", String(200), nullable=True),  # revision 0002
+    # What the call was presented with, a proxy's vault key id (revision 0006).
+    Column("credential", String(64), nullable=True),
     # Tamper evidence: one hash chain per agent type (see paymaster.audit).
     Column("chain", String(200), nullable=False),
     Column("seq", BigInteger, nullable=False),

@@ -42,6 +42,7 @@ __all__ = [
     "HOLD_BY_ID",
     "HOLD_BY_ID_LOCKED",
     "HOLD_BY_KEY",
+    "HOLD_ON_SUBJECT",
     "INSERT_HOLD",
     "REARM_HOLD",
     "RESOLVE_HOLD",
@@ -81,6 +82,12 @@ HOLD_BY_ID_LOCKED = HOLD_BY_ID.with_for_update()
 AUDIT_WRITTEN = (
     select(audit.c.id)
     .where(audit.c.at == bindparam("p_at"), audit.c.write_token == bindparam("p_token"))
+    .limit(1)
+)
+#: The call in flight on a subject (at most one, by the partial unique index).
+HOLD_ON_SUBJECT = (
+    select(hold.c.id, hold.c.method, hold.c.endpoint, hold.c.state)
+    .where(hold.c.subject == bindparam("p_subject"), hold.c.state.in_(["pending", "unknown"]))
     .limit(1)
 )
 INSERT_HOLD: Insert = insert(hold)

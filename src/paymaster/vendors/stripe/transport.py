@@ -69,6 +69,8 @@ class StripeBinding:
     run: str | None = None
     run_policy: RunPolicy | None = None
     tool_call_id: str | None = None
+    credential: str | None = None
+    """What the calls were presented with (the proxy's vault key id), on their rows."""
 
 
 _NOBODY = StripeBinding()
@@ -87,6 +89,7 @@ def bind(
     run: str | None = None,
     run_policy: RunPolicy | None = None,
     tool_call_id: str | None = None,
+    credential: str | None = None,
 ) -> Iterator[StripeBinding]:
     """Attribute the governed Stripe calls made inside the block (in this thread or task
     and the tasks it starts) to ``agent``, ``run`` and the tool call that makes them: how
@@ -97,6 +100,7 @@ def bind(
         run=run or outer.run,
         run_policy=run_policy or outer.run_policy,
         tool_call_id=tool_call_id or outer.tool_call_id,
+        credential=credential or outer.credential,
     )
     token = _binding.set(binding)
     try:
@@ -220,6 +224,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
             run=bound.run or self._defaults.run,
             run_policy=bound.run_policy or self._defaults.run_policy,
             tool_call_id=bound.tool_call_id,
+            credential=bound.credential,
         )
         if binding.agent is None:
             raise ValueError(
@@ -299,7 +304,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
         violation.agent, violation.run, violation.endpoint = binding.agent, binding.run, path
         raise self.governor.record_refusal(
             violation, agent=binding.agent, vendor=VENDOR, endpoint=path, method=method,
-            run=binding.run, tool_call_id=binding.tool_call_id,
+            run=binding.run, tool_call_id=binding.tool_call_id, credential=binding.credential,
         )  # fmt: skip
 
     def _refuse_stream(self, method: str, url: str) -> NoReturn:
@@ -339,6 +344,7 @@ class _Plan:
             "customer": self.quote.customer, "run": self.binding.run,
             "run_policy": self.binding.run_policy, "idempotency_key": self.ledger_key,
             "pricing_lookup": self.pricing_lookup, "tool_call_id": self.binding.tool_call_id,
+            "credential": self.binding.credential,
             # The catalogue declares a call free by pricing it at nothing.
             "free": self.quote.estimate is None,
         }  # fmt: skip
