@@ -192,6 +192,7 @@ def test_the_other_tools_send_what_stripe_documents(
         ("POST", "/v1/invoiceitems", {"customer": "cus_1", "price": "price_1",
                                       "invoice": "in_1"}),
         ("GET", "/v1/invoices/in_1", {}),  # finalize is priced from the invoice first
+        ("GET", "/v1/invoices/in_1", {}),  # and read again once the ledger holds it
         ("POST", "/v1/invoices/in_1/finalize", {}),
     ]  # fmt: skip
     assert all(r.outcome == "allowed" and r.vendor_request_id == "req_doc"

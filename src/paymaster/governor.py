@@ -21,7 +21,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
@@ -359,6 +359,7 @@ class Governor:
         tool_call_id: str | None = None,
         credential: str | None = None,
         subject: str | None = None,
+        accounts: Collection[str] = (),
         free: bool = False,
     ) -> ReserveRequest:
         """The pure checks; a violation is audited (the only I/O) and raised."""
@@ -428,6 +429,7 @@ class Governor:
                 now=self.ledger.now(),
                 run=run,
                 customer_checked_later=pricing_lookup,
+                accounts=accounts,
             )
         except PolicyViolation as violation:
             self.ledger.record_denial(request, violation)
@@ -604,6 +606,7 @@ class Governor:
         tool_call_id: str | None = None,
         credential: str | None = None,
         subject: str | None = None,
+        accounts: Collection[str] = (),
         free: bool = False,
     ) -> Iterator[GovernedCall]:
         """Govern one call made inside the ``with`` block.
@@ -620,7 +623,9 @@ class Governor:
         ``credential`` what the call was presented with (a proxy's vault key id) on its rows.
         ``subject`` names the object the call changes (``"stripe:in_123"``): while this
         call's hold is pending or unknown, every other call on it is refused
-        (``subject_busy``), in every process on the ledger.
+        (``subject_busy``), in every process on the ledger. ``accounts`` are the connected
+        accounts the call acts for or routes money to; each must be in the policy's
+        ``accounts`` (``account_not_allowed``).
         """
         with self._span(agent, vendor, endpoint, method, run, estimate) as span:
             request = self._prepare(
@@ -637,6 +642,7 @@ class Governor:
                 tool_call_id=tool_call_id,
                 credential=credential,
                 subject=subject,
+                accounts=accounts,
                 free=free,
             )
             call = GovernedCall(
@@ -692,6 +698,7 @@ class Governor:
         tool_call_id: str | None = None,
         credential: str | None = None,
         subject: str | None = None,
+        accounts: Collection[str] = (),
         free: bool = False,
     ) -> AsyncGuard:
         """:meth:`guard` for asyncio (``async with``): ledger work runs in worker threads,
@@ -716,6 +723,7 @@ class Governor:
             tool_call_id=tool_call_id,
             credential=credential,
             subject=subject,
+            accounts=accounts,
             free=free,
         )
         span = self._span(agent, vendor, endpoint, method, run, estimate)

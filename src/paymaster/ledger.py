@@ -650,7 +650,9 @@ class Ledger:
             )
 
     def _check_same_call(self, found: Hold, req: ReserveRequest) -> None:
-        """An idempotency key names one call: a different call reusing it is refused."""
+        """An idempotency key names one call: a different call reusing it is refused. A
+        released hold (nothing moved) may come back at another price: a re-arm re-prices."""
+        repriced = found.state is HoldState.RELEASED
         mine = (
             req.agent,
             req.run,
@@ -658,7 +660,7 @@ class Ledger:
             req.endpoint,
             req.method,
             req.customer,
-            req.estimate,
+            None if repriced else req.estimate,
         )
         theirs = (
             found.agent,
@@ -667,7 +669,7 @@ class Ledger:
             found.endpoint,
             found.method,
             found.customer,
-            found.estimate,
+            None if repriced else found.estimate,
         )
         if mine != theirs:
             raise _Denied(

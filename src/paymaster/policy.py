@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from functools import cached_property
@@ -124,6 +124,11 @@ class _Rules(BaseModel):
     def _customers(cls, value: Any) -> Any:
         return _clean_strings(value, "customers")
 
+    @field_validator("accounts", mode="before", check_fields=False)
+    @classmethod
+    def _accounts(cls, value: Any) -> Any:
+        return _clean_strings(value, "accounts")
+
     @field_validator("currency", mode="before", check_fields=False)
     @classmethod
     def _currency(cls, value: Any, info: ValidationInfo) -> str | None:
@@ -168,6 +173,12 @@ class Policy(_Rules):
         default=None,
         validation_alias=AliasChoices("customers", "allowed_customers", "allowed_customer_ids"),
     )
+    accounts: tuple[str, ...] = Field(
+        default=(), validation_alias=AliasChoices("accounts", "allowed_accounts")
+    )
+    """Connected accounts (a vendor's sub-accounts: Stripe's ``Stripe-Account`` header,
+    ``transfer_data[destination]``, ``on_behalf_of``) the agent may act for or route money
+    to. None by default: a call naming any account is refused (``account_not_allowed``)."""
     expires_at: AwareDatetime | None = None
     description: str | None = None
 
@@ -237,6 +248,9 @@ class RunPolicy(_Rules):
         default=None,
         validation_alias=AliasChoices("customers", "allowed_customers", "allowed_customer_ids"),
     )
+    accounts: tuple[str, ...] | None = Field(
+        default=None, validation_alias=AliasChoices("accounts", "allowed_accounts")
+    )
     expires_at: AwareDatetime | None = None
 
     @field_validator("cap", "per_call_cap", mode="before")
@@ -275,6 +289,7 @@ class EffectivePolicy(BaseModel):
     endpoint_allowlists: tuple[tuple[str, ...], ...]
     methods: tuple[str, ...] | None
     customer_allowlists: tuple[tuple[str, ...], ...]
+    account_allowlists: tuple[tuple[str, ...], ...] = ((),)
     expires_at: datetime | None
 
     @cached_property
@@ -297,9 +312,11 @@ class EffectivePolicy(BaseModel):
         now: datetime,
         run: str | None = None,
         customer_checked_later: bool = False,
+        accounts: Collection[str] = (),
     ) -> str:
         """The pure checks, in order: expiry, endpoint, method, customer, currency and
-        per-call cap. Returns the canonical endpoint; raises :class:`PolicyViolation`.
+        per-call cap, then the connected ``accounts`` the call acts for or routes money to.
+        Returns the canonical endpoint; raises :class:`PolicyViolation`.
 
         ``customer_checked_later`` lets a call with no customer pass a customer allowlist:
         only for a free read whose result never reaches the agent and is used to price
@@ -357,6 +374,15 @@ class EffectivePolicy(BaseModel):
                 f"{estimate.format()} is above the per-call cap of {self.per_call_cap.format()}",
                 self.per_call_cap,
             )
+        for account in sorted(accounts):
+            for allowlist in self.account_allowlists:
+                if account not in allowlist:
+                    deny(
+                        ViolationCode.ACCOUNT_NOT_ALLOWED,
+                        f"the call acts for or pays connected account {account!r}, which "
+                        f"policy {self.policy_id} does not list in 'accounts' "
+                        f"({list(allowlist) or 'none'}); add it there to allow it",
+                    )
         return path
 
 
@@ -412,6 +438,12 @@ def effective_policy(policy: Policy, run_policy: RunPolicy | None = None) -> Eff
             if extra:
                 raise _widen("customers", f"{extra} not in the policy's customers")
         customer_lists.append(rp.customers)
+    account_lists = [policy.accounts]
+    if rp.accounts is not None:
+        extra = sorted(set(rp.accounts) - set(policy.accounts))
+        if extra:
+            raise _widen("accounts", f"{extra} not in the policy's accounts")
+        account_lists.append(rp.accounts)
     expires = policy.expires_at
     if rp.expires_at is not None:
         if expires is not None and rp.expires_at > expires:
@@ -430,6 +462,7 @@ def effective_policy(policy: Policy, run_policy: RunPolicy | None = None) -> Eff
         endpoint_allowlists=tuple(endpoint_lists),
         methods=methods,
         customer_allowlists=tuple(customer_lists),
+        account_allowlists=tuple(account_lists),
         expires_at=expires,
     )
 

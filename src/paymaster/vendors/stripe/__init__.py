@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .catalogue import (
     CATALOGUE,
+    STRIPE_VERSION,
     Catalogue,
     Cost,
     InvalidStripeRequest,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CATALOGUE",
     "STRIPE_THREE_DECIMAL",
+    "STRIPE_VERSION",
     "STRIPE_ZERO_DECIMAL",
     "Catalogue",
     "Cost",

@@ -29,6 +29,7 @@ from .currency import StripeAmountError, check_charge_amount, from_stripe
 
 __all__ = [
     "CATALOGUE",
+    "STRIPE_VERSION",
     "Catalogue",
     "Cost",
     "InvalidStripeRequest",
@@ -49,6 +50,14 @@ _ID = r"[A-Za-z0-9]+_[A-Za-z0-9_]+"
 #: parser than by paymaster's, so it is refused.
 _KEY = re.compile(r"[A-Za-z0-9_]+(\[[^\[\]]*\])*")
 _FORM = "application/x-www-form-urlencoded"
+
+#: The Stripe API version this catalogue's pricing was written for: its look-ups are sent
+#: with it, and so is every call that names no version. A call naming another version is
+#: refused unless the catalogue is told it knows it (``Catalogue(stripe_versions=...)``).
+STRIPE_VERSION = "2026-10-28.endive"
+#: Parameters that send a charge's money to (or make it on behalf of) a connected account.
+_ROUTING = ("transfer_data[destination]", "on_behalf_of")
+_FEES = frozenset({"application_fee_amount", "application_fee_percent"})
 
 
 class InvalidStripeRequest(PolicyViolation, ValueError):
@@ -79,6 +88,14 @@ class Cost(str, enum.Enum):
     customer, or ``auto_advance`` off, so its charge is priced when it is finalized)."""
 
 
+class SubjectFrom(str, enum.Enum):
+    """Which object an operation changes, so that no other call on it runs meanwhile."""
+
+    NONE = "none"
+    PATH = "path"  # the object id in the path
+    INVOICE_PARAM = "invoice_param"  # the ``invoice`` parameter
+
+
 class CustomerFrom(str, enum.Enum):
     NONE = "none"
     PARAM = "param"  # the ``customer`` parameter
@@ -99,6 +116,10 @@ class StripeRequest:
     fingerprint: str
     """A digest of the method, path, every parameter, the account and the context: what an
     idempotency key may be reused for."""
+    accounts: frozenset[str] = frozenset()
+    """The connected accounts the request acts for (``Stripe-Account``, ``Stripe-Context``)
+    or routes money to (``transfer_data[destination]``, ``on_behalf_of``): each must be in
+    the policy's ``accounts``."""
 
     @classmethod
     def parse(
@@ -172,7 +193,24 @@ class StripeRequest:
             [method, path, sorted(pairs), account or ""] + ([context] if context else [])
         )
         fingerprint = hashlib.sha256(material.encode()).hexdigest()
-        return cls(method, path, params, frozenset(roots), fingerprint)
+        return cls(
+            method, path, params, frozenset(roots), fingerprint, _accounts(pairs, account, context)
+        )
+
+
+def _accounts(
+    pairs: list[tuple[str, str]], account: str | None, context: str | None
+) -> frozenset[str]:
+    named = {account} if account else set()
+    if context:  # an account, or a path of them
+        named.update(part for part in context.split("/") if part)
+    named.update(value for key, value in pairs if key in _ROUTING and value)
+    if not named and any(key in _FEES for key, _ in pairs):
+        raise InvalidStripeRequest(
+            "an application fee is taken only on a payment for a connected account; this "
+            "request names none (Stripe-Account, transfer_data[destination], on_behalf_of)"
+        )
+    return frozenset(named)
 
 
 @dataclass(frozen=True)
@@ -199,6 +237,9 @@ class Operation:
     """Parameters that would move money this operation does not price: refused."""
     check: Callable[[StripeRequest], None] | None = None
     """Further rules for the request (raise :class:`InvalidStripeRequest`)."""
+    subject: SubjectFrom = SubjectFrom.NONE
+    """The object it changes: while it is in flight, no other call on that object starts
+    (in any process on the ledger), so what priced it cannot change under it."""
     _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -208,6 +249,23 @@ class Operation:
     @property
     def moves_money(self) -> bool:
         return self.cost not in (Cost.FREE, Cost.INVOICE_ITEM)
+
+    @property
+    def reprices_in_flight(self) -> bool:
+        """Priced from an object that another call could change between the look-up and
+        the reserve: looked up again once the reserve holds the object, and refused
+        (``stale_price``) if it now costs more than was reserved."""
+        return self.cost is Cost.INVOICE
+
+    def subject_of(self, request: StripeRequest) -> str | None:
+        """The ledger's name for the object this request changes (``stripe:in_123``)."""
+        if self.subject is SubjectFrom.PATH:
+            found = self.match(request)
+            return f"stripe:{found}" if found else None
+        if self.subject is SubjectFrom.INVOICE_PARAM:
+            invoice = request.params.get("invoice")
+            return f"stripe:{_object_id(invoice, 'invoice')}" if invoice else None
+        return None
 
     def match(self, request: StripeRequest) -> str | None:
         """The path's object id (``""`` when the template has none), or ``None``."""
@@ -320,12 +378,32 @@ def actual_cost(operation: Operation, response: Mapping[str, Any]) -> Money | No
 class Catalogue:
     """An ordered set of operations: a request matches the first operation that fits."""
 
-    def __init__(self, operations: list[Operation]) -> None:
+    def __init__(
+        self,
+        operations: list[Operation],
+        *,
+        stripe_version: str = STRIPE_VERSION,
+        also_known_versions: frozenset[str] = frozenset(),
+    ) -> None:
         names = [op.name for op in operations]
         if len(set(names)) != len(names):
             raise ValueError("operation names must be unique")
         self.operations = tuple(operations)
         self._by_name = {op.name: op for op in operations}
+        #: Sent on every look-up, and on every call that names no version.
+        self.stripe_version = stripe_version
+        #: The versions a call may name (the pinned one and those the owner vouches for).
+        self.stripe_versions = frozenset({stripe_version}) | also_known_versions
+
+    def check_version(self, version: str | None) -> None:
+        """Refuse a ``Stripe-Version`` this catalogue's pricing was not written for."""
+        if version is not None and version not in self.stripe_versions:
+            raise InvalidStripeRequest(
+                f"Stripe-Version {version!r} is not one paymaster's catalogue prices for "
+                f"({sorted(self.stripe_versions)}): send {self.stripe_version!r} (e.g. "
+                "StripeClient(..., stripe_version=paymaster.vendors.stripe.STRIPE_VERSION)), "
+                "or none, or vouch for it with Catalogue(also_known_versions=...)"
+            )
 
     def match(self, request: StripeRequest) -> Operation | None:
         for operation in self.operations:
@@ -452,9 +530,21 @@ CATALOGUE = Catalogue(
         Operation("invoices.list", "GET", "/v1/invoices", customer=_P),
         Operation("invoices.retrieve", "GET", "/v1/invoices/{id}"),
         Operation(
-            "invoices.finalize_invoice", "POST", "/v1/invoices/{id}/finalize", Cost.INVOICE, _L
+            "invoices.finalize_invoice",
+            "POST",
+            "/v1/invoices/{id}/finalize",
+            Cost.INVOICE,
+            _L,
+            subject=SubjectFrom.PATH,
         ),
-        Operation("invoice_items.create", "POST", "/v1/invoiceitems", Cost.INVOICE_ITEM, _P),
+        Operation(
+            "invoice_items.create",
+            "POST",
+            "/v1/invoiceitems",
+            Cost.INVOICE_ITEM,
+            _P,
+            subject=SubjectFrom.INVOICE_PARAM,
+        ),
         Operation("balance.retrieve", "GET", "/v1/balance"),
     ]
 )

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
@@ -30,6 +31,7 @@ from stripe._http_client import new_http_client_async_fallback
 
 from ...errors import GovernanceUnavailable, PolicyViolation, ViolationCode
 from ...governor import GovernedCall
+from ...ledger import HoldState
 from ...money import Money
 from ...outcomes import Resolution, decide, resolution_of_status
 from ...policy import RunPolicy
@@ -57,6 +59,8 @@ __all__ = [
 log = logging.getLogger("paymaster.stripe")
 
 VENDOR = "stripe"
+#: How long Stripe keeps an idempotency key: a key older than that is a new call.
+STRIPE_KEY_WINDOW = timedelta(hours=24)
 Response = tuple[Any, int, Mapping[str, str]]
 HoldEnd = tuple[Literal["settle", "fail", "unknown"], dict[str, Any]]
 
@@ -153,12 +157,22 @@ class GovernedHTTPClient(stripe.HTTPClient):
         plan = self._plan(method, url, headers, post_data, pricing_lookup)
         if plan.lookup is not None:
             response = self._request(
-                "GET", _join(url, plan.lookup), _lookup_headers(headers), None, True
+                "GET", _join(url, plan.lookup), self._lookup_headers(headers), None, True
             )
             if response[1] >= 300:  # the object cannot be read: Stripe's own error says why
                 return response
             plan = self._priced(plan, response[0])
         with self.governor.guard(**plan.spec()) as call:
+            if plan.operation.reprices_in_flight:
+                lookup = plan.operation.lookup_path(plan.request)
+                assert lookup is not None
+                again = self._request(
+                    "GET", _join(url, lookup), self._lookup_headers(headers), None, True
+                )
+                stale = self._stale(plan, again)
+                if stale is not None:
+                    call.fail(error=f"{stale.code}: {stale.message}")
+                    raise stale
             response = self.inner.request(method, url, plan.outgoing(call), post_data)
             kind, kwargs = _resolution(call, plan.operation, response)
             try:
@@ -179,12 +193,22 @@ class GovernedHTTPClient(stripe.HTTPClient):
         plan = await _in_thread(self._plan, method, url, headers, post_data, pricing_lookup)
         if plan.lookup is not None:
             response = await self._request_async(
-                "GET", _join(url, plan.lookup), _lookup_headers(headers), None, True
+                "GET", _join(url, plan.lookup), self._lookup_headers(headers), None, True
             )
             if response[1] >= 300:
                 return response
             plan = await _in_thread(self._priced, plan, response[0])
         async with self.governor.aguard(**plan.spec()) as call:
+            if plan.operation.reprices_in_flight:
+                lookup = plan.operation.lookup_path(plan.request)
+                assert lookup is not None
+                again = await self._request_async(
+                    "GET", _join(url, lookup), self._lookup_headers(headers), None, True
+                )
+                stale = await _in_thread(self._stale, plan, again)
+                if stale is not None:
+                    await call.fail(error=f"{stale.code}: {stale.message}")
+                    raise stale
             response = await self.inner.request_async(
                 method, url, plan.outgoing(call) or {}, post_data
             )
@@ -248,6 +272,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
         try:
             _check_headers(headers)
             wire_key = _idempotency_key(headers)
+            self.catalogue.check_version(_single_header(headers, "Stripe-Version"))
             request = _parse(method, url, headers, post_data)
         except InvalidStripeRequest as violation:
             self._refuse(violation, binding, path, method.upper())
@@ -262,25 +287,80 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 ),
                 binding, request.path, request.method,
             )  # fmt: skip
-        ledger_key = _ledger_key(request, wire_key)
-        plan = _Plan(binding, request, operation, headers, wire_key, ledger_key, pricing_lookup)
         try:
             lookup = operation.lookup_path(request)
+            subject = operation.subject_of(request)
         except InvalidStripeRequest as violation:
             self._refuse(violation, binding, request.path, request.method)
+        ledger_key, held = self._current_key(binding, _ledger_key(request, wire_key))
+        plan = _Plan(
+            binding, request, operation, headers, wire_key, ledger_key, pricing_lookup,
+            subject=subject, version=self.catalogue.stripe_version,
+        )  # fmt: skip
         if lookup is None:  # priced from the request alone: a retry prices the same
             return self._priced(plan, None)
-        # Priced from the world: a retry (a request the ledger knows by its key and
-        # fingerprint) is priced as the call it repeats, since re-pricing "refund what
-        # remains" after the first attempt refunded it would price the retry at nothing.
-        held = None
-        if ledger_key is not None and binding.agent is not None:
-            held = self.governor.ledger.hold_for_key(
-                ledger_key, agent=binding.agent, run=binding.run
-            )
-        if held is not None:
+        # Priced from the world: a retry of a call that may have acted (its hold pending,
+        # unknown or settled) is priced as the call it repeats, since re-pricing "refund
+        # what remains" after the first attempt refunded it would price the retry at
+        # nothing. A retry of a released hold (nothing moved) is priced afresh: the world
+        # may have changed since, and the hold is re-armed at the new price.
+        if held is not None and held.state is not HoldState.RELEASED:
             return replace(plan, quote=Quote(held.estimate, held.customer))
         return replace(plan, lookup=lookup)
+
+    def _current_key(self, binding: StripeBinding, key: str | None) -> tuple[str | None, Any]:
+        """The ledger key a request with ``key`` reserves under, and the hold it finds
+        there. Stripe forgets an idempotency key after 24 hours: a key whose hold is older
+        is a new call at Stripe, so it is a new call in the ledger too (under a key derived
+        from the old hold's)."""
+        if key is None or binding.agent is None:
+            return key, None
+        ledger = self.governor.ledger
+        held = ledger.hold_for_key(key, agent=binding.agent, run=binding.run)
+        while held is not None and held.created_at <= ledger.now() - STRIPE_KEY_WINDOW:
+            key = "e:" + hashlib.sha256(f"{key}|{held.id}".encode()).hexdigest()[:48]
+            held = ledger.hold_for_key(key, agent=binding.agent, run=binding.run)
+        return key, held
+
+    def _lookup_headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """The original request's credentials and account, for a GET of the same account,
+        at the version the catalogue prices for."""
+        dropped = {"idempotency-key", "content-type", "content-length", "stripe-version"}
+        kept = {k: v for k, v in (headers or {}).items() if _header_name(k) not in dropped}
+        return {**kept, "Stripe-Version": self.catalogue.stripe_version}
+
+    def _stale(self, plan: _Plan, looked_up: Response) -> PolicyViolation | None:
+        """The refusal of a call whose object, read again while the ledger holds it, now
+        costs more than was reserved (``None``: it does not)."""
+        reserved = plan.quote.estimate if plan.quote is not None else None
+        body, status, _ = looked_up
+        if status >= 300:
+            return PolicyViolation(
+                ViolationCode.STALE_PRICE,
+                f"{plan.operation.name}: the object could not be read again before the call "
+                f"(HTTP {status}); nothing was sent",
+                vendor=VENDOR,
+            )
+        try:
+            now = plan.operation.quote(plan.request, _json(body)).estimate
+        except (InvalidStripeRequest, ValueError) as exc:
+            return PolicyViolation(
+                ViolationCode.STALE_PRICE,
+                f"{plan.operation.name}: read again before the call, it cannot be priced "
+                f"({exc}); nothing was sent",
+                vendor=VENDOR,
+            )
+        if now is None or (
+            reserved is not None and now.currency == reserved.currency and now <= reserved
+        ):
+            return None
+        return PolicyViolation(
+            ViolationCode.STALE_PRICE,
+            f"{plan.operation.name}: it was priced at {reserved or 'nothing'}, but it changed "
+            f"before it was sent and would now cost {now}; nothing was sent. Retry: it will "
+            "be priced again",
+            vendor=VENDOR,
+        )
 
     def _priced(self, plan: _Plan, looked_up: Any) -> _Plan:
         """Price the planned request, from the raw body of its look-up if it had one."""
@@ -333,6 +413,10 @@ class _Plan:
     pricing_lookup: bool
     lookup: str | None = None
     quote: Quote | None = None
+    subject: str | None = None
+    """The object the call changes (no other call on it while this one is in flight)."""
+    version: str | None = None
+    """The Stripe-Version sent when the client names none."""
 
     def spec(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`Governor.guard`."""
@@ -344,7 +428,8 @@ class _Plan:
             "customer": self.quote.customer, "run": self.binding.run,
             "run_policy": self.binding.run_policy, "idempotency_key": self.ledger_key,
             "pricing_lookup": self.pricing_lookup, "tool_call_id": self.binding.tool_call_id,
-            "credential": self.binding.credential,
+            "credential": self.binding.credential, "subject": self.subject,
+            "accounts": self.request.accounts,
             # The catalogue declares a call free by pricing it at nothing.
             "free": self.quote.estimate is None,
         }  # fmt: skip
@@ -352,9 +437,12 @@ class _Plan:
     def outgoing(self, call: GovernedCall) -> Mapping[str, str] | None:
         """The headers sent: a POST always carries an idempotency key (one made from the
         hold when the client sent none), so a retry of this call cannot pay twice."""
-        if self.request.method != "POST" or self.wire_key is not None:
-            return self.sent_headers
-        return {**(self.sent_headers or {}), "Idempotency-Key": call.idempotency_key}
+        sent = dict(self.sent_headers or {})
+        if self.version is not None and _single_header(sent, "Stripe-Version") is None:
+            sent["Stripe-Version"] = self.version  # the version the call was priced for
+        if self.request.method == "POST" and self.wire_key is None:
+            sent["Idempotency-Key"] = call.idempotency_key
+        return sent
 
 
 async def _in_thread(fn: Any, *args: Any) -> Any:
@@ -522,12 +610,6 @@ def _not_recorded(call: GovernedCall, response: Response) -> None:
         "stays pending and counted; reconcile it with `paymaster holds resolve`",
         response[1], _header(response[2], "Request-Id"), call.hold_id,
     )  # fmt: skip
-
-
-def _lookup_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """The original request's credentials and versions, for a GET of the same account."""
-    dropped = {"idempotency-key", "content-type", "content-length"}
-    return {k: v for k, v in (headers or {}).items() if k.lower() not in dropped}
 
 
 def _join(url: str, path: str) -> str:
