@@ -35,11 +35,12 @@ lint: $(SYNCED)
 bench: $(SYNCED)
 	$(PY) bench/ledger_bench.py
 
-# The vendor-truth simulation, seed after seed, for PAYMASTER_SOAK_SECONDS (default 600) on
-# SQLite, and on PostgreSQL too when PAYMASTER_TEST_POSTGRES_URL is set; PAYMASTER_SIM_SEED
-# picks the first seed. A failing seed is printed with the command that replays it.
+# The vendor-truth simulations (a generic vendor, then Stripe), seed after seed, each for
+# PAYMASTER_SOAK_SECONDS (default 600) on SQLite, and on PostgreSQL too when
+# PAYMASTER_TEST_POSTGRES_URL is set; PAYMASTER_SIM_SEED picks the first seed. A failing seed is printed with the command that replays it.
 soak: $(SYNCED)
 	$(PY) tests/vendor_sim.py
+	$(PY) tests/stripe_sim.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
