@@ -23,7 +23,7 @@ from paymaster import AuditRecord, Governor, HoldState, Money, Policy, RunPolicy
 from paymaster.proxy import ProxyConfig, create_app
 from paymaster.testing.localstripe import TEST_API_KEY, LocalStripe
 from paymaster.testing.proxy import proxy_client, serve_app
-from paymaster.vault import VaultKeys
+from paymaster.vault import UNKNOWN_KEY, VaultKeys
 from stripe_fixtures import localstripe, paid_intent, refund_agent_policy, refunds_of
 from tcp_proxy import TcpProxy
 
@@ -74,9 +74,14 @@ class Proxy:
         return proxy_client(self.url, key or self.key, **kwargs)
 
     def new_key(self, agent: str = "refund-agent", **kwargs: Any) -> str:
-        return VaultKeys(self.gov.engine, self.gov.ledger.now).create(
-            agent, by="test", **kwargs
-        ).secret
+        return (
+            VaultKeys(self.gov.engine, self.gov.ledger.now)
+            .create(agent, by="test", **kwargs)
+            .secret
+        )
+
+    def keys(self) -> VaultKeys:
+        return VaultKeys(self.gov.engine, self.gov.ledger.now)
 
     def audit(self, endpoint: str) -> list[AuditRecord]:
         return [r for r in self.gov.audit.query() if r.endpoint == endpoint]
@@ -96,7 +101,10 @@ def jpy_policy() -> Policy:
 
 @pytest.fixture
 def proxy(db_url: str, localstripe: LocalStripe, clock: Clock) -> Iterator[Proxy]:
-    policies = [refund_agent_policy(endpoints=POLICY_ENDPOINTS), jpy_policy()]
+    policies = [
+        refund_agent_policy(endpoints=POLICY_ENDPOINTS, accounts=["acct_A", "acct_B"]),
+        jpy_policy(),
+    ]
     gov = Governor(db_url, policies=policies, clock=clock)
     upstream = RecordingUpstream()
     config = ProxyConfig(upstream=localstripe.url, stripe_key=TEST_API_KEY)
@@ -188,10 +196,12 @@ def test_a_post_without_an_idempotency_key_is_forwarded_with_one_the_client_is_t
     (post,) = proxy.upstream.posts()
     made = post.headers["idempotency-key"]
     assert made.startswith("paymaster-proxy-")
-    assert response.headers["idempotency-key"] == made
+    # the client is told its key; Stripe gets it scoped to the key's agent type and run
+    assert made.split("~")[0] == response.headers["idempotency-key"]
     (held,) = [h for h in proxy.gov.ledger.holds(states=list(HoldState))
                if h.endpoint == "/v1/refunds"]  # fmt: skip
-    assert held.idempotency_key is not None and held.idempotency_key.endswith(made)
+    told = response.headers["idempotency-key"]
+    assert held.idempotency_key is not None and held.idempotency_key.endswith(told)
 
 
 def test_jpy_amounts_are_exact(proxy: Proxy) -> None:
@@ -276,12 +286,17 @@ def test_a_retry_with_the_same_key_is_counted_once_and_replayed(proxy: Proxy) ->
     again = client.v1.refunds.create(params=params, options={"idempotency_key": "k-1"})
     assert again.id == first.id
     assert again.last_response.headers["idempotent-replayed"] == "true"
-    assert [p.headers["idempotency-key"] for p in proxy.upstream.posts()] == ["k-1"]
+    assert [p.headers["idempotency-key"].split("~")[0] for p in proxy.upstream.posts()] == ["k-1"]
     assert refunds_of(proxy.server, intent) == [1500]
     assert proxy.committed() == Money(1500, "USD")
     charged, replayed = proxy.audit("/v1/refunds")
     assert (charged.actual, replayed.actual, replayed.outcome) == (1500, 0, "allowed")
-    assert replayed.hold_id == charged.hold_id
+    # Its own attempt (a free call of its own), naming Stripe's request it replays.
+    assert (replayed.http_status, replayed.vendor_request_id) == (
+        charged.http_status,
+        charged.vendor_request_id,
+    )
+    assert (replayed.credential, replayed.run) == (charged.credential, charged.run)
     # The same key on another request is not a replay of this one: it is governed (and
     # counted) as its own call, and Stripe, which scopes keys to their parameters, would
     # refuse it (localstripe does not).
@@ -293,7 +308,11 @@ def test_a_retry_with_the_same_key_is_counted_once_and_replayed(proxy: Proxy) ->
     assert proxy.committed() == Money(1500 + 1600, "USD")
 
 
-def test_replays_are_kept_for_24_hours_then_the_key_is_spent(proxy: Proxy, clock: Clock) -> None:
+def test_replays_are_kept_for_24_hours_then_the_key_is_a_new_call(
+    proxy: Proxy, clock: Clock
+) -> None:
+    """Stripe forgets a key after 24 hours: the same key then makes a new refund, which
+    is reserved and counted as one."""
     intent = paid_intent(proxy.server, 5000)
     client = proxy.client()
     day = clock().date()
@@ -304,11 +323,99 @@ def test_replays_are_kept_for_24_hours_then_the_key_is_spent(proxy: Proxy, clock
         first.id
     )
     clock.advance(minutes=2)
-    with pytest.raises(stripe.PermissionError) as spent:
-        client.v1.refunds.create(params=params, options={"idempotency_key": "k-day"})
-    assert error_of(spent.value) == (403, "paymaster_already_completed")
-    assert len(proxy.upstream.posts()) == 1
+    again = client.v1.refunds.create(params=params, options={"idempotency_key": "k-day"})
+    assert again.id != first.id
+    assert len(proxy.upstream.posts()) == 2
     assert proxy.committed(day=day) == Money(1000, "USD")
+    assert proxy.committed() == Money(1000, "USD")  # the next day's budget
+
+
+def credential_of(key: str) -> str:
+    """``pmk_<id>`` of a whole vault key: its credential on audit rows, and its run."""
+    return key[: len("pmk_") + 12]
+
+
+def create_intent(proxy: Proxy, key: str, idempotency_key: str = "k-pi") -> httpx.Response:
+    return httpx.post(
+        f"{proxy.url}/v1/payment_intents",
+        data={"amount": "2000", "currency": "usd"},
+        headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idempotency_key},
+    )
+
+
+def test_a_replay_is_served_only_to_the_vault_key_that_made_the_call(proxy: Proxy) -> None:
+    """Another key presenting the same request and Idempotency-Key gets nothing of the
+    first call's answer: a key its policy refuses is refused, one it allows makes its own
+    call (its own hold, run and row), never a replay of another run's."""
+    made = create_intent(proxy, proxy.key)
+    assert made.status_code == 200, made.text
+    intent = made.json()
+    assert intent["client_secret"]
+
+    narrowed = {"currency": "USD", "endpoints": ["/v1/customers"], "methods": ["GET"]}
+    narrow = proxy.new_key(run_policy=RunPolicy.model_validate(narrowed))
+    refused = create_intent(proxy, narrow)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "paymaster_endpoint_not_allowed"
+    assert intent["id"] not in refused.text and intent["client_secret"] not in refused.text
+    assert "idempotent-replayed" not in refused.headers
+
+    other = proxy.new_key()
+    own = create_intent(proxy, other)
+    assert own.status_code == 200, own.text
+    assert "idempotent-replayed" not in own.headers
+    assert own.json()["id"] != intent["id"]
+    assert len(proxy.upstream.posts("/v1/payment_intents")) == 2
+
+    again = create_intent(proxy, proxy.key)  # the key that made the call: replayed
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == intent["id"]
+    rows = proxy.audit("/v1/payment_intents")
+    assert [(r.credential, r.run, r.outcome) for r in rows] == [
+        (credential_of(proxy.key), credential_of(proxy.key), "allowed"),
+        (credential_of(narrow), credential_of(narrow), "denied"),
+        (credential_of(other), credential_of(other), "allowed"),
+        (credential_of(proxy.key), credential_of(proxy.key), "allowed"),
+    ]
+    assert len(proxy.upstream.posts("/v1/payment_intents")) == 2
+
+
+def test_a_replay_is_governed_like_the_call_it_repeats(
+    proxy: Proxy, localstripe: LocalStripe, clock: Clock
+) -> None:
+    """A replay spends nothing, but it is checked as the call it repeats: a policy tightened
+    since, or a revoke of the key's run, refuses it with the usual refusal and its row."""
+    intent = paid_intent(proxy.server, 5000)
+    key = proxy.new_key(run="run-7")
+    params = {"payment_intent": intent, "amount": 1000}
+    options: Any = {"idempotency_key": "k-gov"}
+    first = proxy.client(key).v1.refunds.create(params=params, options=options)
+
+    tightened = refund_agent_policy(endpoints=["/v1/customers"])
+    config = ProxyConfig(upstream=localstripe.url, stripe_key=TEST_API_KEY)
+    with Governor(proxy.gov.engine, policies=[tightened], clock=clock) as gov:
+        with serve_app(create_app(gov, config)) as url:
+            with pytest.raises(stripe.PermissionError) as narrowed:
+                proxy_client(url, key).v1.refunds.create(params=params, options=options)
+    assert error_of(narrowed.value) == (403, "paymaster_endpoint_not_allowed")
+
+    proxy.gov.revoke(run="run-7", reason="runaway", by="oncall")
+    with pytest.raises(stripe.PermissionError) as revoked:
+        proxy.client(key).v1.refunds.create(params=params, options=options)
+    assert error_of(revoked.value) == (403, "paymaster_revoked")
+    proxy.gov.restore(run="run-7", reason="fixed", by="oncall")
+    assert proxy.client(key).v1.refunds.create(params=params, options=options).id == first.id
+
+    rows = proxy.audit("/v1/refunds")
+    assert [(r.outcome, r.violation_code, r.actual) for r in rows] == [
+        ("allowed", None, 1000),
+        ("denied", "endpoint_not_allowed", 0),
+        ("denied", "revoked", 0),
+        ("allowed", None, 0),
+    ]
+    assert {(r.credential, r.run) for r in rows} == {(credential_of(key), "run-7")}
+    assert len(proxy.upstream.posts()) == 1
+    assert proxy.committed() == Money(1000, "USD")
 
 
 def test_a_retry_after_a_lost_response_is_forwarded_with_the_same_key_and_counted_once(
@@ -337,7 +444,8 @@ def test_a_retry_after_a_lost_response_is_forwarded_with_the_same_key_and_counte
 
     retried = client.v1.refunds.create(params=params, options={"idempotency_key": "k-lost"})
     assert retried.amount == 2500
-    assert [p.headers["idempotency-key"] for p in proxy.upstream.posts()] == ["k-lost"] * 2
+    sent = [p.headers["idempotency-key"] for p in proxy.upstream.posts()]
+    assert len(sent) == 2 and sent[0] == sent[1] and sent[0].startswith("k-lost~")
     assert proxy.gov.holds() == []
     assert proxy.committed() == Money(2500, "USD")  # reserved and counted once
     # localstripe ignores idempotency keys, so it refunded twice; Stripe would replay.
@@ -394,6 +502,98 @@ def test_a_header_value_httpx_cannot_send_is_refused_before_anything_is_reserved
 
 
 # -- keys and the kill switch ------------------------------------------------------------
+def test_a_key_made_without_a_run_is_its_own_run_on_every_row_and_can_be_revoked(
+    proxy: Proxy,
+) -> None:
+    client = proxy.client()
+    client.v1.customers.list()
+    too_big = httpx.post(
+        f"{proxy.url}/v1/refunds",
+        content=b"x" * 300_000,
+        headers={"Authorization": f"Bearer {proxy.key}"},
+    )
+    assert too_big.status_code == 413
+    proxy.gov.revoke(run=credential_of(proxy.key), reason="this key only", by="oncall")
+    with pytest.raises(stripe.PermissionError) as refused:
+        client.v1.customers.list()
+    assert error_of(refused.value) == (403, "paymaster_revoked")
+    proxy.client(proxy.new_key()).v1.customers.list()  # another key of the agent: allowed
+    rows = proxy.gov.audit.query()
+    assert [(r.outcome, r.violation_code) for r in rows] == [
+        ("allowed", None),
+        ("denied", "invalid_request"),
+        ("denied", "revoked"),
+        ("allowed", None),
+    ]
+    assert [(r.credential, r.run) for r in rows[:3]] == [(credential_of(proxy.key),) * 2] * 3
+    assert rows[3].credential != credential_of(proxy.key)
+    assert len(proxy.upstream.seen) == 2
+    assert proxy.gov.audit.verify().ok
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "OPTIONS", "TRACE", "PROPFIND"])
+def test_a_method_other_than_get_post_delete_is_refused_after_the_key_and_audited(
+    proxy: Proxy, method: str
+) -> None:
+    with httpx.Client(base_url=proxy.url) as http:
+        anonymous = http.request(method, "/v1/refunds")
+        assert anonymous.status_code == 401, anonymous.text
+        assert anonymous.json()["error"]["code"] == "paymaster_missing_api_key"
+        response = http.request(
+            method, "/v1/refunds", headers={"Authorization": f"Bearer {proxy.key}"}
+        )
+    assert response.status_code == 405, response.text
+    assert response.json()["error"]["code"] == "paymaster_method_not_allowed"
+    (row,) = proxy.gov.audit.query()
+    assert (row.outcome, row.violation_code, row.method, row.endpoint) == (
+        "denied",
+        "method_not_allowed",
+        method,
+        "/v1/refunds",
+    )
+    assert (row.credential, row.run) == (credential_of(proxy.key), credential_of(proxy.key))
+    assert [(f.key_id, f.reason, f.count) for f in proxy.keys().failures()] == [
+        (UNKNOWN_KEY, "missing", 1)
+    ]
+    assert proxy.upstream.seen == [] and proxy.gov.holds() == []
+
+
+def test_failed_authentications_are_counted_per_key_and_reason_in_bounded_rows(
+    proxy: Proxy, clock: Clock
+) -> None:
+    own_id = proxy.key.split("_")[1]
+    expiring = proxy.new_key(expires_at=clock() + timedelta(hours=1))
+    revoked = proxy.new_key()
+    proxy.keys().revoke(revoked, by="oncall", reason="leaked")
+    clock.advance(hours=1)
+    presented = [
+        TEST_API_KEY,  # malformed, naming no key
+        f"pmk_{own_id}_short",  # malformed, naming a known key
+        *(f"pmk_{i:012x}_" + "A" * 43 for i in range(20)),  # a flood of unknown keys
+        f"pmk_{own_id}_" + "A" * 43,  # a known id with a wrong secret
+        expiring,
+        revoked,
+    ]
+    for key in presented:
+        auth = {"Authorization": f"Bearer {key}"}
+        response = httpx.get(f"{proxy.url}/v1/customers", headers=auth)
+        assert response.status_code == 401, key
+    assert httpx.get(f"{proxy.url}/v1/customers").status_code == 401
+    counted = {(f.key_id, f.reason): f.count for f in proxy.keys().failures()}
+    assert counted == {
+        (UNKNOWN_KEY, "malformed"): 1,
+        (own_id, "malformed"): 1,
+        (UNKNOWN_KEY, "unknown"): 20,
+        (own_id, "bad_secret"): 1,
+        (credential_of(expiring)[4:], "expired"): 1,
+        (credential_of(revoked)[4:], "revoked"): 1,
+        (UNKNOWN_KEY, "missing"): 1,
+    }
+    (mine,) = [f for f in proxy.keys().failures(proxy.key) if f.reason == "bad_secret"]
+    assert mine.first_at == mine.last_at == clock()
+    assert proxy.gov.audit.query() == [] and proxy.upstream.seen == []
+
+
 def test_a_revoke_stops_the_next_request_and_a_restore_lifts_it(proxy: Proxy) -> None:
     client = proxy.client()
     client.v1.customers.list()
@@ -482,8 +682,9 @@ def test_an_oversized_body_is_refused_and_audited_without_a_reservation(proxy: P
                                  "headers": [("Idempotency-Key", "a"),
                                              ("Idempotency-Key", "b")]}, 400),
         ("PUT", "/v1/refunds", {}, 405),
+        ("OPTIONS", "/v1/refunds", {}, 405),
     ],
-    ids=["dot-dot", "double-slash", "encoded-slash", "json-body", "two-keys", "put"],
+    ids=["dot-dot", "double-slash", "encoded-slash", "json-body", "two-keys", "put", "options"],
 )  # fmt: skip
 def test_malformed_requests_get_a_clear_4xx_and_nothing_is_reserved(
     proxy: Proxy, method: str, path: str, kwargs: dict[str, Any], status: int
@@ -500,8 +701,10 @@ def test_malformed_requests_get_a_clear_4xx_and_nothing_is_reserved(
 
 def test_stripe_refusing_the_proxys_key_is_not_passed_on_to_the_agent(proxy: Proxy) -> None:
     def refuse_the_key(request: httpx.Request, response: httpx.Response) -> httpx.Response:
-        body = (b'{"error": {"type": "invalid_request_error", "message": "Invalid API Key '
-                b'provided: sk_test_****ymaster and ' + TEST_API_KEY.encode() + b'"}}')
+        body = (
+            b'{"error": {"type": "invalid_request_error", "message": "Invalid API Key '
+            b"provided: sk_test_****ymaster and " + TEST_API_KEY.encode() + b'"}}'
+        )
         status = 401 if request.url.path == "/v1/customers" else 403
         return httpx.Response(status, content=body, headers={"Request-Id": "req_1"})
 

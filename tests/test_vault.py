@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import Engine, select
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, MetaData, Table, inspect, select, update
 from typer.testing import CliRunner
 
 from conftest import Clock
 from paymaster import RunPolicy
 from paymaster.cli import runtime
 from paymaster.cli.app import app
-from paymaster.db import connect, ensure_schema
+from paymaster.db import _alembic_config, connect, ensure_schema
 from paymaster.proxy import ProxyConfig, read_stripe_key
-from paymaster.schema import vault_key
+from paymaster.schema import metadata, proxy_replay, vault_key
 from paymaster.vault import VaultKeyNotFound, VaultKeyRefused, VaultKeys
 
 Reason = VaultKeyRefused.Reason
@@ -67,7 +71,114 @@ def test_a_run_policy_without_a_run_counts_against_the_keys_own_run(keys: VaultK
         {"currency": "USD", "cap": "5.00"}
     ))  # fmt: skip
     assert made.record.run == f"pmk_{made.record.id}"
-    assert keys.create("a", by="ops").record.run is None
+
+
+def test_a_key_without_a_run_is_its_own_run_even_if_stored_without_one(
+    keys: VaultKeys, engine: Engine
+) -> None:
+    made = keys.create("a", by="ops")
+    assert made.record.run == made.record.credential == f"pmk_{made.record.id}"
+    assert keys.authenticate(made.secret).run == f"pmk_{made.record.id}"
+    with engine.begin() as conn:  # as a key made before revision 0007 was stored
+        conn.execute(update(vault_key).values(run=None))
+    assert keys.authenticate(made.secret).run == f"pmk_{made.record.id}"
+    assert [k.run for k in keys.list()] == [f"pmk_{made.record.id}"]
+
+
+def test_failed_authentications_are_counted_per_known_key_and_reason(
+    keys: VaultKeys, clock: Clock
+) -> None:
+    made = keys.create("a", by="ops")
+    wrong = "A" * 43
+    for presented in ("sk_test_1", f"pmk_{'0' * 12}_{wrong}", f"pmk_{made.record.id}_{wrong}"):
+        with pytest.raises(VaultKeyRefused) as caught:
+            keys.authenticate(presented)
+        keys.record_failure(caught.value.key_id, caught.value.failure)
+    assert caught.value.reason is Reason.UNKNOWN  # the client cannot tell a bad secret
+    clock.advance(minutes=5)
+    keys.record_failure(made.record.id, "bad_secret")
+    keys.record_failure("ffffffffffff", "expired")  # an id no key has: counted as unknown
+    keys.record_failure(None, "missing")
+    counted = {(f.key_id, f.reason): (f.count, f.first_at, f.last_at) for f in keys.failures()}
+    start = clock() - timedelta(minutes=5)
+    assert counted == {
+        ("unknown", "malformed"): (1, start, start),
+        ("unknown", "unknown"): (1, start, start),
+        (made.record.id, "bad_secret"): (2, start, clock()),
+        ("unknown", "expired"): (1, clock(), clock()),
+        ("unknown", "missing"): (1, clock(), clock()),
+    }
+    assert [f.reason for f in keys.failures(made.record.credential)] == ["bad_secret"]
+    assert len(keys.failures("unknown")) == 4
+
+
+def test_keys_failures_lists_the_counts(cli: str, keys: VaultKeys) -> None:
+    made = keys.create("a", by="ops")
+    keys.record_failure(made.record.id, "revoked")
+    keys.record_failure(None, "missing")
+    listed = runner.invoke(app, ["keys", "failures", "--json", "--db", cli])
+    assert listed.exit_code == 0, listed.output
+    assert {(f["key"], f["reason"], f["count"]) for f in json.loads(listed.stdout)} == {
+        (f"pmk_{made.record.id}", "revoked", 1),
+        ("unknown", "missing", 1),
+    }
+    one = runner.invoke(app, ["keys", "failures", f"pmk_{made.record.id}", "--db", cli])
+    assert one.exit_code == 0, one.output
+    assert "revoked" in one.stdout and "missing" not in one.stdout
+
+
+def test_migration_0007_gives_old_keys_a_run_and_forgets_unscoped_replays(db_url: str) -> None:
+    engine = connect(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), "0006")
+            old = MetaData()
+            old_key = Table("paymaster_vault_key", old, autoload_with=conn)
+            old_replay = Table("paymaster_proxy_replay", old, autoload_with=conn)
+            now = datetime.now(timezone.utc)
+            made = {"secret_sha256": "0" * 64, "agent": "a", "created_at": now, "created_by": "o"}
+            conn.execute(old_key.insert().values(id="0123456789ab", **made))
+            conn.execute(old_key.insert().values(id="ba9876543210", run="r1", **made))
+            kept = {"status": 200, "headers": "{}", "body": b"{}", "created_at": now}
+            conn.execute(old_replay.insert().values(key="k", agent="a", **kept))
+        ensure_schema(engine)
+        with engine.connect() as conn:
+            runs = dict(conn.execute(select(vault_key.c.id, vault_key.c.run)).all())
+            assert runs == {"0123456789ab": "pmk_0123456789ab", "ba9876543210": "r1"}
+            assert conn.execute(select(proxy_replay)).all() == []
+        assert_schema_matches(engine)
+        with engine.begin() as conn:  # and back down, for a rollback of the upgrade
+            command.downgrade(_alembic_config(conn), "0006")
+            assert "paymaster_auth_failure" not in inspect(conn).get_table_names()
+            columns = {c["name"] for c in inspect(conn).get_columns("paymaster_proxy_replay")}
+            assert "credential" not in columns and "run" not in columns
+    finally:
+        engine.dispose()
+
+
+def test_the_migrated_tables_of_the_proxy_match_the_schema(engine: Engine) -> None:
+    assert_schema_matches(engine)
+
+
+def assert_schema_matches(engine: Engine) -> None:
+    """The proxy's tables as the migrations make them are the tables ``schema.py``
+    describes (the other tables are compared where they are owned)."""
+    owned = {"paymaster_vault_key", "paymaster_proxy_replay", "paymaster_auth_failure"}
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(context, metadata)
+
+    def table_of(change: Any) -> str:
+        if isinstance(change, list):  # modify_* changes come as a list of them
+            change = change[0]
+        kind = change[0]
+        if kind in ("add_table", "remove_table"):
+            return str(change[1].name)
+        if kind in ("add_column", "remove_column") or kind.startswith("modify_"):
+            return str(change[2])
+        return str(change[1].table.name)  # an index or a constraint
+
+    assert [d for d in diff if table_of(d) in owned] == []
 
 
 def test_unknown_malformed_expired_and_revoked_keys_are_refused(

@@ -272,8 +272,25 @@ proxy_replay = Table(
     Column("headers", Text, nullable=False),  # JSON object of the replayed headers
     Column("body", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # The vault key that made the call and its run (revision 0007): a response is
+    # replayed only to that key. Rows kept before have none, and replay to nobody.
+    Column("credential", String(64), nullable=True),
+    Column("run", String(200), nullable=True),
     Index("ix_proxy_replay_created", "created_at"),
 )
 
 #: The columns of a stored audit record (:class:`paymaster.audit.AuditRecord`).
 AUDIT_RECORD_COLUMNS = tuple(column for column in audit.c if column.name != "write_token")
+
+#: Failed authentications at the proxy (revision 0007), counted rather than logged one row
+#: each, so that an unauthenticated flood cannot grow the ledger: one row per (vault key
+#: id, reason), where ``credential`` is a known key's id or ``"unknown"``.
+auth_failure = Table(
+    "paymaster_auth_failure",
+    metadata,
+    Column("credential", String(32), primary_key=True),
+    Column("reason", String(16), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+    Column("first_at", UTCDateTime, nullable=False),
+    Column("last_at", UTCDateTime, nullable=False),
+)

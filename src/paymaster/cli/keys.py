@@ -1,4 +1,4 @@
-"""``paymaster keys create | list | revoke``: vault keys for the governing proxy.
+"""``paymaster keys create | list | revoke | failures``: vault keys for the governing proxy.
 
 A key is printed once, when it is made; the ledger keeps only its id and a digest.
 """
@@ -16,7 +16,7 @@ from ..errors import PolicyViolation
 from ..governor import _who
 from ..loading import load_policies, load_run_policy
 from ..policy import RunPolicy, effective_policy
-from ..vault import KEY_PREFIX, VaultKey, VaultKeys
+from ..vault import KEY_PREFIX, UNKNOWN_KEY, AuthFailure, VaultKey, VaultKeys
 from .output import console, echo_json, fmt_time, time_json
 from .params import DEFAULT_DB, POLICIES_ENV, DbOption, JsonOption, parse_duration, parse_time
 from .runtime import fail, hooks, open_database
@@ -41,6 +41,16 @@ def key_json(key: VaultKey) -> dict[str, Any]:
         "expires_at": time_json(key.expires_at), "revoked_at": time_json(key.revoked_at),
         "revoked_by": key.revoked_by, "revoke_reason": key.revoke_reason,
     }  # fmt: skip
+
+
+def failure_json(failure: AuthFailure) -> dict[str, Any]:
+    return {
+        "key": failure.key_id if failure.key_id == UNKNOWN_KEY else f"{KEY_PREFIX}{failure.key_id}",
+        "reason": failure.reason,
+        "count": failure.count,
+        "first_at": time_json(failure.first_at),
+        "last_at": time_json(failure.last_at),
+    }
 
 
 def _expiry(text: str) -> datetime:
@@ -72,7 +82,11 @@ def _check_against(policies: Path, agent: str, run_policy: RunPolicy | None) -> 
 def create(
     agent: Annotated[str, typer.Option("--agent", help="The agent type the key acts as.")],
     run: Annotated[
-        str | None, typer.Option("--run", help="Attribute every call to this run.")
+        str | None,
+        typer.Option(
+            "--run",
+            help="Attribute every call to this run (default: the key's own id, pmk_...).",
+        ),
     ] = None,
     expires: Annotated[
         datetime | None,
@@ -87,8 +101,7 @@ def create(
         Path | None,
         typer.Option(
             "--run-policy",
-            help="A run policy file narrowing the agent's policy. "
-            "Without --run, the key's own id is its run.",
+            help="A run policy file narrowing the agent's policy.",
         ),
     ] = None,
     label: Annotated[str | None, typer.Option("--label", help="A note for `keys list`.")] = None,
@@ -177,3 +190,39 @@ def revoke(
         f"at {fmt_time(revoked.revoked_at)}: {revoked.revoke_reason}"
     )
     typer.echo("every proxy on this ledger refuses its next request")
+
+
+@app.command()
+def failures(
+    key_id: Annotated[
+        str | None,
+        typer.Argument(metavar="[KEY]", help="Only this key's (pmk_...), or 'unknown'."),
+    ] = None,
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """Failed authentications at the proxy, counted per key and reason, latest first.
+
+    Reasons: missing (no key sent), malformed, unknown (no such key), bad_secret (a known
+    key's id with a wrong secret), expired, revoked. Keys that do not exist are counted
+    together as 'unknown'.
+    """
+    with open_database(db) as engine:
+        counted = VaultKeys(engine, hooks.now).failures(key_id)
+    if as_json:
+        echo_json([failure_json(f) for f in counted])
+        return
+    total = sum(f.count for f in counted)
+    table = Table(title=f"{total} failed authentications", title_justify="left")
+    for name in ("key", "reason", "count", "first", "last"):
+        table.add_column(name, overflow="fold")
+    for f in counted:
+        row = failure_json(f)
+        table.add_row(
+            row["key"],
+            f.reason,
+            str(f.count),
+            fmt_time(f.first_at),
+            fmt_time(f.last_at),
+        )
+    console().print(table)

@@ -2,11 +2,15 @@
 
 Agents hold a vault key and the proxy's URL, never the real key. Each request is:
 
-1. refused if its body is too large or it has no valid vault key (401), before anything
-   is read or reserved;
-2. replayed, if it is a retry of a POST that already succeeded (same ``Idempotency-Key``,
-   same request, within 24 hours): counted once, not forwarded again;
-3. governed exactly as an in-process :func:`~paymaster.vendors.stripe.governed_client`
+1. authenticated: without a valid vault key it is refused (401) before anything is read
+   or reserved, and the failure is counted (:meth:`VaultKeys.record_failure`);
+2. refused, and audited under the key, if its method is not GET, POST or DELETE (405),
+   its body is too large (413) or its headers are unreadable (400);
+3. replayed, if it is a retry of a POST that already succeeded with the same vault key
+   (same ``Idempotency-Key``, same request, within 24 hours): governed as a free call of
+   that key (policy, run policy, revocations: refused like any call), never forwarded
+   again, and audited as its own attempt;
+4. governed exactly as an in-process :func:`~paymaster.vendors.stripe.governed_client`
    governs it (the same catalogue, look-ups, ledger, policies, kill switch and audit),
    forwarded with the real key and an ``Idempotency-Key`` (the client's, or one made from
    the hold), and settled or released from the response.
@@ -22,22 +26,28 @@ import binascii
 import contextlib
 import logging
 import re
-import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from ..db import unavailable_on_error
 from ..errors import GovernanceUnavailable, PolicyViolation, ViolationCode
 from ..governor import Governor
 from ..vault import VaultKey, VaultKeyRefused, VaultKeys
-from ..vendors.stripe.transport import VENDOR, GovernedHTTPClient, bind, ledger_key_of
+from ..vendors.stripe.transport import (
+    VENDOR,
+    GovernedHTTPClient,
+    accounts_of,
+    bind,
+    ledger_key_of,
+)
 from .config import ProxyConfig
 from .replay import Replay, ReplayStore
 from .responses import key_refused_response, stripe_error, violation_response
@@ -65,11 +75,19 @@ _PURGE_EVERY = 3600.0  # seconds between sweeps of expired replays
 
 
 class _Refused(Exception):
-    """A request refused before governance, with its Stripe-shaped response."""
+    """A request refused before governance, with its Stripe-shaped response (and the
+    violation its audit row names, once the key is known)."""
 
-    def __init__(self, status: int, code: str, reason: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        reason: str,
+        violation: ViolationCode = ViolationCode.INVALID_REQUEST,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.violation = violation
         self.response = stripe_error(status, code, reason)
 
 
@@ -91,21 +109,28 @@ class _Proxy:
         self.stripe = GovernedHTTPClient(governor, inner=self.upstream)
 
     async def handle(self, request: Request) -> Response:
+        # Authenticate first, whatever the request: every refusal after this is audited
+        # under the key, and every failure before it is counted.
         try:
-            method = _method(request)
             presented = _presented_key(request)
             key = await self.governor.in_worker(self.keys.authenticate, presented)
-        except _Refused as refused:
+        except _Refused as refused:  # no key at all
+            await self._count_failure(None, "missing")
             return refused.response
         except VaultKeyRefused as refused:
             log.warning("refused a request to %r: %s", request.url.path, refused)
+            await self._count_failure(refused.key_id, refused.failure)
             return key_refused_response(refused)
         except GovernanceUnavailable as exc:
             return _unavailable(exc)
+        method = request.method
         headers: dict[str, str] = {}
-        with bind(agent=key.agent, run=key.run, run_policy=key.run_policy):
+        with bind(
+            agent=key.agent, run=key.run, run_policy=key.run_policy, credential=key.credential
+        ):
             try:
                 try:
+                    _check_method(request)
                     _check_declared_length(request, self.config.max_body_bytes)
                     body = await _read_body(request, self.config.max_body_bytes)
                     headers = _forwarded(request)
@@ -150,23 +175,43 @@ class _Proxy:
             response.headers["Idempotency-Key"] = sent_key
         return response
 
+    async def _count_failure(self, key_id: str | None, reason: str) -> None:
+        """Count a failed authentication; the answer is a 401 whether or not it counts."""
+        try:
+            await self.governor.in_worker(self.keys.record_failure, key_id, reason)
+        except Exception:
+            log.exception("could not count a failed authentication (%s)", reason)
+
     def _audit_refusal(self, key: VaultKey, request: Request, refused: _Refused) -> None:
         endpoint = request.url.path[:500]
-        self.governor.record_refusal(
-            PolicyViolation(ViolationCode.INVALID_REQUEST, refused.reason, vendor=VENDOR,
-                            agent=key.agent, run=key.run, endpoint=endpoint),
-            agent=key.agent, vendor=VENDOR, endpoint=endpoint, method=request.method,
+        violation = PolicyViolation(
+            refused.violation,
+            refused.reason,
+            vendor=VENDOR,
+            agent=key.agent,
             run=key.run,
-        )  # fmt: skip
+            endpoint=endpoint,
+        )
+        self.governor.record_refusal(
+            violation,
+            agent=key.agent,
+            vendor=VENDOR,
+            endpoint=endpoint,
+            method=request.method[:10],
+            run=key.run,
+            credential=key.credential,
+        )
 
     async def _governed(
         self, key: VaultKey, method: str, url: str, headers: dict[str, str], body: bytes
     ) -> Response:
         ledger_key = ledger_key_of(method, url, headers, body) if method == "POST" else None
         if ledger_key is not None:
-            kept = await self.governor.in_worker(self.replays.find, ledger_key, key.agent)
+            kept = await self.governor.in_worker(
+                self.replays.find, ledger_key, key.agent, key.credential
+            )
             if kept is not None:
-                return await self._replay(key, method, url, kept)
+                return await self._replay(key, method, url, headers, body, kept)
         try:
             content, status, sent_back = await self.stripe.request_async(
                 method, url, headers, body or None
@@ -176,10 +221,12 @@ class _Proxy:
             # the call succeeded, so its answer is replayed if it was kept.
             if ledger_key is None or violation.code is not ViolationCode.ALREADY_COMPLETED:
                 raise
-            kept = await self.governor.in_worker(self.replays.find, ledger_key, key.agent)
+            kept = await self.governor.in_worker(
+                self.replays.find, ledger_key, key.agent, key.credential
+            )
             if kept is None:
                 raise
-            return await self._replay(key, method, url, kept)
+            return await self._replay(key, method, url, headers, body, kept)
         if status == 401:  # the proxy's own key was refused: the agent cannot fix that
             log.error("Stripe refused the proxy's own API key (HTTP 401)")
             return stripe_error(
@@ -190,25 +237,49 @@ class _Proxy:
         if ledger_key is not None and 200 <= status < 300:
             try:
                 await self.governor.in_worker(
-                    self.replays.keep, ledger_key, key.agent, key.run, status, sent_back, content
+                    self.replays.keep,
+                    ledger_key,
+                    key.agent,
+                    key.run,
+                    key.credential,
+                    status,
+                    sent_back,
+                    content,
                 )
             except Exception:  # the call happened: its answer goes back regardless
                 log.exception("could not keep the response for replay")
         return Response(content, status, headers=dict(sent_back))
 
-    async def _replay(self, key: VaultKey, method: str, url: str, kept: Replay) -> Response:
-        """Answer a retry with the kept response; audited as a free call of its own."""
-        endpoint = httpx.URL(url).path
-        started = time.perf_counter()
-        record = await self.governor.in_worker(
-            self.governor.free_call, agent=key.agent, vendor=VENDOR, endpoint=endpoint,
-            method=method, run=key.run,
-        )  # fmt: skip
-        await self.governor.in_worker(
-            record, None, int((time.perf_counter() - started) * 1000),
-            http_status=kept.status, vendor_request_id=_get(kept.headers, "Request-Id"),
-            hold_id=kept.hold_id,
-        )  # fmt: skip
+    async def _replay(
+        self,
+        key: VaultKey,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        kept: Replay,
+    ) -> Response:
+        """Answer a retry with the kept response (made with this same key), governed like
+        the call it repeats: a free call of the key's agent, run and run policy, checked
+        against the policy (endpoint, method, the original hold's customer, connected
+        accounts), run policy,
+        expiry and revocations, counted, and audited as its own attempt. A refusal raises
+        :class:`PolicyViolation`, answered as any policy refusal."""
+        async with self.governor.aguard(
+            agent=key.agent,
+            vendor=VENDOR,
+            endpoint=httpx.URL(url).path,
+            method=method,
+            customer=kept.customer,
+            run=key.run,
+            run_policy=key.run_policy,
+            credential=key.credential,
+            accounts=accounts_of(method, url, headers, body or None),
+            free=True,
+        ) as call:
+            await call.settle(
+                http_status=kept.status, vendor_request_id=_get(kept.headers, "Request-Id")
+            )
         headers = {k: v for k, v in kept.headers.items() if k.lower() != "idempotent-replayed"}
         return Response(kept.body, kept.status, headers={**headers, "Idempotent-Replayed": "true"})
 
@@ -238,6 +309,17 @@ class _Proxy:
             await asyncio.sleep(_PURGE_EVERY)
 
 
+class _AnyMethod:
+    """An ASGI endpoint answering requests of every method with ``handle``: Starlette
+    routes a plain function for GET (and HEAD) only, and refuses the rest itself."""
+
+    def __init__(self, handle: Callable[[Request], Awaitable[Response]]) -> None:
+        self._app = request_response(handle)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
 def create_app(
     governor: Governor,
     config: ProxyConfig,
@@ -265,7 +347,10 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/_paymaster/health", proxy.health, methods=["GET"]),
-            Route("/{path:path}", proxy.handle, methods=[*_METHODS, "PUT", "PATCH", "HEAD"]),
+            # Every method reaches the handler (an ASGI endpoint is routed whatever its
+            # method), so that the key is read, and the refusal audited, before a method
+            # outside GET, POST and DELETE is refused.
+            Route("/{path:path}", _AnyMethod(proxy.handle)),
         ],
         lifespan=lifespan,
     )
@@ -274,13 +359,15 @@ def create_app(
 
 
 # -- reading the request -----------------------------------------------------------------
-def _method(request: Request) -> str:
+def _check_method(request: Request) -> None:
     if request.method not in _METHODS:
+        method = request.method[:20]
         raise _Refused(
-            405, "method_not_allowed",
-            f"{request.method} is not a Stripe API method; use GET, POST or DELETE",
-        )  # fmt: skip
-    return request.method
+            405,
+            "method_not_allowed",
+            f"{method} is not a Stripe API method; use GET, POST or DELETE",
+            ViolationCode.METHOD_NOT_ALLOWED,
+        )
 
 
 def _presented_key(request: Request) -> str:
