@@ -64,7 +64,7 @@ import yaml
 
 from paymaster import Governor, HoldState, Money, Policy, PolicyViolation, ViolationCode
 from paymaster.testing.proxy import RunningProxy, proxy_client, run_proxy
-from paymaster.testing.stripe_upstream import Fault, Movement, StripeUpstream
+from paymaster.testing.stripe_upstream import Fault, Movement, StripeUpstream, client_key
 from paymaster.vault import VaultKeys
 from paymaster.vendors.stripe import bind, governed_client
 from paymaster.vendors.stripe.tools import StripeToolkit, idempotency_key
@@ -847,7 +847,7 @@ def check(report: SimReport, rec: Record, gov: Governor, movements: Sequence[Mov
     tool_keys = {a.key for a in rec.attempts if a.path == "tools"}
 
     def label_of(m: Movement) -> str:
-        return BILLER.name if m.idempotency_key in tool_keys else str(m.label)
+        return BILLER.name if client_key(m.idempotency_key or "") in tool_keys else str(m.label)
 
     moved: Counter[str] = Counter()
     for m in governed:
@@ -857,10 +857,11 @@ def check(report: SimReport, rec: Record, gov: Governor, movements: Sequence[Mov
     # Each movement is counted by the holds of the request that made it.
     caused: dict[str, Movement] = {}
     for m in governed:
-        headers = {"Idempotency-Key": m.idempotency_key or "", "Content-Type": FORM}
+        key = client_key(m.idempotency_key or "")
+        headers = {"Idempotency-Key": key, "Content-Type": FORM}
         ledger_key = ledger_key_of(m.method, m.path, headers, m.body)
         found: list[Any] = []
-        for agent, run in sorted(rec.key_runs.get(m.idempotency_key or "", set())):
+        for agent, run in sorted(rec.key_runs.get(key, set())):
             if ledger_key is not None:
                 found += by_key.get((ledger_key, agent, run), [])
         for h in found:
@@ -870,7 +871,7 @@ def check(report: SimReport, rec: Record, gov: Governor, movements: Sequence[Mov
                 "every_movement_counted",
                 f"{m.kind} {m.id} of {m.amount} ({m.path}, key {m.idempotency_key}, label "
                 f"{m.label}): holds {[_describe(h) for h in found]}; attempts "
-                f"{_attempts(rec, m.idempotency_key)}",
+                f"{_attempts(rec, client_key(m.idempotency_key or ''))}",
             )
 
     # Overruns: this simulation never asks Stripe for more than paymaster priced.

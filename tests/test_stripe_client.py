@@ -402,7 +402,8 @@ def test_two_refunds_send_two_idempotency_keys(gov: Governor, ls: LocalStripe, r
     calls = [r for r in rows(gov) if r.method == "POST"]
     # The ledger's key is the wire key scoped to the exact request (its fingerprint).
     ledger_keys = [gov.ledger.get_hold(str(r.hold_id)).idempotency_key or "" for r in calls]
-    assert [k.split(":", 1)[1] for k in ledger_keys] == keys
+    # Stripe gets the wire key scoped to the agent type and run (after a "~").
+    assert [k.split(":", 1)[1] for k in ledger_keys] == [k.split("~")[0] for k in keys]
     assert refunds_of(raw, intent) == [100, 200]
     assert daily(gov).settled == Money(300, "USD")
 
@@ -435,7 +436,8 @@ def test_a_retried_call_reuses_its_key_and_is_counted_once(
     assert unknown.error is not None and "APIConnectionError: lost" in unknown.error
     assert settled.http_status == 200
     hold = gov.ledger.get_hold(str(settled.hold_id))
-    assert (hold.idempotency_key or "").endswith(f":{first.idempotency_key}")
+    wire_key = (first.idempotency_key or "").split("~")[0]
+    assert (hold.idempotency_key or "").endswith(f":{wire_key}")
     assert (hold.state, hold.actual) == (HoldState.SETTLED, Money(500, "USD"))
     assert len({r.hold_id for r in records}) == 2  # one look-up, one refund hold
 
@@ -461,7 +463,7 @@ def test_a_retried_refund_of_what_remains_is_counted_once(
     assert gov.holds() == []
 
 
-def test_an_explicit_idempotency_key_is_forwarded_as_is(
+def test_an_explicit_idempotency_key_is_forwarded_scoped_to_its_run(
     gov: Governor, ls: LocalStripe, raw: Any
 ) -> None:
     intent = paid_intent(raw)
@@ -471,7 +473,7 @@ def test_an_explicit_idempotency_key_is_forwarded_as_is(
     client.v1.refunds.create(params=params, options={"idempotency_key": "k1"})
 
     (sent,) = transport.posts()
-    assert sent.idempotency_key == "k1"
+    assert (sent.idempotency_key or "").startswith("k1~")  # readable, and scoped
     call = rows(gov)[-1]
     assert (gov.ledger.get_hold(str(call.hold_id)).idempotency_key or "").endswith(":k1")
 
@@ -482,6 +484,12 @@ def test_an_explicit_idempotency_key_is_forwarded_as_is(
     assert len(transport.posts()) == 1
     assert refunds_of(raw, intent) == [400]
     assert daily(gov).settled == Money(400, "USD")
+    # Another run presenting the same key and body makes its own call at Stripe (which
+    # would otherwise replay this run's object to it), governed and counted as its own.
+    with bind(run="another-run"):
+        client.v1.refunds.create(params=params, options={"idempotency_key": "k1"})
+    assert transport.posts()[1].idempotency_key != sent.idempotency_key
+    assert daily(gov).settled == Money(800, "USD")
 
 
 # -- nothing passes ungoverned -------------------------------------------------------------
@@ -765,8 +773,9 @@ def test_a_key_reused_for_another_request_is_governed_as_that_request(
     other = raw.v1.customers.create(params={"name": "other"}).id
     gov = make_governor(usd_policy(customers=[allowed]))
     mine, theirs = paid_intent(raw, customer=allowed), paid_intent(raw, customer=other)
-    transport = ScriptedTransport({("POST", "/v1/refunds"): [(400, '{"error": {"type": '
-                                                              '"invalid_request_error"}}')]})
+    transport = ScriptedTransport(
+        {("POST", "/v1/refunds"): [(400, '{"error": {"type": "invalid_request_error"}}')]}
+    )
     client = governed(gov, ls, http_client=transport)
     with pytest.raises(stripe.InvalidRequestError):  # refused by Stripe: the hold is released
         client.v1.refunds.create(params={"payment_intent": mine.id, "amount": 100},
@@ -856,8 +865,10 @@ def test_idempotency_headers_that_could_be_read_two_ways_are_refused(
     transport = RecordingTransport()
     client = governed(gov, ls, http_client=transport)
     with pytest.raises(PolicyViolation) as caught:
-        client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500},
-                                 options={"idempotency_key": "same", "headers": headers})
+        client.v1.refunds.create(
+            params={"payment_intent": intent.id, "amount": 500},
+            options={"idempotency_key": "same", "headers": headers},
+        )
     assert caught.value.code is ViolationCode.INVALID_REQUEST
     assert transport.sent == []
 

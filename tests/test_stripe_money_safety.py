@@ -47,6 +47,12 @@ class InvoiceStripe(stripe.RequestsClient):
     def __init__(self) -> None:
         super().__init__()
         self.amount_due = 0
+        #: The customer's credit balance: a draft's amount_due is shown net of it, and the
+        #: first of its invoices to be finalized uses it up.
+        self.credit = 0
+        #: Run when a finalize arrives, before it charges (another invoice taking the
+        #: credit first, say).
+        self.on_finalize: Callable[[], None] | None = None
         self.status = "draft"
         self.charged: list[int] = []
         self.sent: list[tuple[str, str, dict[str, str], dict[str, str]]] = []
@@ -67,7 +73,8 @@ class InvoiceStripe(stripe.RequestsClient):
             "collection_method": "charge_automatically",
             "auto_advance": self.status != "draft",
             "status": self.status,
-            "amount_due": self.amount_due,
+            "total": self.amount_due,
+            "amount_due": max(self.amount_due - self.credit, 0),
         }
 
     def request(
@@ -96,13 +103,18 @@ class InvoiceStripe(stripe.RequestsClient):
             self.finalizing.set()
             if self.go_on is not None:
                 self.go_on.wait(timeout=30)
+            hook, self.on_finalize = self.on_finalize, None
+            if hook is not None:
+                hook()
+            self.charged.append(max(self.amount_due - self.credit, 0))
             self.status = "paid"
-            self.charged.append(self.amount_due)
             return 200, self.invoice()
         if (method, path) == ("POST", "/v1/payment_intents"):
             self.charged.append(int(params["amount"]))
             return 200, {"id": "pi_1", "object": "payment_intent", "amount": int(params["amount"]),
                          "currency": params["currency"], "status": "succeeded"}  # fmt: skip
+        if method == "GET" and path.startswith("/v1/payment_intents/"):
+            return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}}
         if (method, path) == ("POST", "/v1/payment_links"):
             return 200, {"id": "plink_1", "object": "payment_link", "url": "https://x"}
         raise AssertionError(f"unexpected {method} {path}")
@@ -283,3 +295,85 @@ def test_a_run_policy_may_narrow_the_accounts_but_not_widen_them() -> None:
             accounts=["acct_2"],
         )
     assert refused.value.code is ViolationCode.ACCOUNT_NOT_ALLOWED
+
+
+def test_a_finalize_is_reserved_at_what_it_can_charge_if_a_credit_is_used_up_first(
+    make_governor: MakeGov,
+) -> None:
+    """A draft's amount_due is net of the customer's credit, which another of the
+    customer's invoices may use up between the re-read and the finalize. Before: reserved
+    at the $2 net of credit, charged $5 (an overrun past a $4.50 cap). Now reserved at
+    the invoice's total, which its hold keeps from changing."""
+    gov = make_governor(billing_policy(daily_cap="4.50", per_call_cap="4.50"))
+    fake = InvoiceStripe()
+    client = client_for(gov, fake)
+    add_item(client, 400)
+    fake.credit = 300  # the draft shows $1.00 due
+
+    def another_invoice_takes_the_credit() -> None:
+        fake.credit = 0
+
+    fake.on_finalize = another_invoice_takes_the_credit
+    client.v1.invoices.finalize_invoice("in_1", params=ADVANCE)
+    assert fake.charged == [400]
+    [status] = gov.budgets()
+    assert status.committed == Money(400, "USD") and not status.frozen
+    assert gov.overruns() == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"destination": {"account": "acct_evil", "amount": 900}},  # a legacy destination
+        {"source": "acct_evil"},  # an account debit
+    ],
+)
+def test_an_account_named_in_any_parameter_needs_the_policy(
+    make_governor: MakeGov, params: dict[str, Any]
+) -> None:
+    gov = make_governor(billing_policy(accounts=["acct_approved"]))
+    fake = InvoiceStripe()
+    with pytest.raises(PolicyViolation) as refused:
+        client_for(gov, fake).v1.charges.create(
+            params={"amount": 1000, "currency": "usd", **params}
+        )
+    assert refused.value.code is ViolationCode.ACCOUNT_NOT_ALLOWED
+    assert fake.sent == []
+
+
+def test_a_legacy_application_fee_without_an_account_is_refused(make_governor: MakeGov) -> None:
+    fake = InvoiceStripe()
+    with pytest.raises(PolicyViolation, match="application fee"):
+        client_for(make_governor(billing_policy()), fake).v1.charges.create(
+            params={"amount": 1000, "currency": "usd", "application_fee": 100}
+        )
+    assert fake.sent == []
+
+
+def test_who_pays_is_read_once(make_governor: MakeGov) -> None:
+    """``invoice`` decides which invoice an item is held on: sent twice, refused; and a
+    customer named by ``customer_account`` (unread by paymaster) is refused."""
+    from paymaster.vendors.stripe import InvalidStripeRequest, StripeRequest
+
+    with pytest.raises(InvalidStripeRequest, match="'invoice'"):
+        StripeRequest.parse(
+            "POST",
+            "https://api.stripe.com/v1/invoiceitems",
+            "invoice=in_1&invoice=in_2&amount=100&currency=usd",
+            content_type="application/x-www-form-urlencoded",
+        )
+    fake = InvoiceStripe()
+    with pytest.raises(PolicyViolation, match="customer_account"):
+        client_for(make_governor(billing_policy()), fake).v1.payment_intents.create(
+            params={"amount": 100, "currency": "usd", "customer_account": "acct_1"}
+        )
+    assert fake.sent == []
+
+
+def test_an_attempt_whose_pricing_look_up_fails_leaves_its_row(make_governor: MakeGov) -> None:
+    """Before: the refund's look-up answered 404, and only the look-up wrote a row."""
+    gov = make_governor(billing_policy())
+    with pytest.raises(stripe.InvalidRequestError):
+        client_for(gov, InvoiceStripe()).v1.refunds.create(params={"payment_intent": "pi_gone"})
+    rows = [(row.method, row.endpoint, row.outcome) for row in gov.audit.query()]
+    assert ("POST", "/v1/refunds", "denied") in rows

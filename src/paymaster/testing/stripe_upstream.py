@@ -205,6 +205,8 @@ class StripeUpstream:
             self._thread.join()
 
     # -- faults --------------------------------------------------------------------------
+    # Faults are scripted, and parked requests released, by the key the client sent:
+    # paymaster sends it to Stripe scoped to the agent type and run, as ``key~digest``.
     def script(self, idempotency_key: str, *faults: Fault) -> None:
         """The faults the next requests with this key meet, one each, in order."""
         with self._lock:
@@ -284,7 +286,7 @@ class StripeUpstream:
             self._requests[f"{req.method} {_route(req.path)}"] += 1
             fault = Fault.NONE
             if keyed:
-                queue = self._script.get(slot[1])
+                queue = self._script.get(client_key(slot[1]))
                 if queue:
                     fault = queue.popleft()
             self._faults[fault.value] += 1
@@ -315,7 +317,7 @@ class StripeUpstream:
                 stored = self._keys[slot] = _Stored(fingerprint)
             parked = None
             if fault in (Fault.SLOW, Fault.SLOW_DROPPED):
-                parked = self._parked[slot[1]] = _Parked(act=fault is Fault.SLOW)
+                parked = self._parked[client_key(slot[1])] = _Parked(act=fault is Fault.SLOW)
         if stored is None:
             status, body = self._act(req)
             return status, body, {}
@@ -574,6 +576,12 @@ class StripeUpstream:
                 )
             invoice.update(status="paid", amount_paid=due, amount_remaining=0)
         return self._view(invoice, req.expand)
+
+
+def client_key(sent: str) -> str:
+    """The key a client gave, from the Idempotency-Key paymaster sent for it
+    (``key~digest``, scoped to the agent type and run)."""
+    return sent.split("~", 1)[0]
 
 
 def _route(path: str) -> str:

@@ -41,7 +41,11 @@ __all__ = [
 
 #: Parameters whose value prices the call or names who it is for: sent twice, Stripe would
 #: pick one and paymaster might price the other, so such a request is refused.
-_PRICED_PARAMS = frozenset({"amount", "currency", "customer", "charge", "payment_intent"})
+_PRICED_PARAMS = frozenset(
+    {"amount", "currency", "customer", "charge", "payment_intent", "invoice"}
+)
+#: Parameters that name who pays in a way paymaster does not read: refused.
+_UNGOVERNED_PARAMS = frozenset({"customer_account"})
 #: Every Stripe object id is ``prefix_rest``; a path segment without ``_`` is a literal
 #: such as ``search``, never an id.
 _ID = r"[A-Za-z0-9]+_[A-Za-z0-9_]+"
@@ -55,9 +59,11 @@ _FORM = "application/x-www-form-urlencoded"
 #: with it, and so is every call that names no version. A call naming another version is
 #: refused unless the catalogue is told it knows it (``Catalogue(stripe_versions=...)``).
 STRIPE_VERSION = "2026-10-28.endive"
-#: Parameters that send a charge's money to (or make it on behalf of) a connected account.
-_ROUTING = ("transfer_data[destination]", "on_behalf_of")
-_FEES = frozenset({"application_fee_amount", "application_fee_percent"})
+#: A connected account's id. Any parameter carrying one (``transfer_data[destination]``,
+#: ``on_behalf_of``, the legacy ``destination[account]``, an account debit's ``source``,
+#: ``issuer[account]``, ...) makes the call one that involves that account.
+_ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]+")
+_FEES = frozenset({"application_fee", "application_fee_amount", "application_fee_percent"})
 
 
 class InvalidStripeRequest(PolicyViolation, ValueError):
@@ -118,8 +124,8 @@ class StripeRequest:
     idempotency key may be reused for."""
     accounts: frozenset[str] = frozenset()
     """The connected accounts the request acts for (``Stripe-Account``, ``Stripe-Context``)
-    or routes money to (``transfer_data[destination]``, ``on_behalf_of``): each must be in
-    the policy's ``accounts``."""
+    or names in any parameter (``transfer_data[destination]``, ``on_behalf_of``, an
+    account debit's ``source``, ...): each must be in the policy's ``accounts``."""
 
     @classmethod
     def parse(
@@ -178,6 +184,11 @@ class StripeRequest:
                 raise InvalidStripeRequest(f"{key!r} is not a Stripe parameter name")
             root = key.split("[", 1)[0]
             roots.add(root)
+            if root in _UNGOVERNED_PARAMS:
+                raise InvalidStripeRequest(
+                    f"{root!r} names who pays in a way paymaster does not govern; use "
+                    "'customer' instead"
+                )
             if key != root:  # metadata[...], expand[], nested objects
                 if root in _PRICED_PARAMS:
                     raise InvalidStripeRequest(f"{root!r} must be a single value")
@@ -204,7 +215,7 @@ def _accounts(
     named = {account} if account else set()
     if context:  # an account, or a path of them
         named.update(part for part in context.split("/") if part)
-    named.update(value for key, value in pairs if key in _ROUTING and value)
+    named.update(value for _, value in pairs if _ACCOUNT_ID.fullmatch(value))
     if not named and any(key in _FEES for key, _ in pairs):
         raise InvalidStripeRequest(
             "an application fee is taken only on a payment for a connected account; this "
@@ -343,7 +354,7 @@ class Operation:
         if not isinstance(currency, str):
             raise InvalidStripeRequest(f"{self.name}: the looked-up object has no currency")
         if self.cost is Cost.INVOICE:
-            return _charged_automatically(looked_up)
+            return _charged_automatically(looked_up, at_most=True)
         if "amount" in params:
             return check_charge_amount(_int_param(params, "amount", self.name), currency)
         return from_stripe(_refundable(looked_up), currency)
@@ -450,13 +461,21 @@ def _id_of(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _charged_automatically(invoice: Mapping[str, Any]) -> Money | None:
-    """What Stripe will charge for an invoice by itself (``None``: the customer pays)."""
+def _charged_automatically(invoice: Mapping[str, Any], *, at_most: bool = False) -> Money | None:
+    """What Stripe charges for an invoice by itself (``None``: the customer pays).
+
+    ``at_most``: what it can charge when it is finalized later. A draft's ``amount_due``
+    is net of the customer's credit balance, which another invoice of the customer may
+    use up first; ``total`` is not, and cannot change while the invoice is held, so the
+    larger of the two bounds the charge."""
     if invoice.get("collection_method") == "send_invoice":
         return None
     amount, currency = invoice.get("amount_due"), invoice.get("currency")
     if not isinstance(amount, int) or not isinstance(currency, str):
         raise StripeAmountError("the invoice has no integer amount_due and currency")
+    total = invoice.get("total")
+    if at_most and isinstance(total, int) and not isinstance(total, bool):
+        amount = max(amount, total)
     return from_stripe(amount, currency)
 
 

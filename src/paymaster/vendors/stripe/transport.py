@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GovernedHTTPClient",
     "StripeBinding",
+    "accounts_of",
     "bind",
     "current_binding",
     "ledger_key_of",
@@ -160,6 +161,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 "GET", _join(url, plan.lookup), self._lookup_headers(headers), None, True
             )
             if response[1] >= 300:  # the object cannot be read: Stripe's own error says why
+                self._unpriced(plan, response[1])
                 return response
             plan = self._priced(plan, response[0])
         with self.governor.guard(**plan.spec()) as call:
@@ -196,6 +198,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 "GET", _join(url, plan.lookup), self._lookup_headers(headers), None, True
             )
             if response[1] >= 300:
+                await _in_thread(self._unpriced, plan, response[1])
                 return response
             plan = await _in_thread(self._priced, plan, response[0])
         async with self.governor.aguard(**plan.spec()) as call:
@@ -377,6 +380,27 @@ class GovernedHTTPClient(stripe.HTTPClient):
             self._refuse(violation, plan.binding, plan.request.path, plan.request.method)
         return replace(plan, quote=quote, lookup=None)
 
+    def _unpriced(self, plan: _Plan, status: int) -> None:
+        """Audit the attempt whose pricing look-up Stripe refused (Stripe's answer goes
+        back to the caller; nothing was reserved or sent)."""
+        binding, request = plan.binding, plan.request
+        assert binding.agent is not None
+        self.governor.record_refusal(
+            PolicyViolation(
+                ViolationCode.INVALID_REQUEST,
+                f"{plan.operation.name} is priced from {plan.lookup}, which Stripe answered "
+                f"with HTTP {status}; nothing was sent",
+                vendor=VENDOR,
+            ),
+            agent=binding.agent,
+            vendor=VENDOR,
+            endpoint=request.path,
+            method=request.method,
+            run=binding.run,
+            tool_call_id=binding.tool_call_id,
+            credential=binding.credential,
+        )
+
     def _refuse(
         self, violation: PolicyViolation, binding: StripeBinding, path: str, method: str
     ) -> NoReturn:
@@ -440,8 +464,12 @@ class _Plan:
         sent = dict(self.sent_headers or {})
         if self.version is not None and _single_header(sent, "Stripe-Version") is None:
             sent["Stripe-Version"] = self.version  # the version the call was priced for
-        if self.request.method == "POST" and self.wire_key is None:
-            sent["Idempotency-Key"] = call.idempotency_key
+        if self.request.method == "POST":
+            sent = {k: v for k, v in sent.items() if _header_name(k) != "idempotency-key"}
+            if self.wire_key is None:
+                sent["Idempotency-Key"] = call.idempotency_key
+            else:
+                sent["Idempotency-Key"] = _vendor_key(self.binding, self.wire_key)
         return sent
 
 
@@ -583,6 +611,28 @@ def _ledger_key(request: StripeRequest, wire_key: str | None) -> str | None:
     if len(wire_key) <= 200:
         return f"{scope}:{wire_key}"
     return f"{scope}#{hashlib.sha256(wire_key.encode()).hexdigest()}"
+
+
+def _vendor_key(binding: StripeBinding, wire_key: str) -> str:
+    """The Idempotency-Key sent to Stripe for the client's ``wire_key``: scoped to the
+    agent type and run, as the ledger's key is. Stripe replays a key's first answer to
+    anyone on the account; scoped, another run presenting the same key and body makes its
+    own call (governed and counted as its own) instead of being handed this run's object.
+    The client's key stays readable at the front."""
+    digest = hashlib.sha256(json.dumps([binding.agent, binding.run, wire_key]).encode())
+    return f"{wire_key[:180]}~{digest.hexdigest()[:32]}"
+
+
+def accounts_of(
+    method: str, url: str, headers: Mapping[str, str] | None, body: str | bytes | None
+) -> frozenset[str]:
+    """The connected accounts a request acts for or routes money to, as
+    :class:`GovernedHTTPClient` checks them (empty for a request it would refuse as
+    unreadable)."""
+    try:
+        return _parse(method, url, headers, body).accounts
+    except InvalidStripeRequest:
+        return frozenset()
 
 
 def ledger_key_of(
