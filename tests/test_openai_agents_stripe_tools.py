@@ -132,8 +132,10 @@ def test_a_stripe_error_goes_to_the_model(
                              context={"run_id": "run-oa-4"})  # fmt: skip
     assert result.final_output == "done"
     assert "Stripe refused the call (HTTP 404" in str(model.last_call)
+    # the look-up's row, and the refund attempt's own (refused: it could not be priced)
     assert [(r.outcome, r.http_status) for r in gov.audit.query(run="run-oa-4")] == [
-        ("failed", 404)
+        ("failed", 404),
+        ("denied", None),
     ]
     assert gov.holds() == []
 

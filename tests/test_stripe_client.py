@@ -318,8 +318,10 @@ def test_a_refund_of_an_unknown_charge_fails_at_the_look_up(gov: Governor, ls: L
     assert [(s.method, s.path) for s in transport.sent] == [
         ("GET", "/v1/charges/ch_doesnotexist")
     ]  # the refund itself was never sent
-    (failed,) = rows(gov)
+    failed, unpriced = rows(gov)
     assert summary([failed]) == [("failed", "GET", "/v1/charges/ch_doesnotexist", 0, 0)]
+    assert (unpriced.outcome, unpriced.endpoint) == ("denied", "/v1/refunds")
+    assert unpriced.error is not None and "HTTP 404" in unpriced.error
     assert failed.http_status == 404
     assert failed.error is not None and "invalid_request_error" in failed.error
     assert failed.hold_id is not None
@@ -375,6 +377,7 @@ def test_stripes_request_id_is_audited(gov: Governor, ls: LocalStripe, raw: Any)
         ("allowed", "GET", "req_test123"),
         ("allowed", "POST", "req_test123"),
         ("failed", "GET", "req_test123"),
+        ("denied", "POST", None),  # the refund that could not be priced: never sent
     ]
 
 
@@ -656,8 +659,9 @@ def test_async_stripe_errors_release_the_hold(gov: Governor, ls: LocalStripe) ->
     with pytest.raises(stripe.InvalidRequestError) as caught:
         asyncio.run(scenario())
     assert caught.value.http_status == 404
-    (failed,) = rows(gov)
+    failed, unpriced = rows(gov)
     assert (failed.outcome, failed.method, failed.http_status) == ("failed", "GET", 404)
+    assert (unpriced.outcome, unpriced.method) == ("denied", "POST")
     assert gov.holds() == []
     assert daily(gov).committed == Money.zero("USD")
 
