@@ -1,11 +1,14 @@
-"""``paymaster db upgrade | current``: the ledger's schema (Alembic migrations shipped in
-the package)."""
+"""``paymaster db upgrade | current | grants``: the ledger's schema (Alembic migrations
+shipped in the package) and the grants of a least-privilege PostgreSQL role."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
 from ..db import describe
+from ..grants import grants_sql
 from ..operations import schema_state, upgrade_schema
 from .output import echo_json
 from .params import DEFAULT_DB, DbOption, JsonOption
@@ -51,3 +54,23 @@ def current(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
     else:
         typer.echo(f"{where}: {state.current}, not the head {state.head}: run "
                    "`paymaster db upgrade`")  # fmt: skip
+
+
+@app.command()
+def grants(
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role",
+            help="The PostgreSQL role the governors and the proxy connect as (exactly as "
+            "stored: quoted, case matters). It must exist and own nothing.",
+        ),
+    ],
+    schema: Annotated[
+        str, typer.Option("--schema", help="The schema that holds the paymaster tables.")
+    ] = "public",
+) -> None:
+    """Print the SQL (GRANT/REVOKE) for a PostgreSQL role that runs paymaster but cannot
+    change or delete audit rows, nor alter or drop tables and triggers. Run it as the
+    tables' owner (the role that runs `paymaster db upgrade`), e.g. piped to psql."""
+    typer.echo(grants_sql(role, schema=schema), nl=False)
