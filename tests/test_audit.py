@@ -126,7 +126,7 @@ def test_secrets_are_scrubbed_and_long_errors_truncated(make_governor: MakeGov) 
     assert row.error is not None
     assert "sk_live" not in row.error and "4242 4242" not in row.error
     assert "abc.def" not in row.error
-    assert len(row.error) <= 2000 and row.error.endswith("[truncated]")
+    assert len(row.error) == 2000 and row.error.endswith("]") and "…[cut, sha256:" in row.error
     assert scrub(None) is None
 
 
@@ -136,6 +136,8 @@ def test_verify_flags_a_chain_whose_head_row_was_deleted(
     gov = _two_agents(make_governor)
     _calls(gov, clock)
     with gov.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # as the owner could: its guard trigger off
+            conn.execute(text("ALTER TABLE paymaster_audit_chain DISABLE TRIGGER USER"))
         conn.execute(text("DELETE FROM paymaster_audit_chain"))
     result = gov.audit.verify()
     assert not result.ok

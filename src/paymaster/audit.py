@@ -16,26 +16,42 @@ already queue on that type's budget row; unrelated agents never share a lock.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import statements as S
 from .db import read_only
 from .money import Money
-from .schema import AUDIT_RECORD_COLUMNS, audit, audit_chain
+from .schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
+from .storable import TEXT_LIMIT, storable
+from .storable import row as storable_row
 
-__all__ = ["AuditEntry", "AuditLog", "AuditRecord", "Outcome", "RunSummary", "VerifyResult"]
+__all__ = [
+    "AuditEntry",
+    "AuditLog",
+    "AuditRecord",
+    "ChainHead",
+    "Checkpoint",
+    "CheckpointError",
+    "Outcome",
+    "RunSummary",
+    "VerifyProblem",
+    "VerifyResult",
+    "load_key",
+]
 
-MAX_ERROR_CHARS = 2000
+MAX_ERROR_CHARS = TEXT_LIMIT
 GENESIS = "0" * 64
 
 _SECRETS = [
@@ -67,14 +83,13 @@ _NOT_ATTEMPTS = frozenset({Outcome.RECONCILED.value, Outcome.ACKNOWLEDGED.value}
 
 
 def scrub(text: str | None) -> str | None:
-    """Remove API keys, bearer tokens and card-like numbers; truncate long texts."""
+    """Remove API keys, bearer tokens and card-like numbers; make the rest storable (a long
+    text is cut to :data:`MAX_ERROR_CHARS`, keeping the redacted text's digest)."""
     if text is None:
         return None
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[: MAX_ERROR_CHARS - 15] + "...[truncated]"
-    return text
+    return storable(text, MAX_ERROR_CHARS)
 
 
 @dataclass(frozen=True)
@@ -190,9 +205,11 @@ def append(conn: Connection, entry: AuditEntry, at: datetime, token: str | None 
     row's hash), so a chain never forks and its head is held for two statements. On
     PostgreSQL the row insert and the head update are one statement.
     """
-    chain = entry.agent
     values: dict[str, Any] = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
-    values.update(outcome=str(entry.outcome), error=scrub(entry.error), at=at, chain=chain)
+    values.update(outcome=str(entry.outcome), error=scrub(entry.error), at=at)
+    # Every text as the row stores it, on every backend (what the hash covers, too).
+    values = storable_row(audit, values)
+    chain = values["chain"] = values["agent"]
     postgres = conn.dialect.name == "postgresql"
     head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).first()
     if head is None:  # the chain's first row
@@ -231,14 +248,180 @@ class RunSummary:
 
 
 @dataclass(frozen=True)
+class VerifyProblem:
+    """One thing :meth:`AuditLog.verify` found wrong. ``row_id`` is the audit row it is
+    about; ``None`` for what no stored row shows (a deleted chain, a hold no row names, a
+    checkpoint's signature)."""
+
+    reason: str
+    row_id: int | None = None
+
+
+@dataclass(frozen=True)
 class VerifyResult:
-    """The outcome of :meth:`AuditLog.verify`."""
+    """The outcome of :meth:`AuditLog.verify`. ``first_bad_id`` and ``reason`` describe
+    the first of ``problems``: problems with a row first (lowest id), then the others."""
 
     ok: bool
     rows_checked: int
     chains: int
     first_bad_id: int | None = None
     reason: str | None = None
+    problems: tuple[VerifyProblem, ...] = ()
+    """Every problem found, up to :data:`MAX_PROBLEMS` (one per chain at most from the
+    chain walk: a chain is not read past its first bad row)."""
+    checkpoint_heads: int = 0
+    """How many chain heads of a checkpoint were checked (0 without a checkpoint)."""
+
+
+#: At most this many problems are reported (a wiped log would otherwise list every hold).
+MAX_PROBLEMS = 100
+_SAMPLE = 20  # rows or holds listed per cross-check
+
+CHECKPOINT_FORMAT = "paymaster-audit-checkpoint/1"
+CHECKPOINT_MAC = "HMAC-SHA256"
+#: The shortest checkpoint key accepted, in bytes.
+MIN_KEY_BYTES = 16
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or a checkpoint key that cannot be used."""
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _mac(key: bytes, payload: dict[str, Any]) -> str:
+    """HMAC-SHA256 (hex) of the payload's canonical JSON: sorted keys, no spaces, ASCII."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def load_key(path: str | Path) -> bytes:
+    """The checkpoint key kept in a file: its bytes, surrounding whitespace removed (so a
+    key written by ``head -c 32 /dev/urandom | base64 > FILE`` works as it is)."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the key file {path}: {exc.strerror or exc}") from exc
+    if len(key) < MIN_KEY_BYTES:
+        raise CheckpointError(
+            f"the key file {path} holds {len(key)} bytes; a checkpoint key needs at least "
+            f"{MIN_KEY_BYTES} random bytes (head -c 32 /dev/urandom | base64 > {path})"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """One chain's head as a checkpoint records it."""
+
+    chain: str
+    seq: int
+    hash: str
+    at: datetime | None = None
+    """When the chain's newest row was written."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Every chain's head at one moment, to keep outside the database, as Certificate
+    Transparency logs publish signed tree heads: :meth:`AuditLog.verify` given it proves
+    that no row up to these heads was removed or altered since, even by someone who can
+    rewrite the database and recompute every hash. Signed (:meth:`signed`) with a key the
+    database never sees, it cannot be replaced by a forged one either."""
+
+    created_at: datetime
+    heads: tuple[ChainHead, ...]
+    signature: str | None = None
+    """Hex HMAC-SHA256 of :meth:`payload`'s canonical JSON; ``None`` if unsigned."""
+
+    def payload(self) -> dict[str, Any]:
+        """The signed part: everything but the signature."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "created_at": _iso(self.created_at),
+            "chains": [
+                {
+                    "chain": head.chain,
+                    "seq": head.seq,
+                    "hash": head.hash,
+                    "at": None if head.at is None else _iso(head.at),
+                }
+                for head in self.heads
+            ],
+        }
+
+    def signed(self, key: bytes) -> Checkpoint:
+        return replace(self, signature=_mac(key, self.payload()))
+
+    def signature_matches(self, key: bytes) -> bool:
+        expected = _mac(key, self.payload())
+        return self.signature is not None and hmac.compare_digest(self.signature, expected)
+
+    def to_json(self) -> str:
+        document = self.payload()
+        if self.signature is not None:
+            document["signature"] = {"alg": CHECKPOINT_MAC, "mac": self.signature}
+        return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Checkpoint:
+        """Read a checkpoint written by :meth:`to_json`; :class:`CheckpointError` names
+        what is wrong with one that is not."""
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            raise CheckpointError(f"a checkpoint is JSON; this is not: {exc}") from exc
+        if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"not a paymaster audit checkpoint ({CHECKPOINT_FORMAT})")
+        unknown = set(document) - {"format", "created_at", "chains", "signature"}
+        if unknown:
+            raise CheckpointError(f"the checkpoint has unknown fields: {sorted(unknown)}")
+        signature = document.get("signature")
+        if signature is not None:
+            if (
+                not isinstance(signature, dict)
+                or signature.get("alg") != CHECKPOINT_MAC
+                or not _HEX64.fullmatch(str(signature.get("mac")))
+            ):
+                raise CheckpointError(
+                    f'the checkpoint\'s signature is not {{"alg": "{CHECKPOINT_MAC}", '
+                    '"mac": "<64 hex digits>"}'
+                )
+            signature = str(signature["mac"])
+        chains = document.get("chains")
+        if not isinstance(chains, list):
+            raise CheckpointError('the checkpoint has no "chains" list')
+        heads: list[ChainHead] = []
+        for item in chains:
+            if (
+                not isinstance(item, dict)
+                or set(item) != {"chain", "seq", "hash", "at"}
+                or not isinstance(item["chain"], str)
+                or type(item["seq"]) is not int
+                or item["seq"] < 0
+                or not _HEX64.fullmatch(str(item["hash"]))
+            ):
+                raise CheckpointError(f"a chain head in the checkpoint is malformed: {item!r}")
+            at = None if item["at"] is None else _parse_time(item["at"], "a chain head's at")
+            heads.append(ChainHead(item["chain"], item["seq"], item["hash"], at))
+        if len({head.chain for head in heads}) != len(heads):
+            raise CheckpointError("the checkpoint names a chain twice")
+        created_at = _parse_time(document.get("created_at"), "created_at")
+        return cls(created_at, tuple(heads), signature)
+
+
+def _parse_time(value: Any, what: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise CheckpointError(f"the checkpoint's {what} is not an ISO time with its offset")
+    return parsed
 
 
 class AuditLog:
@@ -353,43 +536,102 @@ class AuditLog:
             summary.last_at = max(filter(None, (summary.last_at, last)), default=None)
         return summary
 
-    def verify(self, *, batch: int = 1000) -> VerifyResult:
-        """Recompute every chain; name the first bad row (lowest id) if any.
+    def verify(
+        self,
+        *,
+        batch: int = 1000,
+        checkpoint: Checkpoint | None = None,
+        key: bytes | None = None,
+    ) -> VerifyResult:
+        """Check the whole log; name the first bad row (lowest id) and every problem found.
+
+        Each chain must run from seq 1 up to its head with no gap, each row naming the
+        hash of the row before and matching its own hash, the last row's hash being the
+        head; no row may lie outside 1..head or in a chain without a head. Every row's
+        ``hold_id`` must name a hold, and every hold that left ``pending`` (settled,
+        released, unknown) must be named by a row: a hold changes state only in the
+        transaction that writes the attempt's row. So removing rows is caught even with
+        the chain head wound back, unless the holds went too.
+
+        With a ``checkpoint`` (:meth:`checkpoint`, kept outside the database), every chain
+        in it must still exist, reach its seq, and have its hash at that seq: nothing up
+        to it was removed or rewritten. With ``key``, the checkpoint must be signed with it.
 
         Each chain is checked up to the head read at the start, so calls that land while
-        it runs are neither flagged nor needed. A chain whose head row is missing is bad.
+        it runs are neither flagged nor needed.
         """
-        with read_only(self._engine) as conn:
-            heads = {
-                row.chain: (int(row.seq), str(row.head))
-                for row in conn.execute(select(audit_chain))
-            }
-            chains = set(conn.execute(select(audit.c.chain).distinct()).scalars())
-        first_bad: tuple[int, str] | None = None
-        checked = 0
-        for chain in sorted(chains | set(heads)):
-            if chain not in heads:
-                with read_only(self._engine) as conn:
-                    first_id = conn.execute(
-                        select(func.min(audit.c.id)).where(audit.c.chain == chain)
-                    ).scalar_one()
-                bad: tuple[int, str] | None = (
-                    int(first_id),
-                    f"chain {chain!r} has rows but no head row",
+        problems: list[VerifyProblem] = []
+        if checkpoint is not None and key is not None:
+            if checkpoint.signature is None:
+                problems.append(
+                    VerifyProblem("the checkpoint is not signed, but a key was given to check it")
                 )
-            else:
-                n, bad = self._verify_chain(chain, *heads[chain], batch)
-                checked += n
-            if bad and (first_bad is None or bad[0] < first_bad[0]):
-                first_bad = bad
-        if first_bad:
-            return VerifyResult(False, checked, len(chains | set(heads)), *first_bad)
-        return VerifyResult(True, checked, len(heads))
+            elif not checkpoint.signature_matches(key):
+                problems.append(
+                    VerifyProblem(
+                        "the checkpoint's signature does not match the key: the checkpoint "
+                        "was altered, or signed with another key"
+                    )
+                )
+        outside = (
+            select(func.min(audit.c.id))
+            .where(
+                audit.c.chain == audit_chain.c.chain,
+                or_(audit.c.seq > audit_chain.c.seq, audit.c.seq < 1),
+            )
+            .correlate(audit_chain)
+            .scalar_subquery()
+        )
+        headless = (
+            select(audit.c.chain, func.min(audit.c.id).label("first_id"))
+            .select_from(audit.outerjoin(audit_chain, audit_chain.c.chain == audit.c.chain))
+            .where(audit_chain.c.chain.is_(None))
+            .group_by(audit.c.chain)
+        )
+        with read_only(self._engine) as conn:
+            # One statement each: a row and its chain head commit together, so a call
+            # landing meanwhile is seen whole or not at all.
+            heads = {
+                row.chain: (int(row.seq), str(row.head), row.outside)
+                for row in conn.execute(select(audit_chain, outside.label("outside")))
+            }
+            orphans = {row.chain: int(row.first_id) for row in conn.execute(headless)}
+        for chain, first_id in orphans.items():
+            problems.append(VerifyProblem(f"chain {chain!r} has rows but no head row", first_id))
+        checked = 0
+        for chain in sorted(heads):
+            head_seq, head_hash, outside_id = heads[chain]
+            n, problem = self._verify_chain(chain, head_seq, head_hash, batch)
+            checked += n
+            if problem is not None:
+                problems.append(problem)
+            if outside_id is not None:
+                problems.append(
+                    VerifyProblem(
+                        f"chain {chain!r}: a row lies outside seq 1..{head_seq}, the chain "
+                        "head's range (was the head wound back?)",
+                        int(outside_id),
+                    )
+                )
+        if checkpoint is not None:
+            live = {chain: seq for chain, (seq, _, _) in heads.items()}
+            problems += self._verify_checkpoint(checkpoint, live, set(orphans))
+        problems += self._verify_holds()
+        problems.sort(key=lambda p: (p.row_id is None, p.row_id or 0))
+        del problems[MAX_PROBLEMS:]
+        heads_checked = 0 if checkpoint is None else len(checkpoint.heads)
+        chains = len(heads.keys() | orphans.keys())
+        if problems:
+            first = problems[0]
+            return VerifyResult(
+                False, checked, chains, first.row_id, first.reason, tuple(problems), heads_checked
+            )
+        return VerifyResult(True, checked, chains, checkpoint_heads=heads_checked)
 
     def _verify_chain(
         self, chain: str, head_seq: int, head_hash: str, batch: int
-    ) -> tuple[int, tuple[int, str] | None]:
-        expected_seq, prev, last_id, checked = 1, GENESIS, 0, 0
+    ) -> tuple[int, VerifyProblem | None]:
+        expected_seq, prev, last_id, checked = 1, GENESIS, None, 0
         while True:
             query = (
                 select(*AUDIT_RECORD_COLUMNS)
@@ -406,29 +648,139 @@ class AuditLog:
             for record in rows:
                 checked += 1
                 if record.seq != expected_seq:
-                    return checked, (
-                        record.id,
-                        f"chain {chain!r}: row(s) missing before seq {record.seq}",
+                    return checked, VerifyProblem(
+                        f"chain {chain!r}: row(s) missing before seq {record.seq}", record.id
                     )
                 if record.prev_hash != prev:
-                    return checked, (
-                        record.id,
-                        f"chain {chain!r}: prev_hash does not match the row before",
+                    return checked, VerifyProblem(
+                        f"chain {chain!r}: prev_hash does not match the row before", record.id
                     )
                 if row_hash(_hashed_fields(record)) != record.hash:
-                    return checked, (
-                        record.id,
-                        f"chain {chain!r}: row content does not match its hash",
+                    return checked, VerifyProblem(
+                        f"chain {chain!r}: row content does not match its hash", record.id
+                    )
+                if record.agent != chain:
+                    return checked, VerifyProblem(
+                        f"chain {chain!r}: a row of agent type {record.agent!r}", record.id
                     )
                 expected_seq, prev, last_id = record.seq + 1, record.hash, record.id
             if len(rows) < batch:
                 break
-        if expected_seq - 1 != head_seq or prev != head_hash:
-            return checked, (
+        if expected_seq - 1 != head_seq:
+            return checked, VerifyProblem(
+                f"chain {chain!r}: rows after seq {expected_seq - 1} are missing (the chain "
+                f"head is at seq {head_seq})",
                 last_id,
-                f"chain {chain!r}: rows after seq {expected_seq - 1} are missing",
+            )
+        if prev != head_hash:
+            return checked, VerifyProblem(
+                f"chain {chain!r}: the chain head does not match the row at seq {head_seq}",
+                last_id,
             )
         return checked, None
+
+    def _verify_holds(self) -> list[VerifyProblem]:
+        """Rows naming no hold, and holds that left ``pending`` with no row naming them
+        (each one statement, so a call committing meanwhile is seen whole or not at all)."""
+        rows_without_hold = (
+            select(audit.c.id, audit.c.hold_id)
+            .select_from(audit.outerjoin(hold, hold.c.id == audit.c.hold_id))
+            .where(audit.c.hold_id.is_not(None), hold.c.id.is_(None))
+            .order_by(audit.c.id)
+            .limit(_SAMPLE)
+        )
+        # A LEFT JOIN rather than NOT EXISTS: SQLite then builds an index on hold_id for
+        # the query instead of scanning the audit table once per hold.
+        holds_without_row = (
+            select(hold.c.id, hold.c.state)
+            .select_from(hold.outerjoin(audit, audit.c.hold_id == hold.c.id))
+            .where(hold.c.state != "pending", audit.c.id.is_(None))
+            .order_by(hold.c.created_at, hold.c.id)
+            .limit(_SAMPLE)
+        )
+        with read_only(self._engine) as conn:
+            orphan_rows = conn.execute(rows_without_hold).all()
+            bare_holds = conn.execute(holds_without_row).all()
+        problems = [
+            VerifyProblem(
+                f"audit row {row.id} names hold {row.hold_id!r}, which does not exist "
+                "(a forged row, or its hold was deleted)",
+                int(row.id),
+            )
+            for row in orphan_rows
+        ]
+        problems += [
+            VerifyProblem(
+                f"hold {held.id!r} is {held.state} but no audit row names it (its rows were "
+                "deleted)"
+            )
+            for held in bare_holds
+        ]
+        return problems
+
+    def _verify_checkpoint(
+        self, checkpoint: Checkpoint, heads: dict[str, int], headless: set[str]
+    ) -> list[VerifyProblem]:
+        problems: list[VerifyProblem] = []
+        when = _iso(checkpoint.created_at)
+        with read_only(self._engine) as conn:
+            for head in checkpoint.heads:
+                where = f"chain {head.chain!r} (seq {head.seq} in the checkpoint of {when})"
+                if head.chain not in heads and head.chain not in headless:
+                    problems.append(
+                        VerifyProblem(f"{where} is missing: its rows and its head were deleted")
+                    )
+                    continue
+                seq = heads.get(head.chain)
+                if seq is not None and seq < head.seq:
+                    problems.append(
+                        VerifyProblem(
+                            f"{where}: its head is at seq {seq}, below the checkpoint's: rows "
+                            "were removed and the head wound back"
+                        )
+                    )
+                if head.seq == 0:
+                    continue
+                row = conn.execute(
+                    select(audit.c.id, audit.c.hash).where(
+                        audit.c.chain == head.chain, audit.c.seq == head.seq
+                    )
+                ).first()
+                if row is None:
+                    problems.append(VerifyProblem(f"{where}: the row at seq {head.seq} is gone"))
+                elif row.hash != head.hash:
+                    problems.append(
+                        VerifyProblem(
+                            f"{where}: the row at seq {head.seq} has another hash than the "
+                            "checkpoint's: it, or a row before it, was rewritten",
+                            int(row.id),
+                        )
+                    )
+        return problems
+
+    def checkpoint(self, *, key: bytes | None = None, at: datetime | None = None) -> Checkpoint:
+        """Every chain's head now (chain, seq, hash, when its newest row was written), to
+        keep outside the database and pass to :meth:`verify` later; signed with ``key``
+        (HMAC-SHA256) if given. Run :meth:`verify` first: a checkpoint vouches for the log
+        as it is."""
+        newest = audit.alias("newest")
+        query = (
+            select(audit_chain.c.chain, audit_chain.c.seq, audit_chain.c.head, newest.c.at)
+            .select_from(
+                audit_chain.outerjoin(
+                    newest,
+                    and_(newest.c.chain == audit_chain.c.chain, newest.c.seq == audit_chain.c.seq),
+                )
+            )
+            .order_by(audit_chain.c.chain)
+        )
+        with read_only(self._engine) as conn:
+            heads = tuple(
+                ChainHead(row.chain, int(row.seq), str(row.head), row.at)
+                for row in conn.execute(query)
+            )
+        made = Checkpoint(at or datetime.now(timezone.utc), heads)
+        return made if key is None else made.signed(key)
 
 
 def _aware(value: datetime | None) -> datetime | None:

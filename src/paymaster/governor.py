@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine
 
+from . import storable
 from .alerts import Alert, AlertConfig, Alerter, stale_hold_alert
 from .audit import AuditEntry, AuditLog, Outcome
 from .db import SQLiteSync, connect, ensure_schema, is_configured
@@ -362,11 +363,22 @@ class Governor:
         accounts: Collection[str] = (),
         free: bool = False,
     ) -> ReserveRequest:
-        """The pure checks; a violation is audited (the only I/O) and raised."""
+        """The pure checks; a violation is audited (the only I/O) and raised.
+
+        The policy decides on the caller's text as given; the ledger stores, compares and
+        audits its storable form only (:mod:`paymaster.storable`), on every backend."""
         method = method.upper()
         free = free or pricing_lookup
+        asked = (agent, vendor, endpoint, method, customer)
+        agent, vendor = storable.field("agent", agent), storable.field("vendor", vendor)
+        endpoint, method = storable.field("endpoint", endpoint), storable.field("method", method)
+        run, customer = storable.field("run", run), storable.field("customer", customer)
+        idempotency_key = storable.field("idempotency_key", idempotency_key)
+        tool_call_id = storable.field("tool_call_id", tool_call_id)
+        credential = storable.field("credential", credential)
+        subject = storable.field("subject", subject)
         try:
-            policy_set_entry = self.policies.require(agent, vendor, run=run)
+            policy_set_entry = self.policies.require(asked[0], asked[1], run=run)
         except PolicyViolation as violation:
             self.record_refusal(
                 violation,
@@ -422,9 +434,9 @@ class Governor:
         )
         try:
             canonical = policy.check(
-                endpoint=endpoint,
-                method=method,
-                customer=customer,
+                endpoint=asked[2],
+                method=asked[3],
+                customer=asked[4],
                 estimate=cost,
                 now=self.ledger.now(),
                 run=run,
@@ -449,7 +461,7 @@ class Governor:
             )
             self.ledger.record_denial(request, missing)
             raise missing
-        return dataclasses.replace(request, endpoint=canonical)
+        return dataclasses.replace(request, endpoint=storable.field("endpoint", canonical))
 
     def record_refusal(
         self,

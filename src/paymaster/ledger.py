@@ -31,6 +31,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import audit as audit_log
 from . import statements as S
+from . import storable
 from .alerts import AlertBatch, Alerter, BudgetRef, denial_alert, overrun_alert, revoke_alert
 from .audit import AuditEntry, Outcome
 from .db import read_only, unavailable_on_error
@@ -325,9 +326,22 @@ def _new_id() -> str:
 def hold_key(agent: str, run: str | None, idempotency_key: str) -> str:
     """The ledger's key for a caller's idempotency key: scoped to the agent type and the
     run, so that another run presenting the same key makes another call (with its own
-    budgets and revocations) instead of resuming this run's hold."""
-    material = json.dumps([agent, run, idempotency_key], ensure_ascii=True)
+    budgets and revocations) instead of resuming this run's hold. It is made of the texts'
+    storable forms, as a call stores them, so every caller finds the hold whichever form
+    it holds (:mod:`paymaster.storable`)."""
+    stored = storable.field
+    material = json.dumps(
+        [stored("agent", agent), stored("run", run), stored("idempotency_key", idempotency_key)],
+        ensure_ascii=True,
+    )
     return "k1:" + hashlib.sha256(material.encode()).hexdigest()
+
+
+def _target(scope: RevocationScope, target: str | None) -> str:
+    """A revocation's target as the calls it stops store their agent type or run."""
+    if scope is RevocationScope.ALL:
+        return ""
+    return storable.field("agent" if scope is RevocationScope.AGENT else "run", str(target))
 
 
 def check_amount(value: Money, field: str) -> None:
@@ -951,6 +965,7 @@ class Ledger:
     def active_revocation(self, agent: str, run: str | None) -> str | None:
         """Why ``agent`` (or ``run``) is revoked now, or ``None``: the kill switch for
         calls that reserve nothing."""
+        agent, run = storable.field("agent", agent), storable.field("run", run)
         with (
             unavailable_on_error(self._engine, "reading revocations", CALL_NOT_MADE),
             read_only(self._engine) as conn,
@@ -1142,6 +1157,7 @@ class Ledger:
             raise ValueError("resolve a hold with exactly one of settle=<Money> or release=True")
         if not reason.strip():
             raise ValueError("a reason is required to resolve a hold")
+        reason, by = storable.field("reason", reason), storable.field("by", by)
         state = HoldState.SETTLED if settle is not None else HoldState.RELEASED
         outcome = Outcome.ALLOWED if settle is not None else Outcome.FAILED
         return self._resolve(
@@ -1524,6 +1540,7 @@ class Ledger:
         overrun awaiting acknowledgement."""
         if not reason.strip():
             raise ValueError("acknowledging an overrun needs a reason")
+        reason, by = storable.field("reason", reason), storable.field("by", by)
         now = self.now()
 
         def work(conn: Connection, retrying: bool) -> Hold:
@@ -1617,7 +1634,8 @@ class Ledger:
             raise ValueError(f"revoking a {scope} needs its name")
         if not reason.strip():
             raise ValueError("a revocation needs a reason")
-        at, name = self.now(), "" if scope is RevocationScope.ALL else str(target)
+        at, name = self.now(), _target(scope, target)
+        reason, by = storable.field("reason", reason), storable.field("by", by)
         fields = {"kind": scope.value, "target": name, "reason": reason, "revoked_by": by}
 
         def work(conn: Connection, retrying: bool) -> int:
@@ -1641,7 +1659,8 @@ class Ledger:
     def restore(self, scope: RevocationScope, target: str | None, *, reason: str, by: str) -> int:
         """Lift the active revocations of exactly this scope; returns how many."""
         scope = RevocationScope(scope)
-        at, name = self.now(), "" if scope is RevocationScope.ALL else str(target)
+        at, name = self.now(), _target(scope, target)
+        reason, by = storable.field("reason", reason), storable.field("by", by)
         same_scope = (revocation.c.kind == scope.value, revocation.c.target == name)
 
         def work(conn: Connection, retrying: bool) -> int:

@@ -1,4 +1,4 @@
-"""``paymaster audit tail | export | verify``: read and check the audit log."""
+"""``paymaster audit tail | export | verify | checkpoint``: read and check the audit log."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Annotated, TextIO
 import typer
 from sqlalchemy import Engine
 
-from ..audit import AuditLog, AuditRecord, Outcome
+from ..audit import AuditLog, AuditRecord, Checkpoint, CheckpointError, Outcome, load_key
 from ..errors import GovernanceUnavailable
 from ..operations import AuditFilter, AuditFollower, export_audit, latest_audit
 from .output import audit_json, audit_line, audit_table, console, echo_json
@@ -24,7 +24,7 @@ from .runtime import EXIT_PROBLEM, hooks, open_database
 
 __all__ = ["app"]
 
-app = typer.Typer(help="The audit log: tail, export, verify.", no_args_is_help=True)
+app = typer.Typer(help="The audit log: tail, export, verify, checkpoint.", no_args_is_help=True)
 
 TimeOption = Annotated[
     datetime | None,
@@ -146,20 +146,126 @@ def export(
         typer.echo(f"exported {count} audit rows to {output}")
 
 
+CheckpointFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        exists=True,
+        dir_okay=False,
+        help="A checkpoint from `paymaster audit checkpoint`: also check that no row up to "
+        "it was removed or altered.",
+    ),
+]
+KeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        exists=True,
+        dir_okay=False,
+        help="The checkpoint key (HMAC-SHA256), kept away from the database: sign with it, "
+        "or check the checkpoint's signature.",
+    ),
+]
+
+
+def _key(key_file: Path | None) -> bytes | None:
+    if key_file is None:
+        return None
+    try:
+        return load_key(key_file)
+    except CheckpointError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--key-file'") from exc
+
+
 @app.command()
-def verify(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
-    """Check the audit log's hash chains; exit 1 naming the first bad row."""
+def checkpoint(
+    db: DbOption = DEFAULT_DB,
+    key_file: KeyFile = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write here (replaced only once complete); default stdout."
+        ),
+    ] = None,
+) -> None:
+    """Write every chain head (chain, seq, hash, time) as JSON, signed with --key-file.
+
+    Keep the checkpoints outside the database (another host, write-once storage): later,
+    `paymaster audit verify --checkpoint FILE` shows whether any row up to them was removed
+    or rewritten, even with every hash recomputed. Run verify first: a checkpoint vouches
+    for the log as it is.
+    """
+    key = _key(key_file)
+    if output is not None and not output.parent.is_dir():
+        raise typer.BadParameter(f"{output.parent} is not a directory", param_hint="'--output'")
     with open_database(db) as engine:
-        result = AuditLog(engine).verify()
+        made = AuditLog(engine).checkpoint(key=key)
+    with _destination(output) as out:
+        out.write(made.to_json())
+    if output is not None:
+        signed = "signed" if key is not None else "unsigned"
+        typer.echo(f"{signed} checkpoint of {len(made.heads)} chains written to {output}")
+
+
+@app.command()
+def verify(
+    db: DbOption = DEFAULT_DB,
+    checkpoint_file: CheckpointFile = None,
+    key_file: KeyFile = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the audit log's hash chains, and rows against holds; exit 1 naming the first
+    bad row and listing every problem.
+
+    With --checkpoint, also check the log against a checkpoint kept outside the database;
+    with --key-file, the checkpoint's signature too.
+    """
+    key = _key(key_file)
+    if key is not None and checkpoint_file is None:
+        raise typer.BadParameter("--key-file checks a --checkpoint", param_hint="'--key-file'")
+    saved: Checkpoint | None = None
+    if checkpoint_file is not None:
+        try:
+            saved = Checkpoint.from_json(checkpoint_file.read_bytes())
+        except (CheckpointError, OSError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--checkpoint'") from exc
+    with open_database(db) as engine:
+        result = AuditLog(engine).verify(checkpoint=saved, key=key)
+    unchecked = saved is not None and saved.signature is not None and key is None
     if as_json:
-        echo_json({"ok": result.ok, "rows_checked": result.rows_checked, "chains": result.chains,
-                   "first_bad_id": result.first_bad_id, "reason": result.reason})  # fmt: skip
+        document = {
+            "ok": result.ok,
+            "rows_checked": result.rows_checked,
+            "chains": result.chains,
+            "first_bad_id": result.first_bad_id,
+            "reason": result.reason,
+            "problems": [{"row_id": p.row_id, "reason": p.reason} for p in result.problems],
+            "checkpoint_heads": result.checkpoint_heads,
+            "signature_checked": saved is not None and key is not None,
+        }
+        echo_json(document)
     elif result.ok:
-        typer.echo(f"ok: {result.rows_checked} audit rows checked in {result.chains} chains")
-    else:
+        against = ""
+        if saved is not None:
+            signed = " (signed)" if key is not None else ""
+            against = (
+                f"; the checkpoint{signed} of {saved.created_at.isoformat()} holds for its "
+                f"{len(saved.heads)} chains"
+            )
         typer.echo(
-            f"TAMPERED: audit row {result.first_bad_id} is the first bad row: {result.reason} "
-            f"({result.rows_checked} rows checked)"
+            f"ok: {result.rows_checked} audit rows checked in {result.chains} chains{against}"
         )
+    else:
+        where = (
+            f"audit row {result.first_bad_id} is the first bad row: "
+            if result.first_bad_id is not None
+            else ""
+        )
+        typer.echo(f"TAMPERED: {where}{result.reason} ({result.rows_checked} rows checked)")
+        for problem in result.problems[1:]:
+            row = f" (audit row {problem.row_id})" if problem.row_id is not None else ""
+            typer.echo(f"  also: {problem.reason}{row}")
+    if unchecked and not as_json:
+        typer.echo("Warning: the checkpoint's signature was not checked (no --key-file)", err=True)
     if not result.ok:
         raise typer.Exit(EXIT_PROBLEM)
