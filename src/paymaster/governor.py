@@ -377,9 +377,10 @@ class Governor:
         tool_call_id = storable.field("tool_call_id", tool_call_id)
         credential = storable.field("credential", credential)
         subject = storable.field("subject", subject)
-        try:
-            policy_set_entry = self.policies.require(asked[0], asked[1], run=run)
-        except PolicyViolation as violation:
+
+        def refuse(violation: PolicyViolation, cost: Money | None) -> None:
+            """Audit a refusal made before anything is reserved (its row, as every
+            attempt leaves one)."""
             self.record_refusal(
                 violation,
                 agent=agent,
@@ -388,33 +389,29 @@ class Governor:
                 method=method,
                 run=run,
                 customer=customer,
-                estimate=estimate,
+                estimate=cost,
                 tool_call_id=tool_call_id,
                 credential=credential,
             )
+
+        try:
+            policy_set_entry = self.policies.require(asked[0], asked[1], run=run)
+        except PolicyViolation as violation:
+            refuse(violation, estimate if isinstance(estimate, Money) else None)
             raise
         try:
             _check_estimate(estimate, free)
             policy = self._effective(policy_set_entry, run_policy)
         except (TypeError, ValueError) as bad:
             # Bad input is the caller's error, raised as it is; the attempt still leaves
-            # its row (a refusal naming what was wrong), as every attempt does.
+            # its row (a refusal naming what was wrong).
             code = (
                 ViolationCode.RUN_POLICY_WIDENED
                 if isinstance(bad, PolicyError)
                 else ViolationCode.INVALID_REQUEST
             )
-            self.record_refusal(
-                PolicyViolation(code, str(bad), agent=agent, run=run, vendor=vendor),
-                agent=agent,
-                vendor=vendor,
-                endpoint=endpoint,
-                method=method,
-                run=run,
-                customer=customer,
-                tool_call_id=tool_call_id,
-                credential=credential,
-            )
+            # A bad estimate is not written as the row's estimate.
+            refuse(PolicyViolation(code, str(bad), agent=agent, run=run, vendor=vendor), None)
             raise
         cost = estimate if estimate is not None else Money.zero(policy.currency)
         request = ReserveRequest(
