@@ -4,11 +4,12 @@ Offline: your refund tool calls a local Stripe-compatible server (localstripe), 
 chat model keeps asking for $25.00 refunds, and paymaster stops the run at the $100 daily
 cap, even through a ToolRetryMiddleware that would otherwise retry the refusal.
 
-    python examples/langchain_govern_tools.py
+    python examples/langchain_govern_tools.py [--db ledger.db]
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,12 @@ from paymaster_langchain.testing import ScriptedChatModel
 console = Console()
 
 
-
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--db", help="the SQLite ledger file to keep (default: a temporary one)")
+args = parser.parse_args()
 
 with run_localstripe() as server, tempfile.TemporaryDirectory() as tmp:
+    ledger = args.db or f"{tmp}/ledger.db"
     stripe = server.client()
     payment = stripe.v1.payment_intents.create(params={
         "amount": 50000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True,
@@ -50,7 +54,7 @@ with run_localstripe() as server, tempfile.TemporaryDirectory() as tmp:
         return str(stripe.v1.payment_intents.retrieve(payment_intent).status)
 
     # The integration: one spec per tool, then govern_tools.
-    governor = Governor(f"sqlite:///{tmp}/ledger.db",
+    governor = Governor(f"sqlite:///{ledger}",
                         policies=load_policies(Path(__file__).with_name("policies.yaml")))
     tools = govern_tools([issue_refund, lookup_payment], governor, specs={
         "issue_refund": ToolSpec(vendor="stripe", endpoint="/v1/refunds",

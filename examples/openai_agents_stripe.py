@@ -64,11 +64,14 @@ def the_model(intent: str) -> Model | str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payment-intent", help="the PaymentIntent to refund (real Stripe)")
+    parser.add_argument("--db", help="the SQLite ledger file to keep (default: a temporary one)")
     args = parser.parse_args()
     with (
         stripe_and_payment(args.payment_intent) as (client, intent),
         tempfile.TemporaryDirectory() as tmp,
-        Governor(f"sqlite:///{tmp}/ledger.db", policies=load_policies(POLICIES)) as governor,
+        Governor(
+            f"sqlite:///{args.db or f'{tmp}/ledger.db'}", policies=load_policies(POLICIES)
+        ) as governor,
     ):
         # The one line: governed tools for the refund-agent policy ($25 a call, $100 a day).
         tools = stripe_tools(governor, client, agent="refund-agent", only=["create_refund"])

@@ -116,8 +116,16 @@ def refund_policy(**overrides: object) -> Policy:
 
 
 @pytest.fixture
-def make_governor(db_url: str, clock: Clock) -> Iterator[Callable[..., Governor]]:
-    """Build governors on this test's database (several share it, like processes do)."""
+def make_governor(
+    db_url: str, clock: Clock, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Governor]]:
+    """Build governors on this test's database (several share it, like processes do).
+
+    When the test ends, its audit log must verify: whatever a test did through the public
+    API (the adapters, the Stripe client and tools, refusals, overruns, reconciliations),
+    every row it left is one ``paymaster audit verify`` accepts. Tests that tamper with
+    the log on purpose are marked ``tampers_with_audit``.
+    """
     made: list[Governor] = []
 
     def make(*policies: Policy, **kwargs: object) -> Governor:
@@ -127,5 +135,10 @@ def make_governor(db_url: str, clock: Clock) -> Iterator[Callable[..., Governor]
         return gov
 
     yield make
-    for gov in made:
-        gov.close()
+    try:
+        if made and request.node.get_closest_marker("tampers_with_audit") is None:
+            result = made[0].audit.verify()
+            assert result.ok, f"the test left an audit log that does not verify: {result}"
+    finally:
+        for gov in made:
+            gov.close()

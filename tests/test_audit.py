@@ -82,6 +82,7 @@ def test_queries_and_run_summary(make_governor: MakeGov, clock: Clock) -> None:
     assert [r.id for r in gov.audit.iter_records(batch=2)] == [r.id for r in gov.audit.query()]
 
 
+@pytest.mark.tampers_with_audit
 def test_verify_names_the_first_tampered_row(make_governor: MakeGov, clock: Clock) -> None:
     gov = _two_agents(make_governor)
     _calls(gov, clock)
@@ -101,6 +102,7 @@ def test_verify_names_the_first_tampered_row(make_governor: MakeGov, clock: Cloc
     assert "does not match its hash" in (result.reason or "")
 
 
+@pytest.mark.tampers_with_audit
 def test_verify_detects_deleted_rows(make_governor: MakeGov, clock: Clock) -> None:
     gov = _two_agents(make_governor)
     _calls(gov, clock)
@@ -130,6 +132,7 @@ def test_secrets_are_scrubbed_and_long_errors_truncated(make_governor: MakeGov) 
     assert scrub(None) is None
 
 
+@pytest.mark.tampers_with_audit
 def test_verify_flags_a_chain_whose_head_row_was_deleted(
     make_governor: MakeGov, clock: Clock
 ) -> None:

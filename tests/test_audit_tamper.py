@@ -46,6 +46,8 @@ from paymaster.cli.app import app
 from paymaster.schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
 
 MakeGov = Callable[..., Governor]
+#: Every test here alters the log on purpose; each asserts what verify finds itself.
+pytestmark = pytest.mark.tampers_with_audit
 REFUND = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds"}
 KEY = b"k" * 32
 #: What a stored row is: every hashed field, the two hashed when set, and its own hash.

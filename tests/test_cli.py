@@ -562,6 +562,7 @@ def test_audit_export_memory_does_not_grow_with_rows(
 
 
 # -- audit verify --------------------------------------------------------------------------
+@pytest.mark.tampers_with_audit
 def test_audit_verify_ok_then_names_the_first_tampered_row(
     invoke: Invoke, make_governor: MakeGov
 ) -> None:
