@@ -23,13 +23,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from conftest import refund_policy
-from paymaster import Governor, Money, Outcome, PolicyViolation, ViolationCode
+from paymaster import Governor, HoldState, Money, Outcome, PolicyViolation, ViolationCode
 from paymaster.audit import AuditRecord
 from paymaster.ledger import hold_key
 from paymaster.schema import audit, hold
 from paymaster.storable import TEXT_LIMIT, field, limit_of, storable
+from paymaster.vault import VaultKeyNotFound, VaultKeys
 
 MakeGov = Callable[..., Governor]
 AGENT = "refund-agent"
@@ -499,3 +501,54 @@ def test_free_calls_and_the_kill_switch_with_any_text(
     assert refused.violation_code == ViolationCode.REVOKED
     assert [r.reason for r in gov.revocations()] == [field("reason", "why: " + reason)]
     assert gov.restore(run=run, reason=reason, by=reason) == 1
+
+
+# -- reading and naming what was stored --------------------------------------------------
+
+
+@EXAMPLES
+@given(run=texts(min_size=1))
+def test_the_reads_find_a_run_by_the_text_it_was_given(gov: Governor, run: str) -> None:
+    """A filter is the text the caller gave: it finds the stored (cut, escaped) run and
+    never fails the read (PostgreSQL refuses a NUL in a query parameter)."""
+    run = f"{next(_EXAMPLE)}#{run}"
+    with gov.guard(
+        agent=AGENT, vendor="stripe", endpoint="/v1/refunds", run=run, estimate=Money(1, "USD")
+    ) as call:
+        call.settle(1)
+        hold_id = call.hold_id
+    assert [row.hold_id for row in gov.audit.query(run=run)] == [hold_id]
+    assert gov.audit.count(run=run, agent=AGENT, vendor="stripe") == 1
+    assert gov.audit.run_summary(run).calls == 1
+    assert [h.id for h in gov.ledger.holds(states=[HoldState.SETTLED], run=run)] == [hold_id]
+
+
+def test_an_unknown_outcome_filter_names_the_outcomes(gov: Governor) -> None:
+    with pytest.raises(ValueError, match="outcome 'alowed\\\\x00' is not an outcome; use one"):
+        gov.audit.query(outcome="alowed\x00")
+
+
+@EXAMPLES
+@given(agent=texts(min_size=1), run=texts(min_size=1), label=texts(), by=texts(min_size=1))
+def test_a_vault_key_names_its_run_as_the_ledger_stores_it(
+    gov: Governor, agent: str, run: str, label: str, by: str
+) -> None:
+    keys = VaultKeys(gov.engine, gov.ledger.now)
+    made = keys.create(agent, by=by, run=run, label=label)
+    assert made.record.agent == field("agent", agent) and made.record.run == field("run", run)
+    assert keys.authenticate(made.secret) == made.record
+    assert keys.get(made.record.id) == made.record
+    revoked = keys.revoke(made.record.id, by=by, reason=label + "\x00")
+    assert revoked.revoked_by == field("by", by)
+    with pytest.raises(VaultKeyNotFound):
+        keys.get("pmk_\x00\ud800" + "z" * 40)
+    keys.record_failure("\x00" * 40, "bad\x00secret-and-more")
+
+
+@pytest.mark.parametrize(("name", "limit"), [("id", 200), ("agent", 200), ("vendor", 100)])
+def test_a_policy_naming_more_than_the_ledger_stores_is_refused_at_load(
+    name: str, limit: int
+) -> None:
+    assert refund_policy(**{name: "p" * limit})
+    with pytest.raises(ValidationError, match=f"{name}\n.*at most {limit} characters"):
+        refund_policy(**{name: "p" * (limit + 1)})

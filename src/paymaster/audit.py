@@ -35,6 +35,7 @@ from .db import read_only
 from .money import Money
 from .schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
 from .storable import TEXT_LIMIT, storable
+from .storable import field as storable_field
 from .storable import row as storable_row
 
 __all__ = [
@@ -76,6 +77,15 @@ class Outcome(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def _outcome(value: str | Outcome) -> str:
+    """``value`` as a stored outcome, or a ``ValueError`` that lists the outcomes."""
+    try:
+        return Outcome(value).value
+    except ValueError:
+        known = ", ".join(o.value for o in Outcome)
+        raise ValueError(f"outcome {value!r} is not an outcome; use one of: {known}") from None
 
 
 #: Rows that record an operator's or a reconciler's act on an earlier attempt's hold.
@@ -441,14 +451,16 @@ class AuditLog:
         until: datetime | None = None,
     ) -> Any:
         query = select(*AUDIT_RECORD_COLUMNS)
+        # A filter is compared with text as it was stored (cut to its column, NUL and
+        # lone surrogates escaped), so it finds what it names and never fails the read.
         if run is not None:
-            query = query.where(audit.c.run == run)
+            query = query.where(audit.c.run == storable_field("run", run))
         if agent is not None:
-            query = query.where(audit.c.agent == agent)
+            query = query.where(audit.c.agent == storable_field("agent", agent))
         if vendor is not None:
-            query = query.where(audit.c.vendor == vendor)
+            query = query.where(audit.c.vendor == storable_field("vendor", vendor))
         if outcome is not None:
-            query = query.where(audit.c.outcome == str(outcome))
+            query = query.where(audit.c.outcome == _outcome(outcome))
         if since is not None:
             query = query.where(audit.c.at >= since)
         if until is not None:
@@ -504,6 +516,7 @@ class AuditLog:
     def run_summary(self, run: str) -> RunSummary:
         """Counts per outcome and settled spend per currency of one run."""
         summary = RunSummary(run=run)
+        run = storable_field("run", run)
         with read_only(self._engine) as conn:
             rows = conn.execute(
                 select(

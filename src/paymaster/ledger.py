@@ -1750,7 +1750,7 @@ class Ledger:
         if older_than is not None:
             query = query.where(hold.c.created_at <= self.now() - older_than)
         if run is not None:
-            query = query.where(hold.c.run == run)
+            query = query.where(hold.c.run == storable.field("run", run))
         with read_only(self._engine) as conn:
             return [Hold.from_row(r) for r in conn.execute(query.order_by(hold.c.created_at))]
 

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import storable
 from .endpoints import InvalidPath, normalise_path, path_matches, pattern_covers, validate_pattern
 from .errors import PolicyError, PolicyViolation, ViolationCode
 from .money import MAX_AMOUNT, Money, is_currency
@@ -156,9 +157,14 @@ class Policy(_Rules):
     ``None`` means any. A policy past ``expires_at`` refuses every call.
     """
 
-    id: str = ""
-    agent: str = Field(validation_alias=AliasChoices("agent", "agent_type", "agent_id"))
-    vendor: str
+    # Bounded as the ledger stores them, so a policy that loads is one the ledger can
+    # name in full in every hold and audit row.
+    id: str = Field(default="", max_length=storable.limit("policy_id"))
+    agent: str = Field(
+        validation_alias=AliasChoices("agent", "agent_type", "agent_id"),
+        max_length=storable.limit("agent"),
+    )
+    vendor: str = Field(max_length=storable.limit("vendor"))
     currency: str
     daily_cap: Money
     per_call_cap: Money | None = None

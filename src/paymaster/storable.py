@@ -32,9 +32,9 @@ from typing import Any, overload
 
 from sqlalchemy import Column, Table
 
-from .schema import audit, audit_chain, budget, hold, proxy_replay, revocation
+from .schema import audit, audit_chain, budget, hold, proxy_replay, revocation, vault_key
 
-__all__ = ["FIELDS", "TEXT_LIMIT", "field", "limit_of", "row", "storable"]
+__all__ = ["FIELDS", "TEXT_LIMIT", "field", "limit", "limit_of", "row", "storable"]
 
 #: The bound of a ``TEXT`` column (an error message, a reason): what the audit row's
 #: error has always been cut to.
@@ -91,9 +91,18 @@ FIELDS: dict[str, tuple[Column[Any], ...]] = {
         audit.c.chain,
         audit_chain.c.chain,
         revocation.c.target,
+        vault_key.c.agent,
     ),
     "vendor": (budget.c.vendor, hold.c.vendor, audit.c.vendor),
-    "run": (budget.c.run, hold.c.run, audit.c.run, revocation.c.target, proxy_replay.c.run),
+    "policy_id": (hold.c.policy_id, audit.c.policy_id),
+    "run": (
+        budget.c.run,
+        hold.c.run,
+        audit.c.run,
+        revocation.c.target,
+        proxy_replay.c.run,
+        vault_key.c.run,
+    ),
     "endpoint": (hold.c.endpoint, audit.c.endpoint),
     "method": (hold.c.method, audit.c.method),
     "customer": (hold.c.customer, audit.c.customer),
@@ -107,15 +116,24 @@ FIELDS: dict[str, tuple[Column[Any], ...]] = {
         hold.c.overrun_acknowledged_by,
         revocation.c.revoked_by,
         revocation.c.lifted_by,
+        vault_key.c.created_by,
+        vault_key.c.revoked_by,
     ),
+    "label": (vault_key.c.label,),
     "reason": (
         hold.c.resolution,
         hold.c.overrun_acknowledgement,
         revocation.c.reason,
         revocation.c.lift_reason,
+        vault_key.c.revoke_reason,
     ),
 }
 _LIMITS = {name: limit_of(*columns) for name, columns in FIELDS.items()}
+
+
+def limit(name: str) -> int:
+    """How many characters the text of :data:`FIELDS` ``name`` keeps in every column."""
+    return _LIMITS[name]
 
 
 @overload

@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from . import storable
 from .db import unavailable_on_error
 from .errors import PaymasterError
 from .policy import RunPolicy
@@ -181,6 +182,10 @@ class VaultKeys:
         secret = secrets.token_urlsafe(32)
         if run is None:
             run = f"{KEY_PREFIX}{key_id}"
+        # Stored as the ledger stores every agent type and run, so the key's calls count
+        # against (and are revoked as) exactly the run and agent type the key names.
+        agent, run = storable.field("agent", agent), storable.field("run", run)
+        label, by = storable.field("label", label), storable.field("by", by)
         record = VaultKey(
             id=key_id, agent=agent, run=run, run_policy=run_policy, label=label,
             created_at=now, created_by=by, expires_at=expires_at, revoked_at=None,
@@ -225,7 +230,11 @@ class VaultKeys:
                 conn.execute(
                     update(vault_key)
                     .where(vault_key.c.id == key_id, vault_key.c.revoked_at.is_(None))
-                    .values(revoked_at=self._clock(), revoked_by=by, revoke_reason=reason)
+                    .values(
+                        revoked_at=self._clock(),
+                        revoked_by=storable.field("by", by),
+                        revoke_reason=storable.field("reason", reason),
+                    )
                 )
         return self.get(key_id)
 
@@ -283,7 +292,8 @@ class VaultKeys:
         whatever is presented. A database failure raises
         :class:`~paymaster.errors.GovernanceUnavailable`."""
         now = self._clock()
-        reason = reason[:16]
+        reason = storable.storable(reason, storable.limit_of(auth_failure.c.reason))
+        key_id = None if key_id is None else storable.storable(key_id, _ID_LENGTH)
         with unavailable_on_error(
             self._engine, "counting a failed authentication", "so it was not counted"
         ):
@@ -344,7 +354,8 @@ def _bare_id(key_id: str) -> str:
     text = key_id.strip()
     if text.startswith(KEY_PREFIX):
         text = text[len(KEY_PREFIX) :][:_ID_LENGTH]
-    return text
+    # Any text names no key rather than failing the look-up (PostgreSQL refuses a NUL).
+    return storable.storable(text, _ID_LENGTH)
 
 
 def _record(row: object) -> VaultKey:
