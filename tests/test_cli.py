@@ -610,6 +610,23 @@ def test_runs_show_summarises_a_run(invoke: Invoke, make_governor: MakeGov) -> N
     assert missing.exit_code == 1 and "no audit rows for run 'run-404'" in missing.stderr
 
 
+def test_a_run_too_long_to_store_is_found_by_the_name_it_was_given(
+    invoke: Invoke, make_governor: MakeGov
+) -> None:
+    """``audit tail --run`` and ``runs show`` filter as the Python API does: by the run's
+    stored form (cut to its column), and a NUL in a filter names nothing instead of
+    failing the read on PostgreSQL."""
+    gov = make_governor()
+    run = "run-" * 60
+    refund(gov, "2.00", run=run)
+    refund(gov, "1.00", run="other")
+    tail = as_json(invoke("audit", "tail", "--run", run, "--json"))
+    assert [row["run"] for row in tail] == [gov.audit.query(run=run)[0].run]
+    shown = as_json(invoke("runs", "show", run, "--json"))
+    assert shown["calls"] == 1 and len(shown["rows_shown"]) == 1
+    assert as_json(invoke("audit", "tail", "--run", "r\x00un", "--json")) == []
+
+
 # -- revoke / restore ----------------------------------------------------------------------
 def test_revoke_stops_the_next_call_and_restore_lifts_it(
     invoke: Invoke, make_governor: MakeGov

@@ -65,7 +65,19 @@ def test_names_are_quoted_and_bad_ones_refused() -> None:
     sql = grants_sql('we"ird', schema="it's")
     assert 'TO "we""ird";' in sql and '"it\'s"."paymaster_hold"' in sql
     assert "app CONSTANT name := 'we\"ird';" in sql and "ledger CONSTANT name := 'it''s';" in sql
-    for bad in ("", " ", "public", "PUBLIC", "x\x00y", "a" * 64, "$paymaster_grants$"):
+    for bad in (
+        "",
+        " ",
+        "public",
+        "PUBLIC",
+        "x\x00y",
+        "a" * 64,
+        "$paymaster_grants$",
+        "x\nALTER TABLE t DISABLE TRIGGER ALL;--",
+        "x\ry",
+        "x\u2028y",
+        "x\u202ey",
+    ):
         with pytest.raises(ValueError):
             grants_sql(bad)
 
@@ -252,6 +264,29 @@ def test_the_role_cannot_tamper_with_the_audit_log(ledger: Ledger) -> None:
             assert after == rows
     finally:
         engine.dispose()
+    with Governor(ledger.app_url, policies=[refund_policy()], upgrade_schema=False) as gov:
+        assert gov.audit.verify().ok
+
+
+@pytest.mark.postgres
+def test_a_temporary_table_cannot_stand_in_for_the_audit_table(ledger: Ledger) -> None:
+    """Any role may make a temporary table, and PostgreSQL looks in the session's
+    temporary schema first: named by bare name, the chain-head check would read the
+    role's own ``paymaster_audit`` and let it wind a head past the rows that exist."""
+    with Governor(ledger.app_url, policies=[refund_policy()], upgrade_schema=False) as gov:
+        with gov.guard(**REFUND, estimate=usd("1.00")) as call:
+            call.settle(usd("1.00"))
+    conninfo = make_url(ledger.app_url).set(drivername="postgresql")
+    with psycopg.connect(conninfo.render_as_string(hide_password=False)) as conn:
+        forged = "'" + "f" * 64 + "'"
+        conn.execute("CREATE TEMP TABLE paymaster_audit (chain varchar, seq bigint, hash varchar)")
+        conn.execute(f"INSERT INTO paymaster_audit VALUES ('refund-agent', 1, {forged})")
+        conn.execute(f"INSERT INTO paymaster_audit VALUES ('refund-agent', 2, {forged})")
+        conn.commit()
+        with pytest.raises(psycopg.errors.RaiseException, match="names no row"):
+            conn.execute(f"UPDATE paymaster_audit_chain SET head = {forged}")
+            conn.execute("UPDATE paymaster_audit_chain SET seq = seq + 1")
+            conn.commit()
     with Governor(ledger.app_url, policies=[refund_policy()], upgrade_schema=False) as gov:
         assert gov.audit.verify().ok
 

@@ -552,3 +552,54 @@ def test_a_policy_naming_more_than_the_ledger_stores_is_refused_at_load(
     assert refund_policy(**{name: "p" * limit})
     with pytest.raises(ValidationError, match=f"{name}\n.*at most {limit} characters"):
         refund_policy(**{name: "p" * (limit + 1)})
+
+
+def test_a_policy_id_the_database_cannot_store_is_stored_as_every_text_is(
+    make_governor: MakeGov,
+) -> None:
+    policy_id = "refunds\x00" + "é" * 190
+    gov = make_governor(refund_policy(id=policy_id))
+    checks = Attempts(gov)
+
+    def attempt() -> None:
+        with gov.guard(
+            agent=AGENT, vendor="stripe", endpoint="/v1/refunds", estimate=Money(100, "USD")
+        ) as call:
+            call.settle(100)
+
+    [row] = checks.one(attempt)
+    assert row.policy_id == field("policy_id", policy_id)
+    [settled] = gov.ledger.holds(states=[HoldState.SETTLED])
+    assert settled.policy_id == row.policy_id
+
+
+# -- numbers a row cannot hold -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"duration_ms": 2**63}, {"duration_ms": -1}, {"http_status": 2**31}, {"http_status": True}],
+)
+def test_a_free_call_given_numbers_a_row_cannot_hold_still_leaves_its_row(
+    gov: Governor, given: dict[str, Any]
+) -> None:
+    checks = Attempts(gov)
+    record = gov.free_call(agent=AGENT, vendor="stripe", endpoint="/v1/charges", method="GET")
+    [row] = checks.one(_raises(ValueError, lambda: record(None, **given)))
+    assert row.outcome == "errored" and row.error is not None
+    assert row.error.startswith(f"record(): {next(iter(given))} must be an int")
+
+
+def test_a_settle_given_a_status_no_row_can_hold_is_refused_with_its_row(gov: Governor) -> None:
+    """Refused before the ledger is written (before, PostgreSQL's integer overflow came back
+    as ``GovernanceUnavailable``, blaming the ledger); the block's exception then ends the
+    call as any exception does, with its one row."""
+
+    def attempt() -> None:
+        with gov.guard(
+            agent=AGENT, vendor="stripe", endpoint="/v1/refunds", estimate=Money(100, "USD")
+        ) as call:
+            call.settle(100, http_status=10**10)
+
+    [row] = Attempts(gov).one(_raises(ValueError, attempt))
+    assert row.error is not None and "http_status must be an int from 100 to 599" in row.error

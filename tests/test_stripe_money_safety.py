@@ -4,6 +4,7 @@ cannot run these flows: it rejects ``auto_advance`` and ``collection_method``.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ import stripe
 from requests.structures import CaseInsensitiveDict
 
 from paymaster import Governor, Money, Policy, PolicyViolation, ViolationCode
+from paymaster.testing.stripe_upstream import Fault, StripeUpstream
 from paymaster.vendors.stripe import CATALOGUE, STRIPE_VERSION, governed_client
 
 MakeGov = Callable[..., Governor]
@@ -377,3 +379,35 @@ def test_an_attempt_whose_pricing_look_up_fails_leaves_its_row(make_governor: Ma
         client_for(gov, InvoiceStripe()).v1.refunds.create(params={"payment_intent": "pi_gone"})
     rows = [(row.method, row.endpoint, row.outcome) for row in gov.audit.query()]
     assert ("POST", "/v1/refunds", "denied") in rows
+
+
+# -- keys the ledger stores as one are one call at Stripe ---------------------------------
+
+
+def test_two_keys_the_ledger_stores_as_one_are_one_call_at_stripe(
+    make_governor: MakeGov,
+) -> None:
+    """A key with a NUL is stored escaped (``order-1\\x00``), as the literal key with a
+    backslash is: the ledger takes the second for a retry of the first. Before, Stripe
+    was sent each key as given, so it charged twice while the ledger counted once."""
+    gov = make_governor(billing_policy(daily_cap="10.00", per_call_cap="10.00"))
+    with_nul, literal = "order-1\x00", "order-1\\x00"
+    params = {"amount": 1000, "currency": "usd", "confirm": "true", "payment_method": "pm_x"}
+    with StripeUpstream() as stripe_server:
+        client = governed_client(
+            gov,
+            "sk_test_x",
+            agent="billing-agent",
+            max_network_retries=0,
+            base_addresses={"api": stripe_server.url},
+        )
+        # Stripe charges each and the answer is lost, whichever form of the key it is sent.
+        for key in (with_nul, literal):
+            stripe_server.script(key, Fault.LOST_AFTER)
+        for key in (with_nul, literal):
+            with contextlib.suppress(stripe.APIConnectionError, PolicyViolation):
+                client.v1.payment_intents.create(params, {"idempotency_key": key})
+        moved = sum(stripe_server.totals().values())
+    [budget] = gov.ledger.budgets()
+    assert moved == 1000, "Stripe charged once: both keys are one call"
+    assert budget.committed.amount >= moved

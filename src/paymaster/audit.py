@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select
+from sqlalchemy import Connection, Engine, Select, and_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -40,6 +40,7 @@ from .storable import row as storable_row
 
 __all__ = [
     "AuditEntry",
+    "AuditFilter",
     "AuditLog",
     "AuditRecord",
     "ChainHead",
@@ -86,6 +87,24 @@ def _outcome(value: str | Outcome) -> str:
     except ValueError:
         known = ", ".join(o.value for o in Outcome)
         raise ValueError(f"outcome {value!r} is not an outcome; use one of: {known}") from None
+
+
+#: The largest ``duration_ms`` a row stores (the column is a 32-bit integer: 24 days).
+MAX_DURATION_MS = 2**31 - 1
+
+
+def row_number_problem(*, http_status: object = None, duration_ms: object = None) -> str | None:
+    """What is wrong with a row's ``http_status`` or ``duration_ms``, or ``None``: each is
+    an int in its range (an HTTP status 100-599; 0 to :data:`MAX_DURATION_MS`)."""
+    for name, value, low, high in (
+        ("http_status", http_status, 100, 599),
+        ("duration_ms", duration_ms, 0, MAX_DURATION_MS),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"{name} must be an int from {low} to {high}, not {value!r}"
+    return None
 
 
 #: Rows that record an operator's or a reconciler's act on an earlier attempt's hold.
@@ -434,38 +453,46 @@ def _parse_time(value: Any, what: str) -> datetime:
     return parsed
 
 
+@dataclass(frozen=True)
+class AuditFilter:
+    """Filters over audit rows; ``None`` matches anything. ``until`` is exclusive.
+
+    A filter is compared with text as it was stored (cut to its column, NUL and lone
+    surrogates escaped; :mod:`paymaster.storable`), so it finds what it names and never
+    fails the read. An unknown ``outcome`` is a ``ValueError`` listing the outcomes."""
+
+    run: str | None = None
+    agent: str | None = None
+    vendor: str | None = None
+    outcome: str | Outcome | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        """``query`` restricted to the rows these filters match."""
+        if self.run is not None:
+            query = query.where(audit.c.run == storable_field("run", self.run))
+        if self.agent is not None:
+            query = query.where(audit.c.agent == storable_field("agent", self.agent))
+        if self.vendor is not None:
+            query = query.where(audit.c.vendor == storable_field("vendor", self.vendor))
+        if self.outcome is not None:
+            query = query.where(audit.c.outcome == _outcome(self.outcome))
+        if self.since is not None:
+            query = query.where(audit.c.at >= self.since)
+        if self.until is not None:
+            query = query.where(audit.c.at < self.until)
+        return query
+
+
 class AuditLog:
     """Queries over the audit log (reads never take the SQLite write lock)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def _filtered(
-        self,
-        *,
-        run: str | None = None,
-        agent: str | None = None,
-        vendor: str | None = None,
-        outcome: str | Outcome | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> Any:
-        query = select(*AUDIT_RECORD_COLUMNS)
-        # A filter is compared with text as it was stored (cut to its column, NUL and
-        # lone surrogates escaped), so it finds what it names and never fails the read.
-        if run is not None:
-            query = query.where(audit.c.run == storable_field("run", run))
-        if agent is not None:
-            query = query.where(audit.c.agent == storable_field("agent", agent))
-        if vendor is not None:
-            query = query.where(audit.c.vendor == storable_field("vendor", vendor))
-        if outcome is not None:
-            query = query.where(audit.c.outcome == _outcome(outcome))
-        if since is not None:
-            query = query.where(audit.c.at >= since)
-        if until is not None:
-            query = query.where(audit.c.at < until)
-        return query
+    def _filtered(self, **filters: Any) -> Any:
+        return AuditFilter(**filters).apply(select(*AUDIT_RECORD_COLUMNS))
 
     def query(
         self,

@@ -33,7 +33,7 @@ from sqlalchemy import Engine
 
 from . import storable
 from .alerts import Alert, AlertConfig, Alerter, stale_hold_alert
-from .audit import AuditEntry, AuditLog, Outcome
+from .audit import AuditEntry, AuditLog, Outcome, row_number_problem
 from .db import SQLiteSync, connect, ensure_schema, is_configured
 from .errors import HoldAlreadyResolved, PolicyError, PolicyViolation, SpecError, ViolationCode
 from .ledger import (
@@ -204,6 +204,7 @@ class GovernedCall:
     ) -> Hold:
         """The call succeeded: spend ``actual`` (Money, or int minor units in the call's
         currency; default the estimate). Above the estimate it is an overrun."""
+        _check_row_numbers(http_status)
         return self._record(
             lambda: self._ledger.settle(
                 self.hold.id,
@@ -226,6 +227,7 @@ class GovernedCall:
     ) -> Hold:
         """The vendor refused the call and no money moved: release the hold (unless another
         attempt holds it too, which keeps it counted)."""
+        _check_row_numbers(http_status)
         return self._record(
             lambda: self._ledger.release(
                 self.hold.id,
@@ -541,7 +543,9 @@ class Governor:
         """Admit a call that spends nothing and reserves nothing (an agent's tool marked
         free): refused, and audited, if its agent or run is revoked. Returns the function
         that writes its audit row once it is done: ``record(error=None, duration_ms=...)``,
-        which also takes the row's ``http_status``, ``vendor_request_id`` and ``hold_id``.
+        which also takes the row's ``http_status`` and ``vendor_request_id``. A free call
+        has no hold. Given an ``http_status`` or ``duration_ms`` a row cannot hold, record()
+        writes the row as ``errored``, saying so, then raises ``ValueError``.
         """
         base = AuditEntry(
             agent=agent,
@@ -581,8 +585,12 @@ class Governor:
             *,
             http_status: int | None = None,
             vendor_request_id: str | None = None,
-            hold_id: str | None = None,
         ) -> None:
+            problem = row_number_problem(http_status=http_status, duration_ms=duration_ms)
+            if problem is not None:
+                # The call was made: its row is written, saying what record() was given
+                # that a row cannot hold, before the caller hears of the mistake.
+                error, duration_ms, http_status = f"record(): {problem}", None, None
             outcome = Outcome.ERRORED if error else Outcome.ALLOWED
             self.ledger.record(
                 dataclasses.replace(
@@ -592,9 +600,10 @@ class Governor:
                     duration_ms=duration_ms,
                     http_status=http_status,
                     vendor_request_id=vendor_request_id,
-                    hold_id=hold_id,
                 )
             )
+            if problem is not None:
+                raise ValueError(problem)
 
         return record
 
@@ -1211,6 +1220,12 @@ def _cost_of(
             tool=name,
             hold_id=call.hold_id,
         ) from exc
+
+
+def _check_row_numbers(http_status: object) -> None:
+    problem = row_number_problem(http_status=http_status)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _close_call(

@@ -15,6 +15,7 @@ upgrade (a new revision may add a table). ``paymaster db grants --role NAME`` pr
 
 from __future__ import annotations
 
+import unicodedata
 from importlib.resources import files
 
 from alembic.config import Config
@@ -103,8 +104,15 @@ def _literal(value: str) -> str:
 def _check_name(what: str, name: str) -> None:
     if not name or not name.strip():
         raise ValueError(f"the {what} name is empty")
-    if "\x00" in name or _DO_TAG in name:
-        raise ValueError(f"the {what} name {name!r} contains characters it cannot contain")
+    # A control or invisible character has no place in a name, and a line break would end
+    # the comment the name is echoed in, turning the rest of it into SQL run as the owner.
+    odd = [ch for ch in name if unicodedata.category(ch)[0] == "C" or ch in "\u2028\u2029"]
+    if odd or _DO_TAG in name:
+        shown = repr(odd[0]) if odd else repr(_DO_TAG)
+        raise ValueError(
+            f"the {what} name {name!r} contains {shown}, which a {what} name cannot contain; "
+            "use a plain name"
+        )
     if len(name.encode()) > 63:
         raise ValueError(f"the {what} name {name!r} is longer than PostgreSQL's 63 bytes")
 

@@ -11,7 +11,6 @@ import csv
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
-from datetime import datetime
 from importlib.resources import files
 from typing import Any, Literal, TextIO
 
@@ -20,7 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, Select, func, select
 
-from .audit import AuditRecord
+from .audit import AuditFilter, AuditRecord
 from .db import ensure_schema, read_only
 from .schema import AUDIT_RECORD_COLUMNS, audit
 
@@ -85,34 +84,6 @@ def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
 
 
 # -- audit queries -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AuditFilter:
-    """Filters over audit rows; ``None`` matches anything. ``until`` is exclusive."""
-
-    run: str | None = None
-    agent: str | None = None
-    vendor: str | None = None
-    outcome: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-
-    def apply(self, query: Select[Any]) -> Select[Any]:
-        """``query`` restricted to the rows these filters match."""
-        for column, value in (
-            (audit.c.run, self.run),
-            (audit.c.agent, self.agent),
-            (audit.c.vendor, self.vendor),
-            (audit.c.outcome, self.outcome),
-        ):
-            if value is not None:
-                query = query.where(column == value)
-        if self.since is not None:
-            query = query.where(audit.c.at >= self.since)
-        if self.until is not None:
-            query = query.where(audit.c.at < self.until)
-        return query
-
-
 def _records(engine: Engine, query: Select[Any]) -> list[AuditRecord]:
     with read_only(engine) as conn:
         return [AuditRecord(**row._mapping) for row in conn.execute(query)]

@@ -456,7 +456,8 @@ def effective_policy(policy: Policy, run_policy: RunPolicy | None = None) -> Eff
             raise _widen("expires_at", f"{rp.expires_at} is after {expires}")
         expires = rp.expires_at
     return EffectivePolicy(
-        policy_id=policy.id,
+        # As every hold and audit row stores it (PostgreSQL refuses a NUL in an id).
+        policy_id=storable.field("policy_id", policy.id),
         agent=policy.agent,
         vendor=policy.vendor,
         currency=policy.currency,

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import stripe
 from stripe._http_client import new_http_client_async_fallback
 
+from ... import storable
 from ...errors import GovernanceUnavailable, PolicyViolation, ViolationCode
 from ...governor import GovernedCall
 from ...ledger import HoldState
@@ -618,9 +619,16 @@ def _vendor_key(binding: StripeBinding, wire_key: str) -> str:
     agent type and run, as the ledger's key is. Stripe replays a key's first answer to
     anyone on the account; scoped, another run presenting the same key and body makes its
     own call (governed and counted as its own) instead of being handed this run's object.
-    The client's key stays readable at the front."""
-    digest = hashlib.sha256(json.dumps([binding.agent, binding.run, wire_key]).encode())
-    return f"{wire_key[:180]}~{digest.hexdigest()[:32]}"
+    The client's key stays readable at the front.
+
+    It is made of the texts' storable forms, as the ledger's key is
+    (:func:`paymaster.ledger.hold_key`): two keys the ledger stores as one (``"k\\x00"``
+    with a NUL, and the literal ``"k\\\\x00"``) are one call there, so they must be one
+    call at Stripe too, or the second would pay again under the first's hold."""
+    key = storable.field("idempotency_key", wire_key)
+    scope = [storable.field("agent", binding.agent), storable.field("run", binding.run), key]
+    digest = hashlib.sha256(json.dumps(scope).encode())
+    return f"{key[:180]}~{digest.hexdigest()[:32]}"
 
 
 def accounts_of(
