@@ -603,3 +603,32 @@ def test_a_settle_given_a_status_no_row_can_hold_is_refused_with_its_row(gov: Go
 
     [row] = Attempts(gov).one(_raises(ValueError, attempt))
     assert row.error is not None and "http_status must be an int from 100 to 599" in row.error
+
+
+def test_text_given_as_a_number_is_stored_and_hashed_as_its_str(gov: Governor) -> None:
+    """Before, a numeric request id was hashed as a number but stored as text, so the row
+    failed ``verify()``; a numeric tool call id failed the call with no row."""
+    checks = Attempts(gov)
+
+    def settled() -> None:
+        with gov.guard(
+            agent=AGENT,
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(100, "USD"),
+            tool_call_id=7,  # type: ignore[arg-type]
+        ) as call:
+            call.settle(100, vendor_request_id=5)  # type: ignore[arg-type]
+
+    [row] = checks.one(settled)
+    assert (row.tool_call_id, row.vendor_request_id) == ("7", "5")
+    record = gov.free_call(agent=AGENT, vendor="stripe", endpoint="/v1/charges", method="GET")
+    [free] = checks.one(lambda: record(123, vendor_request_id=5))  # type: ignore[arg-type]
+    assert (free.error, free.vendor_request_id, free.outcome) == ("123", "5", "errored")
+
+
+def test_a_free_call_records_one_row(gov: Governor) -> None:
+    checks = Attempts(gov)
+    record = gov.free_call(agent=AGENT, vendor="stripe", endpoint="/v1/charges", method="GET")
+    checks.one(record)
+    checks.one(_raises(RuntimeError, record), rows=0)

@@ -411,3 +411,51 @@ def test_two_keys_the_ledger_stores_as_one_are_one_call_at_stripe(
     [budget] = gov.ledger.budgets()
     assert moved == 1000, "Stripe charged once: both keys are one call"
     assert budget.committed.amount >= moved
+
+
+def test_one_key_under_two_stripe_accounts_is_two_calls(make_governor: MakeGov) -> None:
+    """Stripe keeps idempotency keys per account: the same key and body sent with another
+    account's API key is another charge. Before, the ledger took it for a retry of the first
+    call and resumed its hold, so $20 moved under one $10 reservation."""
+    gov = make_governor(billing_policy(daily_cap="10.00", per_call_cap="10.00"))
+    params = {"amount": 1000, "currency": "usd", "confirm": "true", "payment_method": "pm_x"}
+    with StripeUpstream() as stripe_server:
+        client = governed_client(
+            gov,
+            "sk_test_account_a",
+            agent="billing-agent",
+            max_network_retries=0,
+            base_addresses={"api": stripe_server.url},
+        )
+        stripe_server.script("order-42", Fault.LOST_AFTER)  # account A pays; answer lost
+        with contextlib.suppress(stripe.APIConnectionError):
+            client.v1.payment_intents.create(params, {"idempotency_key": "order-42"})
+        with pytest.raises(PolicyViolation) as refused:
+            client.v1.payment_intents.create(
+                params, {"idempotency_key": "order-42", "api_key": "sk_test_account_b"}
+            )
+        moved = sum(stripe_server.totals().values())
+    assert refused.value.code is ViolationCode.CAP_EXCEEDED
+    assert moved == 1000
+    [budget] = gov.ledger.budgets()
+    assert budget.committed.amount >= moved
+
+
+def test_a_long_key_with_a_lone_surrogate_leaves_its_row(make_governor: MakeGov) -> None:
+    """Before, a key over 200 characters holding a lone surrogate failed to encode while
+    the request was read, and the attempt left no row."""
+    gov = make_governor(billing_policy())
+    with StripeUpstream() as stripe_server:
+        client = governed_client(
+            gov,
+            "sk_test_x",
+            agent="billing-agent",
+            max_network_retries=0,
+            base_addresses={"api": stripe_server.url},
+        )
+        key = "k" * 201 + "\ud800"
+        client.v1.payment_intents.create(
+            {"amount": 100, "currency": "usd", "payment_method": "pm_x"}, {"idempotency_key": key}
+        )
+    [row] = gov.audit.query()
+    assert row.outcome == "allowed"

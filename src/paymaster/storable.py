@@ -30,7 +30,7 @@ import hashlib
 import re
 from typing import Any, overload
 
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, String, Table
 
 from .schema import audit, audit_chain, budget, hold, proxy_replay, revocation, vault_key
 
@@ -143,19 +143,23 @@ def field(name: str, value: None) -> None: ...
 @overload
 def field(name: str, value: str | None) -> str | None: ...
 def field(name: str, value: str | None) -> str | None:
-    """The storable form of the text ``value`` of :data:`FIELDS` ``name``."""
-    return value if value is None else storable(value, _LIMITS[name])
+    """The storable form of the text ``value`` of :data:`FIELDS` ``name`` (a value that is
+    not text, given by mistake, is stored as its ``str``, so its attempt keeps its row)."""
+    return value if value is None else storable(str(value), _LIMITS[name])
 
 
 @functools.cache
-def _column_limits(table: Table) -> dict[str, int]:
-    return {column.name: limit_of(column) for column in table.c}
+def _text_limits(table: Table) -> dict[str, int]:
+    return {c.name: limit_of(c) for c in table.c if isinstance(c.type, String)}
 
 
 def row(table: Table, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` of a row of ``table`` with each text made storable in its column."""
-    limits = _column_limits(table)
+    """``values`` of a row of ``table`` with each text made storable in its column.
+
+    A value given for a text column that is not text (a vendor's numeric request id, say)
+    is stored as its ``str``: the row is written, and hashed, as it will be read back."""
+    limits = _text_limits(table)
     return {
-        name: storable(value, limits[name]) if isinstance(value, str) and name in limits else value
+        name: value if value is None or name not in limits else storable(str(value), limits[name])
         for name, value in values.items()
     }

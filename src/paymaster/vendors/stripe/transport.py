@@ -296,7 +296,7 @@ class GovernedHTTPClient(stripe.HTTPClient):
             subject = operation.subject_of(request)
         except InvalidStripeRequest as violation:
             self._refuse(violation, binding, request.path, request.method)
-        ledger_key, held = self._current_key(binding, _ledger_key(request, wire_key))
+        ledger_key, held = self._current_key(binding, _ledger_key(request, wire_key, headers))
         plan = _Plan(
             binding, request, operation, headers, wire_key, ledger_key, pricing_lookup,
             subject=subject, version=self.catalogue.stripe_version,
@@ -599,16 +599,27 @@ def _idempotency_key(headers: Mapping[str, str] | None) -> str | None:
         raise InvalidStripeRequest(
             "an Idempotency-Key must be 1-255 characters without surrounding spaces"
         )
-    return key
+    # From here on the key is the text the ledger stores (NUL and lone surrogates escaped),
+    # so every key and digest made of it is the ledger's, and none fails to encode.
+    return storable.field("idempotency_key", key)
 
 
-def _ledger_key(request: StripeRequest, wire_key: str | None) -> str | None:
+def _ledger_key(
+    request: StripeRequest, wire_key: str | None, headers: Mapping[str, str] | None
+) -> str | None:
     """The governed call's idempotency key: the client's key scoped to this exact request,
     so the same key on a different request is a different call (Stripe refuses it). A key
-    too long to store is hashed under another separator, so no two keys share one."""
+    too long to store is hashed under another separator, so no two keys share one.
+
+    The scope includes the API key the request is made with (only its digest is kept):
+    Stripe keeps idempotency keys per account, so the same key and body sent with another
+    account's API key is another charge at Stripe, and must be another hold here. (The
+    proxy adds its own API key after this, so for it the scope is the same for every
+    request, as its single upstream account is.)"""
     if request.method != "POST" or wire_key is None:
         return None
-    scope = request.fingerprint[:24]
+    authorization = _single_header(headers, "Authorization") or ""
+    scope = hashlib.sha256(f"{request.fingerprint}|{authorization}".encode()).hexdigest()[:24]
     if len(wire_key) <= 200:
         return f"{scope}:{wire_key}"
     return f"{scope}#{hashlib.sha256(wire_key.encode()).hexdigest()}"
@@ -656,7 +667,7 @@ def ledger_key_of(
         request = _parse(method, url, headers, body)
     except InvalidStripeRequest:
         return None
-    return _ledger_key(request, wire_key)
+    return _ledger_key(request, wire_key, headers)
 
 
 def _not_recorded(call: GovernedCall, response: Response) -> None:
