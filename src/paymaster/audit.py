@@ -116,6 +116,7 @@ def scrub(text: str | None) -> str | None:
     text is cut to :data:`MAX_ERROR_CHARS`, keeping the redacted text's digest)."""
     if text is None:
         return None
+    text = str(text)  # an exception or a code given where a message was expected
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return storable(text, MAX_ERROR_CHARS)

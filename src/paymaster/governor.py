@@ -579,6 +579,8 @@ class Governor:
             )
             raise violation
 
+        written: list[bool] = []
+
         def record(
             error: str | None = None,
             duration_ms: int | None = None,
@@ -586,6 +588,12 @@ class Governor:
             http_status: int | None = None,
             vendor_request_id: str | None = None,
         ) -> None:
+            if written:
+                raise RuntimeError(
+                    "record() was called already for this free call: each admitted call "
+                    "writes one audit row; admit the next call with free_call() again"
+                )
+            written.append(True)
             problem = row_number_problem(http_status=http_status, duration_ms=duration_ms)
             if problem is not None:
                 # The call was made: its row is written, saying what record() was given
