@@ -858,11 +858,18 @@ def check(report: SimReport, rec: Record, gov: Governor, movements: Sequence[Mov
     caused: dict[str, Movement] = {}
     for m in governed:
         key = client_key(m.idempotency_key or "")
-        headers = {"Idempotency-Key": key, "Content-Type": FORM}
-        ledger_key = ledger_key_of(m.method, m.path, headers, m.body)
+        # The ledger's key is scoped to the API key the governed request carried: a
+        # client's own (stripe-python's "Bearer ..."), or none for the proxy, whose
+        # upstream adds its key after governing.
+        ledger_keys = set()
+        for authorization in (f"Bearer {m.api_key}", None):
+            headers = {"Idempotency-Key": key, "Content-Type": FORM}
+            if authorization is not None:
+                headers["Authorization"] = authorization
+            ledger_keys.add(ledger_key_of(m.method, m.path, headers, m.body))
         found: list[Any] = []
         for agent, run in sorted(rec.key_runs.get(key, set())):
-            if ledger_key is not None:
+            for ledger_key in sorted(k for k in ledger_keys if k is not None):
                 found += by_key.get((ledger_key, agent, run), [])
         for h in found:
             caused.setdefault(h.id, m)
