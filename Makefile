@@ -10,7 +10,7 @@ VENV := .venv
 SYNCED := $(VENV)/.synced
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench soak clean
+.PHONY: demo test lint bench soak dist clean
 
 $(TOOLS)/bin/uv:
 	python3 -m venv $(TOOLS)
@@ -42,5 +42,12 @@ soak: $(SYNCED)
 	$(PY) tests/vendor_sim.py
 	$(PY) tests/stripe_sim.py
 
+# The three wheels and sdists (paymaster and both adapters) into dist/, for plain pip:
+#   pip install dist/paymaster-*.whl dist/paymaster_openai_agents-*.whl
+dist: | $(UV)
+	rm -rf dist
+	$(UV) build --quiet --all-packages -o dist
+	@ls dist
+
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) dist .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,8 @@
 
 from typing import TYPE_CHECKING, Any
 
+from paymaster._extras import requires
+
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from .govern import GovernedTool, PaymasterMiddleware, govern_tools, run_id_of
 
@@ -28,7 +30,8 @@ def __getattr__(name: str) -> Any:
     # Imported on first use: the Stripe toolkit needs ``stripe``; governing your own
     # tools does not.
     if name == "PaymasterStripeToolkit":
-        from .stripe import PaymasterStripeToolkit
+        with requires("stripe", "PaymasterStripeToolkit", package="paymaster-langchain"):
+            from .stripe import PaymasterStripeToolkit
 
         return PaymasterStripeToolkit
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

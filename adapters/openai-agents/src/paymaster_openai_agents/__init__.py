@@ -7,6 +7,8 @@
 
 from typing import TYPE_CHECKING, Any
 
+from paymaster._extras import requires
+
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from ._runs import run_id_of, run_id_of_result, run_policy_of
 from .govern import govern_tool, govern_tools, governed_function_tool
@@ -31,7 +33,8 @@ def __getattr__(name: str) -> Any:
     # Imported on first use: the Stripe tools need ``stripe``; governing your own tools
     # does not.
     if name == "stripe_tools":
-        from .stripe import stripe_tools
+        with requires("stripe", "stripe_tools", package="paymaster-openai-agents"):
+            from .stripe import stripe_tools
 
         return stripe_tools
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
