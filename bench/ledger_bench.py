@@ -16,6 +16,9 @@
 5. The governing proxy's added latency against calling localstripe directly, and the time
    from a revoke to the first refused request (bench_proxy.py; its counts:
    ``PAYMASTER_BENCH_PROXY_CALLS``, ``_WARMUP``, ``_ROUNDS``, ``_REVOKES``).
+6. Start-up time: the median of 7 fresh processes of ``python -c "import paymaster"`` and
+   of ``paymaster --help``, against the issue's targets (startup_bench.py; also with
+   ``--quick``).
 
 PostgreSQL: ``--pg-url`` / ``PAYMASTER_BENCH_PG_URL`` / ``PAYMASTER_TEST_POSTGRES_URL``,
 default ``postgresql+psycopg://root@127.0.0.1:5432/test``; every scenario runs in a
@@ -52,6 +55,7 @@ from bench_scenarios import (
 )
 from bench_stripe import stripe_section
 from rich.console import Console
+from startup_bench import startup_section
 
 
 def postgres_facts(config: Config, progress: Console) -> dict[str, str] | None:
@@ -96,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_naive(console, naive, hot, config)
     stripe_section(config, console, progress)
     proxy_section(config, console, progress)
+    startup_section(console, progress)
     print_targets(console, latency, hot, spread, naive)
     console.print(f"\nTotal wall time: {time.perf_counter() - started:.1f} s", highlight=False)
     return 0

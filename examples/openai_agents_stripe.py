@@ -53,7 +53,6 @@ def the_model(intent: str) -> Model | str:
     """A real model with an API key; otherwise one that refunds $20.00, then $30.00."""
     if os.environ.get("OPENAI_API_KEY"):
         return "gpt-4.1-mini"
-    set_tracing_disabled(True)
     return ScriptedModel([
         [function_call("create_refund", {"payment_intent": intent, "amount": amount,
                                          "reason": None}, call_id=f"call_{amount}")]
@@ -66,6 +65,7 @@ def main() -> None:
     parser.add_argument("--payment-intent", help="the PaymentIntent to refund (real Stripe)")
     parser.add_argument("--db", help="the SQLite ledger file to keep (default: a temporary one)")
     args = parser.parse_args()
+    set_tracing_disabled(not os.environ.get("OPENAI_API_KEY"))  # no key: no trace export
     with (
         stripe_and_payment(args.payment_intent) as (client, intent),
         tempfile.TemporaryDirectory() as tmp,

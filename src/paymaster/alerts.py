@@ -41,8 +41,6 @@ import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -320,6 +318,9 @@ class WebhookSink:
         return int(self._client.post(self.url, content=body, headers=self.headers).status_code)
 
     def _post_urllib(self, body: bytes) -> int:
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")  # noqa: S310 - scheme checked in __init__
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310

@@ -22,7 +22,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import statements as S
+from ._outcome import Outcome
 from .db import read_only
 from .money import Money
 from .schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
@@ -62,22 +62,6 @@ _SECRETS = [
     (re.compile(r"(?i)bearer\s+[A-Za-z0-9._\-]{8,}"), "Bearer [redacted]"),
     (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[redacted number]"),
 ]
-
-
-class Outcome(str, Enum):
-    ALLOWED = "allowed"
-    FAILED = "failed"
-    ERRORED = "errored"
-    DENIED = "denied"
-    UNKNOWN = "unknown"
-    RECONCILED = "reconciled"
-    OVERRUN = "overrun"
-    """Settled above its reservation: recorded as spent, its budgets frozen."""
-    ACKNOWLEDGED = "acknowledged"
-    """An operator acknowledged an overrun, unfreezing its budgets."""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _outcome(value: str | Outcome) -> str:

@@ -13,18 +13,18 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from ._extras import requires
 from .errors import GovernanceUnavailable, SchemaVersionError
+
+if TYPE_CHECKING:  # alembic is imported by the functions that need it (start-up time)
+    from alembic.config import Config
 
 __all__ = [
     "SQLiteSync",
@@ -62,7 +62,13 @@ def connect(
 ) -> Engine:
     """Create an engine configured for the ledger's transactions."""
     url = normalise_url(url)
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(
+            f"{url!r} is not a database URL: for a SQLite file write "
+            f"'sqlite:///{url}', for PostgreSQL 'postgresql+psycopg://user@host/db'"
+        ) from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise ValueError(
@@ -79,15 +85,16 @@ def connect(
         _CONFIGURED.add(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(
-            parsed,
-            pool_size=pool_size,
-            max_overflow=pool_size * 2,
-            # No pre-ping (a round trip per transaction): a transaction that meets a dead
-            # pooled connection fails before anything is written, the pool is invalidated,
-            # and the ledger retries it once on a fresh connection.
-            connect_args={"connect_timeout": connect_timeout_s},
-        )
+        with requires("postgres", "a PostgreSQL ledger"):
+            return create_engine(
+                parsed,
+                pool_size=pool_size,
+                max_overflow=pool_size * 2,
+                # No pre-ping (a round trip per transaction): a transaction that meets a
+                # dead pooled connection fails before anything is written, the pool is
+                # invalidated, and the ledger retries it once on a fresh connection.
+                connect_args={"connect_timeout": connect_timeout_s},
+            )
     raise ValueError(
         f"unsupported ledger database {parsed.get_backend_name()!r}: "
         "use 'sqlite:///path.db' or 'postgresql+psycopg://user@host/db'"
@@ -154,6 +161,8 @@ def is_configured(engine: Engine) -> bool:
 
 
 def _alembic_config(conn: Connection) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(files("paymaster") / "migrations"))
     config.attributes["connection"] = conn
@@ -167,6 +176,10 @@ def ensure_schema(engine: Engine, *, upgrade: bool = True) -> str:
     a transaction-scoped advisory lock on PostgreSQL, for the DDL only). A database at a
     revision this version does not know (written by a newer paymaster) is refused.
     """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     consequence = "so nothing can be governed"
     with unavailable_on_error(engine, "checking the schema", consequence), engine.connect() as conn:
         with conn.begin():

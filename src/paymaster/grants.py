@@ -18,9 +18,6 @@ from __future__ import annotations
 import unicodedata
 from importlib.resources import files
 
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-
 from .schema import (
     alert,
     audit,
@@ -118,6 +115,9 @@ def _check_name(what: str, name: str) -> None:
 
 
 def _head() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     config = Config()
     config.set_main_option("script_location", str(files("paymaster") / "migrations"))
     head = ScriptDirectory.from_config(config).get_current_head()

@@ -12,16 +12,16 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from importlib.resources import files
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, Select, func, select
 
 from .audit import AuditFilter, AuditRecord
 from .db import ensure_schema, read_only
 from .schema import AUDIT_RECORD_COLUMNS, audit
+
+if TYPE_CHECKING:  # alembic is imported by the functions that need it (start-up time)
+    from alembic.script import ScriptDirectory
 
 __all__ = [
     "EXPORT_FIELDS",
@@ -57,6 +57,9 @@ class SchemaState:
 
 
 def _script() -> ScriptDirectory:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     config = Config()
     config.set_main_option("script_location", str(files("paymaster") / "migrations"))
     return ScriptDirectory.from_config(config)
@@ -67,6 +70,8 @@ def schema_state(engine: Engine) -> SchemaState:
     script = _script()
     head = script.get_current_head()
     assert head is not None
+    from alembic.runtime.migration import MigrationContext
+
     with read_only(engine) as conn:
         current = MigrationContext.configure(conn).get_current_revision()
     known = current is None or current in {rev.revision for rev in script.walk_revisions()}

@@ -10,17 +10,22 @@ from contextlib import contextmanager
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
-from sqlalchemy import Engine
 
-from ..audit import AuditLog, AuditRecord, Checkpoint, CheckpointError, Outcome, load_key
+from .._outcome import Outcome
 from ..errors import GovernanceUnavailable
-from ..operations import AuditFilter, AuditFollower, export_audit, latest_audit
-from .output import audit_json, audit_line, audit_table, console, echo_json
+from .output import audit_json, audit_line, audit_table, console, echo_json, plural
 from .params import DEFAULT_DB, DbOption, JsonOption, parse_time
 from .runtime import EXIT_PROBLEM, hooks, open_database
+
+# The audit log's modules (SQLAlchemy) are imported inside the commands (start-up time).
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from ..audit import AuditRecord
+    from ..operations import AuditFilter
 
 __all__ = ["app"]
 
@@ -43,6 +48,7 @@ class Format(str, Enum):
 def _follow(engine: Engine, where: AuditFilter, limit: int, as_json: bool, interval: float,
             iterations: int | None) -> None:  # fmt: skip
     """Print the newest rows, then every new row as it appears, one per line."""
+    from ..operations import AuditFollower
 
     def emit(records: list[AuditRecord]) -> None:
         for r in records:
@@ -89,6 +95,8 @@ def tail(
     With --json, one JSON document; with --follow, every new row as it appears (one JSON
     object per line with --json).
     """
+    from ..operations import AuditFilter, latest_audit
+
     chosen = None if outcome is None else outcome.value
     where = AuditFilter(run=run, agent=agent, vendor=vendor, outcome=chosen, since=since)
     with open_database(db) as engine:
@@ -99,7 +107,7 @@ def tail(
     if as_json:
         echo_json([audit_json(r) for r in records])
     else:
-        console().print(audit_table(records, title=f"{len(records)} newest audit rows"))
+        console().print(audit_table(records, title=plural(len(records), "newest audit row")))
 
 
 @contextmanager
@@ -135,6 +143,9 @@ def export(
     Rows come in id order; amounts are integers in minor units with their currency. With
     --output the file is replaced only once the export is complete.
     """
+    from ..audit import AuditLog
+    from ..operations import export_audit
+
     if since is not None and until is not None and until <= since:
         raise typer.BadParameter("--until must be after --since", param_hint="'--until'")
     if output is not None and not output.parent.is_dir():
@@ -143,7 +154,7 @@ def export(
         records = AuditLog(engine).iter_records(since=since, until=until)
         count = export_audit(records, fmt.value, out)
     if output is not None:
-        typer.echo(f"exported {count} audit rows to {output}")
+        typer.echo(f"exported {plural(count, 'audit row')} to {output}")
 
 
 CheckpointFile = Annotated[
@@ -169,6 +180,8 @@ KeyFile = Annotated[
 
 
 def _key(key_file: Path | None) -> bytes | None:
+    from ..audit import CheckpointError, load_key
+
     if key_file is None:
         return None
     try:
@@ -195,6 +208,8 @@ def checkpoint(
     or rewritten, even with every hash recomputed. Run verify first: a checkpoint vouches
     for the log as it is.
     """
+    from ..audit import AuditLog
+
     key = _key(key_file)
     if output is not None and not output.parent.is_dir():
         raise typer.BadParameter(f"{output.parent} is not a directory", param_hint="'--output'")
@@ -204,7 +219,7 @@ def checkpoint(
         out.write(made.to_json())
     if output is not None:
         signed = "signed" if key is not None else "unsigned"
-        typer.echo(f"{signed} checkpoint of {len(made.heads)} chains written to {output}")
+        typer.echo(f"{signed} checkpoint of {plural(len(made.heads), 'chain')} written to {output}")
 
 
 @app.command()
@@ -220,6 +235,8 @@ def verify(
     With --checkpoint, also check the log against a checkpoint kept outside the database;
     with --key-file, the checkpoint's signature too.
     """
+    from ..audit import AuditLog, Checkpoint, CheckpointError
+
     key = _key(key_file)
     if key is not None and checkpoint_file is None:
         raise typer.BadParameter("--key-file checks a --checkpoint", param_hint="'--key-file'")
@@ -250,10 +267,11 @@ def verify(
             signed = " (signed)" if key is not None else ""
             against = (
                 f"; the checkpoint{signed} of {saved.created_at.isoformat()} holds for its "
-                f"{len(saved.heads)} chains"
+                f"{plural(len(saved.heads), 'chain')}"
             )
         typer.echo(
-            f"ok: {result.rows_checked} audit rows checked in {result.chains} chains{against}"
+            f"ok: {plural(result.rows_checked, 'audit row')} checked in "
+            f"{plural(result.chains, 'chain')}{against}"
         )
     else:
         where = (
@@ -261,7 +279,8 @@ def verify(
             if result.first_bad_id is not None
             else ""
         )
-        typer.echo(f"TAMPERED: {where}{result.reason} ({result.rows_checked} rows checked)")
+        checked = plural(result.rows_checked, "row")
+        typer.echo(f"TAMPERED: {where}{result.reason} ({checked} checked)")
         for problem in result.problems[1:]:
             row = f" (audit row {problem.row_id})" if problem.row_id is not None else ""
             typer.echo(f"  also: {problem.reason}{row}")

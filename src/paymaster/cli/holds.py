@@ -4,17 +4,29 @@ reconciliation, and overruns awaiting acknowledgement."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import HoldAlreadyResolved
-from ..ledger import Hold
-from ..money import Money
-from .output import console, echo_json, fmt_age, fmt_money, fmt_time, money_json, time_json
+from .output import (
+    console,
+    echo_json,
+    fmt_age,
+    fmt_money,
+    fmt_time,
+    money_json,
+    plural,
+    time_json,
+)
 from .params import DEFAULT_DB, DbOption, JsonOption, parse_duration
 from .runtime import hooks, open_governor
+
+# Imported inside the commands that need them (start-up time).
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..ledger import Hold
 
 __all__ = ["app", "hold_json", "holds_table"]
 
@@ -38,6 +50,8 @@ def hold_json(h: Hold) -> dict[str, Any]:
 
 
 def holds_table(holds: list[Hold], title: str) -> Table:
+    from rich.table import Table
+
     now = hooks.now()
     table = Table(title=title, title_justify="left")
     for name in ("hold", "state", "agent", "run", "call", "customer", "estimate", "created",
@@ -87,11 +101,13 @@ def list_holds(
     if overruns:
         console().print(overruns_table(holds))
         return
-    console().print(holds_table(holds, f"{len(holds)} unresolved holds"))
+    console().print(holds_table(holds, plural(len(holds), "unresolved hold")))
 
 
 def overruns_table(holds: list[Hold]) -> Table:
-    title = f"{len(holds)} overrun{'' if len(holds) == 1 else 's'} awaiting acknowledgement"
+    from rich.table import Table
+
+    title = f"{plural(len(holds), 'overrun')} awaiting acknowledgement"
     table = Table(title=title, title_justify="left")
     for name in ("hold", "agent", "run", "call", "estimate", "actual", "over", "settled"):
         table.add_column(name, overflow="fold")
@@ -171,6 +187,8 @@ def resolve(
     as_json: JsonOption = False,
 ) -> None:
     """Settle or release a pending or unknown hold, once. A second resolve exits 1."""
+    from ..money import Money
+
     if (settle is None) == (not release):
         raise typer.BadParameter(
             "give exactly one of --settle AMOUNT or --release",

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ..db import describe
-from ..operations import upgrade_schema
 from .params import DEFAULT_DB, DEFAULT_POLICIES, DbOption, PoliciesFile
 from .runtime import EXIT_USAGE, fail, open_database
 
@@ -52,6 +50,9 @@ def init(
     Refuses to overwrite an existing policy file. The database is created (or upgraded to
     this version's schema) first, so a failure leaves no policy file behind.
     """
+    from ..db import describe
+    from ..operations import upgrade_schema
+
     if policies.suffix.lower() not in (".yaml", ".yml"):
         fail(f"{policies}: init writes YAML, so name the file .yaml or .yml", EXIT_USAGE)
     if policies.exists():

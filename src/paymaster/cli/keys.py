@@ -7,19 +7,19 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import PolicyViolation
-from ..governor import _who
-from ..loading import load_policies, load_run_policy
-from ..policy import RunPolicy, effective_policy
-from ..vault import KEY_PREFIX, UNKNOWN_KEY, AuthFailure, VaultKey, VaultKeys
-from .output import console, echo_json, fmt_time, time_json
+from .output import console, echo_json, fmt_time, plural, time_json
 from .params import DEFAULT_DB, POLICIES_ENV, DbOption, JsonOption, parse_duration, parse_time
 from .runtime import fail, hooks, open_database
+
+# Imported inside the commands that need them (start-up time).
+if TYPE_CHECKING:
+    from ..policy import RunPolicy
+    from ..vault import AuthFailure, VaultKey
 
 __all__ = ["app"]
 
@@ -32,6 +32,8 @@ ByOption = Annotated[str | None, typer.Option("--by", help="Who (default: the OS
 
 
 def key_json(key: VaultKey) -> dict[str, Any]:
+    from ..vault import KEY_PREFIX
+
     return {
         "id": f"{KEY_PREFIX}{key.id}", "agent": key.agent, "run": key.run,
         "run_policy": None if key.run_policy is None
@@ -44,6 +46,8 @@ def key_json(key: VaultKey) -> dict[str, Any]:
 
 
 def failure_json(failure: AuthFailure) -> dict[str, Any]:
+    from ..vault import KEY_PREFIX, UNKNOWN_KEY
+
     return {
         "key": failure.key_id if failure.key_id == UNKNOWN_KEY else f"{KEY_PREFIX}{failure.key_id}",
         "reason": failure.reason,
@@ -71,6 +75,9 @@ def _expiry(text: str) -> datetime:
 def _check_against(policies: Path, agent: str, run_policy: RunPolicy | None) -> None:
     """The agent type must have a Stripe policy, and the run policy must narrow it: a key
     that every request would be refused with is refused now instead."""
+    from ..loading import load_policies
+    from ..policy import effective_policy
+
     try:
         policy = load_policies(policies).require(agent, "stripe")
     except PolicyViolation as violation:
@@ -118,6 +125,10 @@ def create(
     as_json: JsonOption = False,
 ) -> None:
     """Make a vault key and print it, once. Only its digest is stored."""
+    from ..governor import _who
+    from ..loading import load_run_policy
+    from ..vault import KEY_PREFIX, VaultKeys
+
     if not agent.strip():
         raise typer.BadParameter("must not be empty", param_hint="'--agent'")
     if run is not None and not run.strip():
@@ -151,13 +162,17 @@ def list_keys(
     as_json: JsonOption = False,
 ) -> None:
     """List vault keys, newest first (never their secrets)."""
+    from rich.table import Table
+
+    from ..vault import KEY_PREFIX, VaultKeys
+
     with open_database(db) as engine:
         keys = VaultKeys(engine, hooks.now).list(include_revoked=include_revoked)
     if as_json:
         echo_json([key_json(k) for k in keys])
         return
     now = hooks.now()
-    table = Table(title=f"{len(keys)} vault keys", title_justify="left")
+    table = Table(title=plural(len(keys), "vault key"), title_justify="left")
     for name in ("key", "state", "agent", "run", "run policy", "expires", "created", "label"):
         table.add_column(name, overflow="fold")
     for k in keys:
@@ -178,6 +193,9 @@ def revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Revoke a vault key for good: every proxy refuses its next request."""
+    from ..governor import _who
+    from ..vault import KEY_PREFIX, VaultKeys
+
     if not reason.strip():
         raise typer.BadParameter("must say why", param_hint="'--reason'")
     with open_database(db) as engine:
@@ -207,13 +225,17 @@ def failures(
     key's id with a wrong secret), expired, revoked. Keys that do not exist are counted
     together as 'unknown'.
     """
+    from rich.table import Table
+
+    from ..vault import VaultKeys
+
     with open_database(db) as engine:
         counted = VaultKeys(engine, hooks.now).failures(key_id)
     if as_json:
         echo_json([failure_json(f) for f in counted])
         return
     total = sum(f.count for f in counted)
-    table = Table(title=f"{total} failed authentications", title_justify="left")
+    table = Table(title=plural(total, "failed authentication"), title_justify="left")
     for name in ("key", "reason", "count", "first", "last"):
         table.add_column(name, overflow="fold")
     for f in counted:

@@ -10,13 +10,15 @@ import json
 import os
 import sys
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+# Rich and the ledger's modules are imported by the functions that use them (start-up time).
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
-from ..audit import AuditRecord
-from ..money import Money
+    from ..audit import AuditRecord
+    from ..money import Money
 
 __all__ = [
     "audit_json",
@@ -28,6 +30,7 @@ __all__ = [
     "fmt_money",
     "fmt_time",
     "money_json",
+    "plural",
     "time_json",
 ]
 
@@ -43,10 +46,18 @@ def console() -> Console:
     Written to a pipe or a file, tables are laid out :data:`PIPE_WIDTH` wide (or ``COLUMNS``)
     rather than squeezed into 80 columns.
     """
+    from rich.console import Console
+
     out = Console(file=sys.stdout, highlight=False, markup=False, emoji=False, soft_wrap=False)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out.width = PIPE_WIDTH
     return out
+
+
+def plural(count: int, singular: str, plural: str | None = None) -> str:
+    """``count`` and the noun that agrees with it: ``1 audit row``, ``2 audit rows``,
+    ``1 valid policy`` (``plural`` when adding an "s" is wrong: "valid policies")."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
 def echo_json(document: Any) -> None:
@@ -93,6 +104,8 @@ def _text(value: object) -> str:
 
 def audit_json(record: AuditRecord) -> dict[str, Any]:
     """One audit row for JSON output, with its amounts as money objects."""
+    from ..money import Money
+
     data = record.to_dict()
     data["at"] = time_json(record.at)
     currency = record.currency
@@ -117,6 +130,8 @@ def _audit_cells(record: AuditRecord) -> list[str]:
 
 def audit_table(records: list[AuditRecord], title: str | None = None) -> Table:
     """Audit rows as a table, in the order given."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name in AUDIT_COLUMNS:
         table.add_column(name, overflow="fold", justify="right" if name == "cost" else "left")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import PolicyError
-from ..loading import load_policies, load_run_policy
-from ..money import Money
-from ..policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
-from .output import console, echo_json, fmt_money, fmt_time, money_json, time_json
+from .output import console, echo_json, fmt_money, fmt_time, money_json, plural, time_json
 from .params import POLICIES_ENV, JsonOption
 from .runtime import fail
+
+# Imported inside the commands that need them (start-up time).
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..money import Money
+    from ..policy import EffectivePolicy, Policy, PolicySet, RunPolicy
 
 __all__ = ["app"]
 
@@ -52,6 +55,8 @@ def _effective_json(policy: EffectivePolicy) -> dict[str, Any]:
 
 
 def _policies_table(policies: PolicySet, title: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name in ("id", "agent", "vendor", "currency", "daily cap", "per-call cap",
                  "calls/day", "endpoints", "methods", "customers", "expiry"):  # fmt: skip
@@ -69,11 +74,13 @@ def _policies_table(policies: PolicySet, title: str) -> Table:
 def _cap(money: Money | None, calls: int | None) -> str:
     parts = [money.format()] if money is not None else []
     if calls is not None:
-        parts.append(f"{calls} calls")
+        parts.append(plural(calls, "call"))
     return " / ".join(parts) or "none"
 
 
 def _effective_table(effective: list[EffectivePolicy], title: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name in ("policy", "agent", "vendor", "daily cap", "per-call cap", "run budget",
                  "endpoints (all must allow)", "methods", "customers (all must allow)",
@@ -100,6 +107,8 @@ def _matching(policies: PolicySet, run_policy: RunPolicy) -> list[Policy]:
 
 
 def _narrow(policy: Policy, run_policy: RunPolicy, run_file: Path) -> EffectivePolicy:
+    from ..policy import effective_policy
+
     try:
         return effective_policy(policy, run_policy)
     except PolicyError as exc:
@@ -122,6 +131,8 @@ def check(
     Exits 1 if the file is invalid, naming the file, the policy and the field. With --run,
     also shows the effective policy of that run policy against each policy it applies to.
     """
+    from ..loading import load_policies, load_run_policy
+
     policies = load_policies(file)
     effective: list[EffectivePolicy] | None = None
     if run is not None:
@@ -142,6 +153,7 @@ def check(
         echo_json(document)
         return
     out = console()
-    out.print(_policies_table(policies, f"{file}: {len(policies)} valid policies"))
+    valid = plural(len(policies), "valid policy", "valid policies")
+    out.print(_policies_table(policies, f"{file}: {valid}"))
     if effective is not None:
         out.print(_effective_table(effective, f"effective with run policy {run}"))

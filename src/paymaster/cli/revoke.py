@@ -3,15 +3,18 @@ ledger at once (the revocation is checked inside every reserve transaction)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..ledger import Revocation
-from .output import echo_json, fmt_time
+from .output import echo_json, fmt_time, plural
 from .params import DEFAULT_DB, DbOption, JsonOption
 from .runtime import open_governor
 from .status import revocation_json
+
+# Imported inside the commands that need them (start-up time).
+if TYPE_CHECKING:
+    from ..ledger import Revocation
 
 __all__ = ["restore", "revoke"]
 
@@ -92,7 +95,7 @@ def restore(
                    "active": [revocation_json(r) for r in active]})  # fmt: skip
         return
     if lifted:
-        typer.echo(f"restored {what}: lifted {lifted} revocation(s)")
+        typer.echo(f"restored {what}: lifted {plural(lifted, 'revocation')}")
     else:
         typer.echo(f"nothing to restore: no active revocation of {what}")
     for r in active:

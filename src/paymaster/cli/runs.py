@@ -5,10 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from ..audit import AuditLog
-from ..operations import AuditFilter, latest_audit
 from .holds import hold_json, holds_table
 from .output import audit_json, audit_table, console, echo_json, fmt_time, money_json, time_json
 from .params import DEFAULT_DB, DbOption, JsonOption
@@ -27,6 +24,11 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a run: calls per outcome, spend per currency, unresolved holds, its calls."""
+    from rich.table import Table
+
+    from ..audit import AuditLog
+    from ..operations import AuditFilter, latest_audit
+
     with open_governor(db) as gov:
         summary = gov.audit.run_summary(run)
         if not summary.outcomes:

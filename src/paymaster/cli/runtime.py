@@ -9,21 +9,18 @@ unusable.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
-from ..db import connect, describe, normalise_url
 from ..errors import (
     GovernanceUnavailable,
     HoldAlreadyResolved,
@@ -31,9 +28,13 @@ from ..errors import (
     PolicyError,
     SchemaVersionError,
 )
-from ..governor import Governor
-from ..operations import schema_state
-from ..vault import VaultKeyError
+
+# The ledger's modules (SQLAlchemy, alembic) are imported inside the functions that need
+# them: `paymaster --help` and the policy commands never load them (start-up time).
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from ..governor import Governor
 
 __all__ = [
     "EXIT_PROBLEM",
@@ -75,20 +76,53 @@ def fail(message: str, code: int = EXIT_PROBLEM) -> NoReturn:
 
 class PaymasterGroup(TyperGroup):
     """The root command: maps paymaster's exceptions raised by any subcommand to a message
-    on stderr and an exit code (see the module docstring)."""
+    on stderr and an exit code (see the module docstring), and shows every command's
+    boolean flags as flags in ``--help`` (:func:`_plain_flags`)."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        _plain_flags(self)  # here, once Typer has added its completion options too
+        return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except (GovernanceUnavailable, SchemaVersionError) as exc:
             fail(str(exc), EXIT_UNAVAILABLE)
-        except (PolicyError, HoldNotFound, HoldAlreadyResolved, VaultKeyError) as exc:
+        except (PolicyError, HoldNotFound, HoldAlreadyResolved) as exc:
             fail(str(exc), EXIT_PROBLEM)
-        except ValueError as exc:  # bad amounts, currencies, reasons: the input to fix
-            fail(str(exc), EXIT_USAGE)
+        except Exception as exc:
+            if _is_vault_key_error(exc):
+                fail(str(exc), EXIT_PROBLEM)
+            if isinstance(exc, ValueError):  # bad amounts, currencies, reasons: to fix
+                fail(str(exc), EXIT_USAGE)
+            raise
+
+
+def _plain_flags(command: Any) -> None:
+    """Typer's Rich help gives a boolean flag its type, ``--json <bool>``, as if it took a
+    value (``--json true`` is refused): an empty metavar shows it as the flag it is. For
+    ``command``, its help option and every subcommand under it."""
+    ctx = typer.Context(command, **command.context_settings)
+    for param in command.get_params(ctx):  # with the help option, created and kept here
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+
+
+def _is_vault_key_error(exc: Exception) -> bool:
+    """Only a loaded :mod:`paymaster.vault` raises its errors: no need to import it."""
+    vault = sys.modules.get("paymaster.vault")
+    return vault is not None and isinstance(exc, vault.VaultKeyError)
 
 
 def _engine(url: str) -> Engine:
+    from sqlalchemy.exc import ArgumentError
+
+    from ..db import connect, normalise_url
+
     try:
         return connect(normalise_url(url))
     except (ArgumentError, ValueError) as exc:
@@ -102,6 +136,11 @@ def _engine(url: str) -> Engine:
 
 
 def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from ..db import normalise_url
+
     try:
         parsed = make_url(normalise_url(url))
     except ArgumentError:
@@ -135,6 +174,9 @@ def open_database(url: str, *, create: bool = False, check_schema: bool = True) 
 
 
 def _require_head(engine: Engine) -> None:
+    from ..db import describe
+    from ..operations import schema_state
+
     state = schema_state(engine)
     if state.is_head:
         return
@@ -158,6 +200,8 @@ def _require_head(engine: Engine) -> None:
 def open_governor(url: str) -> Iterator[Governor]:
     """A :class:`Governor` for operations on the ledger at ``url`` (no policies are needed
     to revoke, restore or resolve holds)."""
+    from ..governor import Governor
+
     with open_database(url) as engine:
         governor = Governor(engine, policies=[], clock=hooks.now, upgrade_schema=False)
         try:

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Group, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from ..errors import GovernanceUnavailable
-from ..governor import Governor
-from ..ledger import BudgetStatus, Revocation
-from ..loading import load_policies
-from ..money import Money
-from ..policy import PolicySet
 from .output import console, echo_json, fmt_money, fmt_time, money_json, time_json
 from .params import DEFAULT_DB, POLICIES_ENV, DbOption, JsonOption, parse_day
 from .runtime import hooks, open_governor
+
+# Imported inside the commands that need them (start-up time).
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from ..governor import Governor
+    from ..ledger import BudgetStatus, Revocation
+    from ..policy import PolicySet
 
 __all__ = ["Snapshot", "render_status", "status", "take_snapshot"]
 
@@ -41,6 +40,9 @@ def _unused(
     policies: PolicySet | None, budgets: list[BudgetStatus], day: date
 ) -> list[BudgetStatus]:
     """Budgets of policies nothing has spent against yet that day (no ledger row)."""
+    from ..ledger import BudgetStatus
+    from ..money import Money
+
     if policies is None:
         return []
     seen = {(b.agent, b.vendor, b.committed.currency) for b in budgets if b.kind == "daily"}
@@ -89,6 +91,10 @@ def _usage(b: BudgetStatus) -> tuple[int, int] | None:
 
 
 def _bar(b: BudgetStatus) -> RenderableType:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     usage = _usage(b)
     if usage is None:
         return Text("no cap")
@@ -104,6 +110,9 @@ def _bar(b: BudgetStatus) -> RenderableType:
 
 def render_status(snapshot: Snapshot) -> RenderableType:
     """The budgets table (a bar per budget) and the active revocations."""
+    from rich.console import Group
+    from rich.table import Table
+
     table = Table(
         title=f"budgets for {snapshot.day.isoformat()} (UTC), as of {fmt_time(snapshot.at)}",
         title_justify="left",
@@ -166,19 +175,41 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
 
 def _watch(gov: Governor, day: date | None, policies: PolicySet | None, interval: float,
            iterations: int | None) -> None:  # fmt: skip
+    """Refresh in place on a terminal. Elsewhere (a pipe, a file, a log), where a Rich Live
+    would print nothing until it stops, print each refresh after the last."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    out = console()
     last = render_status(take_snapshot(gov, day, policies))
+    live = Live(last, console=out, auto_refresh=False) if out.is_terminal else None
+
+    def show(warning: str | None = None) -> None:
+        if live is not None:
+            shown = last if warning is None else Group(Text(warning, style="bold red"), last)
+            live.update(shown, refresh=True)
+        elif warning is not None:
+            typer.echo(f"Warning: {warning}", err=True)
+        else:
+            out.print()
+            out.print(last)
+
+    if live is None:
+        out.print(last)
     done = 0
-    with Live(last, console=console(), auto_refresh=False) as live:
+    with ExitStack() as stack:
+        if live is not None:
+            stack.enter_context(live)
         try:
             while iterations is None or done < iterations:
                 hooks.sleep(interval)
                 done += 1
                 try:
                     last = render_status(take_snapshot(gov, day, policies))
-                    live.update(last, refresh=True)
+                    show()
                 except GovernanceUnavailable as exc:  # keep watching through an outage
-                    warning = Text(f"database unavailable, retrying: {exc}", style="bold red")
-                    live.update(Group(warning, last), refresh=True)
+                    show(f"database unavailable, retrying: {exc}")
         except KeyboardInterrupt:
             pass
 
@@ -202,7 +233,13 @@ def status(
             help="Also list policies with nothing spent yet that day.",
         ),
     ] = None,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Refresh in place until Ctrl-C (not on a terminal: print each refresh).",
+        ),
+    ] = False,
     interval: Annotated[
         float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")
     ] = 2.0,
@@ -212,6 +249,8 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Show one UTC day's budgets: cap, settled, pending, remaining, calls, a bar each."""
+    from ..loading import load_policies
+
     if watch and as_json:
         raise typer.BadParameter("--json prints one document; it cannot --watch",
                                  param_hint="'--json'")  # fmt: skip
