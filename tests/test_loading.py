@@ -152,17 +152,18 @@ def test_empty_policies_list_loads_an_empty_set(tmp_path: Path) -> None:
     assert len(load_policies(write(tmp_path, "p.yaml", "policies: []\n"))) == 0
 
 
-def test_yaml_float_cap_is_read_as_typed_not_as_binary_float(tmp_path: Path) -> None:
-    text = ONE_YAML_POLICY.replace('"100.00"', "0.3")
-    policy = next(iter(load_policies(write(tmp_path, "p.yaml", text))))
-    assert policy.daily_cap == Money(30, "USD")
+def test_yaml_float_cap_is_refused_not_read_as_binary_float(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.yaml", ONE_YAML_POLICY.replace('"100.00"', "0.3"))
+    message = load_error(path)
+    assert message.startswith(f"{path}: policy #1 (refunds): field 'daily_cap'")
+    assert 'quote it, as in daily_cap: "0.30"' in message
 
 
 def test_blog_shape_loads_from_yaml(tmp_path: Path) -> None:
     text = """\
 - agent_id: a
   vendor: stripe
-  daily_usd_cap: 100.0
+  daily_usd_cap: "100.00"
   allowed_endpoints: [/v1/refunds]
   allowed_customer_ids: [cus_1]
   expires_at: 2030-01-01T00:00:00Z

@@ -135,7 +135,8 @@ class GovernanceUnavailable(PaymasterError):
 
 
 class PolicyError(PaymasterError, ValueError):
-    """A policy, run policy or policy file is invalid; the message names where and what."""
+    """A policy, run policy or policy file is invalid, or an agent type given when tools are
+    wrapped is one no policy names; the message names where and what."""
 
 
 class SchemaVersionError(PaymasterError):

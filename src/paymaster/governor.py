@@ -340,6 +340,13 @@ class Governor:
         self.close()
 
     # -- the call path -------------------------------------------------------------------
+    def check_agent(self, agent: str) -> str:
+        """``agent`` if a policy names it as its agent type, else a
+        :class:`~paymaster.errors.PolicyError` listing the agent types the policies know
+        (with the nearest as a suggestion); see :meth:`PolicySet.check_agent`. The
+        adapters call it when tools are wrapped for an explicit ``agent=``."""
+        return self.policies.check_agent(agent)
+
     def effective_policy(
         self, agent: str, vendor: str, run_policy: RunPolicy | None = None
     ) -> EffectivePolicy:
@@ -844,6 +851,8 @@ class Governor:
                 "a function of the call's arguments returning Money): what one call may cost "
                 "at most; or free=True if it moves no money"
             )
+        if estimate is not None and not callable(estimate):
+            check_amount(estimate, "estimate")  # refused when decorating, not at each call
 
         def resolve(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return value(*args, **kwargs) if callable(value) else value

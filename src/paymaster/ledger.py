@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from enum import Enum
 from typing import Any, Protocol, TypeVar
 
@@ -349,7 +350,7 @@ def check_amount(value: Money, field: str) -> None:
     if not isinstance(value, Money):
         raise TypeError(
             f"{field} must be paymaster.Money, got {type(value).__name__} {value!r}: "
-            f"write Money.parse('25.00 USD') or Money(2500, 'USD')"
+            f"write {_as_money(value)}"
         )
     if value.amount < 0:
         raise ValueError(f"{field} cannot be negative ({value.format()})")
@@ -358,6 +359,17 @@ def check_amount(value: Money, field: str) -> None:
             f"{field} {value.amount} minor units is above the ledger's limit of "
             f"{MAX_AMOUNT}: check the amount's unit (minor units, e.g. cents)"
         )
+
+
+def _as_money(value: object) -> str:
+    """How to write ``value`` as Money (for the error refusing it)."""
+    if isinstance(value, str) and value.strip():
+        return f'Money.parse("{value.strip()}")'
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f'Money({value}, "USD") (an int of minor units, with its currency)'
+    if isinstance(value, (float, Decimal)):
+        return f'Money.of("{value}", "USD") (major units as a str, with its currency)'
+    return 'Money.parse("25.00 USD") or Money(2500, "USD")'
 
 
 def _budget_ref(key: tuple[str, ...], budget_id: int, run: str | None) -> BudgetRef:

@@ -32,6 +32,7 @@ __all__ = [
     "Money",
     "currency_exponent",
     "is_currency",
+    "major_units",
 ]
 
 #: The largest amount in minor units (a cap, an estimate or an actual) that paymaster
@@ -66,12 +67,39 @@ _SYMBOLS: dict[str, str] = {
     "ILS": "₪", "VND": "₫", "TWD": "NT$", "PHP": "₱", "NGN": "₦", "UAH": "₴",
 }  # fmt: skip
 
+# A currency is any word here, so that a wrong one ("5 US", "5 DOLLARS") is named as an
+# unknown currency instead of the whole text being unreadable.
 _PARSE_RE = re.compile(
-    r"^\s*(?:(?P<cur1>[A-Za-z]{3})\s+)?(?P<num>[+-]?[0-9][0-9_,]*(?:\.[0-9]+)?|[+-]?\.[0-9]+)"
-    r"(?:\s+(?P<cur2>[A-Za-z]{3}))?\s*$"
+    r"^\s*(?:(?P<cur1>[A-Za-z]+)\s+)?(?P<num>[+-]?[0-9][0-9_,]*(?:\.[0-9]+)?|[+-]?\.[0-9]+)"
+    r"(?:\s+(?P<cur2>[A-Za-z]+))?\s*$"
 )
 # Commas are only thousands separators: "1,234.50" yes, "1,50" (a decimal comma) no.
 _GROUPED_RE = re.compile(r"^[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?$")
+
+
+def major_units(major: str | int | Decimal) -> Decimal:
+    """An amount of major units in no particular currency (``"1,234.50"``, ``12``), read
+    as :meth:`Money.of` reads it. Floats are refused."""
+    if isinstance(major, (float, bool)):
+        raise TypeError(
+            f"refusing {type(major).__name__} {major!r} as money: pass a str or Decimal"
+        )
+    if isinstance(major, str) and "," in major and not _GROUPED_RE.match(major.strip()):
+        raise ValueError(
+            f"{major!r}: a comma may only group thousands, as in '1,234.50'; "
+            "write decimals with a point"
+        )
+    try:
+        value = (
+            Decimal(str(major).replace("_", "").replace(",", ""))
+            if isinstance(major, str)
+            else Decimal(major)
+        )
+    except InvalidOperation:
+        raise ValueError(f"{major!r} is not a decimal amount") from None
+    if not value.is_finite():
+        raise ValueError(f"{major!r} is not a finite amount")
+    return value
 
 
 class CurrencyMismatch(ValueError):
@@ -148,26 +176,7 @@ class Money:
         Floats are refused: they cannot hold most decimal amounts exactly.
         """
         code = _normalise_currency(currency)
-        if isinstance(major, (float, bool)):
-            raise TypeError(
-                f"refusing {type(major).__name__} {major!r} as money: pass a str or Decimal"
-            )
-        if isinstance(major, str) and "," in major and not _GROUPED_RE.match(major.strip()):
-            raise ValueError(
-                f"{major!r}: a comma may only group thousands, as in '1,234.50'; "
-                "write decimals with a point"
-            )
-        try:
-            value = (
-                Decimal(str(major).replace("_", "").replace(",", ""))
-                if isinstance(major, str)
-                else Decimal(major)
-            )
-        except InvalidOperation:
-            raise ValueError(f"{major!r} is not a decimal amount") from None
-        if not value.is_finite():
-            raise ValueError(f"{major!r} is not a finite amount")
-        return cls(_to_minor(value, code), code)
+        return cls(_to_minor(major_units(major), code), code)
 
     @classmethod
     def parse(cls, text: str, default_currency: str | None = None) -> Money:

@@ -8,9 +8,12 @@ naming the field). :func:`effective_policy` combines the two into the
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from functools import cached_property
@@ -30,7 +33,7 @@ from pydantic import (
 from . import storable
 from .endpoints import InvalidPath, normalise_path, path_matches, pattern_covers, validate_pattern
 from .errors import PolicyError, PolicyViolation, ViolationCode
-from .money import MAX_AMOUNT, Money, is_currency
+from .money import CURRENCY_EXPONENTS, MAX_AMOUNT, Money, is_currency, major_units
 
 __all__ = ["EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy"]
 
@@ -54,20 +57,58 @@ def _positive_cap(value: Money | None) -> Money | None:
     return value
 
 
-def _money_field(value: Any, currency: str | None, field: str) -> Any:
-    """Read a money value from a policy file: ``"25.00 USD"``, ``"25.00"`` or a number.
+@dataclass(frozen=True)
+class _AmountInUnknownCurrency:
+    """A bare amount of a policy whose ``currency`` is no ISO 4217 code (only while it is
+    validated): its error names that code instead of claiming the amount has none."""
 
-    Bare numbers are major units of the policy's currency. A YAML float such as ``25.5`` is
-    read through its shortest decimal repr (what the user typed), never as binary float.
+    value: Any
+    currency: Any
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _mark_unknown_currency(data: Any, fields: Collection[str]) -> Any:
+    """Wrap the bare amounts of ``fields`` in :class:`_AmountInUnknownCurrency` when the raw
+    ``currency`` is given but unknown (the currency field reports its own error)."""
+    if not isinstance(data, dict) or data.get("currency") is None:
+        return data
+    currency = data["currency"]
+    if is_currency(str(currency).strip().upper()):
+        return data
+    marked = dict(data)
+    for field in fields:
+        value = marked.get(field)
+        bare = isinstance(value, str) and not any(c.isalpha() for c in value)
+        if bare or (isinstance(value, (int, Decimal)) and not isinstance(value, bool)):
+            marked[field] = _AmountInUnknownCurrency(value, currency)
+    return marked
+
+
+def _money_field(value: Any, currency: str | None, field: str) -> Any:
+    """Read a money value from a policy file: ``"25.00 USD"``, ``"25.00"`` or an int.
+
+    Bare amounts are major units of the policy's currency (``100`` is $100 in a USD
+    policy). A float is refused: YAML, JSON and TOML read an unquoted ``100.00`` as one,
+    and a float keeps only about 16 digits of what was typed.
     """
     if value is None or isinstance(value, Money):
         return value
     if isinstance(value, dict):
         return value
+    if isinstance(value, _AmountInUnknownCurrency):
+        raise ValueError(
+            f"unknown currency {value.currency!r}: {field} {value.value!r} is in the "
+            "policy's currency, which must be an ISO 4217 code such as 'USD', 'EUR' or 'JPY'"
+        )
     if isinstance(value, bool):
         raise ValueError(f"{field} must be an amount such as '25.00 USD'")
     if isinstance(value, float):
-        value = Decimal(repr(value))
+        raise ValueError(
+            f"{field} is the number {value!r}, read as a binary float: money must not be "
+            f'a float; quote it, as in {field}: "{_typed(value, currency)}"'
+        )
     if isinstance(value, (int, Decimal)):
         if currency is None:
             raise ValueError(f"{field} needs a currency: write it as '{value} USD'")
@@ -75,6 +116,18 @@ def _money_field(value: Any, currency: str | None, field: str) -> Any:
     if isinstance(value, str):
         return Money.parse(value, default_currency=currency)
     raise ValueError(f"{field} must be an amount such as '25.00 USD'")
+
+
+def _typed(value: float, currency: str | None) -> str:
+    """``value`` as the text to quote: ``100.0`` in USD is ``100.00``."""
+    text = repr(value)
+    if currency is None or not is_currency(currency) or not text.replace(".", "").isdigit():
+        return text  # no currency to format for, or nan, inf, 1e+20, a sign
+    exponent = CURRENCY_EXPONENTS[currency]
+    decimal = Decimal(text)
+    if decimal != round(decimal, exponent):
+        return text  # more decimals than the currency has: its own error says so
+    return f"{decimal:.{exponent}f}"
 
 
 def _clean_strings(values: Sequence[str] | None, field: str) -> tuple[str, ...] | None:
@@ -199,8 +252,11 @@ class Policy(_Rules):
             currency = str(data.setdefault("currency", "USD")).upper()
             if currency != "USD":
                 raise ValueError(f"daily_usd_cap is in USD but currency is {currency}")
+            if isinstance(data["daily_usd_cap"], float):
+                # Named here: once moved, the field's own error would say daily_cap.
+                _money_field(data["daily_usd_cap"], "USD", "daily_usd_cap")
             data["daily_cap"] = data.pop("daily_usd_cap")
-        return data
+        return _mark_unknown_currency(data, ("daily_cap", "per_call_cap"))
 
     @field_validator("agent", "vendor")
     @classmethod
@@ -237,12 +293,19 @@ class RunPolicy(_Rules):
 
     ``cap`` and ``max_calls`` are the run's own budget (across its whole life, not per
     day); a call counts against both the run's budget and the type's daily one.
+
+    Amounts are written as in a :class:`Policy`: ``"10.00 USD"``, or without a currency
+    (``"10.00"``, ``10``) in the run policy's ``currency`` when it has one, else in the
+    currency of the policy it narrows (kept as a ``Decimal`` of major units until
+    :func:`effective_policy` resolves it; an amount in another currency is refused there).
     """
 
     vendor: str | None = None
     currency: str | None = None
-    cap: Money | None = Field(default=None, validation_alias=AliasChoices("cap", "run_cap"))
-    per_call_cap: Money | None = None
+    cap: Money | Decimal | None = Field(
+        default=None, validation_alias=AliasChoices("cap", "run_cap")
+    )
+    per_call_cap: Money | Decimal | None = None
     max_calls: CallLimit | None = None
     endpoints: tuple[str, ...] | None = Field(
         default=None, validation_alias=AliasChoices("endpoints", "allowed_endpoints")
@@ -259,15 +322,66 @@ class RunPolicy(_Rules):
     )
     expires_at: AwareDatetime | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_currency(cls, data: Any) -> Any:
+        return _mark_unknown_currency(data, ("cap", "run_cap", "per_call_cap"))
+
     @field_validator("cap", "per_call_cap", mode="before")
     @classmethod
     def _caps(cls, value: Any, info: ValidationInfo) -> Any:
-        return _money_field(value, info.data.get("currency"), str(info.field_name))
+        currency = info.data.get("currency")
+        if currency is None and _is_bare(value):
+            # No currency here: the amount is in the currency of the policy it narrows.
+            return _bare_amount(value, str(info.field_name))
+        return _money_field(value, currency, str(info.field_name))
 
     @field_validator("cap", "per_call_cap", mode="after")
     @classmethod
-    def _positive(cls, value: Money | None) -> Money | None:
+    def _positive(cls, value: Money | Decimal | None) -> Money | Decimal | None:
+        if isinstance(value, Decimal):
+            if value <= 0:
+                raise ValueError("must be positive")
+            return value
         return _positive_cap(value)
+
+
+def _is_bare(value: Any) -> bool:
+    """An amount written without a currency (``"10.00"``, ``10``, ``Decimal("10")``)."""
+    if isinstance(value, str):
+        return not any(c.isalpha() for c in value)
+    return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
+
+
+def _bare_amount(value: str | int | Decimal, field: str) -> Decimal:
+    """A run policy's amount without a currency, as a ``Decimal`` of major units."""
+    try:
+        return major_units(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{field}: {exc}") from None
+
+
+def _resolved(policy: Policy, field: str, value: Money | Decimal | None) -> Money | None:
+    """A run policy amount in ``policy``'s currency: a bare amount takes it; an amount in
+    another currency is refused."""
+    if value is None:
+        return None
+    if isinstance(value, Decimal):
+        try:
+            return _positive_cap(Money.of(value, policy.currency))
+        except ValueError as exc:
+            raise PolicyError(
+                f"run policy '{field}' {value} is read in {policy.currency}, the currency of "
+                f"policy {policy.id}: {exc}"
+            ) from None
+    if value.currency != policy.currency:
+        raise PolicyError(
+            f"run policy '{field}' is in {value.currency} ({value}) but policy {policy.id} is in "
+            f"{policy.currency}: a run policy narrows its policy in the policy's currency; "
+            f"write it in {policy.currency} or without a currency (as in "
+            f"'{str(value).split()[0]}')"
+        )
+    return value
 
 
 def _widen(field: str, detail: str) -> PolicyError:
@@ -403,21 +517,16 @@ def effective_policy(policy: Policy, run_policy: RunPolicy | None = None) -> Eff
         raise PolicyError(
             f"run policy 'currency' is {rp.currency} but policy {policy.id} is in {policy.currency}"
         )
-    for name in ("cap", "per_call_cap"):
-        value: Money | None = getattr(rp, name)
-        if value is not None and value.currency != policy.currency:
-            raise PolicyError(
-                f"run policy '{name}' is in {value.currency} but policy {policy.id} is in "
-                f"{policy.currency}"
-            )
-    if rp.cap is not None and rp.cap > policy.daily_cap:
-        raise _widen("cap", f"{rp.cap} is above the daily cap {policy.daily_cap}")
+    run_cap = _resolved(policy, "cap", rp.cap)
+    run_per_call = _resolved(policy, "per_call_cap", rp.per_call_cap)
+    if run_cap is not None and run_cap > policy.daily_cap:
+        raise _widen("cap", f"{run_cap} is above the daily cap {policy.daily_cap}")
     per_call = policy.per_call_cap
-    if rp.per_call_cap is not None:
+    if run_per_call is not None:
         ceiling = policy.per_call_cap or policy.daily_cap
-        if rp.per_call_cap > ceiling:
-            raise _widen("per_call_cap", f"{rp.per_call_cap} is above {ceiling}")
-        per_call = rp.per_call_cap
+        if run_per_call > ceiling:
+            raise _widen("per_call_cap", f"{run_per_call} is above {ceiling}")
+        per_call = run_per_call
     if (
         rp.max_calls is not None
         and policy.max_calls_per_day is not None
@@ -464,7 +573,7 @@ def effective_policy(policy: Policy, run_policy: RunPolicy | None = None) -> Eff
         daily_cap=policy.daily_cap,
         per_call_cap=per_call,
         max_calls_per_day=policy.max_calls_per_day,
-        run_cap=rp.cap,
+        run_cap=run_cap,
         run_max_calls=rp.max_calls,
         endpoint_allowlists=tuple(endpoint_lists),
         methods=methods,
@@ -495,16 +604,50 @@ class PolicySet:
     def get(self, agent: str, vendor: str) -> Policy | None:
         return self._by_key.get((agent, vendor))
 
+    @property
+    def agents(self) -> list[str]:
+        """The agent types the policies name, sorted."""
+        return sorted({agent for agent, _ in self._by_key})
+
+    def check_agent(self, agent: str) -> str:
+        """``agent`` when a policy names it as its agent type (or there are no policies to
+        check it against); else a :class:`PolicyError` that lists the agent types the
+        policies know and suggests the nearest. For code that is given an agent type
+        before any call is made (the adapters, when tools are wrapped), so that a typo or
+        a display name fails there instead of as the first call's ``no_policy``."""
+        if not self._by_key or agent in self.agents:
+            return agent
+        raise PolicyError(
+            f"no policy names agent type {agent!r}, so every governed call as it would be "
+            f"refused (no_policy); {_known_agents(self.agents, agent)}"
+        )
+
     def require(self, agent: str, vendor: str, *, run: str | None = None) -> Policy:
-        """The policy for this agent type and vendor, or a ``no_policy`` violation."""
+        """The policy for this agent type and vendor, or a ``no_policy`` violation that
+        says which agent types (or, for a known one, which vendors) the policies know."""
         policy = self.get(agent, vendor)
         if policy is None:
+            message = (
+                f"no policy governs agent {agent!r} with vendor {vendor!r}; calls without a "
+                "policy are refused"
+            )
+            vendors = sorted(v for a, v in self._by_key if a == agent)
+            if vendors:
+                message += f"; agent {agent!r} has policies for {_listed('vendor', vendors)}"
+            elif self._by_key:
+                known = self.agents
+                suggestion = _nearest(agent, known)
+                fix = f"agent={suggestion!r}" if suggestion else "agent= naming one of them"
+                message += (
+                    f". The policies know {_listed('agent type', known)}. Where the agent "
+                    "type is the agent's name (no agent= given when its tools were wrapped), "
+                    f"pass {fix} there, or name the agent so"
+                )
+            else:
+                message += "; no policies are loaded"
             raise PolicyViolation(
-                ViolationCode.NO_POLICY,
-                f"no policy governs agent {agent!r} with vendor {vendor!r}; "
-                "calls without a policy are refused",
-                agent=agent, run=run, vendor=vendor,
-            )  # fmt: skip
+                ViolationCode.NO_POLICY, message, agent=agent, run=run, vendor=vendor
+            )
         return policy
 
     def __iter__(self) -> Iterator[Policy]:
@@ -512,3 +655,36 @@ class PolicySet:
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+
+#: How many names an error message lists before it says how many more there are.
+_LISTED = 10
+
+
+def _listed(what: str, names: Sequence[str]) -> str:
+    """``agent types 'a', 'b'`` (at most :data:`_LISTED` of them)."""
+    shown = ", ".join(map(repr, names[:_LISTED]))
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return f"{what}{'s' if len(names) != 1 else ''} {shown}{more}"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "-", name.casefold()).strip("-")
+
+
+def _nearest(name: str, known: Sequence[str]) -> str | None:
+    """The known agent type ``name`` was probably meant to be: the same once case, spaces
+    and punctuation are ignored (``"Refund Agent"`` for ``refund-agent``), else the
+    closest by :mod:`difflib`."""
+    slugs = {_slug(k): k for k in known}
+    if _slug(name) in slugs:
+        return slugs[_slug(name)]
+    close = difflib.get_close_matches(_slug(name), list(slugs), n=1, cutoff=0.6)
+    return slugs[close[0]] if close else None
+
+
+def _known_agents(known: Sequence[str], agent: str) -> str:
+    """What the policies know, and the nearest to ``agent``."""
+    text = f"the policies know {_listed('agent type', known)}"
+    suggestion = _nearest(agent, known)
+    return f"{text}; did you mean {suggestion!r}?" if suggestion else text

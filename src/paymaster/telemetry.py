@@ -29,14 +29,15 @@ import logging
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ._extras import requires
 from .errors import GovernanceUnavailable, PolicyViolation
 from .ledger import HoldState
+from .money import Money
 
 if TYPE_CHECKING:
     from .audit import AuditEntry
     from .governor import GovernedCall, Governor
     from .ledger import Hold, ReserveRequest
-    from .money import Money
 
 __all__ = ["Telemetry", "instrument", "uninstrument"]
 
@@ -58,12 +59,8 @@ class Telemetry:
     """Spans for governed calls and metrics for the ledger's work (a ledger observer)."""
 
     def __init__(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
-        try:
+        with requires("otel", "paymaster telemetry"):
             from opentelemetry import metrics, trace
-        except ImportError as exc:  # pragma: no cover - exercised without the extra only
-            raise ImportError(
-                "paymaster telemetry needs OpenTelemetry: pip install 'paymaster[otel]'"
-            ) from exc
         from . import __version__
 
         self._trace = trace
@@ -110,7 +107,7 @@ class Telemetry:
         }
         if run is not None:
             attributes["paymaster.run"] = run
-        if estimate is not None:
+        if isinstance(estimate, Money):  # anything else is refused by the checks after
             attributes["paymaster.estimate"] = estimate.amount
             attributes["paymaster.currency"] = estimate.currency
         return CallSpan(self, attributes)

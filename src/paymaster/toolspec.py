@@ -18,13 +18,18 @@ and reserves nothing; its calls are still audited and stopped by a revoke.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .money import Money
 
-__all__ = ["FREE", "FreeTool", "GovernedCallSpec", "ToolSpec", "check_specs"]
+if TYPE_CHECKING:
+    from .governor import Governor
+
+__all__ = ["FREE", "FreeTool", "GovernedCallSpec", "ToolSpec", "check_agent", "check_specs"]
 
 Arguments = Mapping[str, Any]
 T = TypeVar("T")
@@ -118,18 +123,35 @@ class FreeTool:
 FREE = FreeTool()
 
 
-def check_specs(names: Sequence[str], specs: Mapping[str, ToolSpec | FreeTool]) -> None:
-    """Refuse, when tools are wrapped, a tool without a spec (nothing runs ungoverned) and
-    a spec naming no given tool (a typo would leave the real tool without one)."""
-    missing = [name for name in names if name not in specs]
-    if missing:
-        raise ValueError(
-            f"no spec for {', '.join(map(repr, missing))}: give each tool a ToolSpec, or "
-            "paymaster.FREE if it spends nothing, so that nothing runs ungoverned"
-        )
-    unknown = sorted(set(specs) - set(names))
-    if unknown:
-        raise ValueError(f"specs name tools that are not given: {', '.join(unknown)}")
+def check_specs(names: Sequence[str] | None, specs: Mapping[str, ToolSpec | FreeTool]) -> None:
+    """Refuse, when tools are wrapped, a spec that is not a :class:`ToolSpec` or
+    :data:`FREE`, a tool without a spec (nothing runs ungoverned), a spec naming no given
+    tool (a typo would leave the real tool without one; the nearest tool name is
+    suggested) and a spec without an estimate. ``names=None``: the tools are not known
+    yet (a middleware), so only the specs themselves are checked."""
+    for name, spec in specs.items():
+        if not isinstance(spec, (ToolSpec, FreeTool)):
+            raise TypeError(
+                f"the spec of tool {name!r} must be a ToolSpec, got {type(spec).__name__}: "
+                f"write {_spec_hint(spec)}, or paymaster.FREE if the tool spends nothing"
+            )
+    problems = []
+    if names is not None:
+        unknown = sorted(set(specs) - set(names))
+        if unknown:
+            without = [name for name in names if name not in specs]
+            problems.append(
+                "unused specs name tools that are not given: "
+                + ", ".join(_with_suggestion(name, without or list(names)) for name in unknown)
+            )
+        missing = [name for name in names if name not in specs]
+        if missing:
+            problems.append(
+                f"no spec for {', '.join(map(repr, missing))}: give each tool a ToolSpec, or "
+                "paymaster.FREE if it spends nothing, so that nothing runs ungoverned"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
     unpriced = [
         name for name, spec in specs.items() if isinstance(spec, ToolSpec) and spec.estimate is None
     ]
@@ -139,6 +161,35 @@ def check_specs(names: Sequence[str], specs: Mapping[str, ToolSpec | FreeTool]) 
             "estimate= (Money, or a function of the arguments returning Money: what one call "
             "may cost at most), or mark the tool paymaster.FREE if it spends nothing"
         )
+
+
+def check_agent(
+    governor: Governor, agent: str | None, specs: Iterable[ToolSpec | FreeTool]
+) -> None:
+    """Refuse, when tools are wrapped for an explicit ``agent``, an agent type no policy
+    of ``governor`` names (:meth:`~paymaster.Governor.check_agent`), if any of the tools
+    spends money (a free tool needs no policy). ``agent=None``: the agent type is the
+    agent's name, known only at each call (a ``no_policy`` refusal then lists the known
+    agent types)."""
+    if agent is not None and any(isinstance(spec, ToolSpec) for spec in specs):
+        governor.check_agent(agent)
+
+
+def _with_suggestion(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"{name} (did you mean {close[0]!r}?)" if close else name
+
+
+def _spec_hint(spec: object) -> str:
+    """The ``ToolSpec(...)`` to write instead of ``spec`` (a dict's keys as arguments)."""
+    fields = {field.name for field in dataclasses.fields(ToolSpec)}
+    if isinstance(spec, Mapping) and spec and set(spec) <= fields:
+        shown = ", ".join(
+            f"{key}={value!r}" if isinstance(value, (str, Money)) else f"{key}=..."
+            for key, value in spec.items()
+        )
+        return f"ToolSpec({shown})"
+    return "ToolSpec(vendor='stripe', endpoint='/v1/refunds', estimate=...)"
 
 
 def _value(field: T | Callable[[Arguments], T], arguments: Arguments) -> T:

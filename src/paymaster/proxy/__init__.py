@@ -6,9 +6,12 @@ policies, kill switch and audit log as the in-process guards, and the real key s
 the proxy.
 """
 
-from .app import FORWARDED_HEADERS, create_app
-from .config import STRIPE_KEY_ENV, ProxyConfig, read_stripe_key
-from .server import serve
+from .._extras import requires
+
+with requires("proxy", "the paymaster proxy"):
+    from .app import FORWARDED_HEADERS, create_app
+    from .config import STRIPE_KEY_ENV, ProxyConfig, read_stripe_key
+    from .server import serve
 
 __all__ = [
     "FORWARDED_HEADERS",

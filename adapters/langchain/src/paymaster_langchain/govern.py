@@ -44,6 +44,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -68,11 +69,18 @@ from paymaster.outcomes import (
     is_outcome_unknown,
     model_message,
 )
-from paymaster.toolspec import FreeTool, ToolSpec, check_specs
+from paymaster.toolspec import FreeTool, ToolSpec, check_agent, check_specs
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 
-__all__ = ["GovernedTool", "OnViolation", "PaymasterMiddleware", "govern_tools", "run_id_of"]
+__all__ = [
+    "GovernedTool",
+    "OnViolation",
+    "PaymasterMiddleware",
+    "agent_name",
+    "govern_tools",
+    "run_id_of",
+]
 
 OnViolation = Literal["raise", "tell_model"]
 Spec = ToolSpec | FreeTool
@@ -99,6 +107,20 @@ def run_id_of(config: RunnableConfig) -> str | None:
     return str(thread) if thread else None
 
 
+def agent_name(config: RunnableConfig, known: Sequence[str] = ()) -> str:
+    """The agent type of a tool call made without an explicit ``agent=``: the ``name``
+    given to ``create_agent`` (LangChain's ``lc_agent_name``). ``known``: the agent types
+    the policies name, listed when there is none."""
+    agent = (config.get("metadata") or {}).get("lc_agent_name")
+    if not agent:
+        listed = f" (the policies know {', '.join(map(repr, known))})" if known else ""
+        raise ValueError(
+            "no agent type for this tool call: pass agent= when wrapping its tools, or "
+            f"create the agent with create_agent(..., name=...){listed}"
+        )
+    return str(agent)
+
+
 @dataclass(frozen=True)
 class _Governance:
     """The rules shared by governed tools and the middleware."""
@@ -109,13 +131,7 @@ class _Governance:
     run_id: Callable[[RunnableConfig], str | None]
 
     def who(self, config: RunnableConfig) -> str:
-        agent = self.agent or (config.get("metadata") or {}).get("lc_agent_name")
-        if not agent:
-            raise ValueError(
-                "no agent type for this tool call: pass agent= or create the agent with "
-                "create_agent(..., name=...)"
-            )
-        return str(agent)
+        return self.agent or agent_name(config, self.governor.policies.agents)
 
     def refusal(self, violation: PolicyViolation, call_id: str | None) -> Any:
         """A refusal for the model (``tell_model`` or bad arguments), or raised."""
@@ -560,18 +576,22 @@ def govern_tools(
 
     ``specs`` maps each tool's name to its :class:`~paymaster.ToolSpec`, or to
     :data:`~paymaster.FREE` for a tool that spends nothing; a tool without one is refused
-    here. ``agent`` is the policy's agent type (default: the ``name`` given to
-    ``create_agent``). ``on_violation="tell_model"`` returns a refusal to the model as an
-    error ``ToolMessage`` instead of ending the run. A spec that raises ends the run with
-    :class:`~paymaster.errors.SpecError` (logged, audited; when its ``actual`` raises, the
-    tool's hold is kept ``unknown``). ``actual`` sees the tool's artifact, else its
-    content, JSON-decoded when it is JSON text.
+    here. ``agent`` is the policy's agent type; given, it is checked here against the
+    governor's policies (a :class:`~paymaster.errors.PolicyError` lists the agent types
+    they know). Without it, the agent type is the ``name`` given to ``create_agent``, at
+    each call: ``create_agent(..., name="Refund Agent")`` needs ``agent="refund-agent"``
+    here, or ``name="refund-agent"``. ``on_violation="tell_model"`` returns a refusal to
+    the model as an error ``ToolMessage`` instead of ending the run. A spec that raises
+    ends the run with :class:`~paymaster.errors.SpecError` (logged, audited; when its
+    ``actual`` raises, the tool's hold is kept ``unknown``). ``actual`` sees the tool's
+    artifact, else its content, JSON-decoded when it is JSON text.
     """
     tools = list(tools)
     for tool in tools:
         if not isinstance(tool, BaseTool):
             raise TypeError(f"{tool!r} is not a LangChain BaseTool")
     check_specs([tool.name for tool in tools], specs)
+    check_agent(governor, agent, [specs[tool.name] for tool in tools])
     governance = _Governance(governor, agent, on_violation, run_id)
     return [_governed(tool, specs[tool.name], governance) for tool in tools]
 
@@ -604,6 +624,9 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
     ``unknown`` (it cannot tell a decline from a timeout), and so does a call cancelled
     mid-body (it runs inside LangGraph's task); wrap tools with :func:`govern_tools` to
     have paymaster see the raw exception and settle a call its caller stopped waiting for.
+
+    ``agent`` as for :func:`govern_tools`: given, it is checked here; default, the
+    ``name`` given to ``create_agent``, at each call.
     """
 
     def __init__(
@@ -616,6 +639,8 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
         run_id: Callable[[RunnableConfig], str | None] = run_id_of,
     ) -> None:
         super().__init__()
+        check_specs(None, specs)  # the tools are known at each call, not here
+        check_agent(governor, agent, specs.values())
         self.specs = dict(specs)
         self.governance = _Governance(governor, agent, on_violation, run_id)
 

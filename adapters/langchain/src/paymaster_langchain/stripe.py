@@ -26,7 +26,7 @@ from paymaster import Governor, RunPolicy
 from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failure_text
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
-from .govern import run_id_of
+from .govern import agent_name, run_id_of
 
 __all__ = ["PaymasterStripeToolkit"]
 
@@ -36,9 +36,13 @@ OnViolation = Literal["raise", "tell_model"]
 class PaymasterStripeToolkit:
     """Governed Stripe tools for LangChain agents; :meth:`get_tools` returns them.
 
-    ``agent`` names the policy (agent type) the calls are checked against. A refused call
-    raises :class:`~paymaster.PolicyViolation` out of ``invoke`` / ``ainvoke`` /
-    ``stream`` whatever tool-error handling is configured; with
+    ``agent`` names the policy (agent type) the calls are checked against; given, it is
+    checked here against the governor's policies (a :class:`~paymaster.errors.PolicyError`
+    lists the agent types they know). Without it, as for
+    :func:`~paymaster_langchain.govern_tools`: the agent type of a governed ``client``
+    (``governed_client(..., agent=...)``), else the ``name`` given to ``create_agent``, at
+    each call. A refused call raises :class:`~paymaster.PolicyViolation` out of
+    ``invoke`` / ``ainvoke`` / ``stream`` whatever tool-error handling is configured; with
     ``on_violation="tell_model"`` the model gets the refusal as the tool's result instead
     (still audited). Stripe's own errors and invalid arguments go to the model.
     """
@@ -48,7 +52,7 @@ class PaymasterStripeToolkit:
         governor: Governor,
         client: stripe.StripeClient,
         *,
-        agent: str,
+        agent: str | None = None,
         only: Sequence[str] | None = None,
         run_policy: RunPolicy | None = None,
         on_violation: OnViolation = "raise",
@@ -65,6 +69,7 @@ class PaymasterStripeToolkit:
 
     def _tool(self, tool: StripeTool) -> BaseTool:
         toolkit, on_violation, run_id = self.toolkit, self.on_violation, self.run_id
+        known = toolkit.governor.policies.agents
 
         def outcome(exc: Exception) -> str:
             text = tool_failure_text(exc, tell_model_violations=on_violation == "tell_model")
@@ -77,7 +82,11 @@ class PaymasterStripeToolkit:
         def call(tool_call_id: str, config: RunnableConfig, **arguments: Any) -> str:
             try:
                 result = toolkit.invoke(
-                    tool.name, arguments, run=run_id(config), tool_call_id=tool_call_id
+                    tool.name,
+                    arguments,
+                    run=run_id(config),
+                    tool_call_id=tool_call_id,
+                    agent=toolkit.agent or agent_name(config, known),
                 )
             except Exception as exc:
                 return outcome(exc)
@@ -86,7 +95,11 @@ class PaymasterStripeToolkit:
         async def acall(tool_call_id: str, config: RunnableConfig, **arguments: Any) -> str:
             try:
                 result = await toolkit.ainvoke(
-                    tool.name, arguments, run=run_id(config), tool_call_id=tool_call_id
+                    tool.name,
+                    arguments,
+                    run=run_id(config),
+                    tool_call_id=tool_call_id,
+                    agent=toolkit.agent or agent_name(config, known),
                 )
             except Exception as exc:
                 return outcome(exc)

@@ -57,7 +57,7 @@ from paymaster.outcomes import (
     describe,
     model_message,
 )
-from paymaster.toolspec import FreeTool, ToolSpec, check_specs
+from paymaster.toolspec import FreeTool, ToolSpec, check_agent, check_specs
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from ._runs import run_id_of, run_policy_of
@@ -95,8 +95,12 @@ def govern_tools(
 
     ``specs`` maps each tool's name to its :class:`~paymaster.ToolSpec`, or to
     :data:`~paymaster.FREE` for a tool that spends nothing; a tool without one is refused
-    here, so nothing is silently ungoverned. ``agent`` is the policy's agent type
-    (default: the name of the Agent running the tool). ``on_violation="tell_model"``
+    here, so nothing is silently ungoverned. ``agent`` is the policy's agent type; given,
+    it is checked here against the governor's policies (a
+    :class:`~paymaster.errors.PolicyError` lists the agent types they know). Without it,
+    the agent type is the ``name`` of the Agent running the tool, at each call, so
+    ``Agent(name="Refund Agent")`` needs ``agent="refund-agent"`` here, or
+    ``Agent(name="refund-agent")``. ``on_violation="tell_model"``
     hands a refusal to the model as the tool's output instead of ending the run. A spec
     that raises ends the run with :class:`~paymaster.errors.SpecError` (logged, audited;
     when its ``actual`` raises, the tool's hold is kept ``unknown``).
@@ -126,7 +130,10 @@ def governed_function_tool(
 
     @governed_function_tool(gov, ToolSpec(vendor="stripe", endpoint="/v1/refunds", ...))
     async def issue_refund(charge: str, amount: int) -> dict: ...
+
+    ``agent`` as for :func:`govern_tools` (default: the running Agent's ``name``).
     """
+    check_agent(governor, agent, [spec])
 
     def decorate(fn: Callable[..., Any]) -> FunctionTool:
         tool = function_tool(fn, **function_tool_options)
@@ -143,7 +150,9 @@ def govern_tool(
     agent: str | None = None,
     on_violation: OnViolation = "raise",
 ) -> FunctionTool:
-    """A governed copy of one tool; see :func:`govern_tools`."""
+    """A governed copy of one tool; see :func:`govern_tools` (``agent`` given is checked
+    here; default: the running Agent's ``name``)."""
+    check_agent(governor, agent, [spec])
     invoke = _watched(tool)
     # The SDK runs a sync function in a thread of its own and forgets it when the call is
     # cancelled; run it in the governor's workers instead, together with its settle.
@@ -537,7 +546,7 @@ def _noting(impl: Invoke) -> Invoke:
 
 def _agent_name(ctx: ToolContext[Any]) -> str:
     if ctx.agent is None:
-        raise ValueError("the tool call has no agent: pass agent= to govern_tools()")
+        raise ValueError("the tool call has no agent: pass agent= when wrapping its tools")
     return ctx.agent.name
 
 

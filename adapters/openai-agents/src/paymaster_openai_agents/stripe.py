@@ -26,6 +26,7 @@ from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failu
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from ._runs import run_id_of, run_policy_of
+from .govern import _agent_name
 
 __all__ = ["stripe_tools"]
 
@@ -36,7 +37,7 @@ def stripe_tools(
     governor: Governor,
     client: stripe.StripeClient,
     *,
-    agent: str,
+    agent: str | None = None,
     only: Sequence[str] | None = None,
     run_policy: RunPolicy | None = None,
     on_violation: OnViolation = "raise",
@@ -44,7 +45,12 @@ def stripe_tools(
 ) -> list[FunctionTool]:
     """Governed Stripe tools for an Agents SDK agent.
 
-    ``agent`` names the policy (agent type) the calls are checked against. A refused
+    ``agent`` names the policy (agent type) the calls are checked against; given, it is
+    checked here against the governor's policies (a :class:`~paymaster.errors.PolicyError`
+    lists the agent types they know). Without it, as for
+    :func:`~paymaster_openai_agents.govern_tools`: the agent type of a governed ``client``
+    (``governed_client(..., agent=...)``), else the ``name`` of the Agent running the tool,
+    at each call (``Agent(name="Refund Agent")`` needs ``agent="refund-agent"``). A refused
     call raises :class:`~paymaster.PolicyViolation` out of ``Runner.run`` (the run stops);
     with ``on_violation="tell_model"`` the model gets the refusal as the tool's output
     instead (still audited). Stripe's own errors and invalid arguments go to the model,
@@ -65,7 +71,7 @@ def _function_tool(
             arguments = json.loads(args_json or "{}")
             result = await toolkit.ainvoke(
                 tool.name, arguments, run=run_id(ctx), tool_call_id=ctx.tool_call_id,
-                run_policy=run_policy_of(ctx),
+                run_policy=run_policy_of(ctx), agent=toolkit.agent or _agent_name(ctx),
             )  # fmt: skip
         except Exception as exc:
             text = tool_failure_text(exc, tell_model_violations=on_violation == "tell_model")

@@ -76,4 +76,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module
 
-    return getattr(import_module(f"{__name__}.{module}"), name)
+    from ..._extras import requires
+
+    with requires("stripe", f"paymaster.vendors.stripe.{name}"):
+        return getattr(import_module(f"{__name__}.{module}"), name)

@@ -22,7 +22,7 @@ from .transport import GovernedHTTPClient
 if TYPE_CHECKING:
     from ...governor import Governor
 
-__all__ = ["govern", "governed_client", "is_governed"]
+__all__ = ["default_agent", "govern", "governed_client", "is_governed"]
 
 
 def governed_client(
@@ -89,6 +89,13 @@ def govern(
         max_network_retries=options.max_network_retries,
         http_client=governed,
     )
+
+
+def default_agent(client: stripe.StripeClient) -> str | None:
+    """The agent type a governed ``client`` attributes its calls to by default (``None``:
+    not governed, or none given)."""
+    transport = getattr(getattr(client, "_requestor", None), "_client", None)
+    return transport.default_agent if isinstance(transport, GovernedHTTPClient) else None
 
 
 def is_governed(client: stripe.StripeClient) -> bool:

@@ -325,6 +325,11 @@ class StripeToolkit:
     ``client`` may be a plain ``StripeClient`` (a governed copy is made) or one from
     :func:`~paymaster.vendors.stripe.governed_client`. Adapters call :meth:`invoke` /
     :meth:`ainvoke` with the run and tool call they know about.
+
+    ``agent`` is the agent type of every call (default: the governed ``client``'s); given
+    either way, it is checked here against the governor's policies
+    (:meth:`~paymaster.Governor.check_agent`). Without one, each call names its own
+    (``invoke(..., agent=...)``: the adapters pass the running agent's name).
     """
 
     def __init__(
@@ -332,14 +337,17 @@ class StripeToolkit:
         governor: Governor,
         client: stripe.StripeClient,
         *,
-        agent: str,
+        agent: str | None = None,
         run_policy: RunPolicy | None = None,
         only: Sequence[str] | None = None,
     ) -> None:
-        from .client import govern, is_governed
+        from .client import default_agent, govern, is_governed
 
         self.governor = governor
-        self.agent = agent
+        #: The agent type of every call, or ``None``: each call names its own.
+        self.agent = agent or default_agent(client)
+        if self.agent is not None:
+            governor.check_agent(self.agent)
         self.run_policy = run_policy
         self.client = client if is_governed(client) else govern(client, governor, agent=agent)
         self.tools = select_tools(only)
@@ -366,9 +374,11 @@ class StripeToolkit:
         run: str | None = None,
         tool_call_id: str | None = None,
         run_policy: RunPolicy | None = None,
+        agent: str | None = None,
     ) -> dict[str, Any]:
         """Run one tool; returns the Stripe object as a dict. ``run_policy`` narrows the
-        toolkit's for this call's run.
+        toolkit's for this call's run; ``agent`` is the call's agent type when the toolkit
+        has none.
 
         Raises :class:`~paymaster.PolicyViolation` (the call was refused before it was
         sent) and ``stripe.StripeError`` (Stripe refused it; nothing moved).
@@ -377,7 +387,7 @@ class StripeToolkit:
 
         tool, args, key = self._prepare(name, arguments, tool_call_id, run)
         with bind(
-            agent=self.agent, run=run, run_policy=run_policy or self.run_policy,
+            agent=self.agent or agent, run=run, run_policy=run_policy or self.run_policy,
             tool_call_id=tool_call_id,
         ):  # fmt: skip
             return _as_dict(tool.call(self.client, args, key))
@@ -390,6 +400,7 @@ class StripeToolkit:
         run: str | None = None,
         tool_call_id: str | None = None,
         run_policy: RunPolicy | None = None,
+        agent: str | None = None,
     ) -> dict[str, Any]:
         """:meth:`invoke` for asyncio, run in the governor's worker threads.
 
@@ -399,7 +410,7 @@ class StripeToolkit:
         """
         return await self.governor.in_worker(
             self.invoke, name, arguments, run=run, tool_call_id=tool_call_id,
-            run_policy=run_policy,
+            run_policy=run_policy, agent=agent,
         )  # fmt: skip
 
 

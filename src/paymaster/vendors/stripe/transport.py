@@ -145,6 +145,11 @@ class GovernedHTTPClient(stripe.HTTPClient):
         self.catalogue = catalogue
         self._defaults = StripeBinding(agent, run, run_policy)
 
+    @property
+    def default_agent(self) -> str | None:
+        """The agent type of calls made outside :func:`bind` (``agent=`` given here)."""
+        return self._defaults.agent
+
     # -- stripe.HTTPClient ---------------------------------------------------------------
     def request(
         self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None,
