@@ -11,10 +11,13 @@ it is given from outside (the README's text says the same to the reader)::
 * ``stripe_client``: a real ``stripe.StripeClient`` (on a local localstripe server);
 * ``payment_intent``: the id of a paid $500.00 PaymentIntent to refund;
 * ``model=agents:TOOL`` / ``model=langchain:TOOL``: a scripted model (no network) that
-  asks for a $20.00 refund of ``payment_intent`` with ``TOOL`` six times, then answers.
+  asks for a $20.00 refund of ``payment_intent`` with ``TOOL`` six times, then answers;
+* ``proxy``: the walkthrough's setting for the agent script: a ``paymaster proxy``
+  process (on a free port, which replaces the README's ``127.0.0.1:8421`` in the block)
+  over localstripe and a ledger with the sample policy, a vault key for ``refund-agent``
+  in ``agent.key``, and ``sys.argv[1]`` the payment to refund.
 
-``<!-- readme-test: skip REASON -->`` leaves a block out (a shell session shown as Python,
-or one that needs a server the block cannot start); the reason is the skip's.
+``<!-- readme-test: skip REASON -->`` leaves a block out; the reason is the skip's.
 """
 
 from __future__ import annotations
@@ -28,12 +31,17 @@ from typing import Any
 
 import pytest
 
+from paymaster import Governor, load_policies
 from paymaster.testing.localstripe import LocalStripe, run_localstripe
+from paymaster.testing.proxy import run_proxy
+from paymaster.vault import VaultKeys
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", *sorted(ROOT.glob("adapters/*/README.md"))]
 _FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _MARKER = re.compile(r"<!-- readme-test: (given|skip) ?(.*?) -->\s*$")
+#: The proxy's address in the README's walkthrough.
+_WALKTHROUGH_PROXY = "http://127.0.0.1:8421"
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,8 @@ def _given(block: Block, server: LocalStripe) -> dict[str, Any]:
             names[name] = client
         elif name == "payment_intent":
             names[name] = intent
+        elif name == "proxy":
+            continue  # set up around the block, in the test
         elif name == "model":
             framework, _, tool = spec.partition(":")
             make = _agents_model if framework == "agents" else _langchain_model
@@ -144,7 +154,23 @@ def test_the_block_runs_as_written(
     shutil.copy(ROOT / "examples" / "policies.yaml", tmp_path / "policies.yaml")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": "__main__", **_given(block, stripe_server)}
-    exec(compile(block.code, block.name, "exec"), namespace)
+    if "proxy" not in block.given:
+        exec(compile(block.code, block.name, "exec"), namespace)
+        return
+    assert _WALKTHROUGH_PROXY in block.code, f"{block.name} does not use the proxy"
+    db = f"sqlite:///{tmp_path / 'paymaster.db'}"
+    with Governor(db, policies=load_policies("policies.yaml")) as ledger:  # the schema
+        (tmp_path / "agent.key").write_text(
+            VaultKeys(ledger.engine).create("refund-agent", by="readme").secret + "\n"
+        )
+    with run_proxy(db, "policies.yaml", stripe_server.url) as proxy:
+        code = block.code.replace(_WALKTHROUGH_PROXY, proxy.url)
+        monkeypatch.setattr("sys.argv", ["agent.py", namespace["payment_intent"]])
+        exec(compile(code, block.name, "exec"), namespace)
+    with Governor(db, policies=load_policies("policies.yaml")) as ledger:
+        refunds = [r for r in ledger.audit.query() if r.endpoint == "/v1/refunds"]
+        # $25 a call and $100 a day: five $20.00 refunds, then the cap refuses the sixth.
+        assert [r.outcome for r in refunds] == ["allowed"] * 5 + ["denied"]
 
 
 def test_the_quickstart_policy_is_the_sample_policy_file(tmp_path: Path) -> None:
