@@ -251,3 +251,42 @@ def test_a_float_blog_post_cap_is_refused_under_its_own_name() -> None:
                 "allowed_endpoints": ["/v1/refunds"],
             }
         )
+
+
+@pytest.mark.parametrize("given", ["cap=10.00", {"cap": "10.00"}, ("10.00",)])
+def test_a_run_policy_that_is_not_one_is_refused_with_its_row(
+    make_governor: MakeGov, given: object
+) -> None:
+    """Before, a str or a tuple failed with an AttributeError deep in the policy code, and
+    the attempt left no row."""
+    gov = make_governor()
+    with pytest.raises(TypeError, match=r"run_policy must be a paymaster.RunPolicy, got \w+"):
+        with gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(100, "USD"),
+            run_policy=given,  # type: ignore[arg-type]
+        ):
+            raise AssertionError("refused: never runs")
+    [row] = gov.audit.query()
+    assert row.outcome == "denied" and row.violation_code == "invalid_request"
+
+
+def test_a_run_policy_amount_without_currency_round_trips_through_a_vault_key(
+    make_governor: MakeGov,
+) -> None:
+    """A vault key stores its run policy as JSON. A bare amount was written as "1E+2",
+    which reads back as no amount at all, so every read of the key table failed."""
+    from decimal import Decimal
+
+    from paymaster.vault import VaultKeys
+
+    gov = make_governor()
+    run_policy = RunPolicy(cap=Decimal("100.00").normalize(), per_call_cap="5.00")
+    keys = VaultKeys(gov.engine)
+    made = keys.create("refund-agent", by="ops", run_policy=run_policy)
+    assert keys.authenticate(made.secret).run_policy == run_policy
+    assert [k.id for k in keys.list()] == [made.record.id]
+    effective = gov.effective_policy("refund-agent", "stripe", run_policy)
+    assert effective.run_cap == Money(10_000, "USD")

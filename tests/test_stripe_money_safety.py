@@ -459,3 +459,39 @@ def test_a_long_key_with_a_lone_surrogate_leaves_its_row(make_governor: MakeGov)
         )
     [row] = gov.audit.query()
     assert row.outcome == "allowed"
+
+
+def test_a_calls_run_policy_never_replaces_the_toolkits(make_governor: MakeGov) -> None:
+    """Before, ``invoke(run_policy=...)`` replaced the toolkit's run policy (``a or b``), so
+    a $20.00 refund passed a toolkit whose run policy allowed $5.00 a call. Two different
+    run policies for one call are refused, with the attempt's row; the same one twice is
+    one."""
+    from paymaster import RunPolicy
+    from paymaster.vendors.stripe.tools import StripeToolkit
+
+    gov = make_governor(billing_policy(per_call_cap="50.00"))
+    narrow = RunPolicy(per_call_cap="5.00")
+    with StripeUpstream() as stripe_server:
+        setup = stripe.StripeClient("sk_test_setup", base_addresses={"api": stripe_server.url})
+        payment = setup.v1.payment_intents.create(
+            params={"amount": 9000, "currency": "usd", "confirm": True, "payment_method": "pm_x"}
+        ).id
+        client = stripe.StripeClient("sk_test_agent", base_addresses={"api": stripe_server.url})
+        toolkit = StripeToolkit(
+            gov, client, agent="billing-agent", run_policy=narrow, only=["create_refund"]
+        )
+        refund = {"payment_intent": payment, "amount": 2000}
+        with pytest.raises(PolicyViolation) as wider:
+            toolkit.invoke(
+                "create_refund", refund, run="run-1", run_policy=RunPolicy(per_call_cap="50.00")
+            )
+        with pytest.raises(PolicyViolation) as same:
+            toolkit.invoke("create_refund", refund, run="run-1", run_policy=narrow)
+        refunds = [m for m in stripe_server.movements() if m.kind == "refund"]
+    assert wider.value.code is ViolationCode.RUN_POLICY_WIDENED
+    assert same.value.code is ViolationCode.PER_CALL_CAP
+    assert refunds == []
+    assert [r.violation_code for r in gov.audit.query() if r.endpoint == "/v1/refunds"] == [
+        "run_policy_widened",
+        "per_call_cap",
+    ]

@@ -410,6 +410,11 @@ class Governor:
             raise
         try:
             _check_estimate(estimate, free)
+            if run_policy is not None and not isinstance(run_policy, RunPolicy):
+                raise TypeError(
+                    f"run_policy must be a paymaster.RunPolicy, got {type(run_policy).__name__}"
+                    ': build one, as in RunPolicy(cap="10.00", endpoints=["/v1/refunds"])'
+                )
             policy = self._effective(policy_set_entry, run_policy)
         except (TypeError, ValueError) as bad:
             # Bad input is the caller's error, raised as it is; the attempt still leaves

@@ -25,7 +25,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -326,6 +328,16 @@ class RunPolicy(_Rules):
     @classmethod
     def _unknown_currency(cls, data: Any) -> Any:
         return _mark_unknown_currency(data, ("cap", "run_cap", "per_call_cap"))
+
+    @field_serializer("cap", "per_call_cap", mode="wrap", when_used="json")
+    def _plain_amount(
+        self, value: Money | Decimal | None, handler: SerializerFunctionWrapHandler
+    ) -> Any:
+        # An amount without a currency is written as plain digits ("100.00", never
+        # "1E+2"), the form it is read back from (a vault key stores its run policy so).
+        if isinstance(value, Decimal):
+            return format(value, "f")
+        return handler(value)
 
     @field_validator("cap", "per_call_cap", mode="before")
     @classmethod

@@ -386,10 +386,13 @@ class StripeToolkit:
         from .transport import bind
 
         tool, args, key = self._prepare(name, arguments, tool_call_id, run)
-        with bind(
-            agent=self.agent or agent, run=run, run_policy=run_policy or self.run_policy,
-            tool_call_id=tool_call_id,
-        ):  # fmt: skip
+        # The toolkit's run policy, then the call's: two different ones are refused.
+        with (
+            bind(run_policy=self.run_policy),
+            bind(
+                agent=self.agent or agent, run=run, run_policy=run_policy, tool_call_id=tool_call_id
+            ),
+        ):
             return _as_dict(tool.call(self.client, args, key))
 
     async def ainvoke(

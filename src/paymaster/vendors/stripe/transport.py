@@ -77,6 +77,26 @@ class StripeBinding:
     tool_call_id: str | None = None
     credential: str | None = None
     """What the calls were presented with (the proxy's vault key id), on their rows."""
+    run_policy_conflict: str | None = None
+    """Set when two different run policies were given for the same calls (a client's or a
+    toolkit's, and a bound one): they do not stack, and neither may replace the other
+    (the second could widen the first), so the calls are refused."""
+
+
+def _stacked(
+    outer: RunPolicy | None, inner: RunPolicy | None, earlier: str | None
+) -> tuple[RunPolicy | None, str | None]:
+    """The run policy of calls given ``outer`` and then ``inner``, and a conflict if they
+    are two different ones (the outer one is kept, and the calls are refused)."""
+    if earlier is not None:
+        return outer, earlier
+    if outer is None or inner is None or inner == outer:
+        return outer or inner, None
+    return outer, (
+        "two different run policies were given for this call (one by the governed client "
+        "or toolkit, one bound for the call or run): run policies do not stack, and one may "
+        "not replace the other, so the call was refused; give the run's policy in one place"
+    )
 
 
 _NOBODY = StripeBinding()
@@ -101,12 +121,14 @@ def bind(
     and the tasks it starts) to ``agent``, ``run`` and the tool call that makes them: how
     tools tie calls to their run."""
     outer = current_binding()
+    stacked, conflict = _stacked(outer.run_policy, run_policy, outer.run_policy_conflict)
     binding = StripeBinding(
         agent=agent or outer.agent,
         run=run or outer.run,
-        run_policy=run_policy or outer.run_policy,
+        run_policy=stacked,
         tool_call_id=tool_call_id or outer.tool_call_id,
         credential=credential or outer.credential,
+        run_policy_conflict=conflict,
     )
     token = _binding.set(binding)
     try:
@@ -252,12 +274,16 @@ class GovernedHTTPClient(stripe.HTTPClient):
     # -- the steps -----------------------------------------------------------------------
     def _who(self) -> StripeBinding:
         bound = current_binding()
+        stacked, conflict = _stacked(
+            self._defaults.run_policy, bound.run_policy, bound.run_policy_conflict
+        )
         binding = StripeBinding(
             agent=bound.agent or self._defaults.agent,
             run=bound.run or self._defaults.run,
-            run_policy=bound.run_policy or self._defaults.run_policy,
+            run_policy=stacked,
             tool_call_id=bound.tool_call_id,
             credential=bound.credential,
+            run_policy_conflict=conflict,
         )
         if binding.agent is None:
             raise ValueError(
@@ -278,6 +304,15 @@ class GovernedHTTPClient(stripe.HTTPClient):
         Refusals are audited and raised."""
         binding = self._who()
         path = urlsplit(url).path or "/"
+        if binding.run_policy_conflict is not None:
+            self._refuse(
+                PolicyViolation(
+                    ViolationCode.RUN_POLICY_WIDENED, binding.run_policy_conflict, vendor=VENDOR
+                ),
+                binding,
+                path,
+                method.upper(),
+            )
         try:
             _check_headers(headers)
             wire_key = _idempotency_key(headers)
