@@ -376,8 +376,9 @@ class StripeToolkit:
         run_policy: RunPolicy | None = None,
         agent: str | None = None,
     ) -> dict[str, Any]:
-        """Run one tool; returns the Stripe object as a dict. ``run_policy`` narrows the
-        toolkit's for this call's run; ``agent`` is the call's agent type when the toolkit
+        """Run one tool; returns the Stripe object as a dict. ``run_policy`` is the run's
+        policy when the toolkit has none (a different one from the toolkit's is refused:
+        run policies do not stack); ``agent`` is the call's agent type when the toolkit
         has none.
 
         Raises :class:`~paymaster.PolicyViolation` (the call was refused before it was
