@@ -6,6 +6,8 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .errors import PaymasterError
+
 __all__ = ["EXTRAS", "MissingExtra", "requires"]
 
 #: Each extra of ``pyproject.toml`` and the top-level modules it installs.
@@ -18,7 +20,7 @@ EXTRAS: dict[str, frozenset[str]] = {
 }
 
 
-class MissingExtra(ModuleNotFoundError):
+class MissingExtra(PaymasterError, ModuleNotFoundError):
     """An optional dependency is not installed; the message names the extra to install.
 
     A :class:`ModuleNotFoundError` (``name`` is the missing module), so code that catches

@@ -32,6 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from . import statements as S
 from ._outcome import Outcome
 from .db import read_only
+from .errors import PaymasterError
 from .money import Money
 from .schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
 from .storable import TEXT_LIMIT, storable
@@ -299,7 +300,7 @@ MIN_KEY_BYTES = 16
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PaymasterError, ValueError):
     """A checkpoint that cannot be read, or a checkpoint key that cannot be used."""
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
+from .errors import PaymasterError
+
 __all__ = ["InvalidPath", "normalise_path", "path_matches", "pattern_covers", "validate_pattern"]
 
 
-class InvalidPath(ValueError):
+class InvalidPath(PaymasterError, ValueError):
     """A request path that is not in canonical form."""
 
 

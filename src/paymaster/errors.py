@@ -1,4 +1,27 @@
-"""The exceptions paymaster raises, each with a stable machine code."""
+"""The exceptions paymaster raises, each with a stable machine code.
+
+Every exception paymaster raises to its callers derives from :class:`PaymasterError`
+(and from the built-in class a caller may already catch, where there is one)::
+
+    PaymasterError
+    ├── PolicyViolation                 a call refused before it happened (``code``)
+    │   └── InvalidStripeRequest        (also ValueError) a request Stripe would refuse
+    ├── PolicyError                     (also ValueError) a policy that cannot be used
+    ├── GovernanceUnavailable           the ledger cannot be reached: fail closed
+    ├── SchemaVersionError              the database is at a schema this version cannot use
+    ├── HoldNotFound                    (also LookupError)
+    ├── HoldAlreadyResolved
+    ├── SpecError                       a tool spec failed: a bug, not the model's mistake
+    ├── CurrencyMismatch                (also ValueError) amounts in two currencies combined
+    ├── InvalidPath                     (also ValueError) a path not in canonical form
+    ├── StripeAmountError               (also ValueError) an amount Stripe cannot represent
+    ├── CheckpointError                 (also ValueError) an unreadable audit checkpoint
+    ├── MissingExtra                    (also ModuleNotFoundError) names the extra to install
+    ├── VaultKeyError
+    │   ├── VaultKeyNotFound            (also LookupError)
+    │   └── VaultKeyRefused             a proxy request's key does not authenticate
+    └── UpstreamNotReached              (also httpx.TransportError) the proxy's upstream
+"""
 
 from __future__ import annotations
 

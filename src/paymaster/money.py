@@ -25,6 +25,8 @@ from typing import Any
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
+from .errors import PaymasterError
+
 __all__ = [
     "CURRENCY_EXPONENTS",
     "MAX_AMOUNT",
@@ -102,7 +104,7 @@ def major_units(major: str | int | Decimal) -> Decimal:
     return value
 
 
-class CurrencyMismatch(ValueError):
+class CurrencyMismatch(PaymasterError, ValueError):
     """Two amounts in different currencies were combined or compared."""
 
 

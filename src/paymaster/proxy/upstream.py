@@ -16,6 +16,8 @@ import httpx
 import stripe
 from pydantic import SecretStr
 
+from ..errors import PaymasterError
+
 __all__ = ["RESPONSE_HEADERS", "UpstreamClient", "UpstreamNotReached", "scrub"]
 
 #: The upstream response headers passed back to the client (others are dropped: hop-by-hop
@@ -45,7 +47,7 @@ def scrub(body: bytes, key: SecretStr) -> bytes:
     return _KEY_TEXT.sub(_REDACTED, body)
 
 
-class UpstreamNotReached(httpx.TransportError):
+class UpstreamNotReached(PaymasterError, httpx.TransportError):
     """No connection to the upstream: the request was not sent, so its hold is released.
     (httpx's ``ConnectTimeout`` and ``PoolTimeout`` would read as "outcome unknown".)"""
 

@@ -15,6 +15,7 @@ payouts), so they follow ISO here.
 
 from __future__ import annotations
 
+from ...errors import PaymasterError
 from ...money import Money, currency_exponent
 
 __all__ = [
@@ -37,7 +38,7 @@ STRIPE_THREE_DECIMAL = frozenset("BHD JOD KWD OMR TND".split())
 _STRIPE_WIDER = {"ISK": 2}
 
 
-class StripeAmountError(ValueError):
+class StripeAmountError(PaymasterError, ValueError):
     """An amount Stripe cannot represent or would refuse (checked before any reserve)."""
 
 
