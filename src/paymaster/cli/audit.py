@@ -31,6 +31,13 @@ __all__ = ["app"]
 
 app = typer.Typer(help="The audit log: tail, export, verify, checkpoint.", no_args_is_help=True)
 
+#: Where export and checkpoint write: a file replaced only once complete, or stdout.
+OutputOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--output", "-o", help="Write here (replaced only once complete); default stdout."
+    ),
+]
 TimeOption = Annotated[
     datetime | None,
     typer.Option(parser=parse_time, metavar="ISO|10m|2h",
@@ -131,12 +138,7 @@ def export(
     fmt: Annotated[Format, typer.Option("--format", help="csv or jsonl.")] = Format.CSV,
     since: TimeOption = None,
     until: TimeOption = None,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output", "-o", help="Write here (replaced only once complete); default stdout."
-        ),
-    ] = None,
+    output: OutputOption = None,
 ) -> None:
     """Stream the audit log as CSV or JSON Lines, with constant memory.
 
@@ -194,12 +196,7 @@ def _key(key_file: Path | None) -> bytes | None:
 def checkpoint(
     db: DbOption = DEFAULT_DB,
     key_file: KeyFile = None,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output", "-o", help="Write here (replaced only once complete); default stdout."
-        ),
-    ] = None,
+    output: OutputOption = None,
 ) -> None:
     """Write every chain head (chain, seq, hash, time) as JSON, signed with --key-file.
 
