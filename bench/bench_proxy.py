@@ -93,9 +93,7 @@ def _env_int(name: str, default: int) -> int:
 def settings_for(config: Any) -> ProxySettings:
     """The settings under ``ledger_bench.py``: its database choices, counts from
     ``PAYMASTER_BENCH_PROXY_*`` (or the quick ones under ``--quick``)."""
-    counts = {
-        k: _env_int(k, QUICK[k] if config.quick else getattr(ProxySettings, k)) for k in HELP
-    }
+    counts = {k: _env_int(k, QUICK[k] if config.quick else getattr(ProxySettings, k)) for k in HELP}
     return ProxySettings(
         **counts, pg_url=config.pg_url, no_postgres=config.no_postgres, tmpdir=config.tmpdir
     )
@@ -112,10 +110,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxySettings:
             "--" + name, type=int, default=default, help=f"{help_text} (default: {default})"
         )
     pg_default = next(
-        (os.environ[v] for v in ("PAYMASTER_BENCH_POSTGRES_URL", "PAYMASTER_BENCH_PG_URL",
-                                 "PAYMASTER_TEST_POSTGRES_URL") if os.environ.get(v)),
+        (
+            os.environ[v]
+            for v in (
+                "PAYMASTER_BENCH_POSTGRES_URL",
+                "PAYMASTER_BENCH_PG_URL",
+                "PAYMASTER_TEST_POSTGRES_URL",
+            )
+            if os.environ.get(v)
+        ),
         DEFAULT_PG_URL,
-    )  # fmt: skip
+    )
     parser.add_argument("--pg-url", default=pg_default, help=f"PostgreSQL (default: {pg_default})")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--tmpdir", default="", help="directory for the SQLite files")
@@ -235,12 +240,18 @@ def run_proxy_bench(settings: ProxySettings, tmp: Path, progress: Console) -> Pr
         direct = ls.client()
         customer = direct.v1.customers.create(params={"email": "bench@example.com"}).id
         intent = direct.v1.payment_intents.create(
-            params={"amount": INTENT_AMOUNT, "currency": "usd",
-                    "payment_method": "pm_card_visa", "confirm": True}
-        ).id  # fmt: skip
+            params={
+                "amount": INTENT_AMOUNT,
+                "currency": "usd",
+                "payment_method": "pm_card_visa",
+                "confirm": True,
+            }
+        ).id
         reads = [read_variant(direct, customer, "direct", None)]
-        refunds = [bare_refund_variant(direct, intent, with_lookup=False),
-                   bare_refund_variant(direct, intent, with_lookup=True)]  # fmt: skip
+        refunds = [
+            bare_refund_variant(direct, intent, with_lookup=False),
+            bare_refund_variant(direct, intent, with_lookup=True),
+        ]
         governors: dict[str, Governor] = {}
         proxies: dict[str, RunningProxy] = {}
         for backend in backends:
@@ -264,6 +275,7 @@ def run_proxy_bench(settings: ProxySettings, tmp: Path, progress: Console) -> Pr
         checks = {label: check_ledger(g, variants) for label, g in governors.items()}
 
         for backend, gov in governors.items():
+
             def new_key(g: Governor = gov) -> str:
                 return VaultKeys(g.engine).create(AGENT, by="bench").secret
 
@@ -280,13 +292,15 @@ def run_proxy_bench(settings: ProxySettings, tmp: Path, progress: Console) -> Pr
         progress.print(f"[dim]proxy: agent revokes seen by two proxies on {last} ...[/]")
         for _ in range(settings.revokes):
             series.timings += time_revokes(
-                [proxies[last], second], governors[last],
+                [proxies[last], second],
+                governors[last],
                 lambda g=governors[last]: VaultKeys(g.engine).create(AGENT, by="bench").secret,
                 "agent",
-            )  # fmt: skip
+            )
         revokes.append(series)
-    versions = ", ".join(f"{p} {version(p)}" for p in
-                         ("stripe", "localstripe", "starlette", "uvicorn", "httpx"))  # fmt: skip
+    versions = ", ".join(
+        f"{p} {version(p)}" for p in ("stripe", "localstripe", "starlette", "uvicorn", "httpx")
+    )
     return ProxyResults(
         variants, checks, revokes, settings, versions, time.perf_counter() - started
     )
@@ -308,14 +322,23 @@ def print_proxy(console: Console, results: ProxyResults, number: str = "5.") -> 
     table = new_table(
         f"{number} The governing proxy vs calling localstripe directly, single client thread "
         "(times in ms)",
-        "operation / path", "HTTP calls", "calls", "p50", "p99", "added p50", "added p99",
-        "added p50 vs same HTTP work", "added p99 vs same HTTP work", "ledger check",
-    )  # fmt: skip
+        "operation / path",
+        "HTTP calls",
+        "calls",
+        "p50",
+        "p99",
+        "added p50",
+        "added p99",
+        "added p50 vs same HTTP work",
+        "added p99 vs same HTTP work",
+        "ledger check",
+    )
     by_label = {(v.op, v.label): v for v in results.variants}
     for v in results.variants:
         base = by_label.get((v.op, "direct" if v.op == "read" else "bare POST"))
-        same = by_label.get((v.op, "direct" if v.op == "read" else
-                             "bare GET+POST (same HTTP work)"))  # fmt: skip
+        same = by_label.get(
+            (v.op, "direct" if v.op == "read" else "bare GET+POST (same HTTP work)")
+        )
         check = "-"
         if v.governor is not None:
             c = results.checks[v.label.removeprefix("through the proxy, ")]
@@ -326,11 +349,17 @@ def print_proxy(console: Console, results: ProxyResults, number: str = "5.") -> 
         op = "customers.retrieve" if v.op == "read" else "refunds.create $0.01"
         label = v.label.replace("bare", "direct")
         table.add_row(
-            f"{op}: {label}", str(v.http_calls), f"{len(v.samples_ns):,}",
-            _ms(percentile(v.samples_ns, 50)), _ms(percentile(v.samples_ns, 99)),
-            _added(v, base, 50), _added(v, base, 99), _added(v, same, 50), _added(v, same, 99),
+            f"{op}: {label}",
+            str(v.http_calls),
+            f"{len(v.samples_ns):,}",
+            _ms(percentile(v.samples_ns, 50)),
+            _ms(percentile(v.samples_ns, 99)),
+            _added(v, base, 50),
+            _added(v, base, 99),
+            _added(v, same, 50),
+            _added(v, same, 99),
             check,
-        )  # fmt: skip
+        )
     console.print(table)
     notes(
         console,
@@ -352,18 +381,29 @@ def print_proxy(console: Console, results: ProxyResults, number: str = "5.") -> 
     table = new_table(
         f"{number[:-1]}b Revoke to refusal: from the revoke call's start (its own "
         "transaction and commit included) to the first refused response (ms)",
-        "revoke", "ledger", "revokes timed", "min", "p50", "max", "revoke call p50",
-        "allowed, started after the commit", "allowed, in flight at the commit",
-    )  # fmt: skip
+        "revoke",
+        "ledger",
+        "revokes timed",
+        "min",
+        "p50",
+        "max",
+        "revoke call p50",
+        "allowed, started after the commit",
+        "allowed, in flight at the commit",
+    )
     for series in results.revokes:
         times = [t.to_refusal_ns for t in series.timings]
         table.add_row(
-            series.kind, series.backend, str(len(times)), _ms(min(times)),
-            _ms(percentile(times, 50)), _ms(max(times)),
+            series.kind,
+            series.backend,
+            str(len(times)),
+            _ms(min(times)),
+            _ms(percentile(times, 50)),
+            _ms(max(times)),
             _ms(percentile([t.revoke_call_ns for t in series.timings], 50)),
             str(sum(t.started_after_allowed for t in series.timings)),
             str(sum(t.in_flight_allowed for t in series.timings)),
-        )  # fmt: skip
+        )
     console.print(table)
     notes(
         console,

@@ -64,10 +64,14 @@ REFUND_MINOR = 1  # each refund: $0.01
 LOOKUP_EXPAND = ["latest_charge"]
 INTENT_AMOUNT = 100_000_000  # $1,000,000.00: localstripe never runs out of refundable amount
 POLICY = {
-    "id": "bench", "agent": AGENT, "vendor": "stripe", "currency": "USD",
-    "daily_cap": "1000000.00", "per_call_cap": "1000.00",
+    "id": "bench",
+    "agent": AGENT,
+    "vendor": "stripe",
+    "currency": "USD",
+    "daily_cap": "1000000.00",
+    "per_call_cap": "1000.00",
     "endpoints": ["/v1/refunds", "/v1/payment_intents", "/v1/charges", "/v1/customers"],
-}  # fmt: skip
+}
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -277,9 +281,13 @@ def run_stripe(settings: StripeSettings, tmp: Path, progress: Console) -> Stripe
         bare = ls.client()
         customer = bare.v1.customers.create(params={"email": "bench@example.com"}).id
         intent = bare.v1.payment_intents.create(
-            params={"amount": INTENT_AMOUNT, "currency": "usd",
-                    "payment_method": "pm_card_visa", "confirm": True}
-        ).id  # fmt: skip
+            params={
+                "amount": INTENT_AMOUNT,
+                "currency": "usd",
+                "payment_method": "pm_card_visa",
+                "confirm": True,
+            }
+        ).id
         reads = [read_variant(bare, customer, "bare", None)]
         refunds = [
             bare_refund_variant(bare, intent, with_lookup=False),
@@ -290,9 +298,12 @@ def run_stripe(settings: StripeSettings, tmp: Path, progress: Console) -> Stripe
             gov = open_governor(stack, backend, tmp, settings.pg_url)
             governors[backend.label] = gov
             client = governed_client(
-                gov, "sk_test_x", agent=AGENT, run=f"bench-{uuid.uuid4().hex[:8]}",
+                gov,
+                "sk_test_x",
+                agent=AGENT,
+                run=f"bench-{uuid.uuid4().hex[:8]}",
                 base_addresses={"api": ls.url},
-            )  # fmt: skip
+            )
             label = f"governed, {backend.label}"
             reads.append(read_variant(client, customer, label, gov))
             refunds.append(refund_variant(client, intent, label, gov))

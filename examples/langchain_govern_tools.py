@@ -36,16 +36,22 @@ args = parser.parse_args()
 with run_localstripe() as server, tempfile.TemporaryDirectory() as tmp:
     ledger = args.db or f"{tmp}/ledger.db"
     stripe = server.client()
-    payment = stripe.v1.payment_intents.create(params={
-        "amount": 50000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True,
-    }).id  # fmt: skip
+    payment = stripe.v1.payment_intents.create(
+        params={
+            "amount": 50000,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+        }
+    ).id
 
     # Your existing tools, unchanged.
     @tool
     def issue_refund(payment_intent: str, amount: int) -> dict:
         """Refund part of a payment; amount in cents."""
-        refund = stripe.v1.refunds.create(params={"payment_intent": payment_intent,
-                                                  "amount": amount})  # fmt: skip
+        refund = stripe.v1.refunds.create(
+            params={"payment_intent": payment_intent, "amount": amount}
+        )
         return {"id": refund.id, "amount": refund.amount}
 
     @tool
@@ -54,29 +60,42 @@ with run_localstripe() as server, tempfile.TemporaryDirectory() as tmp:
         return str(stripe.v1.payment_intents.retrieve(payment_intent).status)
 
     # The integration: one spec per tool, then govern_tools.
-    governor = Governor(f"sqlite:///{ledger}",
-                        policies=load_policies(Path(__file__).with_name("policies.yaml")))
-    tools = govern_tools([issue_refund, lookup_payment], governor, specs={
-        "issue_refund": ToolSpec(vendor="stripe", endpoint="/v1/refunds",
-                                 estimate=lambda args: Money(args["amount"], "USD"),
-                                 actual=lambda output: output["amount"]),
-        "lookup_payment": FREE,
-    })  # fmt: skip
+    governor = Governor(
+        f"sqlite:///{ledger}", policies=load_policies(Path(__file__).with_name("policies.yaml"))
+    )
+    tools = govern_tools(
+        [issue_refund, lookup_payment],
+        governor,
+        specs={
+            "issue_refund": ToolSpec(
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=lambda args: Money(args["amount"], "USD"),
+                actual=lambda output: output["amount"],
+            ),
+            "lookup_payment": FREE,
+        },
+    )
 
     def turn(n: int, name: str, args: dict[str, Any]) -> AIMessage:
         return AIMessage("", tool_calls=[{"name": name, "args": args, "id": f"call_{n}"}])
 
     refund = {"payment_intent": payment, "amount": 2500}
-    model = ScriptedChatModel(messages=iter(
-        [turn(0, "lookup_payment", {"payment_intent": payment})]
-        + [turn(n, "issue_refund", refund) for n in range(1, 7)]
-        + [AIMessage("All refunded.")]
-    ))  # fmt: skip
-    agent = create_agent(model, tools=tools, name="refund-agent",
-                         middleware=[ToolRetryMiddleware(max_retries=3)])  # fmt: skip
+    model = ScriptedChatModel(
+        messages=iter(
+            [turn(0, "lookup_payment", {"payment_intent": payment})]
+            + [turn(n, "issue_refund", refund) for n in range(1, 7)]
+            + [AIMessage("All refunded.")]
+        )
+    )
+    agent = create_agent(
+        model, tools=tools, name="refund-agent", middleware=[ToolRetryMiddleware(max_retries=3)]
+    )
     try:
-        agent.invoke({"messages": [("user", "Refund me, again and again.")]},
-                     config={"metadata": {"run_id": "demo-run"}})  # fmt: skip
+        agent.invoke(
+            {"messages": [("user", "Refund me, again and again.")]},
+            config={"metadata": {"run_id": "demo-run"}},
+        )
     except PolicyViolation as violation:
         console.print(f"[bold red]run stopped[/bold red]: {escape(str(violation))}")
     for row in governor.audit.query(run="demo-run"):

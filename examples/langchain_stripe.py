@@ -30,8 +30,6 @@ POLICIES = Path(__file__).with_name("policies.yaml")
 console = Console()
 
 
-
-
 def the_model(intent: str) -> Any:
     """A real model with an API key; otherwise one that refunds $20.00, then $30.00."""
     if os.environ.get("OPENAI_API_KEY"):
@@ -39,10 +37,18 @@ def the_model(intent: str) -> Any:
 
         return init_chat_model("openai:gpt-4.1-mini")
     turns = [
-        AIMessage("", tool_calls=[{"name": "create_refund", "id": f"call_{amount}",
-                                   "args": {"payment_intent": intent, "amount": amount}}])
+        AIMessage(
+            "",
+            tool_calls=[
+                {
+                    "name": "create_refund",
+                    "id": f"call_{amount}",
+                    "args": {"payment_intent": intent, "amount": amount},
+                }
+            ],
+        )
         for amount in (2000, 3000)
-    ]  # fmt: skip
+    ]
     return ScriptedChatModel(messages=iter([*turns, AIMessage("Refunded.")]))
 
 
@@ -59,16 +65,19 @@ def main() -> None:
         ) as governor,
     ):
         # The one line: governed tools for the refund-agent policy ($25 a call, $100 a day).
-        toolkit = PaymasterStripeToolkit(governor, client, agent="refund-agent",
-                                         only=["create_refund"])  # fmt: skip
+        toolkit = PaymasterStripeToolkit(
+            governor, client, agent="refund-agent", only=["create_refund"]
+        )
         agent = create_agent(
             the_model(intent),
             tools=toolkit.get_tools(),
             system_prompt=f"Refund $20.00 of {intent}, then $30.00 more, one per turn.",
         )
         try:
-            state = agent.invoke({"messages": [("user", "Please refund me.")]},
-                                 config={"metadata": {"run_id": "demo-run"}})  # fmt: skip
+            state = agent.invoke(
+                {"messages": [("user", "Please refund me.")]},
+                config={"metadata": {"run_id": "demo-run"}},
+            )
             console.print(f"the agent finished: {state['messages'][-1].content}")
         except PolicyViolation as violation:
             console.print(f"[bold red]the run was stopped[/bold red]: {escape(str(violation))}")

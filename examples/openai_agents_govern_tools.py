@@ -31,16 +31,22 @@ args = parser.parse_args()
 with run_localstripe() as server, tempfile.TemporaryDirectory() as tmp:
     ledger = args.db or f"{tmp}/ledger.db"
     stripe = server.client()
-    payment = stripe.v1.payment_intents.create(params={
-        "amount": 50000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True,
-    }).id  # fmt: skip
+    payment = stripe.v1.payment_intents.create(
+        params={
+            "amount": 50000,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+        }
+    ).id
 
     # Your existing tools, unchanged.
     @function_tool
     def issue_refund(payment_intent: str, amount: int) -> dict:
         """Refund part of a payment; amount in cents."""
-        refund = stripe.v1.refunds.create(params={"payment_intent": payment_intent,
-                                                  "amount": amount})  # fmt: skip
+        refund = stripe.v1.refunds.create(
+            params={"payment_intent": payment_intent, "amount": amount}
+        )
         return {"id": refund.id, "amount": refund.amount}
 
     @function_tool
@@ -49,14 +55,22 @@ with run_localstripe() as server, tempfile.TemporaryDirectory() as tmp:
         return str(stripe.v1.payment_intents.retrieve(payment_intent).status)
 
     # The integration: one spec per tool, then govern_tools.
-    governor = Governor(f"sqlite:///{ledger}",
-                        policies=load_policies(Path(__file__).with_name("policies.yaml")))
-    tools = govern_tools([issue_refund, lookup_payment], governor, specs={
-        "issue_refund": ToolSpec(vendor="stripe", endpoint="/v1/refunds",
-                                 estimate=lambda args: Money(args["amount"], "USD"),
-                                 actual=lambda result: result["amount"]),
-        "lookup_payment": FREE,
-    })  # fmt: skip
+    governor = Governor(
+        f"sqlite:///{ledger}", policies=load_policies(Path(__file__).with_name("policies.yaml"))
+    )
+    tools = govern_tools(
+        [issue_refund, lookup_payment],
+        governor,
+        specs={
+            "issue_refund": ToolSpec(
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=lambda args: Money(args["amount"], "USD"),
+                actual=lambda result: result["amount"],
+            ),
+            "lookup_payment": FREE,
+        },
+    )
 
     refund = {"payment_intent": payment, "amount": 2500}
     model = ScriptedModel(

@@ -43,9 +43,14 @@ def stripe_and_payment(intent: str | None) -> Iterator[tuple[stripe.StripeClient
         return
     with run_localstripe() as server:
         merchant = server.client()
-        paid = merchant.v1.payment_intents.create(params={
-            "amount": 6000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True,
-        })  # fmt: skip
+        paid = merchant.v1.payment_intents.create(
+            params={
+                "amount": 6000,
+                "currency": "usd",
+                "payment_method": "pm_card_visa",
+                "confirm": True,
+            }
+        )
         yield merchant, str(paid.id)
 
 
@@ -53,11 +58,19 @@ def the_model(intent: str) -> Model | str:
     """A real model with an API key; otherwise one that refunds $20.00, then $30.00."""
     if os.environ.get("OPENAI_API_KEY"):
         return "gpt-4.1-mini"
-    return ScriptedModel([
-        [function_call("create_refund", {"payment_intent": intent, "amount": amount,
-                                         "reason": None}, call_id=f"call_{amount}")]
-        for amount in (2000, 3000)
-    ] + [[assistant_message("Refunded.")]])  # fmt: skip
+    return ScriptedModel(
+        [
+            [
+                function_call(
+                    "create_refund",
+                    {"payment_intent": intent, "amount": amount, "reason": None},
+                    call_id=f"call_{amount}",
+                )
+            ]
+            for amount in (2000, 3000)
+        ]
+        + [[assistant_message("Refunded.")]]
+    )
 
 
 def main() -> None:

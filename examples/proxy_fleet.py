@@ -33,8 +33,10 @@ def attempt(name: str, client: stripe.StripeClient, payment: str) -> None:
         console.print(f"  {name}: refunded {refund.id} ${refund.amount / 100:.2f}")
     except stripe.StripeError as refused:
         code = refused.error.code if refused.error else None
-        console.print(f"  {name}: [bold]{type(refused).__name__}[/bold] {refused.http_status} "
-                      f"{code}: {refused.user_message}")  # fmt: skip
+        console.print(
+            f"  {name}: [bold]{type(refused).__name__}[/bold] {refused.http_status} "
+            f"{code}: {refused.user_message}"
+        )
 
 
 def main() -> None:
@@ -46,12 +48,22 @@ def main() -> None:
     url = f"sqlite:///{db}"
     with Governor(url, policies=POLICIES) as ledger, run_localstripe() as upstream:
         key = VaultKeys(ledger.engine).create("refund-agent", by="demo").secret
-        console.print(f"vault key for refund-agent: {key[:16]}... (the real key stays in the "
-                      "proxies' environment)")  # fmt: skip
-        payment = str(upstream.client().v1.payment_intents.create(params={
-            "amount": 50_000, "currency": "usd", "payment_method": "pm_card_visa",
-            "confirm": True,
-        }).id)  # fmt: skip
+        console.print(
+            f"vault key for refund-agent: {key[:16]}... (the real key stays in the "
+            "proxies' environment)"
+        )
+        payment = str(
+            upstream.client()
+            .v1.payment_intents.create(
+                params={
+                    "amount": 50_000,
+                    "currency": "usd",
+                    "payment_method": "pm_card_visa",
+                    "confirm": True,
+                }
+            )
+            .id
+        )
         with (
             run_proxy(url, POLICIES, upstream.url) as a,
             run_proxy(url, POLICIES, upstream.url) as b,
@@ -72,9 +84,11 @@ def main() -> None:
         refunds = upstream.client().v1.refunds.list(params={"limit": 100}).data
         (budget,) = [b for b in ledger.budgets() if b.kind == "daily"]
         console.rule("what the Stripe server and the ledger say")
-        console.print(f"  localstripe refunded ${sum(r.amount for r in refunds) / 100:.2f} "
-                      f"in {len(refunds)} refunds; the ledger settled {budget.settled.format()} "
-                      f"of {budget.cap.format()}")  # fmt: skip
+        console.print(
+            f"  localstripe refunded ${sum(r.amount for r in refunds) / 100:.2f} "
+            f"in {len(refunds)} refunds; the ledger settled {budget.settled.format()} "
+            f"of {budget.cap.format()}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,15 @@ console = Console()
 
 def pay(merchant: stripe.StripeClient, customer: str, amount: int) -> str:
     """A customer's card payment, made by the merchant's own (ungoverned) code."""
-    intent = merchant.v1.payment_intents.create(params={
-        "amount": amount, "currency": "usd", "customer": customer,
-        "payment_method": "pm_card_visa", "confirm": True,
-    })  # fmt: skip
+    intent = merchant.v1.payment_intents.create(
+        params={
+            "amount": amount,
+            "currency": "usd",
+            "customer": customer,
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+        }
+    )
     return str(intent.id)
 
 
@@ -48,15 +53,18 @@ def refunded(merchant: stripe.StripeClient) -> Money:
 def second_process(db: str, url: str, payment: str) -> None:
     """Another instance of the agent, in its own OS process, on the same ledger."""
     gov = Governor(f"sqlite:///{db}", policies=load_policies(POLICIES))
-    client = governed_client(gov, "sk_test_demo", agent="refund-agent", run="run-43",
-                             base_addresses={"api": url})  # fmt: skip
+    client = governed_client(
+        gov, "sk_test_demo", agent="refund-agent", run="run-43", base_addresses={"api": url}
+    )
     try:
         client.v1.refunds.create(params={"payment_intent": payment, "amount": 2000})
         console.print("  [red]second process refunded: the cap did not hold![/red]")
     except PolicyViolation as violation:
         left = violation.remaining.format() if violation.remaining else "nothing"
-        console.print(f"  second process (pid {multiprocessing.current_process().pid}) "
-                      f"refused: [bold]{violation.code}[/bold], {left} left today")  # fmt: skip
+        console.print(
+            f"  second process (pid {multiprocessing.current_process().pid}) "
+            f"refused: [bold]{violation.code}[/bold], {left} left today"
+        )
     finally:
         gov.close()
 
@@ -78,9 +86,14 @@ def main() -> None:
         gov = Governor(f"sqlite:///{db}", policies=load_policies(POLICIES))
         # This run may only touch Alice's payments: a run policy narrows the agent's policy.
         run_policy = RunPolicy(customers=[alice])
-        agent_stripe = governed_client(gov, "sk_test_demo", agent="refund-agent", run="run-42",
-                                       run_policy=run_policy,
-                                       base_addresses={"api": server.url})  # fmt: skip
+        agent_stripe = governed_client(
+            gov,
+            "sk_test_demo",
+            agent="refund-agent",
+            run="run-42",
+            run_policy=run_policy,
+            base_addresses={"api": server.url},
+        )
 
         console.rule("[bold]1. A runaway loop: the agent keeps refunding $20.00")
         for attempt in range(1, 9):
@@ -91,8 +104,10 @@ def main() -> None:
                 )
                 console.print(f"  attempt {attempt}: allowed  {refund.id} on {payment}")
             except PolicyViolation as violation:
-                console.print(f"  attempt {attempt}: [bold red]PolicyViolation[/bold red] "
-                              f"{escape(str(violation))}")  # fmt: skip
+                console.print(
+                    f"  attempt {attempt}: [bold red]PolicyViolation[/bold red] "
+                    f"{escape(str(violation))}"
+                )
                 break
         console.print(f"  the Stripe server refunded {refunded(merchant).format()} in all")
 
@@ -108,8 +123,10 @@ def main() -> None:
         try:
             agent_stripe.v1.refunds.create(params={"payment_intent": other, "amount": 500})
         except PolicyViolation as violation:
-            console.print(f"  [bold red]{escape(str(violation))}[/bold red] "
-                          "(the customer comes from the payment, looked up first)")  # fmt: skip
+            console.print(
+                f"  [bold red]{escape(str(violation))}[/bold red] "
+                "(the customer comes from the payment, looked up first)"
+            )
 
         console.rule("[bold]4. An operator revokes the run: the next call is refused")
         agent_stripe.v1.customers.retrieve(alice)
@@ -134,12 +151,21 @@ def main() -> None:
             rows.add_column(column)
         for record in gov.audit.query():
             cost = record.cost.format() if record.cost else "-"
-            rows.add_row(str(record.id), record.run or "-", record.method, record.endpoint,
-                         record.outcome, cost, record.violation_code or "")  # fmt: skip
+            rows.add_row(
+                str(record.id),
+                record.run or "-",
+                record.method,
+                record.endpoint,
+                record.outcome,
+                cost,
+                record.violation_code or "",
+            )
         console.print(rows)
         verdict = gov.audit.verify()
-        console.print(f"audit chain verified: {verdict.ok} ({verdict.rows_checked} rows); "
-                      f"ledger file: {Path(db).resolve()}")  # fmt: skip
+        console.print(
+            f"audit chain verified: {verdict.ok} ({verdict.rows_checked} rows); "
+            f"ledger file: {Path(db).resolve()}"
+        )
         gov.close()
 
 

@@ -22,9 +22,14 @@ def localstripe() -> Iterator[LocalStripe]:
 def refund_agent_policy(**overrides: Any) -> Policy:
     """refund-agent: $100 a day, $50 a call, refunds and the look-ups they need."""
     fields: dict[str, Any] = {
-        "id": "refunds", "agent": "refund-agent", "vendor": "stripe", "currency": "USD",
-        "daily_cap": "100.00", "per_call_cap": "50.00", "endpoints": REFUND_ENDPOINTS,
-    }  # fmt: skip
+        "id": "refunds",
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "currency": "USD",
+        "daily_cap": "100.00",
+        "per_call_cap": "50.00",
+        "endpoints": REFUND_ENDPOINTS,
+    }
     fields.update(overrides)
     return Policy.model_validate(fields)
 
@@ -32,9 +37,13 @@ def refund_agent_policy(**overrides: Any) -> Policy:
 def paid_intent(server: LocalStripe, amount: int = 2000, currency: str = "usd") -> str:
     """A succeeded PaymentIntent, made with an ungoverned client; returns its id."""
     intent = server.client().v1.payment_intents.create(
-        params={"amount": amount, "currency": currency, "payment_method": "pm_card_visa",
-                "confirm": True}
-    )  # fmt: skip
+        params={
+            "amount": amount,
+            "currency": currency,
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+        }
+    )
     return str(intent.id)
 
 
@@ -55,8 +64,9 @@ def assert_every_hold_accounted_for(gov: Any) -> None:
 
     day = gov.ledger.now().date()  # the test governor's clock, not the wall clock
     gov.close()
-    with Governor(gov.engine.url.render_as_string(hide_password=False),
-                  policies=gov.policies) as fresh:  # fmt: skip
+    with Governor(
+        gov.engine.url.render_as_string(hide_password=False), policies=gov.policies
+    ) as fresh:
         unresolved = fresh.holds()
         assert [h for h in unresolved if h.state is HoldState.PENDING] == []
         unknown_rows = {r.hold_id for r in fresh.audit.query(outcome="unknown")}

@@ -66,9 +66,12 @@ def alerting(make_governor: MakeGov, collector: Collector, **config: Any) -> Gov
 def refund(gov: Governor, amount: str, *, settle: str | None = None, **kw: Any) -> None:
     """One governed refund (settled at ``settle``, default its estimate)."""
     args: dict[str, Any] = {
-        "agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-        "estimate": Money.parse(f"{amount} USD"), **kw,
-    }  # fmt: skip
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money.parse(f"{amount} USD"),
+        **kw,
+    }
     with gov.guard(**args) as call:
         call.settle(Money.parse(f"{settle} USD") if settle else None)
 
@@ -291,8 +294,12 @@ def test_a_threshold_fires_once_per_window_even_after_a_release(
 ) -> None:
     seen = Collector()
     gov = alerting(make_governor, seen)
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money.parse("50.00 USD")) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money.parse("50.00 USD"),
+    ) as call:
         call.fail(http_status=402)  # released: committed falls back to 0
     refund(gov, "50.00")  # 50% again, same window
     flush(gov)
@@ -333,8 +340,12 @@ def test_aguard_calls_alert_too(make_governor: MakeGov) -> None:
     gov = alerting(make_governor, seen)
 
     async def main() -> None:
-        async with gov.aguard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                              estimate=Money.parse("50.00 USD")) as call:  # fmt: skip
+        async with gov.aguard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money.parse("50.00 USD"),
+        ) as call:
             await call.settle()
 
     asyncio.run(main())
@@ -382,8 +393,13 @@ def test_revoke_alerts_from_the_revoking_governor_only(make_governor: MakeGov) -
 def test_stale_holds_alert_once_each_across_governors(make_governor: MakeGov, clock: Clock) -> None:
     seen = Collector()
     gov, other = alerting(make_governor, seen), make_governor()
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money.parse("5.00 USD"), run="run-1") as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money.parse("5.00 USD"),
+        run="run-1",
+    ) as call:
         assert gov.check_stale_holds(timedelta(minutes=5)) == []
         clock.advance(minutes=6)
         [stale] = gov.check_stale_holds(timedelta(minutes=5))
@@ -402,13 +418,23 @@ def test_a_hold_reserved_again_after_release_can_go_stale_again(
 ) -> None:
     gov = make_governor()
     key = {"idempotency_key": "refund-1"}
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(500, USD), **key) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money(500, USD),
+        **key,
+    ) as call:
         clock.advance(minutes=10)
         assert len(gov.check_stale_holds(timedelta(minutes=5))) == 1
         call.fail(http_status=500)
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(500, USD), **key) as again:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money(500, USD),
+        **key,
+    ) as again:
         assert again.hold_id == call.hold_id
         clock.advance(minutes=10)
         assert len(gov.check_stale_holds(timedelta(minutes=5))) == 1
@@ -574,8 +600,14 @@ def test_alert_config_validates_thresholds() -> None:
 
 def test_alert_to_dict_is_json() -> None:
     at = datetime(2026, 11, 24, tzinfo=timezone.utc)
-    alert = Alert(kind=AlertKind.THRESHOLD, message="m", at=at, threshold=0.5,
-                  committed=Money(5000, "JPY"), cap=Money(10000, "JPY"))  # fmt: skip
+    alert = Alert(
+        kind=AlertKind.THRESHOLD,
+        message="m",
+        at=at,
+        threshold=0.5,
+        committed=Money(5000, "JPY"),
+        cap=Money(10000, "JPY"),
+    )
     data = json.loads(json.dumps(alert.to_dict()))
     assert data["kind"] == "threshold" and data["at"] == "2026-11-24T00:00:00+00:00"
     assert data["committed"] == {"amount": 5000, "currency": "JPY", "formatted": "5000 JPY"}
@@ -618,12 +650,22 @@ def test_a_database_at_0002_upgrades_and_alerts_on_its_old_holds(db_url: str, cl
         with engine.begin() as conn:
             command.upgrade(_alembic_config(conn), "0002")
             old_hold = Table("paymaster_hold", MetaData(), autoload_with=conn)
-            conn.execute(old_hold.insert().values(
-                id="h" * 32, agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                method="POST", currency="USD", estimate=500, daily_budget_id=1,
-                policy_id="refunds", policy_hash="0" * 64, state="pending",
-                created_at=clock.now - timedelta(hours=2),
-            ))  # fmt: skip
+            conn.execute(
+                old_hold.insert().values(
+                    id="h" * 32,
+                    agent="refund-agent",
+                    vendor="stripe",
+                    endpoint="/v1/refunds",
+                    method="POST",
+                    currency="USD",
+                    estimate=500,
+                    daily_budget_id=1,
+                    policy_id="refunds",
+                    policy_hash="0" * 64,
+                    state="pending",
+                    created_at=clock.now - timedelta(hours=2),
+                )
+            )
     finally:
         engine.dispose()
     gov = Governor(db_url, policies=[refund_policy()], clock=clock)  # upgrades to head

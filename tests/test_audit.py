@@ -18,24 +18,52 @@ MakeGov = Callable[..., Governor]
 def _calls(gov: Governor, clock: Clock) -> None:
     """Two agents: allowed, failed, errored and denied calls across two runs."""
     for run, amount in (("run-a", 1000), ("run-a", 2000), ("run-b", 500)):
-        with gov.guard(agent="refund-agent", run=run, vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money(amount, "USD")) as call:  # fmt: skip
+        with gov.guard(
+            agent="refund-agent",
+            run=run,
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(amount, "USD"),
+        ) as call:
             call.settle(http_status=200, vendor_request_id=f"req_{amount}")
         clock.advance(minutes=1)
-    with gov.guard(agent="refund-agent", run="run-a", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(100, "USD")) as call:  # fmt: skip
-        call.fail(http_status=402, error="card_declined")
-    with pytest.raises(KeyError), gov.guard(
-        agent="refund-agent", run="run-a", vendor="stripe", endpoint="/v1/refunds",
+    with gov.guard(
+        agent="refund-agent",
+        run="run-a",
+        vendor="stripe",
+        endpoint="/v1/refunds",
         estimate=Money(100, "USD"),
-    ):  # fmt: skip
+    ) as call:
+        call.fail(http_status=402, error="card_declined")
+    with (
+        pytest.raises(KeyError),
+        gov.guard(
+            agent="refund-agent",
+            run="run-a",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(100, "USD"),
+        ),
+    ):
         raise KeyError("amount")
-    with pytest.raises(PolicyViolation), gov.guard(
-        agent="refund-agent", run="run-a", vendor="stripe", endpoint="/v1/charges",
-    ):  # fmt: skip
+    with (
+        pytest.raises(PolicyViolation),
+        gov.guard(
+            agent="refund-agent",
+            run="run-a",
+            vendor="stripe",
+            endpoint="/v1/charges",
+        ),
+    ):
         pass
-    with gov.guard(agent="lookup-agent", run="run-b", vendor="stripe", endpoint="/v1/charges",
-                   method="GET", free=True) as call:  # fmt: skip
+    with gov.guard(
+        agent="lookup-agent",
+        run="run-b",
+        vendor="stripe",
+        endpoint="/v1/charges",
+        method="GET",
+        free=True,
+    ) as call:
         call.settle(http_status=200)
 
 
@@ -49,15 +77,27 @@ def test_every_call_has_one_row_with_its_fields(make_governor: MakeGov, clock: C
     _calls(gov, clock)
     rows = gov.audit.query()
     assert [r.outcome for r in rows] == [
-        "allowed", "allowed", "allowed", "failed", "errored", "denied", "allowed",
-    ]  # fmt: skip
+        "allowed",
+        "allowed",
+        "allowed",
+        "failed",
+        "errored",
+        "denied",
+        "allowed",
+    ]
     first = rows[0]
     assert (first.run, first.agent, first.vendor, first.endpoint, first.method) == (
-        "run-a", "refund-agent", "stripe", "/v1/refunds", "POST",
-    )  # fmt: skip
+        "run-a",
+        "refund-agent",
+        "stripe",
+        "/v1/refunds",
+        "POST",
+    )
     assert (first.http_status, first.vendor_request_id, first.cost) == (
-        200, "req_1000", Money(1000, "USD"),
-    )  # fmt: skip
+        200,
+        "req_1000",
+        Money(1000, "USD"),
+    )
     assert first.policy_id == "refunds" and len(first.policy_hash or "") == 64
     assert first.hold_id and first.at == clock.now.replace(minute=0)
     assert rows[3].http_status == 402 and rows[3].error == "card_declined"
@@ -121,8 +161,9 @@ def test_verify_detects_deleted_rows(make_governor: MakeGov, clock: Clock) -> No
 def test_secrets_are_scrubbed_and_long_errors_truncated(make_governor: MakeGov) -> None:
     gov = make_governor()
     secret = "auth failed for sk_live_51HxAbCdEfGh card 4242 4242 4242 4242 Bearer abc.def.ghi123"
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(100, "USD")) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(100, "USD")
+    ) as call:
         call.fail(http_status=401, error=secret + " " + "x" * 5000)
     [row] = gov.audit.query()
     assert row.error is not None
@@ -153,8 +194,9 @@ def test_a_non_utc_clock_still_verifies_and_uses_the_utc_day(make_governor: Make
 
     tokyo = timezone(timedelta(hours=9))
     gov = make_governor(clock=lambda: datetime(2026, 11, 25, 8, 0, tzinfo=tokyo))
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(100, "USD")) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(100, "USD")
+    ) as call:
         call.settle()
     assert gov.audit.verify().ok
     assert gov.budgets()[0].window == "2026-11-24"  # 08:00 in Tokyo is still the 24th in UTC

@@ -70,9 +70,12 @@ def as_json(result: Result) -> Any:
 def refund(gov: Governor, amount: str, actual: str | None = None, **kw: Any) -> None:
     """One governed refund, settled at ``actual`` (default the estimate)."""
     args: dict[str, Any] = {
-        "agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-        "estimate": Money.parse(f"{amount} USD"), "run": "run-1",
-    }  # fmt: skip
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money.parse(f"{amount} USD"),
+        "run": "run-1",
+    }
     args.update(kw)
     with gov.guard(**args) as call:
         call.settle(Money.parse(f"{actual} USD") if actual else None, http_status=200)
@@ -87,17 +90,27 @@ def pending_hold(gov: Governor, amount: str = "25.00", run: str = "run-p") -> Ho
     """A hold left pending, as by a process that died mid-call."""
     policy = gov.effective_policy("refund-agent", "stripe")
     request = ReserveRequest(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", method="POST",
-        estimate=Money.parse(f"{amount} USD"), policy=policy, run=run,
-    )  # fmt: skip
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        method="POST",
+        estimate=Money.parse(f"{amount} USD"),
+        policy=policy,
+        run=run,
+    )
     return gov.ledger.reserve(request).hold
 
 
 def unknown_hold(gov: Governor, amount: str = "10.00") -> Hold:
     """A hold whose outcome is unknown (the vendor call timed out)."""
     with pytest.raises(TimeoutError):
-        with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money.parse(f"{amount} USD"), run="run-u"):  # fmt: skip
+        with gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money.parse(f"{amount} USD"),
+            run="run-u",
+        ):
             raise TimeoutError("read timed out")
     [held] = [h for h in gov.holds() if h.state.value == "unknown"]
     return held
@@ -170,8 +183,19 @@ def test_init_refuses_bad_targets_and_writes_nothing_when_the_database_fails(
 def test_policy_check_prints_the_policies(policy_file: Path) -> None:
     result = runner.invoke(app, ["policy", "check", str(policy_file)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    for text_ in ("refunds", "jp-agent", "$100.00", "$50.00", "¥5,000", "/v1/refunds",
-                  "POST", "cus_1", "2027-01-01", "any", "never"):  # fmt: skip
+    for text_ in (
+        "refunds",
+        "jp-agent",
+        "$100.00",
+        "$50.00",
+        "¥5,000",
+        "/v1/refunds",
+        "POST",
+        "cus_1",
+        "2027-01-01",
+        "any",
+        "never",
+    ):
         assert text_ in result.stdout, text_
     document = as_json(runner.invoke(app, ["policy", "check", str(policy_file), "--json"]))
     refunds, yen = document["policies"]
@@ -179,8 +203,9 @@ def test_policy_check_prints_the_policies(policy_file: Path) -> None:
     assert refunds["max_calls_per_day"] == 10 and refunds["methods"] == ["POST"]
     assert yen["daily_cap"]["amount"] == 5000 and yen["customers"] == ["cus_1"]
     assert yen["expires_at"] == "2027-01-01T00:00:00+00:00"
-    from_env = runner.invoke(app, ["policy", "check", "--json"],
-                             env={"PAYMASTER_POLICIES": str(policy_file)})  # fmt: skip
+    from_env = runner.invoke(
+        app, ["policy", "check", "--json"], env={"PAYMASTER_POLICIES": str(policy_file)}
+    )
     assert as_json(from_env) == document
 
 
@@ -244,8 +269,9 @@ def test_status_shows_todays_budgets(invoke: Invoke, make_governor: MakeGov) -> 
 def test_status_formats_each_budget_in_its_currency_and_lists_unused_policies(
     invoke: Invoke, make_governor: MakeGov, policy_file: Path
 ) -> None:
-    yen = refund_policy(id="yen", agent="jp-agent", currency="JPY", daily_cap="5000",
-                        per_call_cap=None)  # fmt: skip
+    yen = refund_policy(
+        id="yen", agent="jp-agent", currency="JPY", daily_cap="5000", per_call_cap=None
+    )
     gov = make_governor(refund_policy(), yen)
     refund(gov, "1200", agent="jp-agent", estimate=Money.parse("1200 JPY"))
     result = invoke("status", "--policies", str(policy_file))
@@ -433,13 +459,30 @@ def _insert_audit(db_url: str, ids_and_runs: list[tuple[int | None, str]]) -> No
 
 def _row(n: int, at: datetime, run: str = "bulk") -> dict[str, Any]:
     return {
-        "at": at, "run": run, "agent": "bulk-agent", "vendor": "stripe",
-        "endpoint": "/v1/refunds", "method": "POST", "customer": None, "outcome": "allowed",
-        "http_status": 200, "vendor_request_id": f"req_{n}", "currency": "USD",
-        "estimate": 100, "actual": 100, "policy_id": "p", "policy_hash": "e" * 64,
-        "violation_code": None, "error": "x" * 200, "hold_id": None, "duration_ms": 1,
-        "chain": f"bulk-{run}", "seq": n + 1, "prev_hash": "0" * 64, "hash": "f" * 64,
-    }  # fmt: skip
+        "at": at,
+        "run": run,
+        "agent": "bulk-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "method": "POST",
+        "customer": None,
+        "outcome": "allowed",
+        "http_status": 200,
+        "vendor_request_id": f"req_{n}",
+        "currency": "USD",
+        "estimate": 100,
+        "actual": 100,
+        "policy_id": "p",
+        "policy_hash": "e" * 64,
+        "violation_code": None,
+        "error": "x" * 200,
+        "hold_id": None,
+        "duration_ms": 1,
+        "chain": f"bulk-{run}",
+        "seq": n + 1,
+        "prev_hash": "0" * 64,
+        "hash": "f" * 64,
+    }
 
 
 def test_follower_returns_rows_committed_out_of_id_order(db_url: str) -> None:
@@ -595,8 +638,14 @@ def test_runs_show_summarises_a_run(invoke: Invoke, make_governor: MakeGov) -> N
     refund(gov, "1.00", run="other")
     result = invoke("runs", "show", "run-42")
     assert result.exit_code == 0, result.output
-    for text_ in ("refund-agent", "allowed 2, denied 1", "$13.00", "unresolved holds",
-                  "$3.00", "audit rows (3)"):  # fmt: skip
+    for text_ in (
+        "refund-agent",
+        "allowed 2, denied 1",
+        "$13.00",
+        "unresolved holds",
+        "$3.00",
+        "audit rows (3)",
+    ):
         assert text_ in result.stdout, text_
     assert "other" not in result.stdout
     document = as_json(invoke("runs", "show", "run-42", "--json"))
@@ -649,8 +698,9 @@ def test_revoke_stops_the_next_call_and_restore_lifts_it(
     nothing = invoke("restore", "--agent", "refund-agent")
     assert nothing.exit_code == 0 and "nothing to restore" in nothing.stdout
 
-    everything = as_json(invoke("revoke", "--all", "--reason", "incident", "--by", "alice",
-                                "--json"))  # fmt: skip
+    everything = as_json(
+        invoke("revoke", "--all", "--reason", "incident", "--by", "alice", "--json")
+    )
     assert everything["revoked"]["scope"] == "all" and everything["revoked"]["by"] == "alice"
     run_only = as_json(invoke("revoke", "--run", "run-9", "--reason", "x", "--json"))
     assert run_only["revoked"]["target"] == "run-9" and len(run_only["active"]) == 2
@@ -687,8 +737,9 @@ def test_holds_list_with_older_than(invoke: Invoke, make_governor: MakeGov, cloc
     refund(gov, "1.00")  # settled: not listed
     holds = as_json(invoke("holds", "list", "--json"))
     assert [(h["id"], h["state"]) for h in holds] == [
-        (pending.id, "pending"), (unknown.id, "unknown"),
-    ]  # fmt: skip
+        (pending.id, "pending"),
+        (unknown.id, "unknown"),
+    ]
     assert holds[0]["estimate"] == {"amount": 2500, "currency": "USD", "formatted": "$25.00"}
     table = invoke("holds", "list")
     assert pending.id in table.stdout and "5m" in table.stdout and "$25.00" in table.stdout
@@ -714,8 +765,19 @@ def test_holds_resolve_once(invoke: Invoke, make_governor: MakeGov) -> None:
     assert again.exit_code == 1 and "already settled" in again.stderr
     assert gov.budgets()[0].settled == Money(1250, "USD")
 
-    released = as_json(invoke("holds", "resolve", unknown.id, "--release", "--reason",
-                              "never sent", "--by", "carol", "--json"))  # fmt: skip
+    released = as_json(
+        invoke(
+            "holds",
+            "resolve",
+            unknown.id,
+            "--release",
+            "--reason",
+            "never sent",
+            "--by",
+            "carol",
+            "--json",
+        )
+    )
     assert released["state"] == "released" and released["resolved_by"] == "carol"
     assert gov.budgets()[0].pending == Money(0, "USD")
     assert gov.audit.query()[-1].outcome == "reconciled"
@@ -741,8 +803,9 @@ def test_holds_resolve_bad_input_exits_2(invoke: Invoke, make_governor: MakeGov)
         assert message in result.stderr, (args, result.stderr)
     assert invoke("holds", "resolve", held.id, "--release").exit_code == 2  # no --reason
     assert [h.id for h in gov.holds()] == [held.id]  # still pending, untouched
-    ok = as_json(invoke("holds", "resolve", held.id, "--settle", "25.00 USD", "--reason", "x",
-                        "--json"))  # fmt: skip
+    ok = as_json(
+        invoke("holds", "resolve", held.id, "--settle", "25.00 USD", "--reason", "x", "--json")
+    )
     assert ok["actual"]["amount"] == 2500
 
 
@@ -787,11 +850,17 @@ def test_db_on_an_empty_database(invoke: Invoke, db_url: str) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["status"], ["audit", "tail"], ["audit", "verify"], ["audit", "export"],
-        ["holds", "list"], ["runs", "show", "r"], ["revoke", "--all", "--reason", "x"],
-        ["db", "current"], ["db", "upgrade"],
+        ["status"],
+        ["audit", "tail"],
+        ["audit", "verify"],
+        ["audit", "export"],
+        ["holds", "list"],
+        ["runs", "show", "r"],
+        ["revoke", "--all", "--reason", "x"],
+        ["db", "current"],
+        ["db", "upgrade"],
     ],
-)  # fmt: skip
+)
 def test_an_unreachable_database_exits_3(args: list[str]) -> None:
     url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
     result = runner.invoke(app, args, env={"PAYMASTER_DATABASE_URL": url})
@@ -811,8 +880,11 @@ def test_the_installed_entry_point_maps_errors_to_exit_codes(tmp_path: Path) -> 
     missing = f"sqlite:///{tmp_path / 'missing.db'}"
     done = subprocess.run(
         [sys.executable, "-m", "paymaster.cli", "status", "--db", missing],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 3, done.stderr
     assert "no paymaster database" in done.stderr and "Traceback" not in done.stderr
 
@@ -834,8 +906,9 @@ def test_help_and_version() -> None:
 
 def test_holds_acknowledge_an_overrun(invoke: Invoke, make_governor: MakeGov) -> None:
     gov = make_governor()
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(1000, "USD")) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(1000, "USD")
+    ) as call:
         call.settle(Money(1500, "USD"))
     listed = invoke("holds", "list", "--overruns")
     assert listed.exit_code == 0, listed.output

@@ -37,8 +37,12 @@ def test_sixteen_threads_hold_the_cap_exactly(make_governor: MakeGov) -> None:
         allowed = max_seen = 0
         while True:
             try:
-                with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                               estimate=Money(X, "USD")) as call:  # fmt: skip
+                with gov.guard(
+                    agent="refund-agent",
+                    vendor="stripe",
+                    endpoint="/v1/refunds",
+                    estimate=Money(X, "USD"),
+                ) as call:
                     max_seen = max(max_seen, exposure(gov.engine))
                     call.settle(http_status=200)
                 allowed += 1
@@ -62,8 +66,12 @@ def test_two_hundred_asyncio_tasks_hold_the_cap_exactly(make_governor: MakeGov) 
 
     async def one() -> bool:
         try:
-            async with gov.aguard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                                  estimate=Money(X, "USD")) as call:  # fmt: skip
+            async with gov.aguard(
+                agent="refund-agent",
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=Money(X, "USD"),
+            ) as call:
                 seen.append(await asyncio.to_thread(exposure, gov.engine))
                 await asyncio.sleep(0)  # let other tasks interleave
                 await call.settle(http_status=200)
@@ -107,8 +115,12 @@ def test_first_use_of_a_window_is_race_free(make_governor: MakeGov) -> None:
 
     def first_call(i: int) -> None:
         start.wait()
-        with govs[i % 4].guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                               estimate=Money(100, "USD")) as call:  # fmt: skip
+        with govs[i % 4].guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(100, "USD"),
+        ) as call:
             call.settle()
 
     with ThreadPoolExecutor(8) as pool:

@@ -45,13 +45,22 @@ def test_sigkilled_holder_leaves_its_hold_pending_and_counted(db_url: str) -> No
         [held] = gov.holds()
         assert held.state is HoldState.PENDING and held.estimate == Money(4000, "USD")
         assert gov.budgets()[0].committed == Money(4000, "USD")
-        with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money(5000, "USD")) as call:  # fmt: skip
+        with gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(5000, "USD"),
+        ) as call:
             call.settle()
-        with pytest.raises(PolicyViolation) as info, gov.guard(
-            agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-            estimate=Money(1001, "USD"),
-        ):  # fmt: skip
+        with (
+            pytest.raises(PolicyViolation) as info,
+            gov.guard(
+                agent="refund-agent",
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=Money(1001, "USD"),
+            ),
+        ):
             pass
         assert info.value.remaining == Money(1000, "USD")  # the dead hold still counts
         gov.resolve_hold(held.id, settle=Money(4000, "USD"), reason="Stripe shows re_1", by="ops")
@@ -66,16 +75,25 @@ def test_sigkilled_holder_leaves_its_hold_pending_and_counted(db_url: str) -> No
 def test_revoke_from_another_process_refuses_the_next_reserve(db_url: str) -> None:
     gov = Governor(db_url, policies=[refund_policy()])
     try:
-        with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money(100, "USD")) as call:  # fmt: skip
+        with gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(100, "USD"),
+        ) as call:
             call.settle()
         fields = refund_policy().model_dump(mode="json")
         assert _run(revoke_agent, db_url, fields, "refund-agent") == 0
         ran = []
-        with pytest.raises(PolicyViolation) as info, gov.guard(
-            agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-            estimate=Money(100, "USD"),
-        ):  # fmt: skip
+        with (
+            pytest.raises(PolicyViolation) as info,
+            gov.guard(
+                agent="refund-agent",
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=Money(100, "USD"),
+            ),
+        ):
             ran.append(True)
         assert info.value.code is ViolationCode.REVOKED and not ran
         assert "runaway loop" in str(info.value)
@@ -94,14 +112,22 @@ def test_unreachable_postgres_fails_closed(pg_admin_url: str) -> None:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     gov = Governor(f"{proxied}?options=-csearch_path%3D{schema}", policies=[refund_policy()])
     try:
-        with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money(100, "USD")) as call:  # fmt: skip
+        with gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(100, "USD"),
+        ) as call:
             call.settle()
         proxy.cut()
         ran = []
         with pytest.raises(GovernanceUnavailable, match="so the call was not made"):
-            with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                           estimate=Money(100, "USD")):  # fmt: skip
+            with gov.guard(
+                agent="refund-agent",
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=Money(100, "USD"),
+            ):
                 ran.append(True)
         assert not ran
     finally:
@@ -120,8 +146,12 @@ def test_unreachable_sqlite_fails_closed(tmp_path: Path) -> None:
         shutil.rmtree(home)  # the ledger's volume is gone
         ran = []
         with pytest.raises(GovernanceUnavailable, match="unable to open database"):
-            with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                           estimate=Money(100, "USD")):  # fmt: skip
+            with gov.guard(
+                agent="refund-agent",
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=Money(100, "USD"),
+            ):
                 ran.append(True)
         assert not ran
     finally:
@@ -166,15 +196,22 @@ def test_dead_pooled_connections_do_not_lose_settles_denials_or_revokes(
     def kill_backends() -> None:
         with admin.connect() as conn:
             killed = conn.execute(
-                text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                     "WHERE application_name = :app"), {"app": app},
-            ).scalar_one()  # fmt: skip
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = :app"
+                ),
+                {"app": app},
+            ).scalar_one()
         assert killed >= 1
 
     gov = Governor(f"{url}&application_name={app}", policies=[refund_policy()])
     try:
-        with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money(1000, "USD")) as call:  # fmt: skip
+        with gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(1000, "USD"),
+        ) as call:
             kill_backends()  # during the vendor call
             call.settle(Money(900, "USD"))  # below the estimate: the budget row moves
         kill_backends()

@@ -53,9 +53,11 @@ def test_at_cap_passes_and_over_cap_fails(make_governor: MakeGov) -> None:
 def test_cumulative_spend_counts_actuals(make_governor: MakeGov) -> None:
     gov = make_governor()
     with gov.guard(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
         estimate=Money.parse("50.00 USD"),
-    ) as call:  # fmt: skip
+    ) as call:
         call.settle(Money.parse("30.00 USD"))
     [daily] = gov.budgets()
     assert daily.committed == Money(3000, USD)
@@ -69,10 +71,15 @@ def test_cumulative_spend_counts_actuals(make_governor: MakeGov) -> None:
 def test_denied_call_never_runs_and_is_audited_once(make_governor: MakeGov) -> None:
     gov = make_governor()
     ran = []
-    with pytest.raises(PolicyViolation) as info, gov.guard(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/charges",
-        estimate=Money.parse("1.00 USD"),
-    ):  # fmt: skip
+    with (
+        pytest.raises(PolicyViolation) as info,
+        gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/charges",
+            estimate=Money.parse("1.00 USD"),
+        ),
+    ):
         ran.append(True)
     assert not ran
     assert info.value.code is ViolationCode.ENDPOINT_NOT_ALLOWED
@@ -110,10 +117,16 @@ def test_customer_allowlist_and_currency(make_governor: MakeGov) -> None:
     with pytest.raises(PolicyViolation) as info:
         refund(gov, "1.00")
     assert info.value.code is ViolationCode.CUSTOMER_NOT_ALLOWED
-    with pytest.raises(PolicyViolation) as info, gov.guard(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", customer="cus_ok",
-        estimate=Money.parse("1.00 EUR"),
-    ):  # fmt: skip
+    with (
+        pytest.raises(PolicyViolation) as info,
+        gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            customer="cus_ok",
+            estimate=Money.parse("1.00 EUR"),
+        ),
+    ):
         pass
     assert info.value.code is ViolationCode.CURRENCY_MISMATCH
 
@@ -121,8 +134,12 @@ def test_customer_allowlist_and_currency(make_governor: MakeGov) -> None:
 def test_a_pricing_lookup_may_pass_a_customer_allowlist_if_free(make_governor: MakeGov) -> None:
     policy = refund_policy(customers=["cus_ok"], endpoints=["/v1/refunds", "/v1/charges"])
     gov = make_governor(policy)
-    lookup = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/charges/ch_1",
-              "method": "GET"}  # fmt: skip
+    lookup = {
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/charges/ch_1",
+        "method": "GET",
+    }
     with pytest.raises(PolicyViolation) as info, gov.guard(**lookup):
         pass
     assert info.value.code is ViolationCode.CUSTOMER_NOT_ALLOWED
@@ -136,31 +153,50 @@ def test_a_pricing_lookup_may_pass_a_customer_allowlist_if_free(make_governor: M
 
 def test_jpy_and_kwd_amounts_are_exact(make_governor: MakeGov) -> None:
     jpy = Policy(
-        agent="jp-agent", vendor="stripe", currency="JPY", daily_cap="1000",
+        agent="jp-agent",
+        vendor="stripe",
+        currency="JPY",
+        daily_cap="1000",
         endpoints=["/v1/refunds"],
-    )  # fmt: skip
+    )
     kwd = Policy(
-        agent="kw-agent", vendor="stripe", currency="KWD", daily_cap="1.000",
+        agent="kw-agent",
+        vendor="stripe",
+        currency="KWD",
+        daily_cap="1.000",
         endpoints=["/v1/refunds"],
-    )  # fmt: skip
+    )
     gov = make_governor(jpy, kwd)
     assert jpy.daily_cap.amount == 1000  # ¥1,000 is 1000 minor units
     assert kwd.daily_cap.amount == 1000  # 1.000 KWD is 1000 fils
     for _ in range(2):
-        with gov.guard(agent="jp-agent", vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money.of("500", "JPY")) as call:  # fmt: skip
+        with gov.guard(
+            agent="jp-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money.of("500", "JPY"),
+        ) as call:
             call.settle(500)
-    with pytest.raises(PolicyViolation), gov.guard(
-        agent="jp-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money.of("1", "JPY")
+    with (
+        pytest.raises(PolicyViolation),
+        gov.guard(
+            agent="jp-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money.of("1", "JPY")
+        ),
     ):
         pass
-    with gov.guard(agent="kw-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money.of("0.999", "KWD")) as call:  # fmt: skip
+    with gov.guard(
+        agent="kw-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money.of("0.999", "KWD")
+    ) as call:
         call.settle()
-    with pytest.raises(PolicyViolation) as info, gov.guard(
-        agent="kw-agent", vendor="stripe", endpoint="/v1/refunds",
-        estimate=Money.of("0.002", "KWD"),
-    ):  # fmt: skip
+    with (
+        pytest.raises(PolicyViolation) as info,
+        gov.guard(
+            agent="kw-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money.of("0.002", "KWD"),
+        ),
+    ):
         pass
     assert info.value.remaining == Money(1, "KWD")
     spend = {b.agent: b.settled for b in gov.budgets()}
@@ -170,10 +206,15 @@ def test_jpy_and_kwd_amounts_are_exact(make_governor: MakeGov) -> None:
 def test_exception_in_block_releases_and_reraises_unchanged(make_governor: MakeGov) -> None:
     gov = make_governor()
     boom = RuntimeError("card_declined")
-    with pytest.raises(RuntimeError) as info, gov.guard(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-        estimate=Money.parse("50.00 USD"),
-    ):  # fmt: skip
+    with (
+        pytest.raises(RuntimeError) as info,
+        gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money.parse("50.00 USD"),
+        ),
+    ):
         raise boom
     assert info.value is boom
     [row] = gov.audit.query()
@@ -186,8 +227,12 @@ def test_exception_in_block_releases_and_reraises_unchanged(make_governor: MakeG
 
 def test_explicit_fail_releases_with_status(make_governor: MakeGov) -> None:
     gov = make_governor()
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money.parse("50.00 USD")) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money.parse("50.00 USD"),
+    ) as call:
         call.fail(http_status=402, vendor_request_id="req_x", error="card_declined")
     [row] = gov.audit.query()
     assert (row.outcome, row.http_status, row.vendor_request_id) == ("failed", 402, "req_x")
@@ -196,10 +241,15 @@ def test_explicit_fail_releases_with_status(make_governor: MakeGov) -> None:
 
 def test_timeout_keeps_hold_counted_as_unknown(make_governor: MakeGov) -> None:
     gov = make_governor()
-    with pytest.raises(TimeoutError), gov.guard(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-        estimate=Money.parse("50.00 USD"),
-    ):  # fmt: skip
+    with (
+        pytest.raises(TimeoutError),
+        gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money.parse("50.00 USD"),
+        ),
+    ):
         raise TimeoutError("read timed out")
     [held] = gov.holds()
     assert held.state is HoldState.UNKNOWN
@@ -215,8 +265,12 @@ def test_timeout_keeps_hold_counted_as_unknown(make_governor: MakeGov) -> None:
 
 def test_settle_resolves_exactly_once(make_governor: MakeGov) -> None:
     gov = make_governor()
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money.parse("5.00 USD")) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money.parse("5.00 USD"),
+    ) as call:
         call.settle()
         with pytest.raises(HoldAlreadyResolved):
             call.settle()
@@ -276,8 +330,12 @@ def test_expiry_uses_the_injected_clock(make_governor: MakeGov, clock: Clock) ->
 def test_day_rollover_opens_a_new_budget(make_governor: MakeGov, clock: Clock) -> None:
     gov = make_governor()
     refund(gov, "50.00")
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money.parse("50.00 USD")) as late_call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money.parse("50.00 USD"),
+    ) as late_call:
         clock.advance(days=1)  # the call straddles midnight UTC: it settles against yesterday
         late_call.settle(Money.parse("40.00 USD"))
     refund(gov, "50.00")
@@ -293,9 +351,12 @@ def test_day_rollover_opens_a_new_budget(make_governor: MakeGov, clock: Clock) -
 def test_idempotency_key_finds_the_same_hold(make_governor: MakeGov) -> None:
     gov = make_governor()
     args = {
-        "agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-        "estimate": Money.parse("40.00 USD"), "idempotency_key": "refund-order-7",
-    }  # fmt: skip
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money.parse("40.00 USD"),
+        "idempotency_key": "refund-order-7",
+    }
     with pytest.raises(TimeoutError), gov.guard(**args):  # type: ignore[arg-type]
         raise TimeoutError
     # Unknown outcome: the retry with the same key resumes that hold (Stripe replays or
@@ -319,8 +380,12 @@ def test_idempotency_key_finds_the_same_hold(make_governor: MakeGov) -> None:
 
 def test_idempotency_key_of_another_call_is_refused(make_governor: MakeGov) -> None:
     gov = make_governor()
-    base = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-            "idempotency_key": "refund-42"}  # fmt: skip
+    base = {
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "idempotency_key": "refund-42",
+    }
     with pytest.raises(TimeoutError), gov.guard(**base, estimate=Money(1000, USD)):  # type: ignore[arg-type]
         raise TimeoutError
     with pytest.raises(PolicyViolation) as info, gov.guard(**base, estimate=Money(5000, USD)):  # type: ignore[arg-type]
@@ -330,8 +395,13 @@ def test_idempotency_key_of_another_call_is_refused(make_governor: MakeGov) -> N
 
 def test_a_revoked_retry_does_not_resume_its_hold(make_governor: MakeGov) -> None:
     gov = make_governor()
-    args = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-            "estimate": Money(1000, USD), "idempotency_key": "k-9"}  # fmt: skip
+    args = {
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money(1000, USD),
+        "idempotency_key": "k-9",
+    }
     with pytest.raises(TimeoutError), gov.guard(**args):  # type: ignore[arg-type]
         raise TimeoutError
     gov.revoke(agent="refund-agent", reason="incident", by="ops")
@@ -345,9 +415,12 @@ def test_a_revoked_retry_does_not_resume_its_hold(make_governor: MakeGov) -> Non
 def test_failed_settle_keeps_the_hold_counted(make_governor: MakeGov) -> None:
     """The vendor call returned; recording it failed: the hold must not be released."""
     gov = make_governor()
-    with pytest.raises(ValueError, match="negative"), gov.guard(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(4000, USD)
-    ) as call:
+    with (
+        pytest.raises(ValueError, match="negative"),
+        gov.guard(
+            agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(4000, USD)
+        ) as call,
+    ):
         call.settle(-5000)
     [held] = gov.holds()
     assert held.state is HoldState.UNKNOWN
@@ -363,10 +436,15 @@ def test_http_client_timeouts_are_outcome_unknown(make_governor: MakeGov) -> Non
 
     gov = make_governor()
     for exc in (ReadTimeout("read timed out"), APIConnectionError("connection reset")):
-        with pytest.raises(type(exc)), gov.guard(
-            agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-            estimate=Money(1000, USD),
-        ):  # fmt: skip
+        with (
+            pytest.raises(type(exc)),
+            gov.guard(
+                agent="refund-agent",
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=Money(1000, USD),
+            ),
+        ):
             raise exc
     assert [h.state for h in gov.holds()] == [HoldState.UNKNOWN, HoldState.UNKNOWN]
     assert gov.budgets()[0].committed == Money(2000, USD)
@@ -407,11 +485,15 @@ def test_pending_hold_is_resumed_by_key(make_governor: MakeGov) -> None:
     gov = make_governor()
     first = make_governor()  # another "process" on the same database
     args = {
-        "agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-        "estimate": Money.parse("40.00 USD"), "idempotency_key": "k-1",
-    }  # fmt: skip
-    reservation = first.ledger.reserve(first._prepare(run=None, run_policy=None, customer=None,
-                                                      method="POST", **args))  # type: ignore[arg-type]
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money.parse("40.00 USD"),
+        "idempotency_key": "k-1",
+    }
+    reservation = first.ledger.reserve(
+        first._prepare(run=None, run_policy=None, customer=None, method="POST", **args)
+    )  # type: ignore[arg-type]
     with gov.guard(**args) as call:  # type: ignore[arg-type]
         assert call.reservation.resumed
         assert call.hold_id == reservation.hold.id
@@ -422,14 +504,22 @@ def test_pending_hold_is_resumed_by_key(make_governor: MakeGov) -> None:
 def test_decorator_governs_sync_and_async(make_governor: MakeGov) -> None:
     gov = make_governor()
 
-    @gov.governed(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                  estimate=lambda amount: Money.parse(f"{amount} USD"),
-                  actual=lambda result: result["amount"])  # fmt: skip
+    @gov.governed(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=lambda amount: Money.parse(f"{amount} USD"),
+        actual=lambda result: result["amount"],
+    )
     def issue_refund(amount: str) -> dict[str, int]:
         return {"amount": Money.parse(f"{amount} USD").amount}
 
-    @gov.governed(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                  estimate=Money.parse("30.00 USD"))  # fmt: skip
+    @gov.governed(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money.parse("30.00 USD"),
+    )
     async def issue_refund_async() -> str:
         return "ok"
 
@@ -447,9 +537,12 @@ def test_aguard_settles_and_denies(make_governor: MakeGov) -> None:
         seen = []
         for _ in range(3):
             try:
-                async with gov.aguard(agent="refund-agent", vendor="stripe",
-                                      endpoint="/v1/refunds",
-                                      estimate=Money.parse("40.00 USD")) as call:  # fmt: skip
+                async with gov.aguard(
+                    agent="refund-agent",
+                    vendor="stripe",
+                    endpoint="/v1/refunds",
+                    estimate=Money.parse("40.00 USD"),
+                ) as call:
                     await call.settle(http_status=200)
                     seen.append("ok")
             except PolicyViolation as violation:
@@ -466,9 +559,12 @@ def test_cancelled_task_keeps_hold_for_reconciliation(make_governor: MakeGov) ->
         inside = asyncio.Event()
 
         async def call_vendor() -> None:
-            async with gov.aguard(agent="refund-agent", vendor="stripe",
-                                  endpoint="/v1/refunds",
-                                  estimate=Money.parse("40.00 USD")):  # fmt: skip
+            async with gov.aguard(
+                agent="refund-agent",
+                vendor="stripe",
+                endpoint="/v1/refunds",
+                estimate=Money.parse("40.00 USD"),
+            ):
                 inside.set()
                 await asyncio.Event().wait()  # the vendor never answers
 
@@ -512,8 +608,13 @@ def test_a_resumed_hold_is_never_released_by_an_exception(make_governor: MakeGov
     """The first attempt timed out (money may have moved); the retry's own error must not
     free that budget."""
     gov = make_governor()
-    args = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-            "estimate": Money(5000, USD), "idempotency_key": "k-resume"}  # fmt: skip
+    args = {
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money(5000, USD),
+        "idempotency_key": "k-resume",
+    }
     with pytest.raises(TimeoutError), gov.guard(**args):  # type: ignore[arg-type]
         raise TimeoutError
     with pytest.raises(RuntimeError), gov.guard(**args):  # type: ignore[arg-type]
@@ -525,8 +626,9 @@ def test_a_resumed_hold_is_never_released_by_an_exception(make_governor: MakeGov
 
 def test_a_caught_failed_settle_is_not_recorded_at_the_estimate(make_governor: MakeGov) -> None:
     gov = make_governor()
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(1000, USD)) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(1000, USD)
+    ) as call:
         with pytest.raises(ValueError, match="negative"):
             call.settle(-1)  # the user logs the failure and leaves the block normally
     [held] = gov.holds()
@@ -536,8 +638,11 @@ def test_a_caught_failed_settle_is_not_recorded_at_the_estimate(make_governor: M
 
 def test_a_lost_connection_is_outcome_unknown(make_governor: MakeGov) -> None:
     gov = make_governor()
-    with pytest.raises(ConnectionResetError), gov.guard(
-        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(100, USD)
+    with (
+        pytest.raises(ConnectionResetError),
+        gov.guard(
+            agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(100, USD)
+        ),
     ):
         raise ConnectionResetError("connection reset by peer")
     assert [h.state for h in gov.holds()] == [HoldState.UNKNOWN]
@@ -571,8 +676,9 @@ def test_a_lost_commit_reply_is_recognised_on_retry(
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
     monkeypatch.setattr(dialect, "do_commit", commit_then_drop)
-    with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(3000, USD)) as call:  # fmt: skip
+    with gov.guard(
+        agent="refund-agent", vendor="stripe", endpoint="/v1/refunds", estimate=Money(3000, USD)
+    ) as call:
         call.settle(Money(2000, USD))
     assert lost
     assert gov.holds() == []
@@ -585,8 +691,13 @@ def test_the_first_attempt_cannot_release_a_hold_its_retry_left_unknown(
 ) -> None:
     gov = make_governor()
     other = make_governor()  # the retrying worker
-    args = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds",
-            "estimate": Money(5000, USD), "idempotency_key": "k-race"}  # fmt: skip
+    args = {
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "endpoint": "/v1/refunds",
+        "estimate": Money(5000, USD),
+        "idempotency_key": "k-race",
+    }
     with pytest.raises(RuntimeError), gov.guard(**args):  # type: ignore[arg-type]
         with pytest.raises(TimeoutError), other.guard(**args) as retry:  # type: ignore[arg-type]
             assert retry.reservation.resumed

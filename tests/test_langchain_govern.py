@@ -51,19 +51,29 @@ REFUND_SPEC = ToolSpec(
 
 def policy(**overrides: Any) -> Policy:
     fields: dict[str, Any] = {
-        "id": "refunds", "agent": "refund-agent", "vendor": "stripe", "currency": "USD",
-        "daily_cap": "100.00", "per_call_cap": "50.00", "endpoints": ["/v1/refunds"],
-    }  # fmt: skip
+        "id": "refunds",
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "currency": "USD",
+        "daily_cap": "100.00",
+        "per_call_cap": "50.00",
+        "endpoints": ["/v1/refunds"],
+    }
     fields.update(overrides)
     return Policy.model_validate(fields)
 
 
 def script(*turns: list[tuple[str, dict[str, Any]]]) -> ScriptedChatModel:
     messages = [
-        AIMessage("", tool_calls=[{"name": name, "args": args, "id": f"call_{t}_{i}"}
-                                  for i, (name, args) in enumerate(turn)])
+        AIMessage(
+            "",
+            tool_calls=[
+                {"name": name, "args": args, "id": f"call_{t}_{i}"}
+                for i, (name, args) in enumerate(turn)
+            ],
+        )
         for t, turn in enumerate(turns)
-    ]  # fmt: skip
+    ]
     return ScriptedChatModel(messages=iter([*messages, AIMessage("done")]))
 
 
@@ -78,8 +88,9 @@ class Shop:
         def issue_refund(payment_intent: str, amount: int) -> dict:
             """Refund part of a payment, in cents."""
             self.calls.append("issue_refund")
-            refund = client.v1.refunds.create(params={"payment_intent": payment_intent,
-                                                      "amount": amount})  # fmt: skip
+            refund = client.v1.refunds.create(
+                params={"payment_intent": payment_intent, "amount": amount}
+            )
             return {"id": refund.id, "amount": refund.amount}
 
         @tool
@@ -94,8 +105,9 @@ class Shop:
         @tool(response_format="content_and_artifact")
         def refund_with_receipt(payment_intent: str, amount: int) -> tuple[str, dict]:
             """Refund and return a receipt as the artifact."""
-            refund = client.v1.refunds.create(params={"payment_intent": payment_intent,
-                                                      "amount": amount})  # fmt: skip
+            refund = client.v1.refunds.create(
+                params={"payment_intent": payment_intent, "amount": amount}
+            )
             return f"refunded {refund.amount}", {"amount": refund.amount}
 
         def declined(payment_intent: str, amount: int) -> str:
@@ -148,8 +160,9 @@ def test_wrapping_keeps_what_the_model_and_the_agent_see(
             before.tool_call_schema.model_json_schema()
         )
         assert (after.return_direct, after.response_format) == (
-            before.return_direct, before.response_format,
-        )  # fmt: skip
+            before.return_direct,
+            before.response_format,
+        )
     with pytest.raises(ValueError, match=r"no spec for 'lookup_payment'.*FREE"):
         govern_tools([shop.lookup_payment], gov, specs={})
 
@@ -163,8 +176,11 @@ def test_refunds_until_the_cap_then_the_caller_gets_the_violation(
     intent = paid_intent(localstripe, amount=50000)
     name = "aissue_refund" if mode == "ainvoke" else "issue_refund"
     refund = (name, {"payment_intent": intent, "amount": 3000})
-    agent = create_agent(script([refund], [refund], [refund], [refund]), name="refund-agent",
-                         tools=shop.governed(gov, name))  # fmt: skip
+    agent = create_agent(
+        script([refund], [refund], [refund], [refund]),
+        name="refund-agent",
+        tools=shop.governed(gov, name),
+    )
     request = {"messages": [("user", "refund, again and again")]}
     with pytest.raises(PolicyViolation) as caught:
         if mode == "invoke":
@@ -177,9 +193,11 @@ def test_refunds_until_the_cap_then_the_caller_gets_the_violation(
     assert refunds_of(localstripe, intent) == [3000, 3000, 3000]
     rows = gov.audit.query(run="run-1")
     assert [(r.outcome, r.actual, r.tool_call_id) for r in rows] == [
-        ("allowed", 3000, "call_0_0"), ("allowed", 3000, "call_1_0"),
-        ("allowed", 3000, "call_2_0"), ("denied", 0, "call_3_0"),
-    ]  # fmt: skip
+        ("allowed", 3000, "call_0_0"),
+        ("allowed", 3000, "call_1_0"),
+        ("allowed", 3000, "call_2_0"),
+        ("denied", 0, "call_3_0"),
+    ]
 
 
 def test_a_refusal_escapes_retry_middleware_and_is_not_retried(
@@ -187,9 +205,12 @@ def test_a_refusal_escapes_retry_middleware_and_is_not_retried(
 ) -> None:
     gov = make_governor(policy())
     intent = paid_intent(localstripe, amount=50000)
-    agent = create_agent(script([("issue_refund", {"payment_intent": intent, "amount": 6000})]),
-                         tools=shop.governed(gov, "issue_refund"), name="refund-agent",
-                         middleware=[ToolRetryMiddleware(max_retries=3)])  # fmt: skip
+    agent = create_agent(
+        script([("issue_refund", {"payment_intent": intent, "amount": 6000})]),
+        tools=shop.governed(gov, "issue_refund"),
+        name="refund-agent",
+        middleware=[ToolRetryMiddleware(max_retries=3)],
+    )
     with pytest.raises(PolicyViolation) as caught:
         agent.invoke({"messages": [("user", "refund")]})
     assert caught.value.code is ViolationCode.PER_CALL_CAP
@@ -202,10 +223,12 @@ def test_the_users_own_errors_keep_their_handling(
 ) -> None:
     gov = make_governor(policy())
     intent = paid_intent(localstripe)
-    tools = govern_tools([shop.declined], gov, specs={"declined": REFUND_SPEC},
-                         agent="refund-agent")  # fmt: skip
-    agent = create_agent(script([("declined", {"payment_intent": intent, "amount": 500})]),
-                         tools=tools)  # fmt: skip
+    tools = govern_tools(
+        [shop.declined], gov, specs={"declined": REFUND_SPEC}, agent="refund-agent"
+    )
+    agent = create_agent(
+        script([("declined", {"payment_intent": intent, "amount": 500})]), tools=tools
+    )
     state = agent.invoke({"messages": [("user", "refund")]}, config=config("run-e"))
     (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
     assert (message.content, message.status) == ("declined by the bank", "error")  # as before
@@ -221,7 +244,8 @@ def test_a_content_and_artifact_tool_settles_from_its_artifact(
     intent = paid_intent(localstripe)
     agent = create_agent(
         script([("refund_with_receipt", {"payment_intent": intent, "amount": 1200})]),
-        tools=shop.governed(gov, "refund_with_receipt"), name="refund-agent",
+        tools=shop.governed(gov, "refund_with_receipt"),
+        name="refund-agent",
     )
     state = agent.invoke({"messages": [("user", "refund")]}, config=config("run-a"))
     (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
@@ -235,9 +259,11 @@ def test_tell_model_mode_returns_an_error_tool_message(
 ) -> None:
     gov = make_governor(policy())
     intent = paid_intent(localstripe, amount=50000)
-    agent = create_agent(script([("issue_refund", {"payment_intent": intent, "amount": 6000})]),
-                         tools=shop.governed(gov, "issue_refund", on_violation="tell_model"),
-                         name="refund-agent")  # fmt: skip
+    agent = create_agent(
+        script([("issue_refund", {"payment_intent": intent, "amount": 6000})]),
+        tools=shop.governed(gov, "issue_refund", on_violation="tell_model"),
+        name="refund-agent",
+    )
     state = agent.invoke({"messages": [("user", "refund")]})
     (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
     assert message.status == "error" and "per_call_cap" in str(message.content)
@@ -251,9 +277,16 @@ def test_parallel_calls_one_denied_leave_no_hold_pending(
     big, small = paid_intent(localstripe, amount=50000), paid_intent(localstripe)
     for mode in ("invoke", "ainvoke"):
         name = "aissue_refund" if mode == "ainvoke" else "issue_refund"
-        agent = create_agent(script([(name, {"payment_intent": big, "amount": 6000}),
-                                     (name, {"payment_intent": small, "amount": 1000})]),
-                             tools=shop.governed(gov, name), name="refund-agent")  # fmt: skip
+        agent = create_agent(
+            script(
+                [
+                    (name, {"payment_intent": big, "amount": 6000}),
+                    (name, {"payment_intent": small, "amount": 1000}),
+                ]
+            ),
+            tools=shop.governed(gov, name),
+            name="refund-agent",
+        )
         with pytest.raises(PolicyViolation):
             call = getattr(agent, mode)({"messages": [("user", "both")]}, config=config("p"))
             if mode == "ainvoke":
@@ -267,13 +300,19 @@ def test_free_tools_are_audited_with_the_run_and_tool_call(
 ) -> None:
     gov = make_governor(policy())
     intent = paid_intent(localstripe)
-    agent = create_agent(script([("lookup_payment", {"payment_intent": intent})]),
-                         tools=shop.governed(gov, "lookup_payment"), name="refund-agent")
+    agent = create_agent(
+        script([("lookup_payment", {"payment_intent": intent})]),
+        tools=shop.governed(gov, "lookup_payment"),
+        name="refund-agent",
+    )
     agent.invoke({"messages": [("user", "look")]}, config={"configurable": {"thread_id": "t-9"}})
     (row,) = gov.audit.query()
     assert (row.run, row.endpoint, row.tool_call_id, row.outcome) == (
-        "t-9", "/tools/lookup_payment", "call_0_0", "allowed",
-    )  # fmt: skip
+        "t-9",
+        "/tools/lookup_payment",
+        "call_0_0",
+        "allowed",
+    )
 
 
 # -- a plain ToolNode with handle_tool_errors=True ----------------------------------------------
@@ -292,8 +331,16 @@ def test_a_tool_node_that_handles_every_error_still_lets_the_refusal_through(
     graph.add_edge(START, "tools")
     graph.add_edge("tools", END)
     app = graph.compile()
-    call = AIMessage("", tool_calls=[{"name": "issue_refund", "id": "call_x",
-                                      "args": {"payment_intent": intent, "amount": 6000}}])
+    call = AIMessage(
+        "",
+        tool_calls=[
+            {
+                "name": "issue_refund",
+                "id": "call_x",
+                "args": {"payment_intent": intent, "amount": 6000},
+            }
+        ],
+    )
     with pytest.raises(PolicyViolation) as caught:
         app.invoke({"messages": [call]})
     assert caught.value.code is ViolationCode.PER_CALL_CAP
@@ -307,13 +354,15 @@ def test_the_middleware_governs_every_tool_call_of_the_agent(
     gov = make_governor(policy())
     intent = paid_intent(localstripe, amount=50000)
     refund = ("issue_refund", {"payment_intent": intent, "amount": 4000})
-    middleware = PaymasterMiddleware(gov, specs={"issue_refund": REFUND_SPEC,
-                                                 "lookup_payment": FREE})  # fmt: skip
+    middleware = PaymasterMiddleware(
+        gov, specs={"issue_refund": REFUND_SPEC, "lookup_payment": FREE}
+    )
     agent = create_agent(
         script([("lookup_payment", {"payment_intent": intent})], [refund], [refund], [refund]),
-        tools=[shop.issue_refund, shop.lookup_payment], name="refund-agent",
+        tools=[shop.issue_refund, shop.lookup_payment],
+        name="refund-agent",
         middleware=[ToolRetryMiddleware(max_retries=2), middleware],
-    )  # fmt: skip
+    )
     with pytest.raises(PolicyViolation) as caught:
         agent.invoke({"messages": [("user", "refund")]}, config=config("run-m"))
     assert caught.value.code is ViolationCode.CAP_EXCEEDED
@@ -321,9 +370,10 @@ def test_the_middleware_governs_every_tool_call_of_the_agent(
     rows = gov.audit.query(run="run-m")
     assert [(r.endpoint, r.outcome, r.tool_call_id) for r in rows] == [
         ("/tools/lookup_payment", "allowed", "call_0_0"),
-        ("/v1/refunds", "allowed", "call_1_0"), ("/v1/refunds", "allowed", "call_2_0"),
+        ("/v1/refunds", "allowed", "call_1_0"),
+        ("/v1/refunds", "allowed", "call_2_0"),
         ("/v1/refunds", "denied", "call_3_0"),
-    ]  # fmt: skip
+    ]
 
 
 def test_the_middleware_refuses_a_tool_without_a_spec(
@@ -331,9 +381,12 @@ def test_the_middleware_refuses_a_tool_without_a_spec(
 ) -> None:
     gov = make_governor(policy())
     intent = paid_intent(localstripe)
-    agent = create_agent(script([("lookup_payment", {"payment_intent": intent})]),
-                         tools=[shop.lookup_payment], name="refund-agent",
-                         middleware=[PaymasterMiddleware(gov, specs={})])  # fmt: skip
+    agent = create_agent(
+        script([("lookup_payment", {"payment_intent": intent})]),
+        tools=[shop.lookup_payment],
+        name="refund-agent",
+        middleware=[PaymasterMiddleware(gov, specs={})],
+    )
     with pytest.raises(PolicyViolation) as caught:
         asyncio.run(agent.ainvoke({"messages": [("user", "look")]}))
     assert caught.value.code is ViolationCode.UNKNOWN_OPERATION
@@ -355,8 +408,14 @@ def test_a_timeout_the_tool_turns_into_a_message_keeps_its_hold_counted(
 
     flaky = StructuredTool.from_function(charge_then_time_out, handle_tool_error=True)
     (tool_,) = govern_tools([flaky], gov, specs={flaky.name: REFUND_SPEC}, agent="refund-agent")
-    output = tool_.invoke({"type": "tool_call", "id": "c1", "name": flaky.name,
-                           "args": {"payment_intent": "pi_1", "amount": 700}})  # fmt: skip
+    output = tool_.invoke(
+        {
+            "type": "tool_call",
+            "id": "c1",
+            "name": flaky.name,
+            "args": {"payment_intent": "pi_1", "amount": 700},
+        }
+    )
     assert (output.content, output.status) == ("upstream timed out", "error")  # as before
     (hold,) = gov.holds()
     assert hold.state is HoldState.UNKNOWN  # it may have paid
@@ -372,9 +431,12 @@ def test_the_spec_sees_the_arguments_as_the_tool_does(
         """Refund some units."""
         return {"amount": quantity * unit}
 
-    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
-                    estimate=lambda a: Money(a["quantity"] * a["unit"], "USD"),
-                    actual=lambda output: output["amount"])  # fmt: skip
+    spec = ToolSpec(
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=lambda a: Money(a["quantity"] * a["unit"], "USD"),
+        actual=lambda output: output["amount"],
+    )
     (tool_,) = govern_tools([refund_units], gov, specs={"refund_units": spec}, agent="refund-agent")
     tool_.invoke({"unit": "1000"})  # a string the tool's schema coerces, a default it fills
     (row,) = gov.audit.query()
@@ -409,9 +471,12 @@ def test_the_middleware_passes_a_made_up_tool_to_the_agent(
     make_governor: Callable[..., Governor], shop: Shop
 ) -> None:
     gov = make_governor(policy())
-    agent = create_agent(script([("refund_everything", {})]), tools=[shop.lookup_payment],
-                         name="refund-agent",
-                         middleware=[PaymasterMiddleware(gov, specs={"lookup_payment": FREE})])
+    agent = create_agent(
+        script([("refund_everything", {})]),
+        tools=[shop.lookup_payment],
+        name="refund-agent",
+        middleware=[PaymasterMiddleware(gov, specs={"lookup_payment": FREE})],
+    )
     state = agent.invoke({"messages": [("user", "go")]})
     (message,) = [m for m in state["messages"] if isinstance(m, ToolMessage)]
     assert "not a valid tool" in str(message.content)
@@ -575,8 +640,9 @@ def slow_refunds(gov: Governor, body: Callable[[int], Any], kind: str) -> list[B
     """``refund`` (governed, slow) and ``lookup`` (free), which fails once both refunds are
     mid-call: LangGraph then cancels the refunds' tasks."""
     spec = refund_spec(actual=lambda output: output["amount"])
-    return govern_tools([refund_tool(kind, body), lookup], gov,
-                        specs={"refund": spec, "lookup": FREE})
+    return govern_tools(
+        [refund_tool(kind, body), lookup], gov, specs={"refund": spec, "lookup": FREE}
+    )
 
 
 REFUNDS_AND_A_FAILING_LOOKUP = [
@@ -728,9 +794,7 @@ class UpstreamError(Exception):
         self.http_status = http_status
 
 
-@pytest.mark.parametrize(
-    ("status", "state"), [(502, HoldState.UNKNOWN), (402, HoldState.RELEASED)]
-)
+@pytest.mark.parametrize(("status", "state"), [(502, HoldState.UNKNOWN), (402, HoldState.RELEASED)])
 def test_a_vendor_error_answer_keeps_the_hold_unless_it_is_a_refusal(
     make_governor: Callable[..., Governor], status: int, state: HoldState
 ) -> None:
@@ -743,10 +807,12 @@ def test_a_vendor_error_answer_keeps_the_hold_unless_it_is_a_refusal(
         raise ToolException("the vendor answered with an error") from UpstreamError(status)
 
     handled = StructuredTool.from_function(refund, handle_tool_error=True)
-    (governed,) = govern_tools([handled], gov, specs={"refund": refund_spec()},
-                               agent="refund-agent")
-    output = governed.invoke({"type": "tool_call", "id": "c1", "name": "refund",
-                              "args": {"amount": 900}})
+    (governed,) = govern_tools(
+        [handled], gov, specs={"refund": refund_spec()}, agent="refund-agent"
+    )
+    output = governed.invoke(
+        {"type": "tool_call", "id": "c1", "name": "refund", "args": {"amount": 900}}
+    )
     assert output.status == "error"  # the tool's own handling, as before
     (hold,) = gov.ledger.holds(states=[state])
     assert hold.estimate == Money(900, "USD")

@@ -30,22 +30,28 @@ from stripe_fixtures import (
 __all__ = ["localstripe"]
 
 
-
-
 def refund_script(*calls: dict[str, Any]) -> ScriptedChatModel:
-    first = AIMessage("", tool_calls=[
-        {"name": "create_refund", "args": args, "id": f"call_{i}"}
-        for i, args in enumerate(calls, 1)
-    ])  # fmt: skip
+    first = AIMessage(
+        "",
+        tool_calls=[
+            {"name": "create_refund", "args": args, "id": f"call_{i}"}
+            for i, args in enumerate(calls, 1)
+        ],
+    )
     return ScriptedChatModel(messages=iter([first, AIMessage("done")]))
 
 
 def agent_with(
-    gov: Governor, server: LocalStripe, model: ScriptedChatModel, *, middleware: Sequence[Any] = (),
+    gov: Governor,
+    server: LocalStripe,
+    model: ScriptedChatModel,
+    *,
+    middleware: Sequence[Any] = (),
     **kwargs: Any,
-) -> Any:  # fmt: skip
-    toolkit = PaymasterStripeToolkit(gov, server.client(), agent="refund-agent",
-                                     only=["create_refund"], **kwargs)  # fmt: skip
+) -> Any:
+    toolkit = PaymasterStripeToolkit(
+        gov, server.client(), agent="refund-agent", only=["create_refund"], **kwargs
+    )
     return create_agent(model, tools=toolkit.get_tools(), middleware=list(middleware))
 
 
@@ -60,8 +66,10 @@ def test_one_line_registers_the_tools(
     tools = PaymasterStripeToolkit(gov, localstripe.client(), agent="refund-agent").get_tools()
     refund = next(t for t in tools if t.name == "create_refund")
     assert set(refund.tool_call_schema.model_json_schema()["properties"]) == {
-        "payment_intent", "amount", "reason",
-    }  # fmt: skip
+        "payment_intent",
+        "amount",
+        "reason",
+    }
     assert "smallest unit" in refund.description
 
 
@@ -76,19 +84,25 @@ def test_an_allowed_refund_runs_and_is_audited_with_the_run(
     assert refunds_of(localstripe, intent) == [800]
     rows = gov.audit.query(run="run-lc-1")
     assert [(r.method, r.outcome, r.actual) for r in rows] == [
-        ("GET", "allowed", 0), ("POST", "allowed", 800),
-    ]  # fmt: skip
+        ("GET", "allowed", 0),
+        ("POST", "allowed", 800),
+    ]
 
 
-@pytest.mark.parametrize("middleware", [(), (ToolRetryMiddleware(max_retries=2),)],
-                         ids=["default", "retry-middleware"])  # fmt: skip
+@pytest.mark.parametrize(
+    "middleware", [(), (ToolRetryMiddleware(max_retries=2),)], ids=["default", "retry-middleware"]
+)
 def test_a_refusal_reaches_the_caller_whatever_the_error_handling(
     make_governor: Callable[..., Governor], localstripe: LocalStripe, middleware: Sequence[Any]
 ) -> None:
     gov = make_governor(refund_agent_policy())
     intent = paid_intent(localstripe, amount=9000)
-    agent = agent_with(gov, localstripe, refund_script({"payment_intent": intent, "amount": 6000}),
-                       middleware=middleware)  # fmt: skip
+    agent = agent_with(
+        gov,
+        localstripe,
+        refund_script({"payment_intent": intent, "amount": 6000}),
+        middleware=middleware,
+    )
     with pytest.raises(PolicyViolation) as caught:
         agent.invoke({"messages": [("user", "refund $60")]}, config=run_config("run-lc-2"))
     assert caught.value.code is ViolationCode.PER_CALL_CAP
@@ -114,8 +128,12 @@ def test_tell_model_mode_returns_the_refusal_as_a_tool_message(
 ) -> None:
     gov = make_governor(refund_agent_policy())
     intent = paid_intent(localstripe, amount=9000)
-    agent = agent_with(gov, localstripe, refund_script({"payment_intent": intent, "amount": 6000}),
-                       on_violation="tell_model")  # fmt: skip
+    agent = agent_with(
+        gov,
+        localstripe,
+        refund_script({"payment_intent": intent, "amount": 6000}),
+        on_violation="tell_model",
+    )
     state = agent.invoke({"messages": [("user", "refund")]}, config=run_config("run-lc-3"))
     told = [m for m in state["messages"] if isinstance(m, ToolMessage)]
     assert len(told) == 1 and "per_call_cap" in str(told[0].content)
@@ -128,14 +146,23 @@ def test_parallel_calls_one_refused_leave_no_hold_pending(
 ) -> None:
     gov = make_governor(refund_agent_policy())
     big, small = paid_intent(localstripe, amount=9000), paid_intent(localstripe)
-    model = refund_script({"payment_intent": big, "amount": 6000},
-                          {"payment_intent": small, "amount": 1000})  # fmt: skip
+    model = refund_script(
+        {"payment_intent": big, "amount": 6000}, {"payment_intent": small, "amount": 1000}
+    )
     for invoke in ("invoke", "ainvoke"):
-        agent = agent_with(gov, localstripe, model if invoke == "invoke" else refund_script(
-            {"payment_intent": big, "amount": 6000}, {"payment_intent": small, "amount": 1000}))
+        agent = agent_with(
+            gov,
+            localstripe,
+            model
+            if invoke == "invoke"
+            else refund_script(
+                {"payment_intent": big, "amount": 6000}, {"payment_intent": small, "amount": 1000}
+            ),
+        )
         with pytest.raises(PolicyViolation):
-            call = getattr(agent, invoke)({"messages": [("user", "refund both")]},
-                                          config=run_config("run-lc-5"))  # fmt: skip
+            call = getattr(agent, invoke)(
+                {"messages": [("user", "refund both")]}, config=run_config("run-lc-5")
+            )
             if invoke == "ainvoke":
                 asyncio.run(call)
     assert refunds_of(localstripe, big) == []

@@ -51,9 +51,14 @@ REFUND_SPEC = ToolSpec(
 
 def policy(**overrides: Any) -> Policy:
     fields: dict[str, Any] = {
-        "id": "refunds", "agent": "refund-agent", "vendor": "stripe", "currency": "USD",
-        "daily_cap": "100.00", "per_call_cap": "50.00", "endpoints": ["/v1/refunds"],
-    }  # fmt: skip
+        "id": "refunds",
+        "agent": "refund-agent",
+        "vendor": "stripe",
+        "currency": "USD",
+        "daily_cap": "100.00",
+        "per_call_cap": "50.00",
+        "endpoints": ["/v1/refunds"],
+    }
     fields.update(overrides)
     return Policy.model_validate(fields)
 
@@ -114,10 +119,9 @@ def shop(localstripe: LocalStripe) -> Shop:
 def script(*turns: list[tuple[str, dict[str, Any]]]) -> ScriptedModel:
     """One model turn per list of (tool, arguments) calls, then a final answer."""
     steps: list[Any] = [
-        [function_call(name, args, call_id=f"call_{t}_{i}") for i, (name, args) in
-         enumerate(turn)]
+        [function_call(name, args, call_id=f"call_{t}_{i}") for i, (name, args) in enumerate(turn)]
         for t, turn in enumerate(turns)
-    ]  # fmt: skip
+    ]
     return ScriptedModel([*steps, [assistant_message("done")]])
 
 
@@ -134,8 +138,14 @@ def test_wrapping_keeps_what_the_model_sees(
     original = shop.issue_refund
     (wrapped,) = shop.governed(gov, "issue_refund")
     assert wrapped is not original
-    for field in ("name", "description", "params_json_schema", "strict_json_schema",
-                  "is_enabled", "needs_approval"):  # fmt: skip
+    for field in (
+        "name",
+        "description",
+        "params_json_schema",
+        "strict_json_schema",
+        "is_enabled",
+        "needs_approval",
+    ):
         assert getattr(wrapped, field) == getattr(original, field), field
     assert original.on_invoke_tool is shop.issue_refund.on_invoke_tool  # left as it was
 
@@ -145,8 +155,9 @@ def test_a_tool_without_a_spec_is_refused_when_wrapped(
 ) -> None:
     gov = make_governor(policy())
     with pytest.raises(ValueError, match=r"no spec for 'lookup_payment'.*FREE"):
-        govern_tools([shop.issue_refund, shop.lookup_payment], gov,
-                     specs={"issue_refund": REFUND_SPEC})  # fmt: skip
+        govern_tools(
+            [shop.issue_refund, shop.lookup_payment], gov, specs={"issue_refund": REFUND_SPEC}
+        )
     with pytest.raises(ValueError, match="not given: issue_refnd"):
         govern_tools([], gov, specs={"issue_refnd": REFUND_SPEC})
     with pytest.raises(TypeError, match="function tools only"):
@@ -170,9 +181,11 @@ def test_refunds_until_the_cap_then_the_run_stops_at_the_caller(
     assert shop.calls == ["issue_refund"] * 3
     rows = gov.audit.query(run="run-1")
     assert [(r.outcome, r.actual, r.tool_call_id) for r in rows] == [
-        ("allowed", 3000, "call_0_0"), ("allowed", 3000, "call_1_0"),
-        ("allowed", 3000, "call_2_0"), ("denied", 0, "call_3_0"),
-    ]  # fmt: skip
+        ("allowed", 3000, "call_0_0"),
+        ("allowed", 3000, "call_1_0"),
+        ("allowed", 3000, "call_2_0"),
+        ("denied", 0, "call_3_0"),
+    ]
 
 
 @pytest.mark.parametrize("mode", ["run", "run_sync", "run_streamed"])
@@ -205,17 +218,21 @@ def test_a_disallowed_endpoint_and_customer_are_refused(
 ) -> None:
     gov = make_governor(policy(customers=["cus_ok"]))
     intent = paid_intent(localstripe)
-    payout_spec = ToolSpec(vendor="stripe", endpoint="/v1/payouts",
-                           estimate=lambda a: Money(a["amount"], "USD"),
-                           customer="cus_ok")  # fmt: skip
+    payout_spec = ToolSpec(
+        vendor="stripe",
+        endpoint="/v1/payouts",
+        estimate=lambda a: Money(a["amount"], "USD"),
+        customer="cus_ok",
+    )
     (payout,) = govern_tools([shop.issue_refund], gov, specs={"issue_refund": payout_spec})
     model = script([("issue_refund", {"payment_intent": intent, "amount": 100, "customer": ""})])
     with pytest.raises(PolicyViolation) as caught:
         Runner.run_sync(Agent(name="refund-agent", tools=[payout], model=model), "pay out")
     assert caught.value.code is ViolationCode.ENDPOINT_NOT_ALLOWED
 
-    model = script([("issue_refund",
-                     {"payment_intent": intent, "amount": 100, "customer": "cus_evil"})])
+    model = script(
+        [("issue_refund", {"payment_intent": intent, "amount": 100, "customer": "cus_evil"})]
+    )
     agent = Agent(name="refund-agent", tools=shop.governed(gov, "issue_refund"), model=model)
     with pytest.raises(PolicyViolation) as caught:
         Runner.run_sync(agent, "refund")
@@ -229,9 +246,15 @@ def test_the_users_own_errors_keep_their_handling(
     gov = make_governor(policy())
     intent = paid_intent(localstripe)
     args = {"payment_intent": intent, "amount": 500}
-    tools = govern_tools([shop.flaky_refund, shop.custom_failure, shop.raising_refund], gov,
-                         specs={"flaky_refund": REFUND_SPEC, "custom_failure": REFUND_SPEC,
-                                "raising_refund": REFUND_SPEC})  # fmt: skip
+    tools = govern_tools(
+        [shop.flaky_refund, shop.custom_failure, shop.raising_refund],
+        gov,
+        specs={
+            "flaky_refund": REFUND_SPEC,
+            "custom_failure": REFUND_SPEC,
+            "raising_refund": REFUND_SPEC,
+        },
+    )
     model = script([("flaky_refund", args), ("custom_failure", args)])
     agent = Agent(name="refund-agent", tools=tools, model=model)
     assert Runner.run_sync(agent, "x", context={"run_id": "run-e"}).final_output == "done"
@@ -240,8 +263,9 @@ def test_the_users_own_errors_keep_their_handling(
     assert "custom: declined upstream" in told  # the tool's own failure function
     failed = gov.audit.query(run="run-e")
     assert sorted((r.outcome, r.error) for r in failed) == [
-        ("failed", "ValueError: declined upstream"), ("failed", "ValueError: the user's own bug"),
-    ]  # fmt: skip
+        ("failed", "ValueError: declined upstream"),
+        ("failed", "ValueError: the user's own bug"),
+    ]
     assert gov.holds() == []
 
     model = script([("raising_refund", args)])
@@ -268,10 +292,12 @@ def test_parallel_calls_one_denied_leave_no_hold_pending(
 ) -> None:
     gov = make_governor(policy())
     big, small = paid_intent(localstripe, amount=50000), paid_intent(localstripe)
-    model = script([
-        ("issue_refund", {"payment_intent": big, "amount": 6000, "customer": ""}),
-        ("issue_refund", {"payment_intent": small, "amount": 1000, "customer": ""}),
-    ])  # fmt: skip
+    model = script(
+        [
+            ("issue_refund", {"payment_intent": big, "amount": 6000, "customer": ""}),
+            ("issue_refund", {"payment_intent": small, "amount": 1000, "customer": ""}),
+        ]
+    )
     agent = Agent(name="refund-agent", tools=shop.governed(gov, "issue_refund"), model=model)
     with pytest.raises(PolicyViolation):
         Runner.run_sync(agent, "refund both", context={"run_id": "run-p"})
@@ -297,9 +323,11 @@ def test_every_row_of_a_run_shares_a_generated_run_id_readable_afterwards(
     for _ in range(2):
         model = script(
             [("lookup_payment", {"payment_intent": intent})],
-            [("issue_refund", {"payment_intent": intent, "amount": 100, "customer": ""}),
-             ("issue_refund", {"payment_intent": intent, "amount": 200, "customer": ""})],
-        )  # fmt: skip
+            [
+                ("issue_refund", {"payment_intent": intent, "amount": 100, "customer": ""}),
+                ("issue_refund", {"payment_intent": intent, "amount": 200, "customer": ""}),
+            ],
+        )
         result = Runner.run_sync(Agent(name="refund-agent", tools=tools, model=model), "go")
         runs.append(run_id_of_result(result))
     assert runs[0] != runs[1]
@@ -319,8 +347,11 @@ def test_a_run_policy_passed_for_one_run_narrows_it(
     gov = make_governor(policy())
     intent = paid_intent(localstripe, amount=50000)
     refund = ("issue_refund", {"payment_intent": intent, "amount": 2000, "customer": ""})
-    agent = Agent(name="refund-agent", tools=shop.governed(gov, "issue_refund"),
-                  model=script([refund], [refund]))  # fmt: skip
+    agent = Agent(
+        name="refund-agent",
+        tools=shop.governed(gov, "issue_refund"),
+        model=script([refund], [refund]),
+    )
     context = {"run_id": "run-rp", "paymaster_run_policy": RunPolicy(cap="30.00 USD")}
     with pytest.raises(PolicyViolation) as caught:
         Runner.run_sync(agent, "refund", context=context)
@@ -337,8 +368,11 @@ def test_a_revoke_stops_free_tools_too(
     tools = shop.governed(gov, "lookup_payment")
     model = script([("lookup_payment", {"payment_intent": intent})])
     with pytest.raises(PolicyViolation) as caught:
-        Runner.run_sync(Agent(name="refund-agent", tools=tools, model=model), "look",
-                        context={"run_id": "run-r"})  # fmt: skip
+        Runner.run_sync(
+            Agent(name="refund-agent", tools=tools, model=model),
+            "look",
+            context={"run_id": "run-r"},
+        )
     assert caught.value.code is ViolationCode.REVOKED
     assert shop.calls == []
     (row,) = gov.audit.query(run="run-r")
@@ -355,8 +389,9 @@ def test_the_decorator_makes_a_governed_tool_in_one_step(
     @governed_function_tool(gov, REFUND_SPEC)
     def issue_refund(payment_intent: str, amount: int, customer: str = "") -> dict:
         """Refund part of a payment, in cents (a sync tool)."""
-        refund = client.v1.refunds.create(params={"payment_intent": payment_intent,
-                                                  "amount": amount})  # fmt: skip
+        refund = client.v1.refunds.create(
+            params={"payment_intent": payment_intent, "amount": amount}
+        )
         return {"amount": refund.amount}
 
     model = script([("issue_refund", {"payment_intent": intent, "amount": 1500, "customer": ""})])
@@ -431,9 +466,12 @@ def test_a_tool_whose_output_the_sdk_refuses_keeps_its_hold_counted(
         """Pays, then returns something its declared output type refuses."""
         return {"refunded": amount}
 
-    spec = ToolSpec(vendor="stripe", endpoint="/v1/refunds",
-                    estimate=lambda a: Money(a["amount"], "USD"),
-                    actual=lambda result: result["amount"])  # fmt: skip
+    spec = ToolSpec(
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=lambda a: Money(a["amount"], "USD"),
+        actual=lambda result: result["amount"],
+    )
     tools = govern_tools([pays_wrong_shape], gov, specs={"pays_wrong_shape": spec})
     model = script([("pays_wrong_shape", {"amount": 400})])
     Runner.run_sync(Agent(name="refund-agent", tools=tools, model=model), "go")
@@ -453,8 +491,15 @@ def test_a_callable_needs_approval_still_sees_the_prepared_arguments(
         """Refund; the default amount needs a human."""
         return "refunded"
 
-    (governed,) = govern_tools([refund], gov, specs={"refund": ToolSpec(
-        vendor="stripe", endpoint="/v1/refunds", estimate=lambda a: Money(4000, "USD"))})
+    (governed,) = govern_tools(
+        [refund],
+        gov,
+        specs={
+            "refund": ToolSpec(
+                vendor="stripe", endpoint="/v1/refunds", estimate=lambda a: Money(4000, "USD")
+            )
+        },
+    )
     model = script([("refund", {})])
     result = Runner.run_sync(Agent(name="refund-agent", tools=[governed], model=model), "go")
     assert len(result.interruptions) == 1  # as for the ungoverned tool: a human decides
@@ -717,11 +762,14 @@ class UpstreamError(Exception):
         self.http_status = http_status
 
 
-@pytest.mark.parametrize(("kind", "status", "state"), [
-    ("sync", 502, HoldState.UNKNOWN),
-    ("async", 500, HoldState.UNKNOWN),
-    ("sync", 402, HoldState.RELEASED),
-])
+@pytest.mark.parametrize(
+    ("kind", "status", "state"),
+    [
+        ("sync", 502, HoldState.UNKNOWN),
+        ("async", 500, HoldState.UNKNOWN),
+        ("sync", 402, HoldState.RELEASED),
+    ],
+)
 def test_a_vendor_error_answer_keeps_the_hold_unless_it_is_a_refusal(
     make_governor: Callable[..., Governor], kind: str, status: int, state: HoldState
 ) -> None:
@@ -730,16 +778,18 @@ def test_a_vendor_error_answer_keeps_the_hold_unless_it_is_a_refusal(
     def answered_with_an_error(amount: int) -> dict[str, Any]:
         raise UpstreamError(status)  # a 5xx may have charged; a 4xx refused
 
-    (governed,) = govern_tools([refund_tool(kind, answered_with_an_error)], gov,
-                               specs={"refund": READ_REFUND_SPEC})
+    (governed,) = govern_tools(
+        [refund_tool(kind, answered_with_an_error)], gov, specs={"refund": READ_REFUND_SPEC}
+    )
     model = script([("refund", {"amount": 900})])
     result = Runner.run_sync(Agent(name="refund-agent", tools=[governed], model=model), "go")
     assert result.final_output == "done"  # the tool's own failure message went to the model
     (hold,) = gov.ledger.holds(states=[state])
     assert hold.estimate == Money(900, "USD")
     (budget,) = gov.budgets()
-    assert budget.committed == (Money(900, "USD") if state is HoldState.UNKNOWN
-                                else Money(0, "USD"))
+    assert budget.committed == (
+        Money(900, "USD") if state is HoldState.UNKNOWN else Money(0, "USD")
+    )
 
 
 @pytest.mark.parametrize("unusable", ["900", -900, Money(900, "EUR"), True])

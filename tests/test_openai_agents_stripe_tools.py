@@ -33,16 +33,19 @@ def refund_script(*calls: dict[str, Any]) -> ScriptedModel:
     """Turn 1: one create_refund call per argument set (in parallel); turn 2: done."""
     return ScriptedModel(
         [
-            [function_call("create_refund", args, call_id=f"call_{i}") for i, args in
-             enumerate(calls, 1)],
+            [
+                function_call("create_refund", args, call_id=f"call_{i}")
+                for i, args in enumerate(calls, 1)
+            ],
             [assistant_message("done")],
         ]
-    )  # fmt: skip
+    )
 
 
 def agent_with(gov: Governor, server: LocalStripe, model: ScriptedModel, **kwargs: Any) -> Agent:
-    tools = stripe_tools(gov, server.client(), agent="refund-agent", only=["create_refund"],
-                         **kwargs)  # fmt: skip
+    tools = stripe_tools(
+        gov, server.client(), agent="refund-agent", only=["create_refund"], **kwargs
+    )
     return Agent(name="refund-agent", tools=tools, model=model)
 
 
@@ -63,14 +66,16 @@ def test_an_allowed_refund_runs_and_is_audited_with_the_run(
     gov = make_governor(refund_agent_policy())
     intent = paid_intent(localstripe)
     model = refund_script({"payment_intent": intent, "amount": 700, "reason": None})
-    result = Runner.run_sync(agent_with(gov, localstripe, model), "refund 7 dollars",
-                             context={"run_id": "run-oa-1"})  # fmt: skip
+    result = Runner.run_sync(
+        agent_with(gov, localstripe, model), "refund 7 dollars", context={"run_id": "run-oa-1"}
+    )
     assert result.final_output == "done"
     assert refunds_of(localstripe, intent) == [700]
     rows = gov.audit.query(run="run-oa-1")
     assert [(r.method, r.outcome, r.actual) for r in rows] == [
-        ("GET", "allowed", 0), ("POST", "allowed", 700),
-    ]  # fmt: skip
+        ("GET", "allowed", 0),
+        ("POST", "allowed", 700),
+    ]
     assert gov.audit.run_summary("run-oa-1").spend == {"USD": Money(700, "USD")}
 
 
@@ -81,8 +86,13 @@ def test_a_refusal_stops_the_run_and_reaches_the_caller(
     intent = paid_intent(localstripe, amount=9000)
     model = refund_script({"payment_intent": intent, "amount": 6000, "reason": None})
     with pytest.raises(PolicyViolation) as caught:
-        asyncio.run(Runner.run(agent_with(gov, localstripe, model), "refund 60 dollars",
-                               context={"run_id": "run-oa-2"}))  # fmt: skip
+        asyncio.run(
+            Runner.run(
+                agent_with(gov, localstripe, model),
+                "refund 60 dollars",
+                context={"run_id": "run-oa-2"},
+            )
+        )
     assert caught.value.code is ViolationCode.PER_CALL_CAP
     assert model.remaining_steps == 1  # the model never saw the refusal
     assert refunds_of(localstripe, intent) == []
@@ -128,8 +138,9 @@ def test_a_stripe_error_goes_to_the_model(
 ) -> None:
     gov = make_governor(refund_agent_policy())
     model = refund_script({"payment_intent": "pi_doesnotexist", "amount": 100, "reason": None})
-    result = Runner.run_sync(agent_with(gov, localstripe, model), "refund",
-                             context={"run_id": "run-oa-4"})  # fmt: skip
+    result = Runner.run_sync(
+        agent_with(gov, localstripe, model), "refund", context={"run_id": "run-oa-4"}
+    )
     assert result.final_output == "done"
     assert "Stripe refused the call (HTTP 404" in str(model.last_call)
     # the look-up's row, and the refund attempt's own (refused: it could not be priced)
@@ -150,8 +161,9 @@ def test_parallel_calls_one_refused_leave_no_hold_pending(
         {"payment_intent": small, "amount": 1000, "reason": None},
     )
     with pytest.raises(PolicyViolation):
-        Runner.run_sync(agent_with(gov, localstripe, model), "refund both",
-                        context={"run_id": "run-oa-5"})  # fmt: skip
+        Runner.run_sync(
+            agent_with(gov, localstripe, model), "refund both", context={"run_id": "run-oa-5"}
+        )
     assert refunds_of(localstripe, big) == []
     assert_every_hold_accounted_for(gov)
     assert any(r.violation_code == "per_call_cap" for r in gov.audit.query(run="run-oa-5"))
@@ -165,11 +177,13 @@ def test_a_run_policy_in_the_context_narrows_the_stripe_tools(
     gov = make_governor(refund_agent_policy())
     intent = paid_intent(localstripe, amount=9000)
     refund = {"payment_intent": intent, "amount": 2000, "reason": None}
-    model = ScriptedModel([
-        [function_call("create_refund", refund, call_id="call_1")],
-        [function_call("create_refund", refund, call_id="call_2")],
-        [assistant_message("done")],
-    ])  # fmt: skip
+    model = ScriptedModel(
+        [
+            [function_call("create_refund", refund, call_id="call_1")],
+            [function_call("create_refund", refund, call_id="call_2")],
+            [assistant_message("done")],
+        ]
+    )
     context = {"run_id": "run-oa-rp", "paymaster_run_policy": RunPolicy(cap="30.00 USD")}
     with pytest.raises(PolicyViolation) as caught:
         Runner.run_sync(agent_with(gov, localstripe, model), "refund twice", context=context)

@@ -87,16 +87,23 @@ class Proxy:
         return [r for r in self.gov.audit.query() if r.endpoint == endpoint]
 
     def committed(self, currency: str = "USD", day: date | None = None) -> Money:
-        (budget,) = [b for b in self.gov.budgets(day=day) if b.kind == "daily" and
-                     b.cap.currency == currency]  # fmt: skip
+        (budget,) = [
+            b for b in self.gov.budgets(day=day) if b.kind == "daily" and b.cap.currency == currency
+        ]
         return budget.committed
 
 
 def jpy_policy() -> Policy:
-    return Policy.model_validate({
-        "id": "yen", "agent": "yen-agent", "vendor": "stripe", "currency": "JPY",
-        "daily_cap": "1000", "endpoints": POLICY_ENDPOINTS,
-    })  # fmt: skip
+    return Policy.model_validate(
+        {
+            "id": "yen",
+            "agent": "yen-agent",
+            "vendor": "stripe",
+            "currency": "JPY",
+            "daily_cap": "1000",
+            "endpoints": POLICY_ENDPOINTS,
+        }
+    )
 
 
 @pytest.fixture
@@ -168,9 +175,13 @@ def test_the_real_key_goes_upstream_and_the_vault_key_never_does(proxy: Proxy) -
     proxy.client().v1.refunds.create(params={"payment_intent": intent, "amount": 500})
     httpx.get(
         f"{proxy.url}/v1/customers",
-        headers={"Authorization": f"Bearer {proxy.key}", "Cookie": "session=1",
-                 "X-Forwarded-For": "10.0.0.1", "Host": "evil.example"},
-    ).raise_for_status()  # fmt: skip
+        headers={
+            "Authorization": f"Bearer {proxy.key}",
+            "Cookie": "session=1",
+            "X-Forwarded-For": "10.0.0.1",
+            "Host": "evil.example",
+        },
+    ).raise_for_status()
     assert len(proxy.upstream.seen) == 3
     for forwarded in proxy.upstream.seen:
         assert forwarded.headers["authorization"] == f"Bearer {TEST_API_KEY}"
@@ -198,8 +209,9 @@ def test_a_post_without_an_idempotency_key_is_forwarded_with_one_the_client_is_t
     assert made.startswith("paymaster-proxy-")
     # the client is told its key; Stripe gets it scoped to the key's agent type and run
     assert made.split("~")[0] == response.headers["idempotency-key"]
-    (held,) = [h for h in proxy.gov.ledger.holds(states=list(HoldState))
-               if h.endpoint == "/v1/refunds"]  # fmt: skip
+    (held,) = [
+        h for h in proxy.gov.ledger.holds(states=list(HoldState)) if h.endpoint == "/v1/refunds"
+    ]
     told = response.headers["idempotency-key"]
     assert held.idempotency_key is not None and held.idempotency_key.endswith(told)
 
@@ -241,15 +253,24 @@ def test_a_refusal_raises_stripes_permission_error_and_nothing_is_sent(proxy: Pr
 @pytest.mark.parametrize(
     ("call", "status", "code"),
     [
-        (lambda c: c.v1.products.create(params={"name": "x"}), 403,
-         "paymaster_endpoint_not_allowed"),
-        (lambda c: c.raw_request("post", "/v1/payouts", amount=100, currency="usd"), 403,
-         "paymaster_unknown_operation"),
-        (lambda c: c.raw_request("post", "/v1/payment_intents", amount="12.5",
-                                 currency="usd"), 400, "paymaster_invalid_request"),
+        (
+            lambda c: c.v1.products.create(params={"name": "x"}),
+            403,
+            "paymaster_endpoint_not_allowed",
+        ),
+        (
+            lambda c: c.raw_request("post", "/v1/payouts", amount=100, currency="usd"),
+            403,
+            "paymaster_unknown_operation",
+        ),
+        (
+            lambda c: c.raw_request("post", "/v1/payment_intents", amount="12.5", currency="usd"),
+            400,
+            "paymaster_invalid_request",
+        ),
     ],
     ids=["endpoint-not-allowed", "uncatalogued", "malformed-amount"],
-)  # fmt: skip
+)
 def test_each_refusal_has_a_status_and_a_stable_code(
     proxy: Proxy, call: Callable[[stripe.StripeClient], Any], status: int, code: str
 ) -> None:
@@ -460,9 +481,12 @@ def test_the_same_key_on_behalf_of_another_account_is_another_call(proxy: Proxy)
         response = httpx.post(
             f"{proxy.url}/v1/refunds",
             data={"payment_intent": intent, "amount": "1000"},
-            headers={"Authorization": f"Bearer {proxy.key}", "Idempotency-Key": "k-ctx",
-                     "Stripe-Context": context},
-        )  # fmt: skip
+            headers={
+                "Authorization": f"Bearer {proxy.key}",
+                "Idempotency-Key": "k-ctx",
+                "Stripe-Context": context,
+            },
+        )
         assert response.status_code == 200, response.text
         assert "idempotent-replayed" not in response.headers
     posts = proxy.upstream.posts()
@@ -676,16 +700,26 @@ def test_an_oversized_body_is_refused_and_audited_without_a_reservation(proxy: P
         ("POST", "/v1/refunds/%2E%2E/payouts", {"data": {"amount": "1"}}, 400),
         ("POST", "//evil.example/v1/refunds", {"data": {"amount": "1"}}, 400),
         ("POST", "/v1/refunds%2F..%2Fpayouts", {"data": {"amount": "1"}}, 400),
-        ("POST", "/v1/refunds", {"content": b'{"amount": 1}',
-                                 "headers": [("Content-Type", "application/json")]}, 400),
-        ("POST", "/v1/refunds", {"data": {"amount": "1"},
-                                 "headers": [("Idempotency-Key", "a"),
-                                             ("Idempotency-Key", "b")]}, 400),
+        (
+            "POST",
+            "/v1/refunds",
+            {"content": b'{"amount": 1}', "headers": [("Content-Type", "application/json")]},
+            400,
+        ),
+        (
+            "POST",
+            "/v1/refunds",
+            {
+                "data": {"amount": "1"},
+                "headers": [("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+            },
+            400,
+        ),
         ("PUT", "/v1/refunds", {}, 405),
         ("OPTIONS", "/v1/refunds", {}, 405),
     ],
     ids=["dot-dot", "double-slash", "encoded-slash", "json-body", "two-keys", "put", "options"],
-)  # fmt: skip
+)
 def test_malformed_requests_get_a_clear_4xx_and_nothing_is_reserved(
     proxy: Proxy, method: str, path: str, kwargs: dict[str, Any], status: int
 ) -> None:

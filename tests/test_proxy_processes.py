@@ -35,10 +35,23 @@ ENDPOINTS = ["/v1/refunds", "/v1/payment_intents", "/v1/charges"]
 def policies(tmp_path: Path) -> Path:
     """refund-agent: $100 a day, as the proxies read it from a file."""
     path = tmp_path / "policies.yaml"
-    path.write_text(yaml.safe_dump({"policies": [{
-        "id": "refunds", "agent": "refund-agent", "vendor": "stripe", "currency": "USD",
-        "daily_cap": "100.00", "per_call_cap": "100.00", "endpoints": ENDPOINTS,
-    }]}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "policies": [
+                    {
+                        "id": "refunds",
+                        "agent": "refund-agent",
+                        "vendor": "stripe",
+                        "currency": "USD",
+                        "daily_cap": "100.00",
+                        "per_call_cap": "100.00",
+                        "endpoints": ENDPOINTS,
+                    }
+                ]
+            }
+        )
+    )
     return path
 
 
@@ -63,8 +76,10 @@ def test_two_proxy_processes_hold_one_cap_exactly(
     intent = paid_intent(localstripe, 100_000)
     key = vault_key(ledger)
     outcomes: Counter[str] = Counter()
-    with run_proxy(db_url, policies, localstripe.url) as first, \
-            run_proxy(db_url, policies, localstripe.url) as second:  # fmt: skip
+    with (
+        run_proxy(db_url, policies, localstripe.url) as first,
+        run_proxy(db_url, policies, localstripe.url) as second,
+    ):
         clients = [first.client(key), second.client(key)]
 
         def refund(i: int) -> str:
@@ -92,14 +107,17 @@ def test_one_revoke_stops_the_next_request_of_every_proxy_process(
     intent = paid_intent(localstripe)
     key = vault_key(ledger)
     cli = CliRunner()
-    with run_proxy(db_url, policies, localstripe.url) as first, \
-            run_proxy(db_url, policies, localstripe.url) as second:  # fmt: skip
+    with (
+        run_proxy(db_url, policies, localstripe.url) as first,
+        run_proxy(db_url, policies, localstripe.url) as second,
+    ):
         clients = [first.client(key), second.client(key)]
         for client in clients:
             client.v1.payment_intents.retrieve(intent)
 
-        revoked = cli.invoke(app, ["revoke", "--agent", "refund-agent", "--reason", "runaway",
-                                   "--db", db_url])  # fmt: skip
+        revoked = cli.invoke(
+            app, ["revoke", "--agent", "refund-agent", "--reason", "runaway", "--db", db_url]
+        )
         assert revoked.exit_code == 0, revoked.output
         for client in clients:
             with pytest.raises(stripe.PermissionError) as refused:

@@ -42,12 +42,17 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             try:
                 reservation = self.gov.ledger.reserve(
                     self.gov._prepare(
-                        agent=self.agent, vendor="stripe", endpoint="/v1/refunds",
-                        method="POST", estimate=Money(amount, "USD"), customer=None, run=run,
+                        agent=self.agent,
+                        vendor="stripe",
+                        endpoint="/v1/refunds",
+                        method="POST",
+                        estimate=Money(amount, "USD"),
+                        customer=None,
+                        run=run,
                         run_policy=RunPolicy(cap=Money(RUN_CAP, "USD")) if run else None,
                         idempotency_key=None,
                     )
-                )  # fmt: skip
+                )
             except PolicyViolation as violation:
                 self.rows += 1
                 if self.revoked:
@@ -132,17 +137,24 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 def test_ledger_state_machine(db_url: str, examples: int) -> None:
     machine = make_machine(db_url)
     machine.TestCase.settings = settings(
-        max_examples=examples, stateful_step_count=25, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow], database=None,
-    )  # fmt: skip
+        max_examples=examples,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        database=None,
+    )
     machine.TestCase().runTest()
 
 
 def test_exposure_helper_matches_budget(db_url: str) -> None:
     gov = Governor(db_url, policies=[refund_policy()], clock=Clock())
     try:
-        with gov.guard(agent="refund-agent", vendor="stripe", endpoint="/v1/refunds",
-                       estimate=Money(700, "USD")) as call:  # fmt: skip
+        with gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(700, "USD"),
+        ) as call:
             assert exposure(gov.engine) == 700
             call.settle(Money(500, "USD"))
         assert exposure(gov.engine) == 500 == gov.budgets()[0].committed.amount

@@ -38,19 +38,27 @@ def charge(
     *, amount: int = 5000, refunded: int = 0, currency: str = "usd", customer: Any = None
 ) -> dict[str, Any]:
     return {
-        "id": "ch_123", "object": "charge", "amount": amount, "amount_refunded": refunded,
-        "currency": currency, "customer": customer,
-    }  # fmt: skip
+        "id": "ch_123",
+        "object": "charge",
+        "amount": amount,
+        "amount_refunded": refunded,
+        "currency": currency,
+        "customer": customer,
+    }
 
 
 def intent(
     *, amount: int = 2000, refunded: int = 0, currency: str = "usd", customer: Any = None
 ) -> dict[str, Any]:
     return {
-        "id": "pi_123", "object": "payment_intent", "amount": amount, "currency": currency,
-        "amount_received": amount, "customer": customer,
+        "id": "pi_123",
+        "object": "payment_intent",
+        "amount": amount,
+        "currency": currency,
+        "amount_received": amount,
+        "customer": customer,
         "latest_charge": charge(amount=amount, refunded=refunded, currency=currency),
-    }  # fmt: skip
+    }
 
 
 # -- StripeRequest.parse ------------------------------------------------------------------
@@ -64,8 +72,10 @@ def test_parse_reads_method_path_and_form_body() -> None:
     assert request.method == "POST"
     assert request.path == "/v1/refunds"
     assert dict(request.params) == {
-        "reason": "duplicate", "payment_intent": "pi_123", "amount": "500",
-    }  # fmt: skip
+        "reason": "duplicate",
+        "payment_intent": "pi_123",
+        "amount": "500",
+    }
     assert request.roots == {"payment_intent", "amount", "metadata", "reason"}
 
 
@@ -79,11 +89,21 @@ def test_parse_reads_a_get_from_its_query_string() -> None:
     [
         # Another body encoding could be read differently by Stripe: multipart metadata
         # carrying "&amount=1" would be priced at a cent by a form parser.
-        ("POST", "/v1/refunds", "payment_intent=pi_1", "multipart/form-data; boundary=x",
-         "form-urlencoded only"),
+        (
+            "POST",
+            "/v1/refunds",
+            "payment_intent=pi_1",
+            "multipart/form-data; boundary=x",
+            "form-urlencoded only",
+        ),
         ("POST", "/v1/refunds", "payment_intent=pi_1", None, "unlabelled"),
-        ("POST", "/v1/refunds?amount=1", "payment_intent=pi_1&amount=100000", FORM,
-         "not the query string"),
+        (
+            "POST",
+            "/v1/refunds?amount=1",
+            "payment_intent=pi_1&amount=100000",
+            FORM,
+            "not the query string",
+        ),
         ("GET", "/v1/balance", "amount=1", None, "has no body"),
         ("POST", "/v1/refunds", b"payment_intent=pi_1&note=\xff", FORM, "not UTF-8"),
         # Names Stripe's form encoding never produces, which Rack may read as `amount`.
@@ -91,13 +111,12 @@ def test_parse_reads_a_get_from_its_query_string() -> None:
         ("POST", "/v1/refunds", "payment_intent=pi_1&amount]=90000000", FORM, "parameter name"),
         ("POST", "/v1/refunds", "payment_intent=pi_1&amount[x]=9", FORM, "single value"),
     ],
-)  # fmt: skip
+)
 def test_requests_stripe_might_read_differently_are_refused(
     method: str, url: str, body: str | bytes, content_type: str | None, match: str
 ) -> None:
     with pytest.raises(InvalidStripeRequest, match=match):
-        StripeRequest.parse(method, f"https://api.stripe.com{url}", body,
-                            content_type=content_type)  # fmt: skip
+        StripeRequest.parse(method, f"https://api.stripe.com{url}", body, content_type=content_type)
 
 
 def test_the_fingerprint_covers_every_parameter_and_the_account() -> None:
@@ -106,9 +125,13 @@ def test_the_fingerprint_covers_every_parameter_and_the_account() -> None:
     assert base.fingerprint != post("/v1/refunds", "payment_intent=pi_2&amount=100").fingerprint
     nested = post("/v1/refunds", "payment_intent=pi_1&amount=100&metadata[a]=1")
     assert base.fingerprint != nested.fingerprint
-    other_account = StripeRequest.parse("POST", "https://api.stripe.com/v1/refunds",
-                                        "payment_intent=pi_1&amount=100", content_type=FORM,
-                                        account="acct_2")  # fmt: skip
+    other_account = StripeRequest.parse(
+        "POST",
+        "https://api.stripe.com/v1/refunds",
+        "payment_intent=pi_1&amount=100",
+        content_type=FORM,
+        account="acct_2",
+    )
     assert base.fingerprint != other_account.fingerprint
 
 
@@ -366,8 +389,13 @@ def test_customer_from_the_param() -> None:
     assert CATALOGUE["payment_intents.list"].quote(listing) == Quote(None, "cus_7")
     assert CATALOGUE["payment_intents.list"].quote(get("/v1/payment_intents")).customer is None
     item = post("/v1/invoiceitems", "customer=cus_8&price=price_1&invoice=in_1")
-    draft = {"id": "in_1", "status": "draft", "collection_method": "send_invoice",
-             "currency": "usd", "customer": "cus_8"}  # fmt: skip
+    draft = {
+        "id": "in_1",
+        "status": "draft",
+        "collection_method": "send_invoice",
+        "currency": "usd",
+        "customer": "cus_8",
+    }
     assert CATALOGUE["invoice_items.create"].quote(item, draft) == Quote(None, "cus_8")
 
 
@@ -395,8 +423,14 @@ FINALIZE = CATALOGUE["invoices.finalize_invoice"]
 
 
 def invoice(collection_method: str, amount_due: int = 5000) -> dict[str, object]:
-    return {"id": "in_1", "object": "invoice", "collection_method": collection_method,
-            "amount_due": amount_due, "currency": "usd", "customer": "cus_9"}  # fmt: skip
+    return {
+        "id": "in_1",
+        "object": "invoice",
+        "collection_method": collection_method,
+        "amount_due": amount_due,
+        "currency": "usd",
+        "customer": "cus_9",
+    }
 
 
 def test_finalizing_an_invoice_stripe_charges_by_itself_costs_its_amount_due() -> None:
@@ -474,9 +508,15 @@ def test_actual_cost_reads_the_response() -> None:
 
 @pytest.mark.parametrize(
     "response",
-    [{}, {"amount": 500}, {"currency": "usd"}, {"amount": "500", "currency": "usd"},
-     {"amount": 5.0, "currency": "usd"}, {"amount": -1, "currency": "usd"}],
-)  # fmt: skip
+    [
+        {},
+        {"amount": 500},
+        {"currency": "usd"},
+        {"amount": "500", "currency": "usd"},
+        {"amount": 5.0, "currency": "usd"},
+        {"amount": -1, "currency": "usd"},
+    ],
+)
 def test_actual_cost_of_an_unreadable_response_is_an_error(response: dict[str, Any]) -> None:
     with pytest.raises(StripeAmountError):
         actual_cost(REFUND, response)

@@ -46,14 +46,27 @@ def usd_policy(**overrides: object) -> Policy:
     return refund_policy(endpoints=REFUND_ENDPOINTS, **overrides)
 
 
-JPY_POLICY = Policy.model_validate({
-    "id": "jpy-refunds", "agent": JPY_AGENT, "vendor": "stripe", "currency": "JPY",
-    "daily_cap": "100000", "per_call_cap": "50000", "endpoints": REFUND_ENDPOINTS,
-})  # fmt: skip
-PAYMENT_POLICY = Policy.model_validate({
-    "id": "payments", "agent": PAYMENT_AGENT, "vendor": "stripe", "currency": "USD",
-    "daily_cap": "100.00", "endpoints": ["/v1/payment_intents"],
-})  # fmt: skip
+JPY_POLICY = Policy.model_validate(
+    {
+        "id": "jpy-refunds",
+        "agent": JPY_AGENT,
+        "vendor": "stripe",
+        "currency": "JPY",
+        "daily_cap": "100000",
+        "per_call_cap": "50000",
+        "endpoints": REFUND_ENDPOINTS,
+    }
+)
+PAYMENT_POLICY = Policy.model_validate(
+    {
+        "id": "payments",
+        "agent": PAYMENT_AGENT,
+        "vendor": "stripe",
+        "currency": "USD",
+        "daily_cap": "100.00",
+        "endpoints": ["/v1/payment_intents"],
+    }
+)
 
 
 # -- localstripe and the transports --------------------------------------------------------
@@ -136,9 +149,11 @@ def paid_intent(
 ) -> Any:
     """A succeeded PaymentIntent (its latest charge expanded), made ungoverned."""
     params: dict[str, Any] = {
-        "amount": amount, "currency": currency, "payment_method": "pm_card_visa",
+        "amount": amount,
+        "currency": currency,
+        "payment_method": "pm_card_visa",
         "confirm": True,
-    }  # fmt: skip
+    }
     if customer is not None:
         params["customer"] = customer
     intent = raw.v1.payment_intents.create(params=params)
@@ -272,8 +287,11 @@ def test_a_refund_over_the_cap_is_refused_and_not_made(
     assert len(transport.posts()) == len(expected)  # the refused POST was never sent
     (denied,) = rows(gov, outcome="denied")
     assert (denied.method, denied.endpoint, denied.estimate, denied.actual) == (
-        "POST", "/v1/refunds", amount, 0,
-    )  # fmt: skip
+        "POST",
+        "/v1/refunds",
+        amount,
+        0,
+    )
     assert (denied.violation_code, denied.currency, denied.hold_id) == (code.value, "USD", None)
     assert daily(gov).committed == before
     assert gov.holds() == []
@@ -334,10 +352,14 @@ def test_a_refund_of_an_unknown_charge_fails_at_the_look_up(gov: Governor, ls: L
 def test_a_declined_payment_releases_its_hold(gov: Governor, ls: LocalStripe) -> None:
     client = governed(gov, ls, agent=PAYMENT_AGENT)
     with pytest.raises(stripe.CardError) as caught:
-        client.v1.payment_intents.create(params={
-            "amount": 1000, "currency": "usd", "payment_method": "pm_card_chargeCustomerFail",
-            "confirm": True,
-        })  # fmt: skip
+        client.v1.payment_intents.create(
+            params={
+                "amount": 1000,
+                "currency": "usd",
+                "payment_method": "pm_card_chargeCustomerFail",
+                "confirm": True,
+            }
+        )
     assert caught.value.http_status == 402
     assert caught.value.code == "card_declined"
 
@@ -355,9 +377,14 @@ def test_a_declined_payment_releases_its_hold(gov: Governor, ls: LocalStripe) ->
 
 def test_an_allowed_payment_is_settled_at_its_amount(gov: Governor, ls: LocalStripe) -> None:
     client = governed(gov, ls, agent=PAYMENT_AGENT)
-    intent = client.v1.payment_intents.create(params={
-        "amount": 1234, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True,
-    })  # fmt: skip
+    intent = client.v1.payment_intents.create(
+        params={
+            "amount": 1234,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+        }
+    )
     assert intent.status == "succeeded"
     (call,) = rows(gov, agent=PAYMENT_AGENT)
     assert summary([call]) == [("allowed", "POST", "/v1/payment_intents", 1234, 1234)]
@@ -548,8 +575,11 @@ def test_a_refund_for_a_customer_outside_the_allowlist_is_refused(
     # The customer is the looked-up payment's: the request itself names none.
     assert (lookup.outcome, lookup.method, lookup.customer) == ("allowed", "GET", None)
     assert (denied.outcome, denied.method, denied.endpoint, denied.customer) == (
-        "denied", "POST", "/v1/refunds", other,
-    )  # fmt: skip
+        "denied",
+        "POST",
+        "/v1/refunds",
+        other,
+    )
     assert (denied.violation_code, denied.estimate) == ("customer_not_allowed", 500)
     assert daily(gov).committed == Money.zero("USD")
     assert gov.holds() == []
@@ -573,8 +603,11 @@ def test_a_refund_for_an_allowed_customer_goes_through(
     lookup, call = rows(gov)
     assert lookup.endpoint == f"/v1/{by}s/{target}"
     assert (call.outcome, call.endpoint, call.customer, call.actual) == (
-        "allowed", "/v1/refunds", allowed, 500,
-    )  # fmt: skip
+        "allowed",
+        "/v1/refunds",
+        allowed,
+        500,
+    )
     assert daily(gov).settled == Money(500, "USD")
 
 
@@ -613,8 +646,9 @@ def test_an_async_refund_for_an_allowed_customer_goes_through(
     assert asyncio.run(scenario()).amount == 500
     assert refunds_of(raw, intent) == [500]
     assert [(r.outcome, r.method, r.customer) for r in rows(gov)] == [
-        ("allowed", "GET", None), ("allowed", "POST", allowed),
-    ]  # fmt: skip
+        ("allowed", "GET", None),
+        ("allowed", "POST", allowed),
+    ]
 
 
 # -- async ---------------------------------------------------------------------------------
@@ -720,8 +754,11 @@ def test_a_revoked_agent_makes_no_refund(gov: Governor, ls: LocalStripe, raw: An
     (denied,) = rows(gov)
     # Refused at the refund's first governed step, its look-up: nothing was read or sent.
     assert (denied.outcome, denied.method, denied.endpoint, denied.violation_code) == (
-        "denied", "GET", f"/v1/payment_intents/{intent.id}", "revoked",
-    )  # fmt: skip
+        "denied",
+        "GET",
+        f"/v1/payment_intents/{intent.id}",
+        "revoked",
+    )
     assert transport.sent == []
     assert gov.holds() == []
 
@@ -755,13 +792,16 @@ class ScriptedTransport(RecordingTransport):
         return response
 
 
-def test_a_multipart_body_is_refused_before_anything_is_sent(gov: Governor, ls: LocalStripe,
-                                                             raw: Any) -> None:  # fmt: skip
+def test_a_multipart_body_is_refused_before_anything_is_sent(
+    gov: Governor, ls: LocalStripe, raw: Any
+) -> None:
     intent = paid_intent(raw)
     transport = RecordingTransport()
     client = governed(gov, ls, http_client=transport)
-    smuggled = {"payment_intent": intent.id,
-                "metadata": {"note": f"x&amount=1&payment_intent={intent.id}&y="}}  # fmt: skip
+    smuggled = {
+        "payment_intent": intent.id,
+        "metadata": {"note": f"x&amount=1&payment_intent={intent.id}&y="},
+    }
     with pytest.raises(PolicyViolation) as caught:
         client.v1.refunds.create(params=smuggled, options={"content_type": "multipart/form-data"})
     assert caught.value.code is ViolationCode.INVALID_REQUEST
@@ -782,11 +822,13 @@ def test_a_key_reused_for_another_request_is_governed_as_that_request(
     )
     client = governed(gov, ls, http_client=transport)
     with pytest.raises(stripe.InvalidRequestError):  # refused by Stripe: the hold is released
-        client.v1.refunds.create(params={"payment_intent": mine.id, "amount": 100},
-                                 options={"idempotency_key": "k-1"})  # fmt: skip
+        client.v1.refunds.create(
+            params={"payment_intent": mine.id, "amount": 100}, options={"idempotency_key": "k-1"}
+        )
     with pytest.raises(PolicyViolation) as caught:  # the same key, another customer's payment
-        client.v1.refunds.create(params={"payment_intent": theirs.id, "amount": 4000},
-                                 options={"idempotency_key": "k-1"})  # fmt: skip
+        client.v1.refunds.create(
+            params={"payment_intent": theirs.id, "amount": 4000}, options={"idempotency_key": "k-1"}
+        )
     assert caught.value.code is ViolationCode.CUSTOMER_NOT_ALLOWED
     assert len(transport.posts()) == 1
     assert refunds_of(raw, theirs) == []
@@ -797,10 +839,14 @@ def test_a_retry_refused_after_a_lost_response_keeps_the_hold_counted(
     gov: Governor, ls: LocalStripe, raw: Any
 ) -> None:
     intent = paid_intent(raw)
-    transport = ScriptedTransport({("POST", "/v1/refunds"): [
-        stripe.APIConnectionError("lost", should_retry=True),  # Stripe refunded, reply lost
-        (409, '{"error": {"type": "idempotency_error", "message": "in progress"}}'),
-    ]})  # fmt: skip
+    transport = ScriptedTransport(
+        {
+            ("POST", "/v1/refunds"): [
+                stripe.APIConnectionError("lost", should_retry=True),  # Stripe refunded, reply lost
+                (409, '{"error": {"type": "idempotency_error", "message": "in progress"}}'),
+            ]
+        }
+    )
     client = governed(gov, ls, http_client=transport, max_network_retries=1)
     client._requestor._client._sleep_time_seconds = lambda num_retries: 0
     with pytest.raises(stripe.StripeError):
@@ -843,9 +889,13 @@ def test_a_free_call_whose_connection_fails_is_released(
 ) -> None:
     gov = make_governor(refund_policy(endpoints=[*REFUND_ENDPOINTS, "/v1/customers"]))
     customer = raw.v1.customers.create(params={"name": "c"}).id
-    transport = ScriptedTransport({("GET", f"/v1/customers/{customer}"): [
-        stripe.APIConnectionError("reset", should_retry=False),
-    ]})  # fmt: skip
+    transport = ScriptedTransport(
+        {
+            ("GET", f"/v1/customers/{customer}"): [
+                stripe.APIConnectionError("reset", should_retry=False),
+            ]
+        }
+    )
     with pytest.raises(stripe.APIConnectionError):
         governed(gov, ls, http_client=transport).v1.customers.retrieve(customer)
     assert gov.holds() == []  # nothing to reconcile: a read moves no money
@@ -877,8 +927,9 @@ def test_idempotency_headers_that_could_be_read_two_ways_are_refused(
     assert transport.sent == []
 
 
-def test_a_long_key_and_its_hash_are_different_calls(gov: Governor, ls: LocalStripe,
-                                                     raw: Any) -> None:  # fmt: skip
+def test_a_long_key_and_its_hash_are_different_calls(
+    gov: Governor, ls: LocalStripe, raw: Any
+) -> None:
     import hashlib
 
     intent = paid_intent(raw)

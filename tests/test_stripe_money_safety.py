@@ -113,8 +113,13 @@ class InvoiceStripe(stripe.RequestsClient):
             return 200, self.invoice()
         if (method, path) == ("POST", "/v1/payment_intents"):
             self.charged.append(int(params["amount"]))
-            return 200, {"id": "pi_1", "object": "payment_intent", "amount": int(params["amount"]),
-                         "currency": params["currency"], "status": "succeeded"}  # fmt: skip
+            return 200, {
+                "id": "pi_1",
+                "object": "payment_intent",
+                "amount": int(params["amount"]),
+                "currency": params["currency"],
+                "status": "succeeded",
+            }
         if method == "GET" and path.startswith("/v1/payment_intents/"):
             return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}}
         if (method, path) == ("POST", "/v1/payment_links"):

@@ -36,9 +36,11 @@ def upstream() -> Iterator[StripeUpstream]:
 
 def client(fake: StripeUpstream, timeout: float = 30) -> stripe.StripeClient:
     return stripe.StripeClient(
-        "sk_test_a", base_addresses={"api": fake.url}, max_network_retries=0,
+        "sk_test_a",
+        base_addresses={"api": fake.url},
+        max_network_retries=0,
         http_client=stripe.RequestsClient(timeout=timeout),
-    )  # fmt: skip
+    )
 
 
 def customer(c: stripe.StripeClient, label: str = "a") -> str:

@@ -114,8 +114,9 @@ def test_the_vendor_call_span_is_a_child_of_the_governed_call(gov: Governor, ote
 def test_a_denial_is_an_error_span_and_counted_by_code(gov: Governor, otel: Otel) -> None:
     for endpoint in ("/v1/charges", "/v1/payouts"):
         with pytest.raises(PolicyViolation):
-            with gov.guard(agent="refund-agent", vendor="stripe", endpoint=endpoint,
-                           estimate=Money(100, USD)):  # fmt: skip
+            with gov.guard(
+                agent="refund-agent", vendor="stripe", endpoint=endpoint, estimate=Money(100, USD)
+            ):
                 pytest.fail("a refused call never runs")
     with pytest.raises(PolicyViolation):
         with gov.guard(**CALL, estimate=Money(5001, USD)):
@@ -123,8 +124,10 @@ def test_a_denial_is_an_error_span_and_counted_by_code(gov: Governor, otel: Otel
     spans = otel.finished()
     assert [s.attributes["paymaster.outcome"] for s in spans] == ["denied"] * 3  # type: ignore[index]
     assert [s.attributes["paymaster.violation_code"] for s in spans] == [  # type: ignore[index]
-        "endpoint_not_allowed", "endpoint_not_allowed", "per_call_cap",
-    ]  # fmt: skip
+        "endpoint_not_allowed",
+        "endpoint_not_allowed",
+        "per_call_cap",
+    ]
     assert all(s.status.status_code is StatusCode.ERROR for s in spans)
     assert spans[0].status.description is not None
     assert spans[0].status.description.startswith("endpoint_not_allowed: ")
@@ -132,9 +135,10 @@ def test_a_denial_is_an_error_span_and_counted_by_code(gov: Governor, otel: Otel
     assert counts == {"endpoint_not_allowed": 2, "per_call_cap": 1}
     [point] = [p for p in otel.points("paymaster.denials") if p.value == 1]
     assert point.attributes == {
-        "paymaster.code": "per_call_cap", "paymaster.agent": "refund-agent",
+        "paymaster.code": "per_call_cap",
+        "paymaster.agent": "refund-agent",
         "paymaster.vendor": "stripe",
-    }  # fmt: skip
+    }
 
 
 def test_a_cap_refusal_is_counted_from_the_ledger(gov: Governor, otel: Otel) -> None:
@@ -160,9 +164,10 @@ def test_spend_counts_settled_minor_units_by_currency_agent_and_vendor(
     [point] = otel.points("paymaster.spend")
     assert point.value == 4000
     assert point.attributes == {
-        "paymaster.currency": "USD", "paymaster.agent": "refund-agent",
+        "paymaster.currency": "USD",
+        "paymaster.agent": "refund-agent",
         "paymaster.vendor": "stripe",
-    }  # fmt: skip
+    }
 
 
 def test_governance_latency_per_operation(gov: Governor, otel: Otel) -> None:
@@ -171,9 +176,9 @@ def test_governance_latency_per_operation(gov: Governor, otel: Otel) -> None:
             pass
     with gov.guard(**CALL, estimate=Money(100, USD)) as call:
         call.fail()
-    points = {p.attributes["paymaster.operation"]: p for p in otel.points(
-        "paymaster.governance.duration"
-    )}  # fmt: skip
+    points = {
+        p.attributes["paymaster.operation"]: p for p in otel.points("paymaster.governance.duration")
+    }
     assert {op: p.count for op, p in points.items()} == {"reserve": 4, "settle": 3, "release": 1}
     assert all(p.sum > 0 for p in points.values())
     assert points["reserve"].explicit_bounds[0] == 0.25  # milliseconds

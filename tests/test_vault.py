@@ -58,8 +58,11 @@ def test_a_key_authenticates_as_what_it_binds_and_only_its_digest_is_stored(
     assert made.secret.startswith(f"pmk_{made.record.id}_")
     found = keys.authenticate(made.secret)
     assert (found.agent, found.run, found.run_policy, found.label) == (
-        "refund-agent", "run-7", policy, "ci",
-    )  # fmt: skip
+        "refund-agent",
+        "run-7",
+        policy,
+        "ci",
+    )
     with engine.connect() as conn:
         stored = [str(v) for row in conn.execute(select(vault_key)) for v in row]
     secret = made.secret[SECRET_AT:]
@@ -67,9 +70,9 @@ def test_a_key_authenticates_as_what_it_binds_and_only_its_digest_is_stored(
 
 
 def test_a_run_policy_without_a_run_counts_against_the_keys_own_run(keys: VaultKeys) -> None:
-    made = keys.create("a", by="ops", run_policy=RunPolicy.model_validate(
-        {"currency": "USD", "cap": "5.00"}
-    ))  # fmt: skip
+    made = keys.create(
+        "a", by="ops", run_policy=RunPolicy.model_validate({"currency": "USD", "cap": "5.00"})
+    )
     assert made.record.run == f"pmk_{made.record.id}"
 
 
@@ -229,8 +232,23 @@ def cli(db_url: str, engine: Engine, clock: Clock, monkeypatch: pytest.MonkeyPat
 def test_keys_create_prints_the_key_once_and_list_never_shows_it(
     cli: str, tmp_path: Path, clock: Clock, keys: VaultKeys
 ) -> None:
-    made = runner.invoke(app, ["keys", "create", "--agent", "refund-agent", "--run", "r1",
-                               "--expires", "2h", "--label", "nightly", "--db", cli])  # fmt: skip
+    made = runner.invoke(
+        app,
+        [
+            "keys",
+            "create",
+            "--agent",
+            "refund-agent",
+            "--run",
+            "r1",
+            "--expires",
+            "2h",
+            "--label",
+            "nightly",
+            "--db",
+            cli,
+        ],
+    )
     assert made.exit_code == 0, made.output
     secret = made.stdout.strip()
     assert keys.authenticate(secret).run == "r1"
@@ -249,20 +267,34 @@ def test_keys_create_prints_the_key_once_and_list_never_shows_it(
     assert gone.exit_code == 0, gone.output
     assert "refuses its next request" in gone.stdout
     assert json.loads(runner.invoke(app, ["keys", "list", "--json", "--db", cli]).stdout) == []
-    missing = runner.invoke(app, ["keys", "revoke", "pmk_ffffffffffff", "--reason", "x",
-                                  "--db", cli])  # fmt: skip
+    missing = runner.invoke(
+        app, ["keys", "revoke", "pmk_ffffffffffff", "--reason", "x", "--db", cli]
+    )
     assert missing.exit_code == 1 and "no vault key" in missing.stderr
 
 
 def test_keys_create_checks_the_key_against_the_policies(cli: str, tmp_path: Path) -> None:
     policies = tmp_path / "policies.yaml"
-    policies.write_text(yaml.safe_dump({"policies": [{
-        "id": "refunds", "agent": "refund-agent", "vendor": "stripe", "currency": "USD",
-        "daily_cap": "100.00", "endpoints": ["/v1/refunds"],
-    }]}))  # fmt: skip
+    policies.write_text(
+        yaml.safe_dump(
+            {
+                "policies": [
+                    {
+                        "id": "refunds",
+                        "agent": "refund-agent",
+                        "vendor": "stripe",
+                        "currency": "USD",
+                        "daily_cap": "100.00",
+                        "endpoints": ["/v1/refunds"],
+                    }
+                ]
+            }
+        )
+    )
     wide = tmp_path / "wide.yaml"
-    wide.write_text(yaml.safe_dump({"currency": "USD", "cap": "500.00",
-                                    "endpoints": ["/v1/customers"]}))  # fmt: skip
+    wide.write_text(
+        yaml.safe_dump({"currency": "USD", "cap": "500.00", "endpoints": ["/v1/customers"]})
+    )
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text(yaml.safe_dump({"currency": "USD", "cap": "5.00"}))
     base = ["keys", "create", "--db", cli, "--policies", str(policies)]
@@ -271,8 +303,9 @@ def test_keys_create_checks_the_key_against_the_policies(cli: str, tmp_path: Pat
     assert nobody.exit_code == 1 and "no key made" in nobody.stderr
     widens = runner.invoke(app, [*base, "--agent", "refund-agent", "--run-policy", str(wide)])
     assert widens.exit_code == 1 and "widens" in widens.stderr
-    made = runner.invoke(app, [*base, "--agent", "refund-agent", "--run-policy", str(narrow),
-                               "--json"])  # fmt: skip
+    made = runner.invoke(
+        app, [*base, "--agent", "refund-agent", "--run-policy", str(narrow), "--json"]
+    )
     assert made.exit_code == 0, made.output
     document = json.loads(made.stdout)
     assert document["run"] == document["id"]

@@ -34,8 +34,12 @@ def spend_until_denied(url: str, fields: dict[str, Any], amount: int, start: Any
     try:
         while True:
             try:
-                with gov.guard(agent=fields["agent"], vendor="stripe", endpoint="/v1/refunds",
-                               estimate=Money(amount, "USD")) as call:  # fmt: skip
+                with gov.guard(
+                    agent=fields["agent"],
+                    vendor="stripe",
+                    endpoint="/v1/refunds",
+                    estimate=Money(amount, "USD"),
+                ) as call:
                     max_seen = max(max_seen, exposure(gov.engine))
                     call.settle(http_status=200)
                 allowed += 1
@@ -51,8 +55,12 @@ def spend_until_denied(url: str, fields: dict[str, Any], amount: int, start: Any
 def reserve_then_die(url: str, fields: dict[str, Any], amount: int) -> None:
     """Reserve, then get SIGKILLed before the vendor call returns: no cleanup can run."""
     gov = Governor(url, policies=[policy_from(fields)])
-    with gov.guard(agent=fields["agent"], vendor="stripe", endpoint="/v1/refunds",
-                   estimate=Money(amount, "USD")):  # fmt: skip
+    with gov.guard(
+        agent=fields["agent"],
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money(amount, "USD"),
+    ):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

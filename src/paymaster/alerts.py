@@ -524,49 +524,73 @@ class Alerter:
                 f"{used.format()} of {limit.format()} committed"
             )
         return Alert(
-            kind=AlertKind.THRESHOLD, message=message, at=at, agent=budget.agent,
-            vendor=budget.vendor, run=budget.run, budget=budget.kind, window=budget.window,
-            threshold=bp / FULL, committed=used, cap=limit, amount=refused,
+            kind=AlertKind.THRESHOLD,
+            message=message,
+            at=at,
+            agent=budget.agent,
+            vendor=budget.vendor,
+            run=budget.run,
+            budget=budget.kind,
+            window=budget.window,
+            threshold=bp / FULL,
+            committed=used,
+            cap=limit,
+            amount=refused,
             budget_id=budget.id,
-        )  # fmt: skip
+        )
 
 
 def denial_alert(entry: AuditEntry, violation: PolicyViolation, at: datetime) -> Alert:
     """The alert for a refused call, from its audit entry."""
     amount = Money(entry.estimate, entry.currency) if entry.currency else None
     return Alert(
-        kind=AlertKind.DENIAL, at=at, agent=entry.agent, vendor=entry.vendor, run=entry.run,
-        endpoint=entry.endpoint, code=violation.code.value, amount=amount,
+        kind=AlertKind.DENIAL,
+        at=at,
+        agent=entry.agent,
+        vendor=entry.vendor,
+        run=entry.run,
+        endpoint=entry.endpoint,
+        code=violation.code.value,
+        amount=amount,
         policy_id=entry.policy_id,
         message=(
             f"{entry.agent}/{entry.vendor} {entry.method} {entry.endpoint} refused "
             f"({violation.code.value}): {violation.message}"
         ),
-    )  # fmt: skip
+    )
 
 
 def revoke_alert(scope: str, target: str, *, reason: str, by: str, at: datetime) -> Alert:
     """The alert for a revocation this process committed."""
     what = "everything" if scope == "all" else f"{scope} {target!r}"
     return Alert(
-        kind=AlertKind.REVOKE, at=at, message=f"{what} revoked by {by}: {reason}",
-        agent=target if scope == "agent" else None, run=target if scope == "run" else None,
-    )  # fmt: skip
+        kind=AlertKind.REVOKE,
+        at=at,
+        message=f"{what} revoked by {by}: {reason}",
+        agent=target if scope == "agent" else None,
+        run=target if scope == "run" else None,
+    )
 
 
 def stale_hold_alert(hold: Hold, at: datetime, older_than: timedelta) -> Alert:
     """The alert for a hold left unresolved for longer than ``older_than``."""
     age = at - hold.created_at
     return Alert(
-        kind=AlertKind.STALE_HOLD, at=at, agent=hold.agent, vendor=hold.vendor, run=hold.run,
-        endpoint=hold.endpoint, amount=hold.estimate, hold_id=hold.id,
+        kind=AlertKind.STALE_HOLD,
+        at=at,
+        agent=hold.agent,
+        vendor=hold.vendor,
+        run=hold.run,
+        endpoint=hold.endpoint,
+        amount=hold.estimate,
+        hold_id=hold.id,
         policy_id=hold.policy_id,
         message=(
             f"hold {hold.id} ({hold.agent}/{hold.vendor} {hold.method} {hold.endpoint}, "
             f"{hold.estimate.format()}) is still {hold.state} after {age} "
             f"(limit {older_than}); resolve it with resolve_hold()"
         ),
-    )  # fmt: skip
+    )
 
 
 def overrun_alert(hold: Hold, at: datetime) -> Alert:

@@ -64,10 +64,26 @@ CURRENCY_EXPONENTS: dict[str, int] = {
 }
 
 _SYMBOLS: dict[str, str] = {
-    "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "CNY": "CN¥", "KRW": "₩", "INR": "₹",
-    "CAD": "CA$", "AUD": "A$", "NZD": "NZ$", "HKD": "HK$", "MXN": "MX$", "BRL": "R$",
-    "ILS": "₪", "VND": "₫", "TWD": "NT$", "PHP": "₱", "NGN": "₦", "UAH": "₴",
-}  # fmt: skip
+    "USD": "$",
+    "EUR": "€",
+    "GBP": "£",
+    "JPY": "¥",
+    "CNY": "CN¥",
+    "KRW": "₩",
+    "INR": "₹",
+    "CAD": "CA$",
+    "AUD": "A$",
+    "NZD": "NZ$",
+    "HKD": "HK$",
+    "MXN": "MX$",
+    "BRL": "R$",
+    "ILS": "₪",
+    "VND": "₫",
+    "TWD": "NT$",
+    "PHP": "₱",
+    "NGN": "₦",
+    "UAH": "₴",
+}
 
 # A currency is any word here, so that a wrong one ("5 US", "5 DOLLARS") is named as an
 # unknown currency instead of the whole text being unreadable.

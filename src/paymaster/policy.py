@@ -457,9 +457,15 @@ class EffectivePolicy(BaseModel):
 
         def deny(code: ViolationCode, message: str, remaining: Money | None = None) -> NoReturn:
             raise PolicyViolation(
-                code, message, policy_id=self.policy_id, agent=self.agent, run=run,
-                vendor=self.vendor, endpoint=endpoint, remaining=remaining,
-            )  # fmt: skip
+                code,
+                message,
+                policy_id=self.policy_id,
+                agent=self.agent,
+                run=run,
+                vendor=self.vendor,
+                endpoint=endpoint,
+                remaining=remaining,
+            )
 
         if self.expires_at is not None and now >= self.expires_at:
             deny(ViolationCode.EXPIRED, f"policy {self.policy_id} expired at {self.expires_at}")

@@ -47,9 +47,12 @@ class GovernedCallSpec:
 
     def as_guard_kwargs(self) -> dict[str, Any]:
         return {
-            "vendor": self.vendor, "endpoint": self.endpoint, "method": self.method,
-            "estimate": self.estimate, "customer": self.customer,
-        }  # fmt: skip
+            "vendor": self.vendor,
+            "endpoint": self.endpoint,
+            "method": self.method,
+            "estimate": self.estimate,
+            "customer": self.customer,
+        }
 
 
 @dataclass(frozen=True)

@@ -187,19 +187,35 @@ class VaultKeys:
         agent, run = storable.field("agent", agent), storable.field("run", run)
         label, by = storable.field("label", label), storable.field("by", by)
         record = VaultKey(
-            id=key_id, agent=agent, run=run, run_policy=run_policy, label=label,
-            created_at=now, created_by=by, expires_at=expires_at, revoked_at=None,
-            revoked_by=None, revoke_reason=None,
-        )  # fmt: skip
+            id=key_id,
+            agent=agent,
+            run=run,
+            run_policy=run_policy,
+            label=label,
+            created_at=now,
+            created_by=by,
+            expires_at=expires_at,
+            revoked_at=None,
+            revoked_by=None,
+            revoke_reason=None,
+        )
         with unavailable_on_error(self._engine, "making a vault key", "so no key was made"):
             with self._engine.begin() as conn:
-                conn.execute(insert(vault_key).values(
-                    id=key_id, secret_sha256=_digest(secret), agent=agent, run=run,
-                    run_policy=None if run_policy is None else run_policy.model_dump_json(
-                        exclude_none=True
-                    ),
-                    label=label, created_at=now, created_by=by, expires_at=expires_at,
-                ))  # fmt: skip
+                conn.execute(
+                    insert(vault_key).values(
+                        id=key_id,
+                        secret_sha256=_digest(secret),
+                        agent=agent,
+                        run=run,
+                        run_policy=None
+                        if run_policy is None
+                        else run_policy.model_dump_json(exclude_none=True),
+                        label=label,
+                        created_at=now,
+                        created_by=by,
+                        expires_at=expires_at,
+                    )
+                )
         return NewVaultKey(f"{KEY_PREFIX}{key_id}_{secret}", record)
 
     def list(self, *, include_revoked: bool = False) -> list[VaultKey]:
@@ -363,9 +379,15 @@ def _record(row: object) -> VaultKey:
     policy = m["run_policy"]
     return VaultKey(
         # Keys stored before revision 0007 without a run have their own id as their run.
-        id=m["id"], agent=m["agent"], run=m["run"] or f"{KEY_PREFIX}{m['id']}",
+        id=m["id"],
+        agent=m["agent"],
+        run=m["run"] or f"{KEY_PREFIX}{m['id']}",
         run_policy=None if policy is None else RunPolicy.model_validate_json(policy),
-        label=m["label"], created_at=m["created_at"], created_by=m["created_by"],
-        expires_at=m["expires_at"], revoked_at=m["revoked_at"], revoked_by=m["revoked_by"],
+        label=m["label"],
+        created_at=m["created_at"],
+        created_by=m["created_by"],
+        expires_at=m["expires_at"],
+        revoked_at=m["revoked_at"],
+        revoked_by=m["revoked_by"],
         revoke_reason=m["revoke_reason"],
-    )  # fmt: skip
+    )

@@ -40,9 +40,12 @@ OutputOption = Annotated[
 ]
 TimeOption = Annotated[
     datetime | None,
-    typer.Option(parser=parse_time, metavar="ISO|10m|2h",
-                 help="An ISO time (UTC unless it says otherwise) or a duration ago."),
-]  # fmt: skip
+    typer.Option(
+        parser=parse_time,
+        metavar="ISO|10m|2h",
+        help="An ISO time (UTC unless it says otherwise) or a duration ago.",
+    ),
+]
 
 
 class Format(str, Enum):
@@ -52,8 +55,14 @@ class Format(str, Enum):
     JSONL = "jsonl"
 
 
-def _follow(engine: Engine, where: AuditFilter, limit: int, as_json: bool, interval: float,
-            iterations: int | None) -> None:  # fmt: skip
+def _follow(
+    engine: Engine,
+    where: AuditFilter,
+    limit: int,
+    as_json: bool,
+    interval: float,
+    iterations: int | None,
+) -> None:
     """Print the newest rows, then every new row as it appears, one per line."""
     from ..operations import AuditFollower
 

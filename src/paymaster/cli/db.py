@@ -43,20 +43,31 @@ def current(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
         state = schema_state(engine)
         where = describe(engine)
     if as_json:
-        echo_json({"database": where, "current": state.current, "head": state.head,
-                   "is_head": state.is_head, "known": state.known})  # fmt: skip
+        echo_json(
+            {
+                "database": where,
+                "current": state.current,
+                "head": state.head,
+                "is_head": state.is_head,
+                "known": state.known,
+            }
+        )
         return
     if state.is_head:
         typer.echo(f"{where}: {state.current} (head)")
     elif state.current is None:
-        typer.echo(f"{where}: no paymaster schema; `paymaster db upgrade` creates it "
-                   f"(head {state.head})")  # fmt: skip
+        typer.echo(
+            f"{where}: no paymaster schema; `paymaster db upgrade` creates it (head {state.head})"
+        )
     elif not state.known:
-        typer.echo(f"{where}: {state.current}, unknown to this paymaster (head {state.head}): "
-                   "written by a newer paymaster")  # fmt: skip
+        typer.echo(
+            f"{where}: {state.current}, unknown to this paymaster (head {state.head}): "
+            "written by a newer paymaster"
+        )
     else:
-        typer.echo(f"{where}: {state.current}, not the head {state.head}: run "
-                   "`paymaster db upgrade`")  # fmt: skip
+        typer.echo(
+            f"{where}: {state.current}, not the head {state.head}: run `paymaster db upgrade`"
+        )
 
 
 @app.command()

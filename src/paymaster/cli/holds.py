@@ -30,23 +30,35 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "hold_json", "holds_table"]
 
-app = typer.Typer(help="Holds: reserved calls still counted against their budgets.",
-                  no_args_is_help=True)  # fmt: skip
+app = typer.Typer(
+    help="Holds: reserved calls still counted against their budgets.", no_args_is_help=True
+)
 
 
 def hold_json(h: Hold) -> dict[str, Any]:
     return {
-        "id": h.id, "state": h.state.value, "agent": h.agent, "run": h.run,
-        "vendor": h.vendor, "endpoint": h.endpoint, "method": h.method,
-        "customer": h.customer, "estimate": money_json(h.estimate),
-        "actual": money_json(h.actual), "policy_id": h.policy_id,
-        "idempotency_key": h.idempotency_key, "tool_call_id": h.tool_call_id,
-        "created_at": time_json(h.created_at), "resolved_at": time_json(h.resolved_at),
-        "resolved_by": h.resolved_by, "resolution": h.resolution,
-        "attempts": h.attempts, "overrun": money_json(h.overrun),
+        "id": h.id,
+        "state": h.state.value,
+        "agent": h.agent,
+        "run": h.run,
+        "vendor": h.vendor,
+        "endpoint": h.endpoint,
+        "method": h.method,
+        "customer": h.customer,
+        "estimate": money_json(h.estimate),
+        "actual": money_json(h.actual),
+        "policy_id": h.policy_id,
+        "idempotency_key": h.idempotency_key,
+        "tool_call_id": h.tool_call_id,
+        "created_at": time_json(h.created_at),
+        "resolved_at": time_json(h.resolved_at),
+        "resolved_by": h.resolved_by,
+        "resolution": h.resolution,
+        "attempts": h.attempts,
+        "overrun": money_json(h.overrun),
         "overrun_acknowledged_at": time_json(h.overrun_acknowledged_at),
         "overrun_acknowledged_by": h.overrun_acknowledged_by,
-    }  # fmt: skip
+    }
 
 
 def holds_table(holds: list[Hold], title: str) -> Table:
@@ -54,15 +66,20 @@ def holds_table(holds: list[Hold], title: str) -> Table:
 
     now = hooks.now()
     table = Table(title=title, title_justify="left")
-    for name in ("hold", "state", "agent", "run", "call", "customer", "estimate", "created",
-                 "age"):  # fmt: skip
+    for name in ("hold", "state", "agent", "run", "call", "customer", "estimate", "created", "age"):
         table.add_column(name, overflow="fold", justify="right" if name == "estimate" else "left")
     for h in holds:
         table.add_row(
-            h.id, h.state.value, h.agent, h.run or "-", f"{h.vendor} {h.method} {h.endpoint}",
-            h.customer or "-", fmt_money(h.estimate), fmt_time(h.created_at),
+            h.id,
+            h.state.value,
+            h.agent,
+            h.run or "-",
+            f"{h.vendor} {h.method} {h.endpoint}",
+            h.customer or "-",
+            fmt_money(h.estimate),
+            fmt_time(h.created_at),
             fmt_age(now - h.created_at),
-        )  # fmt: skip
+        )
     return table
 
 
@@ -205,8 +222,9 @@ def resolve(
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="'--settle'") from None
             if amount.amount < 0:
-                raise typer.BadParameter("a call cannot cost a negative amount",
-                                         param_hint="'--settle'")  # fmt: skip
+                raise typer.BadParameter(
+                    "a call cannot cost a negative amount", param_hint="'--settle'"
+                )
         resolved = gov.resolve_hold(hold_id, settle=amount, release=release, reason=reason, by=by)
     if as_json:
         echo_json(hold_json(resolved))

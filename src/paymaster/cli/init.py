@@ -56,8 +56,9 @@ def init(
     if policies.suffix.lower() not in (".yaml", ".yml"):
         fail(f"{policies}: init writes YAML, so name the file .yaml or .yml", EXIT_USAGE)
     if policies.exists():
-        fail(f"{policies} already exists; not overwriting it (choose another --policies)",
-             EXIT_USAGE)  # fmt: skip
+        fail(
+            f"{policies} already exists; not overwriting it (choose another --policies)", EXIT_USAGE
+        )
     if not policies.parent.is_dir():
         fail(f"{policies.parent} is not a directory", EXIT_USAGE)
     with open_database(db, create=True) as engine:

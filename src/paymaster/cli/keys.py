@@ -35,14 +35,21 @@ def key_json(key: VaultKey) -> dict[str, Any]:
     from ..vault import KEY_PREFIX
 
     return {
-        "id": f"{KEY_PREFIX}{key.id}", "agent": key.agent, "run": key.run,
-        "run_policy": None if key.run_policy is None
+        "id": f"{KEY_PREFIX}{key.id}",
+        "agent": key.agent,
+        "run": key.run,
+        "run_policy": None
+        if key.run_policy is None
         else key.run_policy.model_dump(mode="json", exclude_none=True),
-        "label": key.label, "state": key.state(hooks.now()),
-        "created_at": time_json(key.created_at), "created_by": key.created_by,
-        "expires_at": time_json(key.expires_at), "revoked_at": time_json(key.revoked_at),
-        "revoked_by": key.revoked_by, "revoke_reason": key.revoke_reason,
-    }  # fmt: skip
+        "label": key.label,
+        "state": key.state(hooks.now()),
+        "created_at": time_json(key.created_at),
+        "created_by": key.created_by,
+        "expires_at": time_json(key.expires_at),
+        "revoked_at": time_json(key.revoked_at),
+        "revoked_by": key.revoked_by,
+        "revoke_reason": key.revoke_reason,
+    }
 
 
 def failure_json(failure: AuthFailure) -> dict[str, Any]:
@@ -177,10 +184,15 @@ def list_keys(
         table.add_column(name, overflow="fold")
     for k in keys:
         table.add_row(
-            f"{KEY_PREFIX}{k.id}", k.state(now), k.agent, k.run or "-",
-            "yes" if k.run_policy else "-", fmt_time(k.expires_at) if k.expires_at else "never",
-            f"{fmt_time(k.created_at)} by {k.created_by}", k.label or "-",
-        )  # fmt: skip
+            f"{KEY_PREFIX}{k.id}",
+            k.state(now),
+            k.agent,
+            k.run or "-",
+            "yes" if k.run_policy else "-",
+            fmt_time(k.expires_at) if k.expires_at else "never",
+            f"{fmt_time(k.created_at)} by {k.created_by}",
+            k.label or "-",
+        )
     console().print(table)
 
 

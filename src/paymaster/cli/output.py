@@ -115,17 +115,32 @@ def audit_json(record: AuditRecord) -> dict[str, Any]:
 
 
 AUDIT_COLUMNS = (
-    "time", "run", "agent", "endpoint", "method", "outcome", "cost", "code", "tool call id",
+    "time",
+    "run",
+    "agent",
+    "endpoint",
+    "method",
+    "outcome",
+    "cost",
+    "code",
+    "tool call id",
     "error",
-)  # fmt: skip
+)
 
 
 def _audit_cells(record: AuditRecord) -> list[str]:
     return [
-        fmt_time(record.at), _text(record.run), record.agent, record.endpoint, record.method,
-        record.outcome, fmt_money(record.cost), _text(record.violation_code),
-        _text(record.tool_call_id), _text(record.error),
-    ]  # fmt: skip
+        fmt_time(record.at),
+        _text(record.run),
+        record.agent,
+        record.endpoint,
+        record.method,
+        record.outcome,
+        fmt_money(record.cost),
+        _text(record.violation_code),
+        _text(record.tool_call_id),
+        _text(record.error),
+    ]
 
 
 def audit_table(records: list[AuditRecord], title: str | None = None) -> Table:

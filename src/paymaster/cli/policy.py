@@ -30,44 +30,71 @@ def _list(values: tuple[str, ...] | None) -> str:
 
 def _policy_json(policy: Policy) -> dict[str, Any]:
     return {
-        "id": policy.id, "agent": policy.agent, "vendor": policy.vendor,
-        "currency": policy.currency, "daily_cap": money_json(policy.daily_cap),
+        "id": policy.id,
+        "agent": policy.agent,
+        "vendor": policy.vendor,
+        "currency": policy.currency,
+        "daily_cap": money_json(policy.daily_cap),
         "per_call_cap": money_json(policy.per_call_cap),
-        "max_calls_per_day": policy.max_calls_per_day, "endpoints": list(policy.endpoints),
+        "max_calls_per_day": policy.max_calls_per_day,
+        "endpoints": list(policy.endpoints),
         "methods": None if policy.methods is None else list(policy.methods),
         "customers": None if policy.customers is None else list(policy.customers),
         "expires_at": time_json(policy.expires_at),
-    }  # fmt: skip
+    }
 
 
 def _effective_json(policy: EffectivePolicy) -> dict[str, Any]:
     return {
-        "policy_id": policy.policy_id, "agent": policy.agent, "vendor": policy.vendor,
-        "currency": policy.currency, "daily_cap": money_json(policy.daily_cap),
+        "policy_id": policy.policy_id,
+        "agent": policy.agent,
+        "vendor": policy.vendor,
+        "currency": policy.currency,
+        "daily_cap": money_json(policy.daily_cap),
         "per_call_cap": money_json(policy.per_call_cap),
-        "max_calls_per_day": policy.max_calls_per_day, "run_cap": money_json(policy.run_cap),
+        "max_calls_per_day": policy.max_calls_per_day,
+        "run_cap": money_json(policy.run_cap),
         "run_max_calls": policy.run_max_calls,
         "endpoint_allowlists": [list(a) for a in policy.endpoint_allowlists],
         "methods": None if policy.methods is None else list(policy.methods),
         "customer_allowlists": [list(a) for a in policy.customer_allowlists],
-        "expires_at": time_json(policy.expires_at), "hash": policy.hash,
-    }  # fmt: skip
+        "expires_at": time_json(policy.expires_at),
+        "hash": policy.hash,
+    }
 
 
 def _policies_table(policies: PolicySet, title: str) -> Table:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for name in ("id", "agent", "vendor", "currency", "daily cap", "per-call cap",
-                 "calls/day", "endpoints", "methods", "customers", "expiry"):  # fmt: skip
+    for name in (
+        "id",
+        "agent",
+        "vendor",
+        "currency",
+        "daily cap",
+        "per-call cap",
+        "calls/day",
+        "endpoints",
+        "methods",
+        "customers",
+        "expiry",
+    ):
         table.add_column(name, overflow="fold")
     for p in policies:
         table.add_row(
-            p.id, p.agent, p.vendor, p.currency, fmt_money(p.daily_cap),
-            fmt_money(p.per_call_cap), "any" if p.max_calls_per_day is None else
-            str(p.max_calls_per_day), _list(p.endpoints), _list(p.methods),
-            _list(p.customers), fmt_time(p.expires_at) if p.expires_at else "never",
-        )  # fmt: skip
+            p.id,
+            p.agent,
+            p.vendor,
+            p.currency,
+            fmt_money(p.daily_cap),
+            fmt_money(p.per_call_cap),
+            "any" if p.max_calls_per_day is None else str(p.max_calls_per_day),
+            _list(p.endpoints),
+            _list(p.methods),
+            _list(p.customers),
+            fmt_time(p.expires_at) if p.expires_at else "never",
+        )
     return table
 
 
@@ -82,18 +109,34 @@ def _effective_table(effective: list[EffectivePolicy], title: str) -> Table:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for name in ("policy", "agent", "vendor", "daily cap", "per-call cap", "run budget",
-                 "endpoints (all must allow)", "methods", "customers (all must allow)",
-                 "expiry", "hash"):  # fmt: skip
+    for name in (
+        "policy",
+        "agent",
+        "vendor",
+        "daily cap",
+        "per-call cap",
+        "run budget",
+        "endpoints (all must allow)",
+        "methods",
+        "customers (all must allow)",
+        "expiry",
+        "hash",
+    ):
         table.add_column(name, overflow="fold")
     for e in effective:
         table.add_row(
-            e.policy_id, e.agent, e.vendor, _cap(e.daily_cap, e.max_calls_per_day),
-            fmt_money(e.per_call_cap), _cap(e.run_cap, e.run_max_calls),
-            " ∩ ".join(f"[{', '.join(a)}]" for a in e.endpoint_allowlists), _list(e.methods),
+            e.policy_id,
+            e.agent,
+            e.vendor,
+            _cap(e.daily_cap, e.max_calls_per_day),
+            fmt_money(e.per_call_cap),
+            _cap(e.run_cap, e.run_max_calls),
+            " ∩ ".join(f"[{', '.join(a)}]" for a in e.endpoint_allowlists),
+            _list(e.methods),
             " ∩ ".join(f"[{', '.join(a)}]" for a in e.customer_allowlists) or "any",
-            fmt_time(e.expires_at) if e.expires_at else "never", e.hash[:12],
-        )  # fmt: skip
+            fmt_time(e.expires_at) if e.expires_at else "never",
+            e.hash[:12],
+        )
     return table
 
 
@@ -139,8 +182,10 @@ def check(
         run_policy = load_run_policy(run)
         matching = _matching(policies, run_policy)
         if not matching:
-            fail(f"{run}: the run policy matches no policy in {file} (vendor "
-                 f"{run_policy.vendor!r}, currency {run_policy.currency!r})")  # fmt: skip
+            fail(
+                f"{run}: the run policy matches no policy in {file} (vendor "
+                f"{run_policy.vendor!r}, currency {run_policy.currency!r})"
+            )
         effective = [_narrow(p, run_policy, run) for p in matching]
     if as_json:
         document: dict[str, Any] = {

@@ -75,13 +75,16 @@ def proxy(
         fail(str(exc), 2)
     try:
         config = ProxyConfig(
-            upstream=upstream, stripe_key=key, max_body_bytes=max_body,
+            upstream=upstream,
+            stripe_key=key,
+            max_body_bytes=max_body,
             upstream_timeout=upstream_timeout,
-        )  # fmt: skip
+        )
     except ValidationError as exc:
         fail(describe_error(exc), 2)
-    with open_database(db) as engine, Governor(
-        engine, policies=policies, upgrade_schema=False
-    ) as governor:  # fmt: skip
+    with (
+        open_database(db) as engine,
+        Governor(engine, policies=policies, upgrade_schema=False) as governor,
+    ):
         typer.echo(f"paymaster proxy: forwarding to {config.upstream}, ledger {db}", err=True)
         serve(governor, config, host=host, port=port, fd=fd, log_level=log_level)

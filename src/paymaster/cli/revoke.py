@@ -66,8 +66,12 @@ def revoke(
         active = gov.revocations()
     made = next((r for r in active if r.id == rid), None)
     if as_json:
-        echo_json({"revoked": None if made is None else revocation_json(made),
-                   "active": [revocation_json(r) for r in active]})  # fmt: skip
+        echo_json(
+            {
+                "revoked": None if made is None else revocation_json(made),
+                "active": [revocation_json(r) for r in active],
+            }
+        )
         return
     typer.echo(f"revoked {_describe(made) if made else what}")
     typer.echo("the next call in scope of every process on this ledger is refused")
@@ -91,8 +95,7 @@ def restore(
         lifted = gov.restore(agent=agent, run=run, everything=everything, reason=reason, by=by)
         active = gov.revocations()
     if as_json:
-        echo_json({"scope": what, "lifted": lifted,
-                   "active": [revocation_json(r) for r in active]})  # fmt: skip
+        echo_json({"scope": what, "lifted": lifted, "active": [revocation_json(r) for r in active]})
         return
     if lifted:
         typer.echo(f"restored {what}: lifted {plural(lifted, 'revocation')}")

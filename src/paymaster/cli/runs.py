@@ -38,13 +38,18 @@ def show(
         holds = gov.ledger.holds(run=run)
     if as_json:
         document: dict[str, Any] = {
-            "run": run, "calls": summary.calls, "outcomes": summary.outcomes,
+            "run": run,
+            "calls": summary.calls,
+            "outcomes": summary.outcomes,
             "spend": {c: money_json(m) for c, m in summary.spend.items()},
-            "agents": summary.agents, "vendors": summary.vendors,
-            "first_at": time_json(summary.first_at), "last_at": time_json(summary.last_at),
+            "agents": summary.agents,
+            "vendors": summary.vendors,
+            "first_at": time_json(summary.first_at),
+            "last_at": time_json(summary.last_at),
             "unresolved_holds": [hold_json(h) for h in holds],
-            "rows": total, "rows_shown": [audit_json(r) for r in calls],
-        }  # fmt: skip
+            "rows": total,
+            "rows_shown": [audit_json(r) for r in calls],
+        }
         echo_json(document)
         return
     grid = Table.grid(padding=(0, 2))

@@ -101,8 +101,13 @@ def _bar(b: BudgetStatus) -> RenderableType:
     used, cap = usage
     share = used / cap if cap else 1.0
     style = "red" if share >= 0.9 else "yellow" if share >= 0.75 else "green"
-    bar = ProgressBar(total=max(cap, 1), completed=min(used, cap), width=20,
-                      complete_style=style, finished_style="red")  # fmt: skip
+    bar = ProgressBar(
+        total=max(cap, 1),
+        completed=min(used, cap),
+        width=20,
+        complete_style=style,
+        finished_style="red",
+    )
     grid = Table.grid(padding=(0, 1))
     grid.add_row(bar, Text(f"{share:4.0%}", style=style))
     return grid
@@ -150,31 +155,50 @@ def render_status(snapshot: Snapshot) -> RenderableType:
 
 def _budget_json(b: BudgetStatus) -> dict[str, Any]:
     return {
-        "kind": b.kind, "agent": b.agent, "vendor": b.vendor, "run": b.run or None,
-        "window": b.window or None, "cap": money_json(b.cap),
-        "committed": money_json(b.committed), "settled": money_json(b.settled),
-        "pending": money_json(b.pending), "remaining": money_json(b.remaining),
-        "calls": b.calls, "calls_cap": b.calls_cap, "frozen": b.frozen,
-    }  # fmt: skip
+        "kind": b.kind,
+        "agent": b.agent,
+        "vendor": b.vendor,
+        "run": b.run or None,
+        "window": b.window or None,
+        "cap": money_json(b.cap),
+        "committed": money_json(b.committed),
+        "settled": money_json(b.settled),
+        "pending": money_json(b.pending),
+        "remaining": money_json(b.remaining),
+        "calls": b.calls,
+        "calls_cap": b.calls_cap,
+        "frozen": b.frozen,
+    }
 
 
 def revocation_json(r: Revocation) -> dict[str, Any]:
     return {
-        "id": r.id, "scope": r.scope.value, "target": r.target or None, "reason": r.reason,
-        "by": r.revoked_by, "at": time_json(r.revoked_at), "lifted_at": time_json(r.lifted_at),
-    }  # fmt: skip
+        "id": r.id,
+        "scope": r.scope.value,
+        "target": r.target or None,
+        "reason": r.reason,
+        "by": r.revoked_by,
+        "at": time_json(r.revoked_at),
+        "lifted_at": time_json(r.lifted_at),
+    }
 
 
 def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
     return {
-        "day": snapshot.day.isoformat(), "at": time_json(snapshot.at),
+        "day": snapshot.day.isoformat(),
+        "at": time_json(snapshot.at),
         "budgets": [_budget_json(b) for b in snapshot.budgets],
         "revocations": [revocation_json(r) for r in snapshot.revocations],
-    }  # fmt: skip
+    }
 
 
-def _watch(gov: Governor, day: date | None, policies: PolicySet | None, interval: float,
-           iterations: int | None) -> None:  # fmt: skip
+def _watch(
+    gov: Governor,
+    day: date | None,
+    policies: PolicySet | None,
+    interval: float,
+    iterations: int | None,
+) -> None:
     """Refresh in place on a terminal. Elsewhere (a pipe, a file, a log), where a Rich Live
     would print nothing until it stops, print each refresh after the last."""
     from rich.console import Group
@@ -252,8 +276,9 @@ def status(
     from ..loading import load_policies
 
     if watch and as_json:
-        raise typer.BadParameter("--json prints one document; it cannot --watch",
-                                 param_hint="'--json'")  # fmt: skip
+        raise typer.BadParameter(
+            "--json prints one document; it cannot --watch", param_hint="'--json'"
+        )
     policy_set = None if policies is None else load_policies(policies)
     with open_governor(db) as gov:
         if watch:

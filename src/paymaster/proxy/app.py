@@ -103,9 +103,11 @@ class _Proxy:
         self.keys = VaultKeys(governor.engine, governor.ledger.now)
         self.replays = ReplayStore(governor.engine, governor.ledger.now, config.replay_window)
         self.upstream = UpstreamClient(
-            config.upstream, config.stripe_key, timeout=config.upstream_timeout,
+            config.upstream,
+            config.stripe_key,
+            timeout=config.upstream_timeout,
             transport=transport,
-        )  # fmt: skip
+        )
         self.stripe = GovernedHTTPClient(governor, inner=self.upstream)
 
     async def handle(self, request: Request) -> Response:
@@ -149,27 +151,32 @@ class _Proxy:
                 response = _unavailable(exc)
             except UpstreamNotReached as exc:
                 response = stripe_error(
-                    502, "upstream_unreachable",
+                    502,
+                    "upstream_unreachable",
                     f"the proxy could not reach Stripe ({exc}); the request was not sent and "
                     "nothing was spent",
-                    kind="api_error", retry=True,
-                )  # fmt: skip
+                    kind="api_error",
+                    retry=True,
+                )
             except httpx.HTTPError as exc:
                 response = stripe_error(
-                    502, "upstream_outcome_unknown",
+                    502,
+                    "upstream_outcome_unknown",
                     f"the request to Stripe failed mid-way ({type(exc).__name__}), so whether "
                     "it took effect is unknown; its cost stays counted. Retry with the same "
                     "Idempotency-Key (in this response's headers): Stripe will not act twice",
-                    kind="api_error", retry=True,
-                )  # fmt: skip
+                    kind="api_error",
+                    retry=True,
+                )
             except Exception:
                 log.exception("the proxy failed on %s %r", method, request.url.path)
                 response = stripe_error(
-                    500, "proxy_error",
+                    500,
+                    "proxy_error",
                     "the proxy failed unexpectedly; if this was a payment, check before "
                     "retrying (the proxy's log has the details)",
                     kind="api_error",
-                )  # fmt: skip
+                )
         sent_key = headers.get("Idempotency-Key")
         if sent_key is not None and "idempotency-key" not in response.headers:
             response.headers["Idempotency-Key"] = sent_key
@@ -230,10 +237,11 @@ class _Proxy:
         if status == 401:  # the proxy's own key was refused: the agent cannot fix that
             log.error("Stripe refused the proxy's own API key (HTTP 401)")
             return stripe_error(
-                502, "upstream_authentication_failed",
+                502,
+                "upstream_authentication_failed",
                 "Stripe refused the proxy's API key; the proxy's operator must fix it",
                 kind="api_error",
-            )  # fmt: skip
+            )
         if ledger_key is not None and 200 <= status < 300:
             try:
                 await self.governor.in_worker(
@@ -376,11 +384,13 @@ def _presented_key(request: Request) -> str:
     values = request.headers.getlist("authorization")
     if len(values) != 1:
         raise _Refused(
-            401, "missing_api_key",
+            401,
+            "missing_api_key",
             "You did not provide an API key: send your paymaster vault key as "
-            "'Authorization: Bearer pmk_...'" if not values else
-            "send exactly one Authorization header",
-        )  # fmt: skip
+            "'Authorization: Bearer pmk_...'"
+            if not values
+            else "send exactly one Authorization header",
+        )
     scheme, _, credentials = values[0].strip().partition(" ")
     credentials = credentials.strip()
     if scheme.lower() == "basic":
@@ -392,9 +402,10 @@ def _presented_key(request: Request) -> str:
         credentials = ""
     if not credentials:
         raise _Refused(
-            401, "missing_api_key",
+            401,
+            "missing_api_key",
             "the Authorization header must be 'Bearer pmk_...' (or Basic with the key as user)",
-        )  # fmt: skip
+        )
     return credentials
 
 
@@ -459,7 +470,9 @@ def _unavailable(exc: GovernanceUnavailable) -> Response:
     the client."""
     log.error("ledger unavailable: %s", exc)
     return stripe_error(
-        503, "ledger_unavailable",
+        503,
+        "ledger_unavailable",
         "the paymaster ledger is unavailable, so the request was not forwarded; retry later",
-        kind="api_error", retry=True,
-    )  # fmt: skip
+        kind="api_error",
+        retry=True,
+    )

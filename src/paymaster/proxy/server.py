@@ -29,10 +29,18 @@ def serve(
     supervisor or a test hands over a socket it bound).
     """
     app = create_app(governor, config)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=access_log,
-        lifespan="on", server_header=False, proxy_headers=False,
-    ))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=access_log,
+            lifespan="on",
+            server_header=False,
+            proxy_headers=False,
+        )
+    )
     if fd is None:
         server.run()
     else:

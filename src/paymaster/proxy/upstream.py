@@ -81,8 +81,10 @@ class UpstreamClient(stripe.HTTPClient):
     ) -> tuple[bytes, int, Mapping[str, str]]:
         target = httpx.URL(url)
         if (target.scheme, target.host, target.port) != (
-            self._origin.scheme, self._origin.host, self._origin.port,
-        ):  # fmt: skip
+            self._origin.scheme,
+            self._origin.host,
+            self._origin.port,
+        ):
             raise ValueError("refusing to forward outside the configured upstream")
         sent = {**headers, "Authorization": f"Bearer {self._key.get_secret_value()}"}
         try:

@@ -128,14 +128,30 @@ def run_proxy(
         port = sock.getsockname()[1]
         env = {**os.environ, "PAYMASTER_STRIPE_KEY": stripe_key, "PYTHONUNBUFFERED": "1"}
         command = [
-            sys.executable, "-m", "paymaster.cli", "proxy", "--db", db,
-            "--policies", str(policies), "--upstream", upstream,
-            "--fd", str(sock.fileno()), "--log-level", "warning", *args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "paymaster.cli",
+            "proxy",
+            "--db",
+            db,
+            "--policies",
+            str(policies),
+            "--upstream",
+            upstream,
+            "--fd",
+            str(sock.fileno()),
+            "--log-level",
+            "warning",
+            *args,
+        ]
         process = subprocess.Popen(
-            command, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+            command,
+            pass_fds=(sock.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     running = RunningProxy(f"http://127.0.0.1:{port}", process, log_path)
     try:
         try:

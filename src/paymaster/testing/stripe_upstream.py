@@ -300,17 +300,25 @@ class StripeUpstream:
                 stored = None
             elif (stored := self._keys.get(slot)) is not None:
                 if stored.fingerprint != fingerprint:
-                    return _error(_Error(
-                        400, "idempotency_error", None,
-                        "Keys for idempotent requests can only be used with the same "
-                        "parameters they were first used with.",
-                    ))  # fmt: skip
+                    return _error(
+                        _Error(
+                            400,
+                            "idempotency_error",
+                            None,
+                            "Keys for idempotent requests can only be used with the same "
+                            "parameters they were first used with.",
+                        )
+                    )
                 if stored.response is None:
-                    return _error(_Error(
-                        409, "invalid_request_error", "idempotency_key_in_use",
-                        "There is currently another in-progress request using this "
-                        "Stripe-Idempotency-Key; please try again later.",
-                    ))  # fmt: skip
+                    return _error(
+                        _Error(
+                            409,
+                            "invalid_request_error",
+                            "idempotency_key_in_use",
+                            "There is currently another in-progress request using this "
+                            "Stripe-Idempotency-Key; please try again later.",
+                        )
+                    )
                 status, body = stored.response
                 return status, body, {"Idempotent-Replayed": "true"}
             else:
@@ -379,9 +387,11 @@ class StripeUpstream:
         handler = handlers.get((req.method, resource, len(rest)))
         if handler is None:
             raise _Error(
-                404, "invalid_request_error", "resource_missing",
+                404,
+                "invalid_request_error",
+                "resource_missing",
                 f"Unrecognized request URL ({req.method}: {req.path})",
-            )  # fmt: skip
+            )
         return handler(req, rest)
 
     def _new(self, prefix: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -394,9 +404,11 @@ class StripeUpstream:
         obj = self._objects.get(object_id)
         if obj is None or obj["object"] != kind:
             raise _Error(
-                404, "invalid_request_error", "resource_missing",
+                404,
+                "invalid_request_error",
+                "resource_missing",
                 f"No such {kind}: '{object_id}'",
-            )  # fmt: skip
+            )
         return obj
 
     def _view(self, obj: dict[str, Any], expand: frozenset[str]) -> dict[str, Any]:
@@ -409,30 +421,47 @@ class StripeUpstream:
 
     def _retrieve(self, req: _Request, rest: list[str]) -> dict[str, Any]:
         kind = {
-            "customers": "customer", "payment_intents": "payment_intent", "charges": "charge",
-            "refunds": "refund", "invoices": "invoice",
-        }[req.path.strip("/").split("/")[1]]  # fmt: skip
+            "customers": "customer",
+            "payment_intents": "payment_intent",
+            "charges": "charge",
+            "refunds": "refund",
+            "invoices": "invoice",
+        }[req.path.strip("/").split("/")[1]]
         return self._view(self._find(rest[0], kind), req.expand)
 
     def _create_customer(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        return self._new("cus", {
-            "object": "customer", "name": req.params.get("name"),
-            "email": req.params.get("email"), "metadata": _metadata(req.params),
-        })  # fmt: skip
+        return self._new(
+            "cus",
+            {
+                "object": "customer",
+                "name": req.params.get("name"),
+                "email": req.params.get("email"),
+                "metadata": _metadata(req.params),
+            },
+        )
 
     def _create_price(self, req: _Request, rest: list[str]) -> dict[str, Any]:
         amount = _amount(req.params, "unit_amount")
-        return self._new("price", {
-            "object": "price", "product": req.params.get("product"), "unit_amount": amount,
-            "currency": _currency(req.params),
-        })  # fmt: skip
+        return self._new(
+            "price",
+            {
+                "object": "price",
+                "product": req.params.get("product"),
+                "unit_amount": amount,
+                "currency": _currency(req.params),
+            },
+        )
 
     def _customer(self, req: _Request, required: bool) -> str | None:
         customer = req.params.get("customer")
         if customer is None:
             if required:
-                raise _Error(400, "invalid_request_error", "parameter_missing",
-                             "Missing required param: customer.")  # fmt: skip
+                raise _Error(
+                    400,
+                    "invalid_request_error",
+                    "parameter_missing",
+                    "Missing required param: customer.",
+                )
             return None
         self._find(customer, "customer")
         return customer
@@ -440,11 +469,19 @@ class StripeUpstream:
     def _create_intent(self, req: _Request, rest: list[str]) -> dict[str, Any]:
         amount, currency = _amount(req.params, "amount"), _currency(req.params)
         customer = self._customer(req, False)
-        intent = self._new("pi", {
-            "object": "payment_intent", "amount": amount, "currency": currency,
-            "customer": customer, "status": "requires_payment_method", "amount_received": 0,
-            "latest_charge": None, "metadata": _metadata(req.params),
-        })  # fmt: skip
+        intent = self._new(
+            "pi",
+            {
+                "object": "payment_intent",
+                "amount": amount,
+                "currency": currency,
+                "customer": customer,
+                "status": "requires_payment_method",
+                "amount_received": 0,
+                "latest_charge": None,
+                "metadata": _metadata(req.params),
+            },
+        )
         if req.params.get("confirm") == "true":
             charge = self._charge(req, amount, currency, customer, intent["id"])
             intent.update(status="succeeded", amount_received=amount, latest_charge=charge)
@@ -453,79 +490,148 @@ class StripeUpstream:
     def _charge(
         self, req: _Request, amount: int, currency: str, customer: str | None, source: str
     ) -> str:
-        charge = self._new("ch", {
-            "object": "charge", "amount": amount, "amount_refunded": 0, "currency": currency,
-            "customer": customer, "payment_intent": source if source.startswith("pi_") else None,
-            "invoice": source if source.startswith("in_") else None, "refunded": False,
-            "status": "succeeded", "paid": True,
-        })  # fmt: skip
+        charge = self._new(
+            "ch",
+            {
+                "object": "charge",
+                "amount": amount,
+                "amount_refunded": 0,
+                "currency": currency,
+                "customer": customer,
+                "payment_intent": source if source.startswith("pi_") else None,
+                "invoice": source if source.startswith("in_") else None,
+                "refunded": False,
+                "status": "succeeded",
+                "paid": True,
+            },
+        )
         self._book("charge", charge["id"], amount, currency, customer, source, req)
         return str(charge["id"])
 
     def _book(
-        self, kind: str, object_id: str, amount: int, currency: str, customer: str | None,
-        source: str, req: _Request,
-    ) -> None:  # fmt: skip
+        self,
+        kind: str,
+        object_id: str,
+        amount: int,
+        currency: str,
+        customer: str | None,
+        source: str,
+        req: _Request,
+    ) -> None:
         label = None
         if customer is not None:
             label = self._objects[customer].get("metadata", {}).get("label")
-        self._movements.append(Movement(
-            kind, object_id, amount, currency, customer, label, source, req.idempotency_key,
-            req.api_key, req.method, req.path, req.body,
-        ))  # fmt: skip
+        self._movements.append(
+            Movement(
+                kind,
+                object_id,
+                amount,
+                currency,
+                customer,
+                label,
+                source,
+                req.idempotency_key,
+                req.api_key,
+                req.method,
+                req.path,
+                req.body,
+            )
+        )
 
     def _create_refund(self, req: _Request, rest: list[str]) -> dict[str, Any]:
         charge_id, intent_id = req.params.get("charge"), req.params.get("payment_intent")
         if bool(charge_id) == bool(intent_id):
-            raise _Error(400, "invalid_request_error", "parameter_missing",
-                         "One of charge or payment_intent is required.")  # fmt: skip
+            raise _Error(
+                400,
+                "invalid_request_error",
+                "parameter_missing",
+                "One of charge or payment_intent is required.",
+            )
         if intent_id:
             intent = self._find(intent_id, "payment_intent")
             charge_id = intent.get("latest_charge")
             if not charge_id:
                 raise _Error(
-                    400, "invalid_request_error", "payment_intent_unexpected_state",
+                    400,
+                    "invalid_request_error",
+                    "payment_intent_unexpected_state",
                     f"PaymentIntent {intent_id} does not have a successful charge to refund.",
-                )  # fmt: skip
+                )
         charge = self._find(str(charge_id), "charge")
         remaining = charge["amount"] - charge["amount_refunded"]
         if remaining <= 0:
-            raise _Error(400, "invalid_request_error", "charge_already_refunded",
-                         f"Charge {charge_id} has already been refunded.")  # fmt: skip
+            raise _Error(
+                400,
+                "invalid_request_error",
+                "charge_already_refunded",
+                f"Charge {charge_id} has already been refunded.",
+            )
         amount = _amount(req.params, "amount") if "amount" in req.params else remaining
         if amount > remaining:
             raise _Error(
-                400, "invalid_request_error", "amount_too_large",
+                400,
+                "invalid_request_error",
+                "amount_too_large",
                 f"Refund amount ({amount}) is greater than unrefunded amount on charge "
                 f"({remaining})",
-            )  # fmt: skip
+            )
         if amount <= 0:
-            raise _Error(400, "invalid_request_error", "amount_too_small",
-                         "Refund amount must be positive.")  # fmt: skip
+            raise _Error(
+                400, "invalid_request_error", "amount_too_small", "Refund amount must be positive."
+            )
         charge["amount_refunded"] += amount
         charge["refunded"] = charge["amount_refunded"] == charge["amount"]
-        refund = self._new("re", {
-            "object": "refund", "amount": amount, "currency": charge["currency"],
-            "charge": charge["id"], "payment_intent": charge["payment_intent"],
-            "status": "succeeded", "metadata": _metadata(req.params),
-        })  # fmt: skip
-        self._book("refund", refund["id"], amount, charge["currency"], charge["customer"],
-                   str(charge["id"]), req)  # fmt: skip
+        refund = self._new(
+            "re",
+            {
+                "object": "refund",
+                "amount": amount,
+                "currency": charge["currency"],
+                "charge": charge["id"],
+                "payment_intent": charge["payment_intent"],
+                "status": "succeeded",
+                "metadata": _metadata(req.params),
+            },
+        )
+        self._book(
+            "refund",
+            refund["id"],
+            amount,
+            charge["currency"],
+            charge["customer"],
+            str(charge["id"]),
+            req,
+        )
         return dict(refund)
 
     def _create_invoice(self, req: _Request, rest: list[str]) -> dict[str, Any]:
         customer = self._customer(req, True)
         method = req.params.get("collection_method", "charge_automatically")
         if method not in ("charge_automatically", "send_invoice"):
-            raise _Error(400, "invalid_request_error", "parameter_invalid_string",
-                         f"Invalid collection_method: {method}")  # fmt: skip
-        return self._new("in", {
-            "object": "invoice", "customer": customer, "currency": "usd", "status": "draft",
-            "collection_method": method,
-            "auto_advance": req.params.get("auto_advance", "false") == "true",
-            "amount_due": 0, "amount_paid": 0, "amount_remaining": 0, "total": 0,
-            "charge": None, "lines": [], "metadata": _metadata(req.params),
-        })  # fmt: skip
+            raise _Error(
+                400,
+                "invalid_request_error",
+                "parameter_invalid_string",
+                f"Invalid collection_method: {method}",
+            )
+        return self._new(
+            "in",
+            {
+                "object": "invoice",
+                "customer": customer,
+                "currency": "usd",
+                "status": "draft",
+                "collection_method": method,
+                "auto_advance": req.params.get("auto_advance", "false") == "true",
+                "amount_due": 0,
+                "amount_paid": 0,
+                "amount_remaining": 0,
+                "total": 0,
+                "charge": None,
+                "lines": [],
+                "metadata": _metadata(req.params),
+            },
+        )
 
     def _create_item(self, req: _Request, rest: list[str]) -> dict[str, Any]:
         customer = self._customer(req, True)
@@ -537,22 +643,41 @@ class StripeUpstream:
             amount, currency = _amount(req.params, "amount"), _currency(req.params)
         invoice_id = req.params.get("invoice")
         if not invoice_id:
-            raise _Error(400, "invalid_request_error", "parameter_missing",
-                         "this fake Stripe needs invoice= on invoice items")  # fmt: skip
+            raise _Error(
+                400,
+                "invalid_request_error",
+                "parameter_missing",
+                "this fake Stripe needs invoice= on invoice items",
+            )
         invoice = self._find(invoice_id, "invoice")
         if invoice["status"] != "draft":
-            raise _Error(400, "invalid_request_error", "invoice_not_editable",
-                         f"Invoice {invoice_id} is not a draft; it cannot be edited.")  # fmt: skip
+            raise _Error(
+                400,
+                "invalid_request_error",
+                "invoice_not_editable",
+                f"Invoice {invoice_id} is not a draft; it cannot be edited.",
+            )
         if invoice["customer"] != customer:
-            raise _Error(400, "invalid_request_error", None,
-                         "The invoice belongs to another customer.")  # fmt: skip
+            raise _Error(
+                400, "invalid_request_error", None, "The invoice belongs to another customer."
+            )
         if currency != invoice["currency"]:
-            raise _Error(400, "invalid_request_error", None,
-                         f"The invoice is in {invoice['currency']}, not {currency}.")  # fmt: skip
-        item = self._new("ii", {
-            "object": "invoiceitem", "amount": amount, "currency": currency,
-            "customer": customer, "invoice": invoice_id,
-        })  # fmt: skip
+            raise _Error(
+                400,
+                "invalid_request_error",
+                None,
+                f"The invoice is in {invoice['currency']}, not {currency}.",
+            )
+        item = self._new(
+            "ii",
+            {
+                "object": "invoiceitem",
+                "amount": amount,
+                "currency": currency,
+                "customer": customer,
+                "invoice": invoice_id,
+            },
+        )
         invoice["lines"].append(item["id"])
         for name in ("amount_due", "amount_remaining", "total"):
             invoice[name] += amount
@@ -563,8 +688,12 @@ class StripeUpstream:
             raise _Error(404, "invalid_request_error", "resource_missing", "Unrecognized URL")
         invoice = self._find(rest[0], "invoice")
         if invoice["status"] != "draft":
-            raise _Error(400, "invalid_request_error", "invoice_not_editable",
-                         f"Invoice {rest[0]} is already finalized.")  # fmt: skip
+            raise _Error(
+                400,
+                "invalid_request_error",
+                "invoice_not_editable",
+                f"Invoice {rest[0]} is already finalized.",
+            )
         if "auto_advance" in req.params:
             invoice["auto_advance"] = req.params["auto_advance"] == "true"
         invoice["status"] = "open"
@@ -603,16 +732,18 @@ def _metadata(params: Mapping[str, str]) -> dict[str, str]:
 def _amount(params: Mapping[str, str], name: str) -> int:
     raw = params.get(name)
     if raw is None or not raw.isdigit():
-        raise _Error(400, "invalid_request_error", "parameter_invalid_integer",
-                     f"Invalid integer: {raw}")  # fmt: skip
+        raise _Error(
+            400, "invalid_request_error", "parameter_invalid_integer", f"Invalid integer: {raw}"
+        )
     return int(raw)
 
 
 def _currency(params: Mapping[str, str]) -> str:
     currency = params.get("currency")
     if not currency:
-        raise _Error(400, "invalid_request_error", "parameter_missing",
-                     "Missing required param: currency.")  # fmt: skip
+        raise _Error(
+            400, "invalid_request_error", "parameter_missing", "Missing required param: currency."
+        )
     return currency.lower()
 
 
@@ -641,16 +772,23 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization") or ""
         api_key = auth.removeprefix("Bearer ").strip()
         if not api_key.startswith("sk_"):
-            self._answer(*_error(_Error(401, "invalid_request_error", None,
-                                        "Invalid API Key provided")))  # fmt: skip
+            self._answer(
+                *_error(_Error(401, "invalid_request_error", None, "Invalid API Key provided"))
+            )
             return
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
         params = dict(parse_qsl(body, keep_blank_values=True)) if method == "POST" else query
         expand = frozenset(v for k, v in {**query, **params}.items() if k.startswith("expand"))
         request = _Request(
-            method, parts.path, query, params, expand, body, api_key,
+            method,
+            parts.path,
+            query,
+            params,
+            expand,
+            body,
+            api_key,
             self.headers.get("Idempotency-Key"),
-        )  # fmt: skip
+        )
         try:
             answer = self.fake.handle(request)
         except Exception as exc:  # a bug in the fake: say so rather than hang the client

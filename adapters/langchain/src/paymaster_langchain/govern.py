@@ -598,11 +598,18 @@ def govern_tools(
 
 def _governed(tool: BaseTool, spec: Spec, governance: _Governance) -> GovernedTool:
     return GovernedTool(
-        name=tool.name, description=tool.description, args_schema=tool.args_schema,
-        return_direct=tool.return_direct, response_format=tool.response_format,
-        metadata=tool.metadata, tags=tool.tags, extras=getattr(tool, "extras", None),
-        inner=tool, spec=spec, governance=governance,
-    )  # fmt: skip
+        name=tool.name,
+        description=tool.description,
+        args_schema=tool.args_schema,
+        return_direct=tool.return_direct,
+        response_format=tool.response_format,
+        metadata=tool.metadata,
+        tags=tool.tags,
+        extras=getattr(tool, "extras", None),
+        inner=tool,
+        spec=spec,
+        governance=governance,
+    )
 
 
 def _middleware_base() -> type:
@@ -655,11 +662,16 @@ class PaymasterMiddleware(_middleware_base()):  # type: ignore[misc]
                 ViolationCode.UNKNOWN_OPERATION,
                 f"tool {name!r} has no paymaster spec, so it was not run",
                 agent=agent,
-            )  # fmt: skip
+            )
             raise self.governance.governor.record_refusal(
-                violation, agent=agent, vendor="tool", endpoint=f"/tools/{name}",
-                method="CALL", run=self.governance.run_id(config), tool_call_id=call_id,
-            )  # fmt: skip
+                violation,
+                agent=agent,
+                vendor="tool",
+                endpoint=f"/tools/{name}",
+                method="CALL",
+                run=self.governance.run_id(config),
+                tool_call_id=call_id,
+            )
         args, valid = _priced_arguments(request.tool, call.get("args") or {})
         return name, spec, args, valid, call_id
 

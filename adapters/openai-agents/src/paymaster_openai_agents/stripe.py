@@ -70,9 +70,13 @@ def _function_tool(
         try:
             arguments = json.loads(args_json or "{}")
             result = await toolkit.ainvoke(
-                tool.name, arguments, run=run_id(ctx), tool_call_id=ctx.tool_call_id,
-                run_policy=run_policy_of(ctx), agent=toolkit.agent or _agent_name(ctx),
-            )  # fmt: skip
+                tool.name,
+                arguments,
+                run=run_id(ctx),
+                tool_call_id=ctx.tool_call_id,
+                run_policy=run_policy_of(ctx),
+                agent=toolkit.agent or _agent_name(ctx),
+            )
         except Exception as exc:
             text = tool_failure_text(exc, tell_model_violations=on_violation == "tell_model")
             if text is not None:

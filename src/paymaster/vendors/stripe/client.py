@@ -44,9 +44,13 @@ def governed_client(
     ``max_network_retries``, ``stripe_account``...).
     """
     transport = GovernedHTTPClient(
-        governor, agent=agent, run=run, run_policy=run_policy, inner=http_client,
+        governor,
+        agent=agent,
+        run=run,
+        run_policy=run_policy,
+        inner=http_client,
         catalogue=catalogue,
-    )  # fmt: skip
+    )
     return stripe.StripeClient(api_key, http_client=transport, **client_options)
 
 
@@ -77,9 +81,13 @@ def govern(
     if transport is None:
         transport = stripe.default_http_client or stripe.new_default_http_client()
     governed = GovernedHTTPClient(
-        governor, agent=agent, run=run, run_policy=run_policy, inner=transport,
+        governor,
+        agent=agent,
+        run=run,
+        run_policy=run_policy,
+        inner=transport,
         catalogue=catalogue,
-    )  # fmt: skip
+    )
     return stripe.StripeClient(
         api_key,
         stripe_account=options.stripe_account,

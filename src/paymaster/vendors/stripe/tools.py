@@ -353,9 +353,12 @@ class StripeToolkit:
         self.tools = select_tools(only)
 
     def _prepare(
-        self, name: str, arguments: Mapping[str, Any] | BaseModel, tool_call_id: str | None,
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | BaseModel,
+        tool_call_id: str | None,
         run: str | None,
-    ) -> tuple[StripeTool, BaseModel, str | None]:  # fmt: skip
+    ) -> tuple[StripeTool, BaseModel, str | None]:
         tool = self._tool(name)
         args = tool.arguments(arguments)
         return tool, args, idempotency_key(tool.name, run, tool_call_id, args)
@@ -413,9 +416,14 @@ class StripeToolkit:
         thread and record what really happened, instead of an unknown outcome.
         """
         return await self.governor.in_worker(
-            self.invoke, name, arguments, run=run, tool_call_id=tool_call_id,
-            run_policy=run_policy, agent=agent,
-        )  # fmt: skip
+            self.invoke,
+            name,
+            arguments,
+            run=run,
+            tool_call_id=tool_call_id,
+            run_policy=run_policy,
+            agent=agent,
+        )
 
 
 def _as_dict(result: Any) -> dict[str, Any]:

@@ -174,15 +174,24 @@ class GovernedHTTPClient(stripe.HTTPClient):
 
     # -- stripe.HTTPClient ---------------------------------------------------------------
     def request(
-        self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None,
-        *, _usage: list[str] | None = None,
-    ) -> Response:  # fmt: skip
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> Response:
         return self._request(method, url, headers, post_data)
 
     def _request(
-        self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any,
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any,
         pricing_lookup: bool = False,
-    ) -> Response:  # fmt: skip
+    ) -> Response:
         plan = self._plan(method, url, headers, post_data, pricing_lookup)
         if plan.lookup is not None:
             response = self._request(
@@ -217,9 +226,13 @@ class GovernedHTTPClient(stripe.HTTPClient):
         return await self._request_async(method, url, headers, post_data)
 
     async def _request_async(
-        self, method: str, url: str, headers: Mapping[str, str], post_data: Any,
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        post_data: Any,
         pricing_lookup: bool = False,
-    ) -> Response:  # fmt: skip
+    ) -> Response:
         plan = await _in_thread(self._plan, method, url, headers, post_data, pricing_lookup)
         if plan.lookup is not None:
             response = await self._request_async(
@@ -251,9 +264,14 @@ class GovernedHTTPClient(stripe.HTTPClient):
         return response
 
     def request_stream(
-        self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None,
-        *, _usage: list[str] | None = None,
-    ) -> Response:  # fmt: skip
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> Response:
         self._refuse_stream(method, url)
 
     async def request_stream_async(
@@ -329,8 +347,10 @@ class GovernedHTTPClient(stripe.HTTPClient):
                     "governs, so it was not sent (see paymaster.vendors.stripe.CATALOGUE)",
                     vendor=VENDOR,
                 ),
-                binding, request.path, request.method,
-            )  # fmt: skip
+                binding,
+                request.path,
+                request.method,
+            )
         try:
             lookup = operation.lookup_path(request)
             subject = operation.subject_of(request)
@@ -338,9 +358,16 @@ class GovernedHTTPClient(stripe.HTTPClient):
             self._refuse(violation, binding, request.path, request.method)
         ledger_key, held = self._current_key(binding, _ledger_key(request, wire_key, headers))
         plan = _Plan(
-            binding, request, operation, headers, wire_key, ledger_key, pricing_lookup,
-            subject=subject, version=self.catalogue.stripe_version,
-        )  # fmt: skip
+            binding,
+            request,
+            operation,
+            headers,
+            wire_key,
+            ledger_key,
+            pricing_lookup,
+            subject=subject,
+            version=self.catalogue.stripe_version,
+        )
         if lookup is None:  # priced from the request alone: a retry prices the same
             return self._priced(plan, None)
         # Priced from the world: a retry of a call that may have acted (its hold pending,
@@ -448,9 +475,15 @@ class GovernedHTTPClient(stripe.HTTPClient):
         assert binding.agent is not None
         violation.agent, violation.run, violation.endpoint = binding.agent, binding.run, path
         raise self.governor.record_refusal(
-            violation, agent=binding.agent, vendor=VENDOR, endpoint=path, method=method,
-            run=binding.run, tool_call_id=binding.tool_call_id, credential=binding.credential,
-        )  # fmt: skip
+            violation,
+            agent=binding.agent,
+            vendor=VENDOR,
+            endpoint=path,
+            method=method,
+            run=binding.run,
+            tool_call_id=binding.tool_call_id,
+            credential=binding.credential,
+        )
 
     def _refuse_stream(self, method: str, url: str) -> NoReturn:
         self._refuse(
@@ -459,8 +492,10 @@ class GovernedHTTPClient(stripe.HTTPClient):
                 "streamed Stripe requests are not governed, so they are not sent",
                 vendor=VENDOR,
             ),
-            self._who(), urlsplit(url).path or "/", method.upper(),
-        )  # fmt: skip
+            self._who(),
+            urlsplit(url).path or "/",
+            method.upper(),
+        )
 
 
 @dataclass(frozen=True)
@@ -488,16 +523,23 @@ class _Plan:
         assert self.binding.agent is not None
         assert self.quote is not None
         return {
-            "agent": self.binding.agent, "vendor": VENDOR, "endpoint": self.request.path,
-            "method": self.request.method, "estimate": self.quote.estimate,
-            "customer": self.quote.customer, "run": self.binding.run,
-            "run_policy": self.binding.run_policy, "idempotency_key": self.ledger_key,
-            "pricing_lookup": self.pricing_lookup, "tool_call_id": self.binding.tool_call_id,
-            "credential": self.binding.credential, "subject": self.subject,
+            "agent": self.binding.agent,
+            "vendor": VENDOR,
+            "endpoint": self.request.path,
+            "method": self.request.method,
+            "estimate": self.quote.estimate,
+            "customer": self.quote.customer,
+            "run": self.binding.run,
+            "run_policy": self.binding.run_policy,
+            "idempotency_key": self.ledger_key,
+            "pricing_lookup": self.pricing_lookup,
+            "tool_call_id": self.binding.tool_call_id,
+            "credential": self.binding.credential,
+            "subject": self.subject,
             "accounts": self.request.accounts,
             # The catalogue declares a call free by pricing it at nothing.
             "free": self.quote.estimate is None,
-        }  # fmt: skip
+        }
 
     def outgoing(self, call: GovernedCall) -> Mapping[str, str] | None:
         """The headers sent: a POST always carries an idempotency key (one made from the
@@ -534,8 +576,7 @@ def _resolution(call: GovernedCall, operation: Operation, response: Response) ->
         failure = _VendorRefused() if by_status is Resolution.RELEASE else _VendorMayHaveActed()
         if decide(failure, shared=shared, moves_money=not free) is Resolution.RELEASE:
             error = _error_text(body) if 400 <= status < 500 else f"Stripe answered HTTP {status}"
-            return "fail", {"http_status": status, "vendor_request_id": request_id,
-                            "error": error}  # fmt: skip
+            return "fail", {"http_status": status, "vendor_request_id": request_id, "error": error}
         if by_status is Resolution.RELEASE:
             return "unknown", {
                 "error": f"a retry got HTTP {status} ({_error_text(body)}); whether the first "
@@ -559,8 +600,9 @@ def _resolution(call: GovernedCall, operation: Operation, response: Response) ->
         }
     return "settle", {
         "actual": actual if actual is not None else Money.zero(call.estimate.currency),
-        "http_status": status, "vendor_request_id": request_id,
-    }  # fmt: skip
+        "http_status": status,
+        "vendor_request_id": request_id,
+    }
 
 
 class _VendorRefused(Exception):
@@ -627,10 +669,13 @@ def _parse(
     method: str, url: str, headers: Mapping[str, str] | None, body: str | bytes | None
 ) -> StripeRequest:
     return StripeRequest.parse(
-        method, url, body, content_type=_single_header(headers, "Content-Type"),
+        method,
+        url,
+        body,
+        content_type=_single_header(headers, "Content-Type"),
         account=_single_header(headers, "Stripe-Account"),
         context=_single_header(headers, "Stripe-Context"),
-    )  # fmt: skip
+    )
 
 
 def _idempotency_key(headers: Mapping[str, str] | None) -> str | None:
@@ -717,8 +762,10 @@ def _not_recorded(call: GovernedCall, response: Response) -> None:
     log.error(
         "Stripe answered HTTP %s (request %s) but the ledger could not record it: hold %s "
         "stays pending and counted; reconcile it with `paymaster holds resolve`",
-        response[1], _header(response[2], "Request-Id"), call.hold_id,
-    )  # fmt: skip
+        response[1],
+        _header(response[2], "Request-Id"),
+        call.hold_id,
+    )
 
 
 def _join(url: str, path: str) -> str:
