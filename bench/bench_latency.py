@@ -20,10 +20,10 @@ import psycopg
 from bench_env import X
 
 from paymaster import Governor, Money, Policy
-from paymaster.db import SQLiteSync
+from paymaster._db import SQLiteSync
 
 AGENT, VENDOR, ENDPOINT = "refund-agent", "stripe", "/v1/refunds"
-BUSY_TIMEOUT_MS = 30_000  # paymaster.db.connect's default
+BUSY_TIMEOUT_MS = 30_000  # paymaster.connect's default
 FLOOR_TABLE = "bench_floor"
 
 

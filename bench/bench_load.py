@@ -25,8 +25,8 @@ import psycopg
 from bench_env import CpuTicks, X, cpu_ticks, libpq_url
 
 from paymaster import AuditLog, Governor, Money, Policy, PolicyViolation
-from paymaster.db import connect
-from paymaster.errors import GovernanceUnavailable
+from paymaster._db import connect
+from paymaster._errors import GovernanceUnavailable
 
 VENDOR, ENDPOINT = "stripe", "/v1/refunds"
 WARMUP_AGENT = "bench-warmup"

@@ -58,9 +58,9 @@ from bench_stripe import (
 from rich.console import Console
 
 from paymaster import Governor
+from paymaster._vault import VaultKeys
 from paymaster.testing.localstripe import run_localstripe
 from paymaster.testing.proxy import RunningProxy, run_proxy
-from paymaster.vault import VaultKeys
 
 ENV_PREFIX = "PAYMASTER_BENCH_PROXY_"
 

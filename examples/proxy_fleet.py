@@ -19,9 +19,9 @@ import stripe
 from rich.console import Console
 
 from paymaster import Governor
+from paymaster._vault import VaultKeys
 from paymaster.testing.localstripe import run_localstripe
 from paymaster.testing.proxy import run_proxy
-from paymaster.vault import VaultKeys
 
 POLICIES = Path(__file__).parent / "policies.yaml"
 console = Console()

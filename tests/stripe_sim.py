@@ -7,7 +7,7 @@ PaymentIntents, ``biller`` invoices customers charged automatically) run through
 
 * the governed ``StripeClient`` (:func:`paymaster.vendors.stripe.governed_client`), in
   threads and in asyncio tasks (``create_async``), its HTTP client aimed at the fake;
-* the prebuilt tools (:class:`paymaster.vendors.stripe.tools.StripeToolkit`): refunds, and
+* the prebuilt tools (:class:`paymaster.vendors.stripe._tools.StripeToolkit`): refunds, and
   invoice items added while an invoice is being finalized;
 * two ``paymaster proxy`` processes on the same ledger, with the stock ``stripe`` client
   and a vault key per run.
@@ -63,12 +63,12 @@ import stripe
 import yaml
 
 from paymaster import Governor, HoldState, Money, Policy, PolicyViolation, ViolationCode
+from paymaster._vault import VaultKeys
 from paymaster.testing.proxy import RunningProxy, proxy_client, run_proxy
 from paymaster.testing.stripe_upstream import Fault, Movement, StripeUpstream, client_key
-from paymaster.vault import VaultKeys
 from paymaster.vendors.stripe import bind, governed_client
-from paymaster.vendors.stripe.tools import StripeToolkit, idempotency_key
-from paymaster.vendors.stripe.transport import ledger_key_of
+from paymaster.vendors.stripe._tools import StripeToolkit, idempotency_key
+from paymaster.vendors.stripe._transport import ledger_key_of
 
 SEED_ENV = "PAYMASTER_SIM_SEED"
 SOAK_ENV = "PAYMASTER_SOAK_SECONDS"

@@ -35,8 +35,8 @@ from paymaster import (
     ViolationCode,
     effective_policy,
 )
-from paymaster.errors import PolicyError
-from paymaster.policy import PolicySet
+from paymaster._errors import PolicyError
+from paymaster._policy import PolicySet
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_langchain import PaymasterMiddleware, PaymasterStripeToolkit
 from paymaster_langchain import govern_tools as lc_govern_tools

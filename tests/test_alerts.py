@@ -35,8 +35,8 @@ from paymaster import (
     ViolationCode,
     WebhookSink,
 )
-from paymaster.db import _alembic_config, connect
-from paymaster.schema import alert as alert_table
+from paymaster._db import _alembic_config, connect
+from paymaster._schema import alert as alert_table
 
 MakeGov = Callable[..., Governor]
 USD = "USD"

@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from conftest import refund_policy
 from paymaster import FREE, Governor, Money, Policy, PolicyError, RunPolicy, ToolSpec
-from paymaster.loading import load_policies
-from paymaster.telemetry import Telemetry
-from paymaster.toolspec import check_specs
+from paymaster._loading import load_policies
+from paymaster._telemetry import Telemetry
+from paymaster._toolspec import check_specs
 
 MakeGov = Callable[..., Governor]
 REFUND = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds"}
@@ -78,12 +78,12 @@ MISSING_EXTRA_CASES = {
     "proxy-uvicorn": ("uvicorn", "import paymaster.proxy", "proxy"),
     "otel": (
         "opentelemetry",
-        "from paymaster.telemetry import Telemetry\nTelemetry()",
+        "from paymaster._telemetry import Telemetry\nTelemetry()",
         "otel",
     ),
     "postgres": (
         "psycopg",
-        "from paymaster.db import connect\nconnect('postgresql+psycopg://user@host/db')",
+        "from paymaster._db import connect\nconnect('postgresql+psycopg://user@host/db')",
         "postgres",
     ),
 }
@@ -280,7 +280,7 @@ def test_a_run_policy_amount_without_currency_round_trips_through_a_vault_key(
     which reads back as no amount at all, so every read of the key table failed."""
     from decimal import Decimal
 
-    from paymaster.vault import VaultKeys
+    from paymaster._vault import VaultKeys
 
     gov = make_governor()
     run_policy = RunPolicy(cap=Decimal("100.00").normalize(), per_call_cap="5.00")

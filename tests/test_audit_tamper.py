@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from conftest import Clock, refund_policy
 from paymaster import Governor, Money, PolicyViolation, ViolationCode
-from paymaster.audit import (
+from paymaster._audit import (
     _HASHED,
     GENESIS,
     AuditRecord,
@@ -42,8 +42,8 @@ from paymaster.audit import (
     load_key,
     row_hash,
 )
+from paymaster._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
 from paymaster.cli.app import app
-from paymaster.schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
 
 MakeGov = Callable[..., Governor]
 #: Every test here alters the log on purpose; each asserts what verify finds itself.

@@ -23,15 +23,15 @@ from typer.testing import CliRunner, Result
 
 from conftest import Clock, refund_policy
 from paymaster import Governor, Hold, Money, PolicyViolation, ViolationCode
-from paymaster.audit import AuditRecord
+from paymaster._audit import AuditRecord
+from paymaster._db import _alembic_config, connect
+from paymaster._ledger import ReserveRequest
+from paymaster._loading import load_policies
+from paymaster._operations import AuditFilter, AuditFollower, export_audit
+from paymaster._schema import audit
 from paymaster.cli import runtime
 from paymaster.cli.app import app
 from paymaster.cli.init import EXAMPLE_POLICIES
-from paymaster.db import _alembic_config, connect
-from paymaster.ledger import ReserveRequest
-from paymaster.loading import load_policies
-from paymaster.operations import AuditFilter, AuditFollower, export_audit
-from paymaster.schema import audit
 
 MakeGov = Callable[..., Governor]
 Invoke = Callable[..., Result]
@@ -324,8 +324,8 @@ def test_status_watch_refreshes_in_place(
 def test_status_watch_keeps_going_through_an_outage_and_stops_on_ctrl_c(
     invoke: Invoke, make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from paymaster._errors import GovernanceUnavailable
     from paymaster.cli import status as status_module
-    from paymaster.errors import GovernanceUnavailable
 
     make_governor()
     real = status_module.take_snapshot
@@ -418,7 +418,7 @@ def test_audit_tail_follow_prints_new_rows_once(
 def test_audit_tail_follow_keeps_going_through_an_outage(
     invoke: Invoke, make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from paymaster.errors import GovernanceUnavailable
+    from paymaster._errors import GovernanceUnavailable
 
     gov = make_governor()
     real_poll = AuditFollower.poll

@@ -170,8 +170,8 @@ def test_status_watch_prints_every_refresh_when_not_a_terminal(
 def test_status_watch_outside_a_terminal_warns_of_an_outage_on_stderr(
     invoke: Invoke, make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from paymaster._errors import GovernanceUnavailable
     from paymaster.cli import status as status_module
-    from paymaster.errors import GovernanceUnavailable
 
     make_governor()
     real = status_module.take_snapshot

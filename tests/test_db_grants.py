@@ -1,4 +1,4 @@
-"""Least privilege on PostgreSQL: ``paymaster db grants`` / :func:`paymaster.grants.grants_sql`.
+"""Least privilege on PostgreSQL: ``paymaster db grants`` / :func:`paymaster.grants_sql`.
 
 The PostgreSQL tests make a database of their own (the admin role, as owner, migrates it
 into schema ``ledger``), a login role that owns nothing, and apply the printed SQL as the
@@ -30,12 +30,12 @@ from paymaster import (
     PolicyViolation,
     ViolationCode,
 )
+from paymaster._db import connect, ensure_schema
+from paymaster._grants import SEQUENCES, TABLE_PRIVILEGES, grants_sql
+from paymaster._schema import metadata
+from paymaster._vault import VaultKeyRefused, VaultKeys
 from paymaster.cli.app import app
-from paymaster.db import connect, ensure_schema
-from paymaster.grants import SEQUENCES, TABLE_PRIVILEGES, grants_sql
 from paymaster.proxy.replay import ReplayStore
-from paymaster.schema import metadata
-from paymaster.vault import VaultKeyRefused, VaultKeys
 
 SCHEMA = "ledger"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paymaster.endpoints import (
+from paymaster._endpoints import (
     InvalidPath,
     normalise_path,
     path_matches,

@@ -1,5 +1,5 @@
 """Every exception paymaster raises to its callers derives from PaymasterError, and the tree
-at the top of ``paymaster/errors.py`` names each of them.
+at the top of ``paymaster/_errors.py`` names each of them.
 
 Found by walking the package (the fake vendors of ``paymaster.testing`` raise a vendor's
 own errors, and underscored classes are internal control flow, so both are left out).
@@ -12,8 +12,8 @@ import inspect
 import pkgutil
 
 import paymaster
-from paymaster import errors
-from paymaster.errors import PaymasterError
+from paymaster import _errors as errors
+from paymaster._errors import PaymasterError
 
 
 def _public_exceptions() -> dict[str, type[BaseException]]:
@@ -49,10 +49,10 @@ def test_the_tree_in_errors_names_every_exception() -> None:
 
 def test_value_errors_stay_value_errors() -> None:
     """Callers that caught ValueError before keep catching these."""
-    from paymaster.audit import CheckpointError
-    from paymaster.endpoints import InvalidPath
-    from paymaster.money import CurrencyMismatch
-    from paymaster.vendors.stripe.currency import StripeAmountError
+    from paymaster._audit import CheckpointError
+    from paymaster._endpoints import InvalidPath
+    from paymaster._money import CurrencyMismatch
+    from paymaster.vendors.stripe._currency import StripeAmountError
 
     for cls in (CheckpointError, InvalidPath, CurrencyMismatch, StripeAmountError):
         assert issubclass(cls, ValueError) and issubclass(cls, PaymasterError)

@@ -33,7 +33,7 @@ from paymaster import (
     ToolSpec,
     ViolationCode,
 )
-from paymaster.errors import SpecError
+from paymaster._errors import SpecError
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_langchain import PaymasterMiddleware, govern_tools
 from paymaster_langchain.testing import ScriptedChatModel

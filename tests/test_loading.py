@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from paymaster.errors import PolicyError
-from paymaster.loading import load_policies, load_run_policy, read_policy_file
-from paymaster.money import Money
-from paymaster.policy import PolicySet
+from paymaster._errors import PolicyError
+from paymaster._loading import load_policies, load_run_policy, read_policy_file
+from paymaster._money import Money
+from paymaster._policy import PolicySet
 
 YAML_POLICIES = """\
 policies:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from paymaster.money import CURRENCY_EXPONENTS, CurrencyMismatch, Money, currency_exponent
+from paymaster._money import CURRENCY_EXPONENTS, CurrencyMismatch, Money, currency_exponent
 
 # -- parsing --------------------------------------------------------------------------
 

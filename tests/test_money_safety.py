@@ -21,7 +21,7 @@ from paymaster import (
     RunPolicy,
     ViolationCode,
 )
-from paymaster.money import MAX_AMOUNT
+from paymaster._money import MAX_AMOUNT
 
 MakeGov = Callable[..., Governor]
 USD = "USD"
@@ -406,7 +406,7 @@ def test_a_cancelled_resume_gives_up_its_share(make_governor: MakeGov) -> None:
 
 def test_a_tool_spec_without_an_estimate_is_refused_when_wrapped() -> None:
     from paymaster import FREE, ToolSpec
-    from paymaster.toolspec import check_specs
+    from paymaster._toolspec import check_specs
 
     with pytest.raises(ValueError, match=r"'refund' has no estimate.*paymaster.FREE"):
         check_specs(["refund", "look"], {"refund": ToolSpec("stripe", "/v1/refunds"), "look": FREE})

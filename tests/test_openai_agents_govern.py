@@ -28,7 +28,7 @@ from paymaster import (
     ToolSpec,
     ViolationCode,
 )
-from paymaster.errors import SpecError
+from paymaster._errors import SpecError
 from paymaster.testing.localstripe import LocalStripe
 from paymaster_openai_agents import (
     govern_tools,

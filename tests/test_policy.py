@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from paymaster.errors import PolicyError, PolicyViolation, ViolationCode
-from paymaster.money import Money
-from paymaster.policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
+from paymaster._errors import PolicyError, PolicyViolation, ViolationCode
+from paymaster._money import Money
+from paymaster._policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 USD = "USD"

@@ -20,10 +20,10 @@ import stripe
 
 from conftest import Clock, _pg_schema_url
 from paymaster import AuditRecord, Governor, HoldState, Money, Policy, RunPolicy
+from paymaster._vault import UNKNOWN_KEY, VaultKeys
 from paymaster.proxy import ProxyConfig, create_app
 from paymaster.testing.localstripe import TEST_API_KEY, LocalStripe
 from paymaster.testing.proxy import proxy_client, serve_app
-from paymaster.vault import UNKNOWN_KEY, VaultKeys
 from stripe_fixtures import localstripe, paid_intent, refund_agent_policy, refunds_of
 from tcp_proxy import TcpProxy
 

@@ -20,10 +20,10 @@ import yaml
 from typer.testing import CliRunner
 
 from paymaster import Governor, HoldState, Money
+from paymaster._vault import VaultKeys
 from paymaster.cli.app import app
 from paymaster.testing.localstripe import LocalStripe
 from paymaster.testing.proxy import run_proxy
-from paymaster.vault import VaultKeys
 from stripe_fixtures import localstripe, paid_intent, refunds_of
 
 __all__ = ["localstripe"]

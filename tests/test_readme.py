@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 
 from paymaster import Governor, load_policies
+from paymaster._vault import VaultKeys
 from paymaster.testing.localstripe import LocalStripe, run_localstripe
 from paymaster.testing.proxy import run_proxy
-from paymaster.vault import VaultKeys
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", *sorted(ROOT.glob("adapters/*/README.md"))]

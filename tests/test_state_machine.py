@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from conftest import Clock, refund_policy
 from paymaster import Governor, HoldState, Money, PolicyViolation, RunPolicy, ViolationCode
-from paymaster.ledger import Hold
+from paymaster._ledger import Hold
 from workers import exposure
 
 CAP, PER_CALL, RUN_CAP = 10_000, 5_000, 6_000

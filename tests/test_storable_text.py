@@ -27,11 +27,11 @@ from pydantic import ValidationError
 
 from conftest import refund_policy
 from paymaster import Governor, HoldState, Money, Outcome, PolicyViolation, ViolationCode
-from paymaster.audit import AuditRecord
-from paymaster.ledger import hold_key
-from paymaster.schema import audit, hold
-from paymaster.storable import TEXT_LIMIT, field, limit_of, storable
-from paymaster.vault import VaultKeyNotFound, VaultKeys
+from paymaster._audit import AuditRecord
+from paymaster._ledger import hold_key
+from paymaster._schema import audit, hold
+from paymaster._storable import TEXT_LIMIT, field, limit_of, storable
+from paymaster._vault import VaultKeyNotFound, VaultKeys
 
 MakeGov = Callable[..., Governor]
 AGENT = "refund-agent"

@@ -1,4 +1,4 @@
-"""The Stripe operation catalogue and cost model (paymaster.vendors.stripe.catalogue): pure."""
+"""The Stripe operation catalogue and cost model (paymaster.vendors.stripe._catalogue): pure."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from paymaster import Money, PolicyViolation, ViolationCode
-from paymaster.vendors.stripe.catalogue import (
+from paymaster.vendors.stripe._catalogue import (
     CATALOGUE,
     Catalogue,
     Cost,
@@ -17,7 +17,7 @@ from paymaster.vendors.stripe.catalogue import (
     StripeRequest,
     actual_cost,
 )
-from paymaster.vendors.stripe.currency import StripeAmountError
+from paymaster.vendors.stripe._currency import StripeAmountError
 
 REFUND = CATALOGUE["refunds.create"]
 CREATE_INTENT = CATALOGUE["payment_intents.create"]

@@ -33,7 +33,7 @@ from paymaster import (
 )
 from paymaster.testing.localstripe import TEST_API_KEY, LocalStripe, run_localstripe
 from paymaster.vendors.stripe import bind, govern, governed_client
-from paymaster.vendors.stripe.client import is_governed
+from paymaster.vendors.stripe._client import is_governed
 
 REFUND_ENDPOINTS = ["/v1/refunds", "/v1/payment_intents", "/v1/charges"]
 USD_AGENT, JPY_AGENT, PAYMENT_AGENT = "refund-agent", "jpy-refund-agent", "payment-agent"

@@ -1,4 +1,4 @@
-"""Stripe's currency rules (paymaster.vendors.stripe.currency): pure, no network."""
+"""Stripe's currency rules (paymaster.vendors.stripe._currency): pure, no network."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from paymaster import Money
-from paymaster.vendors.stripe.currency import (
+from paymaster.vendors.stripe._currency import (
     STRIPE_THREE_DECIMAL,
     STRIPE_ZERO_DECIMAL,
     StripeAmountError,

@@ -285,7 +285,7 @@ def test_money_routed_to_a_connected_account_needs_the_policy(make_governor: Mak
 
 def test_a_run_policy_may_narrow_the_accounts_but_not_widen_them() -> None:
     from paymaster import PolicyError, RunPolicy
-    from paymaster.policy import effective_policy
+    from paymaster._policy import effective_policy
 
     policy = billing_policy(accounts=["acct_1", "acct_2"])
     narrowed = effective_policy(policy, RunPolicy(accounts=["acct_1"]))
@@ -472,7 +472,7 @@ def test_a_calls_run_policy_never_replaces_the_toolkits(make_governor: MakeGov) 
     run policies for one call are refused, with the attempt's row; the same one twice is
     one."""
     from paymaster import RunPolicy
-    from paymaster.vendors.stripe.tools import StripeToolkit
+    from paymaster.vendors.stripe._tools import StripeToolkit
 
     gov = make_governor(billing_policy(per_call_cap="50.00"))
     narrow = RunPolicy(per_call_cap="5.00")

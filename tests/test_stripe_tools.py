@@ -17,7 +17,7 @@ from requests.structures import CaseInsensitiveDict
 from paymaster import GovernanceUnavailable, Governor, Policy, PolicyViolation, ViolationCode
 from paymaster.testing.localstripe import LocalStripe, run_localstripe
 from paymaster.vendors.stripe import CATALOGUE, InvalidStripeRequest
-from paymaster.vendors.stripe.tools import (
+from paymaster.vendors.stripe._tools import (
     STRIPE_TOOLS,
     StripeToolkit,
     idempotency_key,

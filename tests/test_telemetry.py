@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from paymaster import Governor, Money, PolicyViolation
-from paymaster.telemetry import Telemetry, instrument, uninstrument
+from paymaster._telemetry import Telemetry, instrument, uninstrument
 
 MakeGov = Callable[..., Governor]
 USD = "USD"

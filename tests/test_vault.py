@@ -1,4 +1,4 @@
-"""Vault keys (``paymaster.vault``) and the ``paymaster keys`` / ``paymaster proxy``
+"""Vault keys (``paymaster._vault``) and the ``paymaster keys`` / ``paymaster proxy``
 commands, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 
 from conftest import Clock
 from paymaster import RunPolicy
+from paymaster._db import _alembic_config, connect, ensure_schema
+from paymaster._schema import metadata, proxy_replay, vault_key
+from paymaster._vault import VaultKeyNotFound, VaultKeyRefused, VaultKeys
 from paymaster.cli import runtime
 from paymaster.cli.app import app
-from paymaster.db import _alembic_config, connect, ensure_schema
 from paymaster.proxy import ProxyConfig, read_stripe_key
-from paymaster.schema import metadata, proxy_replay, vault_key
-from paymaster.vault import VaultKeyNotFound, VaultKeyRefused, VaultKeys
 
 Reason = VaultKeyRefused.Reason
 runner = CliRunner()

@@ -71,7 +71,7 @@ from paymaster import (
     RunPolicy,
     ViolationCode,
 )
-from paymaster.outcomes import OUTCOME_UNKNOWN_EXCEPTIONS
+from paymaster._outcomes import OUTCOME_UNKNOWN_EXCEPTIONS
 from paymaster.testing.vendor import (
     ChargeResult,
     FakeVendor,

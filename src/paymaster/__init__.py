@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .alerts import (
+    from ._alerts import (
         Alert,
         AlertConfig,
         AlertKind,
@@ -20,8 +20,26 @@ if TYPE_CHECKING:
         LoggingSink,
         WebhookSink,
     )
-    from .audit import AuditLog, AuditRecord, Outcome, RunSummary, VerifyResult
-    from .errors import (
+    from ._audit import (
+        AuditFilter,
+        AuditLog,
+        AuditRecord,
+        ChainHead,
+        Checkpoint,
+        CheckpointError,
+        RunSummary,
+        VerifyProblem,
+        VerifyResult,
+        load_key,
+    )
+    from ._db import (
+        connect,
+        ensure_schema,
+    )
+    from ._endpoints import (
+        InvalidPath,
+    )
+    from ._errors import (
         GovernanceUnavailable,
         HoldAlreadyResolved,
         HoldNotFound,
@@ -32,25 +50,75 @@ if TYPE_CHECKING:
         SpecError,
         ViolationCode,
     )
-    from .governor import GovernedCall, Governor
-    from .ledger import BudgetStatus, Hold, HoldState
-    from .loading import load_policies, load_run_policy
-    from .money import CurrencyMismatch, Money
-    from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
-    from .toolspec import FREE, FreeTool, ToolSpec
+    from ._extras import (
+        MissingExtra,
+    )
+    from ._governor import (
+        GovernedCall,
+        Governor,
+    )
+    from ._grants import (
+        grants_sql,
+    )
+    from ._ledger import (
+        BudgetStatus,
+        Hold,
+        HoldState,
+    )
+    from ._loading import (
+        load_policies,
+        load_run_policy,
+    )
+    from ._money import (
+        CurrencyMismatch,
+        Money,
+    )
+    from ._outcome import Outcome
+    from ._policy import (
+        EffectivePolicy,
+        Policy,
+        PolicySet,
+        RunPolicy,
+        effective_policy,
+    )
+    from ._telemetry import (
+        Telemetry,
+        instrument,
+        uninstrument,
+    )
+    from ._toolspec import (
+        FREE,
+        FreeTool,
+        ToolSpec,
+    )
+    from ._vault import (
+        NewVaultKey,
+        VaultKey,
+        VaultKeyError,
+        VaultKeyNotFound,
+        VaultKeyRefused,
+        VaultKeys,
+    )
 
 __version__ = "0.1.0"
 
+#: The stable API: everything else lives in private modules (``paymaster._ledger``, ...)
+#: that may change in any release. ``paymaster.testing``, ``paymaster.vendors.stripe`` and
+#: ``paymaster.integrations`` (for adapter authors) are public too. See docs/api.md.
 __all__ = [
     "FREE",
     "Alert",
     "AlertConfig",
     "AlertKind",
     "AlertSink",
+    "AuditFilter",
     "AuditLog",
     "AuditRecord",
     "BudgetStatus",
     "CallbackSink",
+    "ChainHead",
+    "Checkpoint",
+    "CheckpointError",
     "CurrencyMismatch",
     "EffectivePolicy",
     "FreeTool",
@@ -61,8 +129,11 @@ __all__ = [
     "HoldAlreadyResolved",
     "HoldNotFound",
     "HoldState",
+    "InvalidPath",
     "LoggingSink",
+    "MissingExtra",
     "Money",
+    "NewVaultKey",
     "Outcome",
     "PaymasterError",
     "Policy",
@@ -73,56 +144,101 @@ __all__ = [
     "RunSummary",
     "SchemaVersionError",
     "SpecError",
+    "Telemetry",
     "ToolSpec",
+    "VaultKey",
+    "VaultKeyError",
+    "VaultKeyNotFound",
+    "VaultKeyRefused",
+    "VaultKeys",
+    "VerifyProblem",
     "VerifyResult",
     "ViolationCode",
     "WebhookSink",
     "__version__",
+    "connect",
     "effective_policy",
+    "ensure_schema",
+    "grants_sql",
+    "instrument",
+    "load_key",
     "load_policies",
     "load_run_policy",
+    "uninstrument",
 ]
 
 # The names above are imported on first use (PEP 562), not by ``import paymaster``: the
 # ledger's modules pull in SQLAlchemy and pydantic, which a program that only imports the
 # package (or runs ``paymaster --help``) should not wait for.
 _SOURCES: dict[str, str] = {
-    **dict.fromkeys(
+    name: module
+    for module, names in (
         (
-            "Alert",
-            "AlertConfig",
-            "AlertKind",
-            "AlertSink",
-            "CallbackSink",
-            "LoggingSink",
-            "WebhookSink",
+            "_alerts",
+            (
+                "Alert",
+                "AlertConfig",
+                "AlertKind",
+                "AlertSink",
+                "CallbackSink",
+                "LoggingSink",
+                "WebhookSink",
+            ),
         ),
-        "alerts",
-    ),
-    **dict.fromkeys(("AuditLog", "AuditRecord", "RunSummary", "VerifyResult"), "audit"),
-    "Outcome": "_outcome",
-    **dict.fromkeys(
         (
-            "GovernanceUnavailable",
-            "HoldAlreadyResolved",
-            "HoldNotFound",
-            "PaymasterError",
-            "PolicyError",
-            "PolicyViolation",
-            "SchemaVersionError",
-            "SpecError",
-            "ViolationCode",
+            "_audit",
+            (
+                "AuditFilter",
+                "AuditLog",
+                "AuditRecord",
+                "ChainHead",
+                "Checkpoint",
+                "CheckpointError",
+                "RunSummary",
+                "VerifyProblem",
+                "VerifyResult",
+                "load_key",
+            ),
         ),
-        "errors",
-    ),
-    **dict.fromkeys(("GovernedCall", "Governor"), "governor"),
-    **dict.fromkeys(("BudgetStatus", "Hold", "HoldState"), "ledger"),
-    **dict.fromkeys(("load_policies", "load_run_policy"), "loading"),
-    **dict.fromkeys(("CurrencyMismatch", "Money"), "money"),
-    **dict.fromkeys(
-        ("EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy"), "policy"
-    ),
-    **dict.fromkeys(("FREE", "FreeTool", "ToolSpec"), "toolspec"),
+        ("_db", ("connect", "ensure_schema")),
+        ("_endpoints", ("InvalidPath",)),
+        (
+            "_errors",
+            (
+                "GovernanceUnavailable",
+                "HoldAlreadyResolved",
+                "HoldNotFound",
+                "PaymasterError",
+                "PolicyError",
+                "PolicyViolation",
+                "SchemaVersionError",
+                "SpecError",
+                "ViolationCode",
+            ),
+        ),
+        ("_extras", ("MissingExtra",)),
+        ("_governor", ("GovernedCall", "Governor")),
+        ("_grants", ("grants_sql",)),
+        ("_ledger", ("BudgetStatus", "Hold", "HoldState")),
+        ("_loading", ("load_policies", "load_run_policy")),
+        ("_money", ("CurrencyMismatch", "Money")),
+        ("_outcome", ("Outcome",)),
+        ("_policy", ("EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy")),
+        ("_telemetry", ("Telemetry", "instrument", "uninstrument")),
+        ("_toolspec", ("FREE", "FreeTool", "ToolSpec")),
+        (
+            "_vault",
+            (
+                "NewVaultKey",
+                "VaultKey",
+                "VaultKeyError",
+                "VaultKeyNotFound",
+                "VaultKeyRefused",
+                "VaultKeys",
+            ),
+        ),
+    )
+    for name in names
 }
 
 
@@ -130,7 +246,7 @@ if not TYPE_CHECKING:  # hidden from mypy, which checks the names imported above
 
     def __getattr__(name: str) -> Any:
         """``paymaster.Governor``, ``from paymaster import Governor``: imported on first
-        use; a submodule (``paymaster.db``) too, as when the package imported them all."""
+        use; a submodule (``paymaster._db``) too, as when the package imported them all."""
         source = _SOURCES.get(name)
         if source is not None:
             value = getattr(importlib.import_module(f".{source}", __name__), name)

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import PaymasterError
+from ._errors import PaymasterError
 
 __all__ = ["EXTRAS", "MissingExtra", "requires"]
 

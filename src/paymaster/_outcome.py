@@ -1,6 +1,6 @@
 """The outcome of an audited call, in a module of its own (no SQLAlchemy): the CLI offers
 its values as choices without importing the audit log. Import it from
-:mod:`paymaster.audit` (or :mod:`paymaster`)."""
+:mod:`paymaster._audit` (or :mod:`paymaster`)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
+from .._errors import GovernanceUnavailable
 from .._outcome import Outcome
-from ..errors import GovernanceUnavailable
 from .output import audit_json, audit_line, audit_table, console, echo_json, plural
 from .params import DEFAULT_DB, DbOption, JsonOption, parse_time
 from .runtime import EXIT_PROBLEM, hooks, open_database
@@ -24,8 +24,8 @@ from .runtime import EXIT_PROBLEM, hooks, open_database
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from ..audit import AuditRecord
-    from ..operations import AuditFilter
+    from .._audit import AuditRecord
+    from .._operations import AuditFilter
 
 __all__ = ["app"]
 
@@ -64,7 +64,7 @@ def _follow(
     iterations: int | None,
 ) -> None:
     """Print the newest rows, then every new row as it appears, one per line."""
-    from ..operations import AuditFollower
+    from .._operations import AuditFollower
 
     def emit(records: list[AuditRecord]) -> None:
         for r in records:
@@ -111,7 +111,7 @@ def tail(
     With --json, one JSON document; with --follow, every new row as it appears (one JSON
     object per line with --json).
     """
-    from ..operations import AuditFilter, latest_audit
+    from .._operations import AuditFilter, latest_audit
 
     chosen = None if outcome is None else outcome.value
     where = AuditFilter(run=run, agent=agent, vendor=vendor, outcome=chosen, since=since)
@@ -154,8 +154,8 @@ def export(
     Rows come in id order; amounts are integers in minor units with their currency. With
     --output the file is replaced only once the export is complete.
     """
-    from ..audit import AuditLog
-    from ..operations import export_audit
+    from .._audit import AuditLog
+    from .._operations import export_audit
 
     if since is not None and until is not None and until <= since:
         raise typer.BadParameter("--until must be after --since", param_hint="'--until'")
@@ -191,7 +191,7 @@ KeyFile = Annotated[
 
 
 def _key(key_file: Path | None) -> bytes | None:
-    from ..audit import CheckpointError, load_key
+    from .._audit import CheckpointError, load_key
 
     if key_file is None:
         return None
@@ -214,7 +214,7 @@ def checkpoint(
     or rewritten, even with every hash recomputed. Run verify first: a checkpoint vouches
     for the log as it is.
     """
-    from ..audit import AuditLog
+    from .._audit import AuditLog
 
     key = _key(key_file)
     if output is not None and not output.parent.is_dir():
@@ -241,7 +241,7 @@ def verify(
     With --checkpoint, also check the log against a checkpoint kept outside the database;
     with --key-file, the checkpoint's signature too.
     """
-    from ..audit import AuditLog, Checkpoint, CheckpointError
+    from .._audit import AuditLog, Checkpoint, CheckpointError
 
     key = _key(key_file)
     if key is not None and checkpoint_file is None:

@@ -19,8 +19,8 @@ app = typer.Typer(help="The ledger database's schema.", no_args_is_help=True)
 @app.command()
 def upgrade(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
     """Create the schema, or upgrade it to this paymaster's head."""
-    from ..db import describe
-    from ..operations import upgrade_schema
+    from .._db import describe
+    from .._operations import upgrade_schema
 
     with open_database(db, create=True) as engine:
         before, head = upgrade_schema(engine)
@@ -36,8 +36,8 @@ def upgrade(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
 @app.command()
 def current(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
     """Print the database's schema revision and whether it is this paymaster's head."""
-    from ..db import describe
-    from ..operations import schema_state
+    from .._db import describe
+    from .._operations import schema_state
 
     with open_database(db, check_schema=False) as engine:
         state = schema_state(engine)
@@ -87,6 +87,6 @@ def grants(
     """Print the SQL (GRANT/REVOKE) for a PostgreSQL role that runs paymaster but cannot
     change or delete audit rows, nor alter or drop tables and triggers. Run it as the
     tables' owner (the role that runs `paymaster db upgrade`), e.g. piped to psql."""
-    from ..grants import grants_sql
+    from .._grants import grants_sql
 
     typer.echo(grants_sql(role, schema=schema), nl=False)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import HoldAlreadyResolved
+from .._errors import HoldAlreadyResolved
 from .output import (
     console,
     echo_json,
@@ -26,7 +26,7 @@ from .runtime import hooks, open_governor
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from ..ledger import Hold
+    from .._ledger import Hold
 
 __all__ = ["app", "hold_json", "holds_table"]
 
@@ -204,7 +204,7 @@ def resolve(
     as_json: JsonOption = False,
 ) -> None:
     """Settle or release a pending or unknown hold, once. A second resolve exits 1."""
-    from ..money import Money
+    from .._money import Money
 
     if (settle is None) == (not release):
         raise typer.BadParameter(

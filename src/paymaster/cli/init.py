@@ -50,8 +50,8 @@ def init(
     Refuses to overwrite an existing policy file. The database is created (or upgraded to
     this version's schema) first, so a failure leaves no policy file behind.
     """
-    from ..db import describe
-    from ..operations import upgrade_schema
+    from .._db import describe
+    from .._operations import upgrade_schema
 
     if policies.suffix.lower() not in (".yaml", ".yml"):
         fail(f"{policies}: init writes YAML, so name the file .yaml or .yml", EXIT_USAGE)

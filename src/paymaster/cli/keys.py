@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import PolicyViolation
+from .._errors import PolicyViolation
 from .output import console, echo_json, fmt_time, plural, time_json
 from .params import DEFAULT_DB, POLICIES_ENV, DbOption, JsonOption, parse_duration, parse_time
 from .runtime import fail, hooks, open_database
 
 # Imported inside the commands that need them (start-up time).
 if TYPE_CHECKING:
-    from ..policy import RunPolicy
-    from ..vault import AuthFailure, VaultKey
+    from .._policy import RunPolicy
+    from .._vault import AuthFailure, VaultKey
 
 __all__ = ["app"]
 
@@ -32,7 +32,7 @@ ByOption = Annotated[str | None, typer.Option("--by", help="Who (default: the OS
 
 
 def key_json(key: VaultKey) -> dict[str, Any]:
-    from ..vault import KEY_PREFIX
+    from .._vault import KEY_PREFIX
 
     return {
         "id": f"{KEY_PREFIX}{key.id}",
@@ -53,7 +53,7 @@ def key_json(key: VaultKey) -> dict[str, Any]:
 
 
 def failure_json(failure: AuthFailure) -> dict[str, Any]:
-    from ..vault import KEY_PREFIX, UNKNOWN_KEY
+    from .._vault import KEY_PREFIX, UNKNOWN_KEY
 
     return {
         "key": failure.key_id if failure.key_id == UNKNOWN_KEY else f"{KEY_PREFIX}{failure.key_id}",
@@ -82,8 +82,8 @@ def _expiry(text: str) -> datetime:
 def _check_against(policies: Path, agent: str, run_policy: RunPolicy | None) -> None:
     """The agent type must have a Stripe policy, and the run policy must narrow it: a key
     that every request would be refused with is refused now instead."""
-    from ..loading import load_policies
-    from ..policy import effective_policy
+    from .._loading import load_policies
+    from .._policy import effective_policy
 
     try:
         policy = load_policies(policies).require(agent, "stripe")
@@ -132,9 +132,9 @@ def create(
     as_json: JsonOption = False,
 ) -> None:
     """Make a vault key and print it, once. Only its digest is stored."""
-    from ..governor import _who
-    from ..loading import load_run_policy
-    from ..vault import KEY_PREFIX, VaultKeys
+    from .._governor import _who
+    from .._loading import load_run_policy
+    from .._vault import KEY_PREFIX, VaultKeys
 
     if not agent.strip():
         raise typer.BadParameter("must not be empty", param_hint="'--agent'")
@@ -171,7 +171,7 @@ def list_keys(
     """List vault keys, newest first (never their secrets)."""
     from rich.table import Table
 
-    from ..vault import KEY_PREFIX, VaultKeys
+    from .._vault import KEY_PREFIX, VaultKeys
 
     with open_database(db) as engine:
         keys = VaultKeys(engine, hooks.now).list(include_revoked=include_revoked)
@@ -205,8 +205,8 @@ def revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Revoke a vault key for good: every proxy refuses its next request."""
-    from ..governor import _who
-    from ..vault import KEY_PREFIX, VaultKeys
+    from .._governor import _who
+    from .._vault import KEY_PREFIX, VaultKeys
 
     if not reason.strip():
         raise typer.BadParameter("must say why", param_hint="'--reason'")
@@ -239,7 +239,7 @@ def failures(
     """
     from rich.table import Table
 
-    from ..vault import VaultKeys
+    from .._vault import VaultKeys
 
     with open_database(db) as engine:
         counted = VaultKeys(engine, hooks.now).failures(key_id)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from ..audit import AuditRecord
-    from ..money import Money
+    from .._audit import AuditRecord
+    from .._money import Money
 
 __all__ = [
     "audit_json",
@@ -104,7 +104,7 @@ def _text(value: object) -> str:
 
 def audit_json(record: AuditRecord) -> dict[str, Any]:
     """One audit row for JSON output, with its amounts as money objects."""
-    from ..money import Money
+    from .._money import Money
 
     data = record.to_dict()
     data["at"] = time_json(record.at)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import PolicyError
+from .._errors import PolicyError
 from .output import console, echo_json, fmt_money, fmt_time, money_json, plural, time_json
 from .params import POLICIES_ENV, JsonOption
 from .runtime import fail
@@ -16,8 +16,8 @@ from .runtime import fail
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from ..money import Money
-    from ..policy import EffectivePolicy, Policy, PolicySet, RunPolicy
+    from .._money import Money
+    from .._policy import EffectivePolicy, Policy, PolicySet, RunPolicy
 
 __all__ = ["app"]
 
@@ -150,7 +150,7 @@ def _matching(policies: PolicySet, run_policy: RunPolicy) -> list[Policy]:
 
 
 def _narrow(policy: Policy, run_policy: RunPolicy, run_file: Path) -> EffectivePolicy:
-    from ..policy import effective_policy
+    from .._policy import effective_policy
 
     try:
         return effective_policy(policy, run_policy)
@@ -174,7 +174,7 @@ def check(
     Exits 1 if the file is invalid, naming the file, the policy and the field. With --run,
     also shows the effective policy of that run policy against each policy it applies to.
     """
-    from ..loading import load_policies, load_run_policy
+    from .._loading import load_policies, load_run_policy
 
     policies = load_policies(file)
     effective: list[EffectivePolicy] | None = None

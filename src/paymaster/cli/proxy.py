@@ -63,7 +63,7 @@ def proxy(
     try:
         from pydantic import ValidationError
 
-        from ..governor import Governor
+        from .._governor import Governor
         from ..proxy import ProxyConfig, read_stripe_key, serve
         from ..proxy.config import describe_error
     except ModuleNotFoundError as exc:

@@ -14,7 +14,7 @@ from .status import revocation_json
 
 # Imported inside the commands that need them (start-up time).
 if TYPE_CHECKING:
-    from ..ledger import Revocation
+    from .._ledger import Revocation
 
 __all__ = ["restore", "revoke"]
 

@@ -26,8 +26,8 @@ def show(
     """Show a run: calls per outcome, spend per currency, unresolved holds, its calls."""
     from rich.table import Table
 
-    from ..audit import AuditLog
-    from ..operations import AuditFilter, latest_audit
+    from .._audit import AuditLog
+    from .._operations import AuditFilter, latest_audit
 
     with open_governor(db) as gov:
         summary = gov.audit.run_summary(run)

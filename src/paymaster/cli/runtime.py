@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 from typer.core import TyperGroup, TyperOption
 
-from ..errors import (
+from .._errors import (
     GovernanceUnavailable,
     HoldAlreadyResolved,
     HoldNotFound,
@@ -34,7 +34,7 @@ from ..errors import (
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from ..governor import Governor
+    from .._governor import Governor
 
 __all__ = [
     "EXIT_PROBLEM",
@@ -113,15 +113,15 @@ def _plain_flags(command: Any) -> None:
 
 
 def _is_vault_key_error(exc: Exception) -> bool:
-    """Only a loaded :mod:`paymaster.vault` raises its errors: no need to import it."""
-    vault = sys.modules.get("paymaster.vault")
+    """Only a loaded :mod:`paymaster._vault` raises its errors: no need to import it."""
+    vault = sys.modules.get("paymaster._vault")
     return vault is not None and isinstance(exc, vault.VaultKeyError)
 
 
 def _engine(url: str) -> Engine:
     from sqlalchemy.exc import ArgumentError
 
-    from ..db import connect, normalise_url
+    from .._db import connect, normalise_url
 
     try:
         return connect(normalise_url(url))
@@ -139,7 +139,7 @@ def _sqlite_file(url: str) -> Path | None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from ..db import normalise_url
+    from .._db import normalise_url
 
     try:
         parsed = make_url(normalise_url(url))
@@ -174,8 +174,8 @@ def open_database(url: str, *, create: bool = False, check_schema: bool = True) 
 
 
 def _require_head(engine: Engine) -> None:
-    from ..db import describe
-    from ..operations import schema_state
+    from .._db import describe
+    from .._operations import schema_state
 
     state = schema_state(engine)
     if state.is_head:
@@ -200,7 +200,7 @@ def _require_head(engine: Engine) -> None:
 def open_governor(url: str) -> Iterator[Governor]:
     """A :class:`Governor` for operations on the ledger at ``url`` (no policies are needed
     to revoke, restore or resolve holds)."""
-    from ..governor import Governor
+    from .._governor import Governor
 
     with open_database(url) as engine:
         governor = Governor(engine, policies=[], clock=hooks.now, upgrade_schema=False)

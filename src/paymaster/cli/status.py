@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import GovernanceUnavailable
+from .._errors import GovernanceUnavailable
 from .output import console, echo_json, fmt_money, fmt_time, money_json, time_json
 from .params import DEFAULT_DB, POLICIES_ENV, DbOption, JsonOption, parse_day
 from .runtime import hooks, open_governor
@@ -19,9 +19,9 @@ from .runtime import hooks, open_governor
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from ..governor import Governor
-    from ..ledger import BudgetStatus, Revocation
-    from ..policy import PolicySet
+    from .._governor import Governor
+    from .._ledger import BudgetStatus, Revocation
+    from .._policy import PolicySet
 
 __all__ = ["Snapshot", "render_status", "status", "take_snapshot"]
 
@@ -40,8 +40,8 @@ def _unused(
     policies: PolicySet | None, budgets: list[BudgetStatus], day: date
 ) -> list[BudgetStatus]:
     """Budgets of policies nothing has spent against yet that day (no ledger row)."""
-    from ..ledger import BudgetStatus
-    from ..money import Money
+    from .._ledger import BudgetStatus
+    from .._money import Money
 
     if policies is None:
         return []
@@ -273,7 +273,7 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Show one UTC day's budgets: cap, settled, pending, remaining, calls, a bar each."""
-    from ..loading import load_policies
+    from .._loading import load_policies
 
     if watch and as_json:
         raise typer.BadParameter(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from alembic import context
 
-from paymaster.schema import metadata
+from paymaster._schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only reached by a bare `alembic` command
-    raise RuntimeError("run paymaster migrations through paymaster.db.ensure_schema()")
+    raise RuntimeError("run paymaster migrations through paymaster.ensure_schema()")
 
 context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
 with context.begin_transaction():

@@ -37,11 +37,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
 from starlette.types import Receive, Scope, Send
 
-from ..db import unavailable_on_error
-from ..errors import GovernanceUnavailable, PolicyViolation, ViolationCode
-from ..governor import Governor
-from ..vault import VaultKey, VaultKeyRefused, VaultKeys
-from ..vendors.stripe.transport import (
+from .._db import unavailable_on_error
+from .._errors import GovernanceUnavailable, PolicyViolation, ViolationCode
+from .._governor import Governor
+from .._vault import VaultKey, VaultKeyRefused, VaultKeys
+from ..vendors.stripe._transport import (
     VENDOR,
     GovernedHTTPClient,
     accounts_of,

@@ -24,9 +24,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from ..db import unavailable_on_error
-from ..ledger import hold_key
-from ..schema import hold, proxy_replay
+from .._db import unavailable_on_error
+from .._ledger import hold_key
+from .._schema import hold, proxy_replay
 
 __all__ = ["Replay", "ReplayStore"]
 

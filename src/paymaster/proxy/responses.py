@@ -12,8 +12,8 @@ import secrets
 
 from starlette.responses import JSONResponse
 
-from ..errors import PolicyViolation, ViolationCode
-from ..vault import VaultKeyRefused
+from .._errors import PolicyViolation, ViolationCode
+from .._vault import VaultKeyRefused
 
 __all__ = ["key_refused_response", "stripe_error", "violation_response"]
 

@@ -6,7 +6,7 @@ import socket
 
 import uvicorn
 
-from ..governor import Governor
+from .._governor import Governor
 from .app import create_app
 from .config import ProxyConfig
 

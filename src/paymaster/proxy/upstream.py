@@ -16,7 +16,7 @@ import httpx
 import stripe
 from pydantic import SecretStr
 
-from ..errors import PaymasterError
+from .._errors import PaymasterError
 
 __all__ = ["RESPONSE_HEADERS", "UpstreamClient", "UpstreamNotReached", "scrub"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from paymaster.errors import GovernanceUnavailable, PolicyViolation, SpecError, reduce_as
+from paymaster._errors import GovernanceUnavailable, PolicyViolation, SpecError, reduce_as
 
 __all__ = ["STOPS_THE_RUN", "stop_the_run"]
 

@@ -17,7 +17,7 @@ tool itself is invoked unchanged (the same input, injected arguments and config)
 own error handling, ``return_direct`` and content-and-artifact output keep working. A
 refusal reaches the caller of ``invoke`` / ``ainvoke`` / ``stream`` (see
 :mod:`._propagation`), and so does a spec that raises (a bug:
-:class:`~paymaster.errors.SpecError`).
+:class:`~paymaster.SpecError`).
 
 Called asynchronously, a governed tool's reservation, body and settle run as one piece of
 work that cancelling the awaiting task (LangGraph cancelling a step, the caller giving
@@ -58,9 +58,9 @@ from langchain_core.tools.base import _format_output, _handle_tool_error, _handl
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from paymaster import Governor, PolicyViolation, ViolationCode
-from paymaster.errors import SpecError
-from paymaster.governor import GovernedCall, aconclude, conclude
-from paymaster.outcomes import (
+from paymaster._errors import SpecError
+from paymaster._governor import GovernedCall, aconclude, conclude
+from paymaster._outcomes import (
     OUTCOME_UNKNOWN_EXCEPTIONS,
     Resolution,
     Verdict,
@@ -69,7 +69,7 @@ from paymaster.outcomes import (
     is_outcome_unknown,
     model_message,
 )
-from paymaster.toolspec import FreeTool, ToolSpec, check_agent, check_specs
+from paymaster._toolspec import FreeTool, ToolSpec, check_agent, check_specs
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 
@@ -577,12 +577,12 @@ def govern_tools(
     ``specs`` maps each tool's name to its :class:`~paymaster.ToolSpec`, or to
     :data:`~paymaster.FREE` for a tool that spends nothing; a tool without one is refused
     here. ``agent`` is the policy's agent type; given, it is checked here against the
-    governor's policies (a :class:`~paymaster.errors.PolicyError` lists the agent types
+    governor's policies (a :class:`~paymaster.PolicyError` lists the agent types
     they know). Without it, the agent type is the ``name`` given to ``create_agent``, at
     each call: ``create_agent(..., name="Refund Agent")`` needs ``agent="refund-agent"``
     here, or ``name="refund-agent"``. ``on_violation="tell_model"`` returns a refusal to
     the model as an error ``ToolMessage`` instead of ending the run. A spec that raises
-    ends the run with :class:`~paymaster.errors.SpecError` (logged, audited; when its
+    ends the run with :class:`~paymaster.SpecError` (logged, audited; when its
     ``actual`` raises, the tool's hold is kept ``unknown``). ``actual`` sees the tool's
     artifact, else its content, JSON-decoded when it is JSON text.
     """

@@ -7,7 +7,7 @@
     agent = create_agent(model, tools=toolkit.get_tools())
     agent.invoke({"messages": [...]}, config={"metadata": {"run_id": "run-42"}})
 
-The tools come from :mod:`paymaster.vendors.stripe.tools`: the same names, descriptions,
+The tools come from :mod:`paymaster.vendors.stripe._tools`: the same names, descriptions,
 argument schemas and governance as the Agents SDK tools.
 """
 
@@ -23,7 +23,7 @@ from langchain_core.tools import BaseTool, InjectedToolCallId, StructuredTool
 from pydantic import BaseModel, create_model
 
 from paymaster import Governor, RunPolicy
-from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failure_text
+from paymaster.vendors.stripe._tools import StripeTool, StripeToolkit, tool_failure_text
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from .govern import agent_name, run_id_of
@@ -37,7 +37,7 @@ class PaymasterStripeToolkit:
     """Governed Stripe tools for LangChain agents; :meth:`get_tools` returns them.
 
     ``agent`` names the policy (agent type) the calls are checked against; given, it is
-    checked here against the governor's policies (a :class:`~paymaster.errors.PolicyError`
+    checked here against the governor's policies (a :class:`~paymaster.PolicyError`
     lists the agent types they know). Without it, as for
     :func:`~paymaster_langchain.govern_tools`: the agent type of a governed ``client``
     (``governed_client(..., agent=...)``), else the ``name`` given to ``create_agent``, at

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from agents.exceptions import AgentsException
 
-from paymaster.errors import GovernanceUnavailable, PolicyViolation, SpecError, reduce_as
+from paymaster._errors import GovernanceUnavailable, PolicyViolation, SpecError, reduce_as
 
 __all__ = ["STOPS_THE_RUN", "stop_the_run"]
 

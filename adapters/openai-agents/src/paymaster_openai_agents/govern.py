@@ -22,7 +22,7 @@ prebuilt Stripe tools), an async tool's as a task of its own. The cancelled call
 once; its body, once started, runs on and settles from its result. Only a body that is
 itself cancelled (its event loop stopping: ``asyncio.run`` shutting down, or
 ``Runner.run_sync`` returning) is kept ``unknown``. A spec that raises is a bug: it ends
-the run as :class:`~paymaster.errors.SpecError`.
+the run as :class:`~paymaster.SpecError`.
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ from agents.tool import (
 from agents.tool_context import ToolContext
 
 from paymaster import Governor, PolicyViolation, ViolationCode
-from paymaster.errors import SpecError
-from paymaster.governor import GovernedCall, aconclude, conclude
-from paymaster.outcomes import (
+from paymaster._errors import SpecError
+from paymaster._governor import GovernedCall, aconclude, conclude
+from paymaster._outcomes import (
     Resolution,
     Verdict,
     decide,
     describe,
     model_message,
 )
-from paymaster.toolspec import FreeTool, ToolSpec, check_agent, check_specs
+from paymaster._toolspec import FreeTool, ToolSpec, check_agent, check_specs
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from ._runs import run_id_of, run_policy_of
@@ -97,12 +97,12 @@ def govern_tools(
     :data:`~paymaster.FREE` for a tool that spends nothing; a tool without one is refused
     here, so nothing is silently ungoverned. ``agent`` is the policy's agent type; given,
     it is checked here against the governor's policies (a
-    :class:`~paymaster.errors.PolicyError` lists the agent types they know). Without it,
+    :class:`~paymaster.PolicyError` lists the agent types they know). Without it,
     the agent type is the ``name`` of the Agent running the tool, at each call, so
     ``Agent(name="Refund Agent")`` needs ``agent="refund-agent"`` here, or
     ``Agent(name="refund-agent")``. ``on_violation="tell_model"``
     hands a refusal to the model as the tool's output instead of ending the run. A spec
-    that raises ends the run with :class:`~paymaster.errors.SpecError` (logged, audited;
+    that raises ends the run with :class:`~paymaster.SpecError` (logged, audited;
     when its ``actual`` raises, the tool's hold is kept ``unknown``).
     """
     tools = list(tools)

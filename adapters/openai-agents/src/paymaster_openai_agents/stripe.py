@@ -6,7 +6,7 @@
     agent = Agent(name="refund-agent", tools=tools, ...)
     await Runner.run(agent, "...", context={"run_id": "run-42"})
 
-The tools come from :mod:`paymaster.vendors.stripe.tools`: the same names, descriptions,
+The tools come from :mod:`paymaster.vendors.stripe._tools`: the same names, descriptions,
 argument schemas and governance as the LangChain toolkit.
 """
 
@@ -22,7 +22,7 @@ from agents.strict_schema import ensure_strict_json_schema
 from agents.tool_context import ToolContext
 
 from paymaster import Governor, RunPolicy
-from paymaster.vendors.stripe.tools import StripeTool, StripeToolkit, tool_failure_text
+from paymaster.vendors.stripe._tools import StripeTool, StripeToolkit, tool_failure_text
 
 from ._propagation import STOPS_THE_RUN, stop_the_run
 from ._runs import run_id_of, run_policy_of
@@ -46,7 +46,7 @@ def stripe_tools(
     """Governed Stripe tools for an Agents SDK agent.
 
     ``agent`` names the policy (agent type) the calls are checked against; given, it is
-    checked here against the governor's policies (a :class:`~paymaster.errors.PolicyError`
+    checked here against the governor's policies (a :class:`~paymaster.PolicyError`
     lists the agent types they know). Without it, as for
     :func:`~paymaster_openai_agents.govern_tools`: the agent type of a governed ``client``
     (``governed_client(..., agent=...)``), else the ``name`` of the Agent running the tool,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .catalogue import (
+from ._catalogue import (
     CATALOGUE,
     STRIPE_VERSION,
     Catalogue,
@@ -20,7 +20,7 @@ from .catalogue import (
     StripeRequest,
     actual_cost,
 )
-from .currency import (
+from ._currency import (
     STRIPE_THREE_DECIMAL,
     STRIPE_ZERO_DECIMAL,
     StripeAmountError,
@@ -31,8 +31,8 @@ from .currency import (
 )
 
 if TYPE_CHECKING:
-    from .client import govern, governed_client
-    from .transport import GovernedHTTPClient, StripeBinding, bind, current_binding
+    from ._client import govern, governed_client
+    from ._transport import GovernedHTTPClient, StripeBinding, bind, current_binding
 
 __all__ = [
     "CATALOGUE",
@@ -60,12 +60,12 @@ __all__ = [
 ]
 
 _LAZY = {
-    "govern": "client",
-    "governed_client": "client",
-    "GovernedHTTPClient": "transport",
-    "StripeBinding": "transport",
-    "bind": "transport",
-    "current_binding": "transport",
+    "govern": "_client",
+    "governed_client": "_client",
+    "GovernedHTTPClient": "_transport",
+    "StripeBinding": "_transport",
+    "bind": "_transport",
+    "current_binding": "_transport",
 }
 
 

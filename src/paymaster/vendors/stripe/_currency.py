@@ -15,8 +15,8 @@ payouts), so they follow ISO here.
 
 from __future__ import annotations
 
-from ...errors import PaymasterError
-from ...money import Money, currency_exponent
+from ..._errors import PaymasterError
+from ..._money import Money, currency_exponent
 
 __all__ = [
     "STRIPE_THREE_DECIMAL",

@@ -21,7 +21,7 @@ Four kinds of :class:`Alert`:
   was refused because it would have gone over it (the refusal's audit transaction
   inserts the row). Each process remembers the thresholds it saw recorded, so a reserve
   runs no extra statement unless it reaches one this process has not seen.
-* ``denial``: a call was refused (any :class:`~paymaster.errors.ViolationCode`).
+* ``denial``: a call was refused (any :class:`~paymaster.ViolationCode`).
 * ``revoke``: this process revoked an agent type, a run or everything.
 * ``stale_hold``: :meth:`paymaster.Governor.check_stale_holds` found a hold unresolved for
   longer than a limit; each hold alerts once.
@@ -51,13 +51,13 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 
 from sqlalchemy import Connection
 
-from . import statements as S
-from .money import Money
+from . import _statements as S
+from ._money import Money
 
 if TYPE_CHECKING:
-    from .audit import AuditEntry
-    from .errors import PolicyViolation
-    from .ledger import Hold
+    from ._audit import AuditEntry
+    from ._errors import PolicyViolation
+    from ._ledger import Hold
 
 __all__ = [
     "Alert",
@@ -148,7 +148,7 @@ class CallbackSink:
 
 
 class LoggingSink:
-    """Logs each alert (logger ``paymaster.alerts``, WARNING by default); the alert's fields
+    """Logs each alert (logger ``paymaster._alerts``, WARNING by default); the alert's fields
     are on the record as ``record.paymaster_alert``."""
 
     def __init__(

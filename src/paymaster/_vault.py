@@ -30,11 +30,11 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from . import storable
-from .db import unavailable_on_error
-from .errors import PaymasterError
-from .policy import RunPolicy
-from .schema import auth_failure, vault_key
+from . import _storable as storable
+from ._db import unavailable_on_error
+from ._errors import PaymasterError
+from ._policy import RunPolicy
+from ._schema import auth_failure, vault_key
 
 __all__ = [
     "KEY_PREFIX",
@@ -259,7 +259,7 @@ class VaultKeys:
 
         The secret is compared in constant time, and an unknown id costs the same
         comparison. A database failure raises
-        :class:`~paymaster.errors.GovernanceUnavailable` (fail closed).
+        :class:`~paymaster.GovernanceUnavailable` (fail closed).
         """
         match = _KEY.fullmatch(presented)
         if match is None:
@@ -306,7 +306,7 @@ class VaultKeys:
         """Count a failed authentication: under ``key_id`` if it names a stored key, else
         under :data:`UNKNOWN_KEY`, so the rows stay bounded by the keys times the reasons
         whatever is presented. A database failure raises
-        :class:`~paymaster.errors.GovernanceUnavailable`."""
+        :class:`~paymaster.GovernanceUnavailable`."""
         now = self._clock()
         reason = storable.storable(reason, storable.limit_of(auth_failure.c.reason))
         key_id = None if key_id is None else storable.storable(key_id, _ID_LENGTH)

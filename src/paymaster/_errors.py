@@ -29,7 +29,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .money import Money
+    from ._money import Money
 
 __all__ = [
     "GovernanceUnavailable",

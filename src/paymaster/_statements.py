@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .schema import alert, audit, audit_chain, budget, hold, revocation
+from ._schema import alert, audit, audit_chain, budget, hold, revocation
 
 __all__ = [
     "ACTIVE_REVOCATION",

@@ -3,7 +3,7 @@
 ::
 
     gov = Governor(url, policies=..., telemetry=True)         # the global providers
-    paymaster.telemetry.instrument(gov, tracer_provider=tp, meter_provider=mp)  # or these
+    paymaster.instrument(gov, tracer_provider=tp, meter_provider=mp)  # or these
 
 * A span ``paymaster.call`` per governed call (``guard`` / ``aguard``, so also the
   ``governed`` decorator and the adapters), current while the block runs (the vendor
@@ -29,15 +29,15 @@ import logging
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ._errors import GovernanceUnavailable, PolicyViolation
 from ._extras import requires
-from .errors import GovernanceUnavailable, PolicyViolation
-from .ledger import HoldState
-from .money import Money
+from ._ledger import HoldState
+from ._money import Money
 
 if TYPE_CHECKING:
-    from .audit import AuditEntry
-    from .governor import GovernedCall, Governor
-    from .ledger import Hold, ReserveRequest
+    from ._audit import AuditEntry
+    from ._governor import GovernedCall, Governor
+    from ._ledger import Hold, ReserveRequest
 
 __all__ = ["Telemetry", "instrument", "uninstrument"]
 

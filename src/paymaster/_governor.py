@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine
 
-from . import storable
-from .alerts import Alert, AlertConfig, Alerter, stale_hold_alert
-from .audit import AuditEntry, AuditLog, Outcome, row_number_problem
-from .db import SQLiteSync, connect, ensure_schema, is_configured
-from .errors import HoldAlreadyResolved, PolicyError, PolicyViolation, SpecError, ViolationCode
-from .ledger import (
+from . import _storable as storable
+from ._alerts import Alert, AlertConfig, Alerter, stale_hold_alert
+from ._audit import AuditEntry, AuditLog, Outcome, row_number_problem
+from ._db import SQLiteSync, connect, ensure_schema, is_configured
+from ._errors import HoldAlreadyResolved, PolicyError, PolicyViolation, SpecError, ViolationCode
+from ._ledger import (
     BudgetStatus,
     Hold,
     Ledger,
@@ -46,13 +46,13 @@ from .ledger import (
     RevocationScope,
     check_amount,
 )
-from .loading import load_policies
-from .money import Money
-from .outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, Verdict, decide, describe
-from .policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
+from ._loading import load_policies
+from ._money import Money
+from ._outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, Verdict, decide, describe
+from ._policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from ._telemetry import Telemetry
 
 __all__ = ["AsyncGovernedCall", "AsyncGuard", "GovernedCall", "Governor"]
 
@@ -75,7 +75,7 @@ def _who() -> str:
 
 class CallSpan(Protocol):
     """What a governed call tells telemetry: entered before the checks, ``started`` once
-    reserved, exited with the block's exception (see :mod:`paymaster.telemetry`)."""
+    reserved, exited with the block's exception (see :mod:`paymaster._telemetry`)."""
 
     def __enter__(self) -> CallSpan: ...
 
@@ -110,7 +110,7 @@ class GovernedCall:
 
     Leaving the ``guard`` block without resolving settles at the estimate; leaving it by an
     exception releases the hold, or keeps it counted as unknown when money may have moved
-    (:func:`paymaster.outcomes.decide`). Settling above the estimate is an overrun: it is
+    (:func:`paymaster._outcomes.decide`). Settling above the estimate is an overrun: it is
     recorded and freezes the budget until an operator acknowledges it.
     """
 
@@ -284,14 +284,14 @@ class Governor:
         alerts: AlertConfig | None = None,
         telemetry: bool | Telemetry = False,
     ) -> None:
-        """``alerts`` turns on budget alerts (:mod:`paymaster.alerts`); ``telemetry``
+        """``alerts`` turns on budget alerts (:mod:`paymaster._alerts`); ``telemetry``
         (``True`` for the global OpenTelemetry providers, or a
-        :class:`paymaster.telemetry.Telemetry`) spans and metrics (needs
+        :class:`paymaster.Telemetry`) spans and metrics (needs
         ``paymaster[otel]``). Both are off by default and then cost nothing."""
         if isinstance(database, Engine):
             if not is_configured(database):
                 raise ValueError(
-                    "a SQLite engine for the ledger must come from paymaster.db.connect() "
+                    "a SQLite engine for the ledger must come from paymaster.connect() "
                     "(WAL, BEGIN IMMEDIATE); pass the URL instead"
                 )
             self.engine, self._owns_engine = database, False
@@ -309,10 +309,10 @@ class Governor:
         self.alerter = None if alerts is None else Alerter(alerts)
         self.ledger = Ledger(self.engine, clock, alerts=self.alerter)
         self.audit = AuditLog(self.engine)
-        #: Spans and metrics (:func:`paymaster.telemetry.instrument`); ``None`` when off.
+        #: Spans and metrics (:func:`paymaster.instrument`); ``None`` when off.
         self.telemetry: Telemetry | None = None
         if telemetry:
-            from .telemetry import Telemetry, instrument
+            from ._telemetry import Telemetry, instrument
 
             if isinstance(telemetry, Telemetry):
                 self.telemetry = telemetry
@@ -342,7 +342,7 @@ class Governor:
     # -- the call path -------------------------------------------------------------------
     def check_agent(self, agent: str) -> str:
         """``agent`` if a policy names it as its agent type, else a
-        :class:`~paymaster.errors.PolicyError` listing the agent types the policies know
+        :class:`~paymaster.PolicyError` listing the agent types the policies know
         (with the nearest as a suggestion); see :meth:`PolicySet.check_agent`. The
         adapters call it when tools are wrapped for an explicit ``agent=``."""
         return self.policies.check_agent(agent)
@@ -375,7 +375,7 @@ class Governor:
         """The pure checks; a violation is audited (the only I/O) and raised.
 
         The policy decides on the caller's text as given; the ledger stores, compares and
-        audits its storable form only (:mod:`paymaster.storable`), on every backend."""
+        audits its storable form only (:mod:`paymaster._storable`), on every backend."""
         method = method.upper()
         free = free or pricing_lookup
         asked = (agent, vendor, endpoint, method, customer)

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import stripe
 
-from ...policy import RunPolicy
-from .catalogue import CATALOGUE, Catalogue
-from .transport import GovernedHTTPClient
+from ..._policy import RunPolicy
+from ._catalogue import CATALOGUE, Catalogue
+from ._transport import GovernedHTTPClient
 
 if TYPE_CHECKING:
-    from ...governor import Governor
+    from ..._governor import Governor
 
 __all__ = ["default_agent", "govern", "governed_client", "is_governed"]
 

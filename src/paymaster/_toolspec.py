@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .money import Money
+from ._money import Money
 
 if TYPE_CHECKING:
-    from .governor import Governor
+    from ._governor import Governor
 
 __all__ = ["FREE", "FreeTool", "GovernedCallSpec", "ToolSpec", "check_agent", "check_specs"]
 
@@ -68,7 +68,7 @@ class ToolSpec:
     actual: Callable[[Any], Money | int | None] | None = None
     """What it cost, from the tool's result (default: the estimate). An int is minor
     units in the estimate's currency. A spec function that raises is a bug, not the
-    model's mistake: the adapters end the run with :class:`~paymaster.errors.SpecError`
+    model's mistake: the adapters end the run with :class:`~paymaster.SpecError`
     (raise :class:`~paymaster.PolicyViolation` from ``estimate``, ``customer`` or
     ``endpoint`` to refuse a call instead)."""
 

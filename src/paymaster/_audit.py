@@ -29,15 +29,15 @@ from sqlalchemy import Connection, Engine, Select, and_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from . import statements as S
+from . import _statements as S
+from ._db import read_only
+from ._errors import PaymasterError
+from ._money import Money
 from ._outcome import Outcome
-from .db import read_only
-from .errors import PaymasterError
-from .money import Money
-from .schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
-from .storable import TEXT_LIMIT, storable
-from .storable import field as storable_field
-from .storable import row as storable_row
+from ._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
+from ._storable import TEXT_LIMIT, storable
+from ._storable import field as storable_field
+from ._storable import row as storable_row
 
 __all__ = [
     "AuditEntry",
@@ -213,7 +213,7 @@ _ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
 
 def append(conn: Connection, entry: AuditEntry, at: datetime, token: str | None = None) -> None:
     """Append one row in the caller's transaction. ``token`` (unhashed) lets a retry after
-    a lost COMMIT reply find this very row (:data:`paymaster.statements.AUDIT_WRITTEN`).
+    a lost COMMIT reply find this very row (:data:`paymaster._statements.AUDIT_WRITTEN`).
 
     The row is built before the agent type's chain head is locked; the lock is taken by
     ``UPDATE ... SET seq = seq + 1 RETURNING seq, head`` (``head`` is still the previous
@@ -444,7 +444,7 @@ class AuditFilter:
     """Filters over audit rows; ``None`` matches anything. ``until`` is exclusive.
 
     A filter is compared with text as it was stored (cut to its column, NUL and lone
-    surrogates escaped; :mod:`paymaster.storable`), so it finds what it names and never
+    surrogates escaped; :mod:`paymaster._storable`), so it finds what it names and never
     fails the read. An unknown ``outcome`` is a ``ValueError`` listing the outcomes."""
 
     run: str | None = None

@@ -20,7 +20,7 @@ was stored):
   under 46 characters ``<start>…<hex>``, half of it digest.
 
 The rule is idempotent: storable text is stored as it is. Column sizes come from
-:mod:`paymaster.schema`; a ``TEXT`` column is bounded at :data:`TEXT_LIMIT` characters.
+:mod:`paymaster._schema`; a ``TEXT`` column is bounded at :data:`TEXT_LIMIT` characters.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, overload
 
 from sqlalchemy import Column, String, Table
 
-from .schema import audit, audit_chain, budget, hold, proxy_replay, revocation, vault_key
+from ._schema import audit, audit_chain, budget, hold, proxy_replay, revocation, vault_key
 
 __all__ = ["FIELDS", "TEXT_LIMIT", "field", "limit", "limit_of", "row", "storable"]
 

@@ -30,22 +30,22 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from . import audit as audit_log
-from . import statements as S
-from . import storable
-from .alerts import AlertBatch, Alerter, BudgetRef, denial_alert, overrun_alert, revoke_alert
-from .audit import AuditEntry, Outcome
-from .db import read_only, unavailable_on_error
-from .errors import (
+from . import _audit as audit_log
+from . import _statements as S
+from . import _storable as storable
+from ._alerts import AlertBatch, Alerter, BudgetRef, denial_alert, overrun_alert, revoke_alert
+from ._audit import AuditEntry, Outcome
+from ._db import read_only, unavailable_on_error
+from ._errors import (
     GovernanceUnavailable,
     HoldAlreadyResolved,
     HoldNotFound,
     PolicyViolation,
     ViolationCode,
 )
-from .money import MAX_AMOUNT, CurrencyMismatch, Money
-from .policy import EffectivePolicy
-from .schema import budget, hold, revocation
+from ._money import MAX_AMOUNT, CurrencyMismatch, Money
+from ._policy import EffectivePolicy
+from ._schema import budget, hold, revocation
 
 __all__ = [
     "BudgetStatus",
@@ -329,7 +329,7 @@ def hold_key(agent: str, run: str | None, idempotency_key: str) -> str:
     run, so that another run presenting the same key makes another call (with its own
     budgets and revocations) instead of resuming this run's hold. It is made of the texts'
     storable forms, as a call stores them, so every caller finds the hold whichever form
-    it holds (:mod:`paymaster.storable`)."""
+    it holds (:mod:`paymaster._storable`)."""
     stored = storable.field
     material = json.dumps(
         [stored("agent", agent), stored("run", run), stored("idempotency_key", idempotency_key)],

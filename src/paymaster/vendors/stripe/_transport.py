@@ -29,14 +29,14 @@ from urllib.parse import urlsplit
 import stripe
 from stripe._http_client import new_http_client_async_fallback
 
-from ... import storable
-from ...errors import GovernanceUnavailable, PolicyViolation, ViolationCode
-from ...governor import GovernedCall
-from ...ledger import HoldState
-from ...money import Money
-from ...outcomes import Resolution, decide, resolution_of_status
-from ...policy import RunPolicy
-from .catalogue import (
+from ... import _storable as storable
+from ..._errors import GovernanceUnavailable, PolicyViolation, ViolationCode
+from ..._governor import GovernedCall
+from ..._ledger import HoldState
+from ..._money import Money
+from ..._outcomes import Resolution, decide, resolution_of_status
+from ..._policy import RunPolicy
+from ._catalogue import (
     CATALOGUE,
     Catalogue,
     InvalidStripeRequest,
@@ -44,10 +44,10 @@ from .catalogue import (
     Quote,
     StripeRequest,
 )
-from .catalogue import actual_cost as _actual_cost
+from ._catalogue import actual_cost as _actual_cost
 
 if TYPE_CHECKING:
-    from ...governor import Governor
+    from ..._governor import Governor
 
 __all__ = [
     "GovernedHTTPClient",
@@ -718,7 +718,7 @@ def _vendor_key(binding: StripeBinding, wire_key: str) -> str:
     The client's key stays readable at the front.
 
     It is made of the texts' storable forms, as the ledger's key is
-    (:func:`paymaster.ledger.hold_key`): two keys the ledger stores as one (``"k\\x00"``
+    (:func:`paymaster._ledger.hold_key`): two keys the ledger stores as one (``"k\\x00"``
     with a NUL, and the literal ``"k\\\\x00"``) are one call there, so they must be one
     call at Stripe too, or the second would pay again under the first's hold."""
     key = storable.field("idempotency_key", wire_key)

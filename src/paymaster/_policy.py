@@ -32,17 +32,17 @@ from pydantic import (
     model_validator,
 )
 
-from . import storable
-from .endpoints import InvalidPath, normalise_path, path_matches, pattern_covers, validate_pattern
-from .errors import PolicyError, PolicyViolation, ViolationCode
-from .money import CURRENCY_EXPONENTS, MAX_AMOUNT, Money, is_currency, major_units
+from . import _storable as storable
+from ._endpoints import InvalidPath, normalise_path, path_matches, pattern_covers, validate_pattern
+from ._errors import PolicyError, PolicyViolation, ViolationCode
+from ._money import CURRENCY_EXPONENTS, MAX_AMOUNT, Money, is_currency, major_units
 
 __all__ = ["EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy"]
 
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-#: No cap may exceed what the ledger counts (:data:`paymaster.money.MAX_AMOUNT`).
+#: No cap may exceed what the ledger counts (:data:`paymaster._money.MAX_AMOUNT`).
 MAX_MINOR_UNITS = MAX_AMOUNT
 #: The most calls a limit may allow: a billion a window is no limit at all in practice,
 #: and keeps the ledger's call counters far inside their columns.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
-from .errors import PaymasterError
+from ._errors import PaymasterError
 
 __all__ = ["InvalidPath", "normalise_path", "path_matches", "pattern_covers", "validate_pattern"]
 

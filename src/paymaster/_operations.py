@@ -1,7 +1,7 @@
 """Read helpers for operating a ledger: schema revisions, following and exporting the
 audit log with constant memory.
 
-These sit beside :class:`~paymaster.audit.AuditLog` and are what the ``paymaster``
+These sit beside :class:`~paymaster.AuditLog` and are what the ``paymaster``
 command uses; they only read (except :func:`upgrade_schema`).
 """
 
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from sqlalchemy import Engine, Select, func, select
 
-from .audit import AuditFilter, AuditRecord
-from .db import ensure_schema, read_only
-from .schema import AUDIT_RECORD_COLUMNS, audit
+from ._audit import AuditFilter, AuditRecord
+from ._db import ensure_schema, read_only
+from ._schema import AUDIT_RECORD_COLUMNS, audit
 
 if TYPE_CHECKING:  # alembic is imported by the functions that need it (start-up time)
     from alembic.script import ScriptDirectory
@@ -81,7 +81,7 @@ def schema_state(engine: Engine) -> SchemaState:
 def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
     """Create or upgrade the schema to the head; returns (revision before, revision now).
 
-    Raises :class:`~paymaster.errors.SchemaVersionError` for a database written by a newer
+    Raises :class:`~paymaster.SchemaVersionError` for a database written by a newer
     paymaster.
     """
     before = schema_state(engine).current
@@ -194,7 +194,7 @@ def export_audit(records: Iterable[AuditRecord], fmt: ExportFormat, out: TextIO)
     and return how many were written.
 
     Memory stays constant whatever the number of rows as long as ``records`` is lazy, such
-    as :meth:`AuditLog.iter_records <paymaster.audit.AuditLog.iter_records>`. Amounts are
+    as :meth:`AuditLog.iter_records <paymaster.AuditLog.iter_records>`. Amounts are
     integers in minor units with their ``currency``; ``at`` is ISO 8601 UTC.
     """
     count = 0

@@ -20,8 +20,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from ._errors import GovernanceUnavailable, SchemaVersionError
 from ._extras import requires
-from .errors import GovernanceUnavailable, SchemaVersionError
 
 if TYPE_CHECKING:  # alembic is imported by the functions that need it (start-up time)
     from alembic.config import Config
@@ -202,7 +202,7 @@ def ensure_schema(engine: Engine, *, upgrade: bool = True) -> str:
                 raise SchemaVersionError(
                     f"database {describe(engine)} is at schema revision {current!r}, this "
                     f"paymaster needs {head!r}: upgrade it with Governor(..., upgrade_schema=True) "
-                    "or paymaster.db.ensure_schema(engine)"
+                    "or paymaster.ensure_schema(engine)"
                 )
             log.info("upgrading %s from %s to %s", describe(engine), current, head)
             command.upgrade(config, "head")

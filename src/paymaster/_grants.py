@@ -18,7 +18,7 @@ from __future__ import annotations
 import unicodedata
 from importlib.resources import files
 
-from .schema import (
+from ._schema import (
     alert,
     audit,
     audit_chain,

@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import PolicyError
-from .policy import Policy, PolicySet, RunPolicy
+from ._errors import PolicyError
+from ._policy import Policy, PolicySet, RunPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -95,7 +95,7 @@ hold = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     # The ledger's key: the caller's idempotency key scoped to agent type and run
-    # (paymaster.ledger.hold_key); ``vendor_key`` is the key as the caller gave it.
+    # (paymaster._ledger.hold_key); ``vendor_key`` is the key as the caller gave it.
     Column("idempotency_key", String(255), nullable=True, unique=True),
     Column("agent", String(200), nullable=False),
     Column("run", String(200), nullable=True),
@@ -216,7 +216,7 @@ audit = Table(
     Column("tool_call_id", String(200), nullable=True),  # revision 0002
     # What the call was presented with, a proxy's vault key id (revision 0006).
     Column("credential", String(64), nullable=True),
-    # Tamper evidence: one hash chain per agent type (see paymaster.audit).
+    # Tamper evidence: one hash chain per agent type (see paymaster._audit).
     Column("chain", String(200), nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("prev_hash", String(64), nullable=False),
@@ -279,7 +279,7 @@ proxy_replay = Table(
     Index("ix_proxy_replay_created", "created_at"),
 )
 
-#: The columns of a stored audit record (:class:`paymaster.audit.AuditRecord`).
+#: The columns of a stored audit record (:class:`paymaster.AuditRecord`).
 AUDIT_RECORD_COLUMNS = tuple(column for column in audit.c if column.name != "write_token")
 
 #: Failed authentications at the proxy (revision 0007), counted rather than logged one row

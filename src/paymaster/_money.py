@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
-from .errors import PaymasterError
+from ._errors import PaymasterError
 
 __all__ = [
     "CURRENCY_EXPONENTS",

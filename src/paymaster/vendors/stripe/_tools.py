@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...outcomes import model_message, tool_failure_text
-from ...policy import RunPolicy
+from ..._outcomes import model_message, tool_failure_text
+from ..._policy import RunPolicy
 
 if TYPE_CHECKING:
     import stripe
 
-    from ...governor import Governor
+    from ..._governor import Governor
 
 __all__ = [
     "STRIPE_TOOLS",
@@ -341,7 +341,7 @@ class StripeToolkit:
         run_policy: RunPolicy | None = None,
         only: Sequence[str] | None = None,
     ) -> None:
-        from .client import default_agent, govern, is_governed
+        from ._client import default_agent, govern, is_governed
 
         self.governor = governor
         #: The agent type of every call, or ``None``: each call names its own.
@@ -387,7 +387,7 @@ class StripeToolkit:
         Raises :class:`~paymaster.PolicyViolation` (the call was refused before it was
         sent) and ``stripe.StripeError`` (Stripe refused it; nothing moved).
         """
-        from .transport import bind
+        from ._transport import bind
 
         tool, args, key = self._prepare(name, arguments, tool_call_id, run)
         # The toolkit's run policy, then the call's: two different ones are refused.

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ...endpoints import normalise_path
-from ...errors import PolicyViolation, ViolationCode
-from ...money import Money
-from .currency import StripeAmountError, check_charge_amount, from_stripe
+from ..._endpoints import normalise_path
+from ..._errors import PolicyViolation, ViolationCode
+from ..._money import Money
+from ._currency import StripeAmountError, check_charge_amount, from_stripe
 
 __all__ = [
     "CATALOGUE",

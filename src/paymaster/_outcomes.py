@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .errors import GovernanceUnavailable, PolicyViolation, SpecError, ViolationCode
+from ._errors import GovernanceUnavailable, PolicyViolation, SpecError, ViolationCode
 
 __all__ = [
     "OUTCOME_UNKNOWN_EXCEPTIONS",
