@@ -27,17 +27,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import GovernanceUnavailable, PolicyViolation
 from ._extras import requires
-from ._ledger import HoldState
+from ._ledger import HoldState, observing
 from ._money import Money
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+
+    from sqlalchemy import Connection
+
     from ._audit import AuditEntry
-    from ._governor import GovernedCall, Governor
-    from ._ledger import Hold, ReserveRequest
+    from ._ledger import BudgetRef, Hold, Ledger, LedgerObserver, ReserveRequest, RevocationScope
 
 __all__ = ["Telemetry", "instrument", "uninstrument"]
 
@@ -46,6 +50,30 @@ log = logging.getLogger("paymaster.telemetry")
 #: Bucket boundaries (ms) for ledger operations, which take from a fraction of a
 #: millisecond (SQLite, NORMAL) to tens of milliseconds (a remote PostgreSQL under load).
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class _Call(Protocol):
+    """What a span reads of a governed call (:class:`paymaster.GovernedCall`)."""
+
+    @property
+    def hold(self) -> Hold: ...
+
+    @property
+    def _attempted(self) -> bool: ...
+
+
+class _Instrumented(Protocol):
+    """What telemetry is wired into (:class:`paymaster.Governor`): its ledger's one
+    observer is its alerter and its telemetry, together (:func:`paymaster._ledger.observing`)."""
+
+    telemetry: Telemetry | None
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def alerter(self) -> LedgerObserver | None: ...
+
 
 _OPERATION = {
     HoldState.SETTLED: "settle",
@@ -112,7 +140,25 @@ class Telemetry:
             attributes["paymaster.currency"] = estimate.currency
         return CallSpan(self, attributes)
 
-    # -- metrics (the ledger's observer) -------------------------------------------------
+    # -- metrics (the ledger's observer: paymaster._ledger.LedgerObserver) ----------------
+    def budget_rose(
+        self,
+        conn: Connection,
+        budget_id: int,
+        committed: int,
+        cap: int,
+        at: datetime,
+        budget: Callable[[], BudgetRef],
+        refused: Money | None = None,
+    ) -> None:
+        """Not measured: nothing to do after commit."""
+
+    def after_commit(self, note: object) -> None:
+        """Never called: :meth:`budget_rose` notes nothing."""
+
+    def budgets_reset(self) -> None:
+        """Not measured."""
+
     def reserved(self, request: ReserveRequest, seconds: float, ok: bool) -> None:
         self._record(seconds, "reserve")
 
@@ -131,7 +177,15 @@ class Telemetry:
             except Exception:  # telemetry never breaks a governed call
                 log.exception("could not record spend")
 
-    def denied(self, entry: AuditEntry) -> None:
+    def overran(self, hold: Hold, at: datetime) -> None:
+        """Not measured apart from its settle."""
+
+    def revoked(
+        self, scope: RevocationScope, target: str, *, reason: str, by: str, at: datetime
+    ) -> None:
+        """Not measured."""
+
+    def denied(self, entry: AuditEntry, violation: PolicyViolation, at: datetime) -> None:
         try:
             self.denials.add(
                 1,
@@ -159,7 +213,7 @@ class CallSpan:
         self._attributes = attributes
         self._span: Any = None
         self._token: Any = None
-        self._call: GovernedCall | None = None
+        self._call: _Call | None = None
 
     def __enter__(self) -> CallSpan:
         from opentelemetry import context
@@ -171,7 +225,7 @@ class CallSpan:
         self._token = context.attach(trace.set_span_in_context(self._span))
         return self
 
-    def started(self, call: GovernedCall) -> None:
+    def started(self, call: _Call) -> None:
         """The call was reserved (its hold exists)."""
         self._call = call
         hold = call.hold
@@ -228,7 +282,7 @@ class CallSpan:
             context.detach(self._token)
 
 
-def _outcome(call: GovernedCall) -> str:
+def _outcome(call: _Call) -> str:
     state = call.hold.state
     if state is HoldState.SETTLED:
         return "allowed"
@@ -238,16 +292,20 @@ def _outcome(call: GovernedCall) -> str:
 
 
 def instrument(
-    governor: Governor, *, tracer_provider: Any = None, meter_provider: Any = None
+    governor: _Instrumented, *, tracer_provider: Any = None, meter_provider: Any = None
 ) -> Telemetry:
     """Turn on spans and metrics for ``governor`` (the global providers unless given)."""
     telemetry = Telemetry(tracer_provider, meter_provider)
-    governor.telemetry = telemetry
-    governor.ledger.observer = telemetry
+    attach(governor, telemetry)
     return telemetry
 
 
-def uninstrument(governor: Governor) -> None:
+def uninstrument(governor: _Instrumented) -> None:
     """Turn telemetry off again for ``governor``."""
-    governor.telemetry = None
-    governor.ledger.observer = None
+    attach(governor, None)
+
+
+def attach(governor: _Instrumented, telemetry: Telemetry | None) -> None:
+    """Make ``telemetry`` (``None``: none) ``governor``'s, alongside its alerts."""
+    governor.telemetry = telemetry
+    governor.ledger.observer = observing(governor.alerter, telemetry)
