@@ -81,6 +81,9 @@ if TYPE_CHECKING:
         RunPolicy,
         effective_policy,
     )
+    from ._request import (
+        CallRequest,
+    )
     from ._telemetry import (
         Telemetry,
         instrument,
@@ -115,6 +118,7 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "BudgetStatus",
+    "CallRequest",
     "CallbackSink",
     "ChainHead",
     "Checkpoint",
@@ -224,6 +228,7 @@ _SOURCES: dict[str, str] = {
         ("_money", ("CurrencyMismatch", "Money")),
         ("_outcome", ("Outcome",)),
         ("_policy", ("EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy")),
+        ("_request", ("CallRequest",)),
         ("_telemetry", ("Telemetry", "instrument", "uninstrument")),
         ("_toolspec", ("FREE", "FreeTool", "ToolSpec")),
         (

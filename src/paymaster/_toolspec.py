@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._money import Money
+from ._request import CallRequest
 
 if TYPE_CHECKING:
     from ._governor import Governor
+    from ._policy import RunPolicy
 
 __all__ = ["FREE", "FreeTool", "GovernedCallSpec", "ToolSpec", "check_agent", "check_specs"]
 
@@ -37,7 +39,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class GovernedCallSpec:
-    """One tool call's governed call: the keyword arguments of ``Governor.guard``."""
+    """One tool call's governed call: what its :class:`~paymaster.CallRequest` takes from
+    the tool's spec (the adapters add who makes it)."""
 
     vendor: str
     endpoint: str
@@ -45,7 +48,30 @@ class GovernedCallSpec:
     estimate: Money | None
     customer: str | None
 
+    def call_request(
+        self,
+        *,
+        agent: str,
+        run: str | None = None,
+        run_policy: RunPolicy | None = None,
+        tool_call_id: str | None = None,
+    ) -> CallRequest:
+        """The request to govern this tool call with, made by ``agent`` in ``run``."""
+        return CallRequest(
+            agent=agent,
+            run=run,
+            run_policy=run_policy,
+            tool_call_id=tool_call_id,
+            vendor=self.vendor,
+            endpoint=self.endpoint,
+            method=self.method,
+            estimate=self.estimate,
+            customer=self.customer,
+        )
+
     def as_guard_kwargs(self) -> dict[str, Any]:
+        """These fields as keywords of ``Governor.guard`` (for callers that still spell
+        the call as keywords; :meth:`call_request` builds the whole request)."""
         return {
             "vendor": self.vendor,
             "endpoint": self.endpoint,
