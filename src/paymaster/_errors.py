@@ -20,6 +20,7 @@ Every exception paymaster raises to its callers derives from :class:`PaymasterEr
     ├── VaultKeyError
     │   ├── VaultKeyNotFound            (also LookupError)
     │   └── VaultKeyRefused             a proxy request's key does not authenticate
+    ├── NotRun                          an adapter's caller stopped waiting: tool not run
     └── UpstreamNotReached              (also httpx.TransportError) the proxy's upstream
 """
 

@@ -7,7 +7,7 @@
     agent = create_agent(model, tools=toolkit.get_tools())
     agent.invoke({"messages": [...]}, config={"metadata": {"run_id": "run-42"}})
 
-The tools come from :mod:`paymaster.vendors.stripe._tools`: the same names, descriptions,
+The tools come from :class:`paymaster.integrations.StripeToolkit`: the same names, descriptions,
 argument schemas and governance as the Agents SDK tools.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import stripe
 from langchain_core.runnables import RunnableConfig
@@ -23,14 +23,17 @@ from langchain_core.tools import BaseTool, InjectedToolCallId, StructuredTool
 from pydantic import BaseModel, create_model
 
 from paymaster import Governor, RunPolicy
-from paymaster.vendors.stripe._tools import StripeTool, StripeToolkit, tool_failure_text
+from paymaster.integrations import (
+    STOPS_THE_RUN,
+    OnViolation,
+    StripeTool,
+    StripeToolkit,
+    tool_failure_text,
+)
 
-from ._propagation import STOPS_THE_RUN, stop_the_run
-from .govern import agent_name, run_id_of
+from .govern import agent_name, run_id_of, stop_the_run
 
 __all__ = ["PaymasterStripeToolkit"]
-
-OnViolation = Literal["raise", "tell_model"]
 
 
 class PaymasterStripeToolkit:

@@ -6,7 +6,7 @@
     agent = Agent(name="refund-agent", tools=tools, ...)
     await Runner.run(agent, "...", context={"run_id": "run-42"})
 
-The tools come from :mod:`paymaster.vendors.stripe._tools`: the same names, descriptions,
+The tools come from :class:`paymaster.integrations.StripeToolkit`: the same names, descriptions,
 argument schemas and governance as the LangChain toolkit.
 """
 
@@ -14,23 +14,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import stripe
 from agents import FunctionTool
-from agents.strict_schema import ensure_strict_json_schema
 from agents.tool_context import ToolContext
 
 from paymaster import Governor, RunPolicy
-from paymaster.vendors.stripe._tools import StripeTool, StripeToolkit, tool_failure_text
+from paymaster.integrations import (
+    STOPS_THE_RUN,
+    OnViolation,
+    StripeTool,
+    StripeToolkit,
+    tool_failure_text,
+)
 
-from ._propagation import STOPS_THE_RUN, stop_the_run
+from ._compat import ensure_strict_json_schema
 from ._runs import run_id_of, run_policy_of
-from .govern import _agent_name
+from .govern import _agent_name, stop_the_run
 
 __all__ = ["stripe_tools"]
-
-OnViolation = Literal["raise", "tell_model"]
 
 
 def stripe_tools(
