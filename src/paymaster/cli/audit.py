@@ -24,7 +24,7 @@ from .runtime import EXIT_PROBLEM, hooks, open_database
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from .._audit import AuditRecord
+    from .._audit import AuditRecord, Checkpoint, VerifyResult
     from .._operations import AuditFilter
 
 __all__ = ["app"]
@@ -241,56 +241,80 @@ def verify(
     With --checkpoint, also check the log against a checkpoint kept outside the database;
     with --key-file, the checkpoint's signature too.
     """
-    from .._audit import AuditLog, Checkpoint, CheckpointError
+    from .._audit import AuditLog
 
     key = _key(key_file)
     if key is not None and checkpoint_file is None:
         raise typer.BadParameter("--key-file checks a --checkpoint", param_hint="'--key-file'")
+    saved = _read_checkpoint(checkpoint_file)
+    with open_database(db) as engine:
+        result = AuditLog(engine).verify(checkpoint=saved, key=key)
+    unchecked = saved is not None and saved.signature is not None and key is None
+    if as_json:
+        echo_json(_verify_document(result, saved, key))
+    elif result.ok:
+        typer.echo(_verify_ok_line(result, saved, key))
+    else:
+        _echo_tampered(result)
+    if unchecked and not as_json:
+        typer.echo("Warning: the checkpoint's signature was not checked (no --key-file)", err=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_PROBLEM)
+
+
+def _read_checkpoint(checkpoint_file: Path | None) -> Checkpoint | None:
+    """The checkpoint in ``--checkpoint``, if given; a bad one is a usage error."""
+    from .._audit import Checkpoint, CheckpointError
+
     saved: Checkpoint | None = None
     if checkpoint_file is not None:
         try:
             saved = Checkpoint.from_json(checkpoint_file.read_bytes())
         except (CheckpointError, OSError) as exc:
             raise typer.BadParameter(str(exc), param_hint="'--checkpoint'") from exc
-    with open_database(db) as engine:
-        result = AuditLog(engine).verify(checkpoint=saved, key=key)
-    unchecked = saved is not None and saved.signature is not None and key is None
-    if as_json:
-        document = {
-            "ok": result.ok,
-            "rows_checked": result.rows_checked,
-            "chains": result.chains,
-            "first_bad_id": result.first_bad_id,
-            "reason": result.reason,
-            "problems": [{"row_id": p.row_id, "reason": p.reason} for p in result.problems],
-            "checkpoint_heads": result.checkpoint_heads,
-            "signature_checked": saved is not None and key is not None,
-        }
-        echo_json(document)
-    elif result.ok:
-        against = ""
-        if saved is not None:
-            signed = " (signed)" if key is not None else ""
-            against = (
-                f"; the checkpoint{signed} of {saved.created_at.isoformat()} holds for its "
-                f"{plural(len(saved.heads), 'chain')}"
-            )
-        typer.echo(
-            f"ok: {plural(result.rows_checked, 'audit row')} checked in "
-            f"{plural(result.chains, 'chain')}{against}"
+    return saved
+
+
+def _verify_document(
+    result: VerifyResult, saved: Checkpoint | None, key: bytes | None
+) -> dict[str, object]:
+    """What ``audit verify --json`` prints."""
+    return {
+        "ok": result.ok,
+        "rows_checked": result.rows_checked,
+        "chains": result.chains,
+        "first_bad_id": result.first_bad_id,
+        "reason": result.reason,
+        "problems": [{"row_id": p.row_id, "reason": p.reason} for p in result.problems],
+        "checkpoint_heads": result.checkpoint_heads,
+        "signature_checked": saved is not None and key is not None,
+    }
+
+
+def _verify_ok_line(result: VerifyResult, saved: Checkpoint | None, key: bytes | None) -> str:
+    """The line a clean log gets, naming the checkpoint it holds against."""
+    against = ""
+    if saved is not None:
+        signed = " (signed)" if key is not None else ""
+        against = (
+            f"; the checkpoint{signed} of {saved.created_at.isoformat()} holds for its "
+            f"{plural(len(saved.heads), 'chain')}"
         )
-    else:
-        where = (
-            f"audit row {result.first_bad_id} is the first bad row: "
-            if result.first_bad_id is not None
-            else ""
-        )
-        checked = plural(result.rows_checked, "row")
-        typer.echo(f"TAMPERED: {where}{result.reason} ({checked} checked)")
-        for problem in result.problems[1:]:
-            row = f" (audit row {problem.row_id})" if problem.row_id is not None else ""
-            typer.echo(f"  also: {problem.reason}{row}")
-    if unchecked and not as_json:
-        typer.echo("Warning: the checkpoint's signature was not checked (no --key-file)", err=True)
-    if not result.ok:
-        raise typer.Exit(EXIT_PROBLEM)
+    return (
+        f"ok: {plural(result.rows_checked, 'audit row')} checked in "
+        f"{plural(result.chains, 'chain')}{against}"
+    )
+
+
+def _echo_tampered(result: VerifyResult) -> None:
+    """The first bad row, then every other problem found."""
+    where = (
+        f"audit row {result.first_bad_id} is the first bad row: "
+        if result.first_bad_id is not None
+        else ""
+    )
+    checked = plural(result.rows_checked, "row")
+    typer.echo(f"TAMPERED: {where}{result.reason} ({checked} checked)")
+    for problem in result.problems[1:]:
+        row = f" (audit row {problem.row_id})" if problem.row_id is not None else ""
+        typer.echo(f"  also: {problem.reason}{row}")

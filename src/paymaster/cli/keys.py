@@ -92,41 +92,49 @@ def _check_against(policies: Path, agent: str, run_policy: RunPolicy | None) -> 
     effective_policy(policy, run_policy)
 
 
+AgentOption = Annotated[str, typer.Option("--agent", help="The agent type the key acts as.")]
+RunOption = Annotated[
+    str | None,
+    typer.Option(
+        "--run",
+        help="Attribute every call to this run (default: the key's own id, pmk_...).",
+    ),
+]
+ExpiresOption = Annotated[
+    datetime | None,
+    typer.Option(
+        "--expires",
+        parser=_expiry,
+        metavar="2h|ISO-TIME",
+        help="When the key stops working (a duration from now, or a time).",
+    ),
+]
+RunPolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--run-policy",
+        help="A run policy file narrowing the agent's policy.",
+    ),
+]
+LabelOption = Annotated[str | None, typer.Option("--label", help="A note for `keys list`.")]
+PoliciesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policies",
+        envvar=POLICIES_ENV,
+        help="Check the key against this policy file before making it.",
+    ),
+]
+
+
 @app.command()
 def create(
-    agent: Annotated[str, typer.Option("--agent", help="The agent type the key acts as.")],
-    run: Annotated[
-        str | None,
-        typer.Option(
-            "--run",
-            help="Attribute every call to this run (default: the key's own id, pmk_...).",
-        ),
-    ] = None,
-    expires: Annotated[
-        datetime | None,
-        typer.Option(
-            "--expires",
-            parser=_expiry,
-            metavar="2h|ISO-TIME",
-            help="When the key stops working (a duration from now, or a time).",
-        ),
-    ] = None,
-    run_policy: Annotated[
-        Path | None,
-        typer.Option(
-            "--run-policy",
-            help="A run policy file narrowing the agent's policy.",
-        ),
-    ] = None,
-    label: Annotated[str | None, typer.Option("--label", help="A note for `keys list`.")] = None,
-    policies: Annotated[
-        Path | None,
-        typer.Option(
-            "--policies",
-            envvar=POLICIES_ENV,
-            help="Check the key against this policy file before making it.",
-        ),
-    ] = None,
+    agent: AgentOption,
+    run: RunOption = None,
+    expires: ExpiresOption = None,
+    run_policy: RunPolicyOption = None,
+    label: LabelOption = None,
+    policies: PoliciesOption = None,
     by: ByOption = None,
     db: DbOption = DEFAULT_DB,
     as_json: JsonOption = False,

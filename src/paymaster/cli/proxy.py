@@ -22,36 +22,45 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+UpstreamOption = Annotated[
+    str,
+    typer.Option(
+        "--upstream",
+        help="The Stripe API every request is forwarded to "
+        "(fixed here: no request can choose another).",
+    ),
+]
+ListenOption = Annotated[
+    str, typer.Option("--listen", metavar="HOST:PORT", help="Where to listen.")
+]
+StripeKeyFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--stripe-key-file",
+        help="A file holding the real Stripe key "
+        "(default: the PAYMASTER_STRIPE_KEY environment variable).",
+    ),
+]
+MaxBodyOption = Annotated[
+    int, typer.Option("--max-body", min=1, help="Largest request body, in bytes.")
+]
+UpstreamTimeoutOption = Annotated[
+    float,
+    typer.Option("--upstream-timeout", min=1, help="Seconds to wait for the upstream."),
+]
+FdOption = Annotated[int | None, typer.Option("--fd", hidden=True)]
+LogLevelOption = Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")]
+
+
 def proxy(
     policies: PoliciesFile,
-    upstream: Annotated[
-        str,
-        typer.Option(
-            "--upstream",
-            help="The Stripe API every request is forwarded to "
-            "(fixed here: no request can choose another).",
-        ),
-    ] = "https://api.stripe.com",
-    listen: Annotated[
-        str, typer.Option("--listen", metavar="HOST:PORT", help="Where to listen.")
-    ] = "127.0.0.1:8421",
-    stripe_key_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--stripe-key-file",
-            help="A file holding the real Stripe key "
-            "(default: the PAYMASTER_STRIPE_KEY environment variable).",
-        ),
-    ] = None,
-    max_body: Annotated[
-        int, typer.Option("--max-body", min=1, help="Largest request body, in bytes.")
-    ] = 256 * 1024,
-    upstream_timeout: Annotated[
-        float,
-        typer.Option("--upstream-timeout", min=1, help="Seconds to wait for the upstream."),
-    ] = 60.0,
-    fd: Annotated[int | None, typer.Option("--fd", hidden=True)] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")] = "info",
+    upstream: UpstreamOption = "https://api.stripe.com",
+    listen: ListenOption = "127.0.0.1:8421",
+    stripe_key_file: StripeKeyFileOption = None,
+    max_body: MaxBodyOption = 256 * 1024,
+    upstream_timeout: UpstreamTimeoutOption = 60.0,
+    fd: FdOption = None,
+    log_level: LogLevelOption = "info",
     db: DbOption = DEFAULT_DB,
 ) -> None:
     """Serve the Stripe-compatible governing proxy for agents holding vault keys.

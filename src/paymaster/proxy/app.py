@@ -113,38 +113,16 @@ class _Proxy:
     async def handle(self, request: Request) -> Response:
         # Authenticate first, whatever the request: every refusal after this is audited
         # under the key, and every failure before it is counted.
-        try:
-            presented = _presented_key(request)
-            key = await self.governor.in_worker(self.keys.authenticate, presented)
-        except _Refused as refused:  # no key at all
-            await self._count_failure(None, "missing")
-            return refused.response
-        except VaultKeyRefused as refused:
-            log.warning("refused a request to %r: %s", request.url.path, refused)
-            await self._count_failure(refused.key_id, refused.failure)
-            return key_refused_response(refused)
-        except GovernanceUnavailable as exc:
-            return _unavailable(exc)
+        key = await self._authenticate(request)
+        if isinstance(key, Response):
+            return key
         method = request.method
         headers: dict[str, str] = {}
         with bind(
             agent=key.agent, run=key.run, run_policy=key.run_policy, credential=key.credential
         ):
             try:
-                try:
-                    _check_method(request)
-                    _check_declared_length(request, self.config.max_body_bytes)
-                    body = await _read_body(request, self.config.max_body_bytes)
-                    headers = _forwarded(request)
-                    url = self.config.upstream + _target(request)
-                except _Refused as refused:  # the agent is known: audit the refusal
-                    await self.governor.in_worker(self._audit_refusal, key, request, refused)
-                    return refused.response
-                if method == "POST" and "Idempotency-Key" not in headers:
-                    # Made here rather than from the hold, so the client can be told it
-                    # (in every answer's headers) and retry with it.
-                    headers["Idempotency-Key"] = f"paymaster-proxy-{uuid.uuid4().hex}"
-                response = await self._governed(key, method, url, headers, body)
+                response = await self._forward(key, request, headers)
             except PolicyViolation as violation:
                 response = violation_response(violation)
             except GovernanceUnavailable as exc:
@@ -181,6 +159,40 @@ class _Proxy:
         if sent_key is not None and "idempotency-key" not in response.headers:
             response.headers["Idempotency-Key"] = sent_key
         return response
+
+    async def _authenticate(self, request: Request) -> VaultKey | Response:
+        """The request's vault key, or the answer refusing it (a failure is counted)."""
+        try:
+            presented = _presented_key(request)
+            return await self.governor.in_worker(self.keys.authenticate, presented)
+        except _Refused as refused:  # no key at all
+            await self._count_failure(None, "missing")
+            return refused.response
+        except VaultKeyRefused as refused:
+            log.warning("refused a request to %r: %s", request.url.path, refused)
+            await self._count_failure(refused.key_id, refused.failure)
+            return key_refused_response(refused)
+        except GovernanceUnavailable as exc:
+            return _unavailable(exc)
+
+    async def _forward(self, key: VaultKey, request: Request, headers: dict[str, str]) -> Response:
+        """Read, check and govern one authenticated request. ``headers`` is filled with
+        the headers forwarded (the answer repeats their ``Idempotency-Key``)."""
+        method = request.method
+        try:
+            _check_method(request)
+            _check_declared_length(request, self.config.max_body_bytes)
+            body = await _read_body(request, self.config.max_body_bytes)
+            headers.update(_forwarded(request))
+            url = self.config.upstream + _target(request)
+        except _Refused as refused:  # the agent is known: audit the refusal
+            await self.governor.in_worker(self._audit_refusal, key, request, refused)
+            return refused.response
+        if method == "POST" and "Idempotency-Key" not in headers:
+            # Made here rather than from the hold, so the client can be told it
+            # (in every answer's headers) and retry with it.
+            headers["Idempotency-Key"] = f"paymaster-proxy-{uuid.uuid4().hex}"
+        return await self._governed(key, method, url, headers, body)
 
     async def _count_failure(self, key_id: str | None, reason: str) -> None:
         """Count a failed authentication; the answer is a 401 whether or not it counts."""

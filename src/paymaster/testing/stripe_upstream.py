@@ -37,6 +37,9 @@ the request that made it, so a test can compare them with a ledger::
         client = stripe.StripeClient("sk_test_x", base_addresses={"api": upstream.url})
         ...
         upstream.totals(api_key="sk_test_x")   # {("agent-a", "usd"): 12500, ...}
+
+The objects and the books live in :mod:`._stripe_objects`; :class:`Movement` is importable
+from here.
 """
 
 from __future__ import annotations
@@ -46,13 +49,14 @@ import json
 import secrets
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from ._stripe_objects import Movement, _Error, _Request, _StripeObjects
 
 __all__ = ["Fault", "Movement", "StripeUpstream"]
 
@@ -88,43 +92,6 @@ class Fault(str, Enum):
         return self in (Fault.NONE, Fault.ERROR_AFTER, Fault.LOST_AFTER, Fault.SLOW)
 
 
-@dataclass(frozen=True)
-class Movement:
-    """One charge or refund the fake Stripe actually made."""
-
-    kind: str
-    """``charge`` or ``refund``."""
-    id: str
-    amount: int
-    currency: str
-    customer: str | None
-    label: str | None
-    """The customer's ``metadata[label]``: whose books it belongs to."""
-    source: str
-    """The object that caused it: ``pi_...``, ``in_...``, or the refunded ``ch_...``."""
-    idempotency_key: str | None
-    api_key: str
-    method: str
-    path: str
-    body: str
-    """The raw request that made it (for matching it with a ledger's hold)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class _Error(Exception):
-    def __init__(self, status: int, kind: str, code: str | None, message: str) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.code, self.message = status, kind, code, message
-
-    def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"type": self.kind, "message": self.message}
-        if self.code:
-            error["code"] = self.code
-        return {"error": error}
-
-
 @dataclass
 class _Stored:
     """An idempotency key's record: in flight (``response is None``) or done."""
@@ -141,19 +108,7 @@ class _Parked:
     act: bool = True
 
 
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    params: dict[str, str]
-    expand: frozenset[str]
-    body: str
-    api_key: str
-    idempotency_key: str | None
-
-
-class StripeUpstream:
+class StripeUpstream(_StripeObjects):
     """The fake Stripe: its objects, its idempotency store, its faults and its books."""
 
     def __init__(self) -> None:
@@ -298,31 +253,11 @@ class StripeUpstream:
                 return _error(_Error(500, "api_error", None, "An unexpected error occurred"))
             if not keyed:
                 stored = None
-            elif (stored := self._keys.get(slot)) is not None:
-                if stored.fingerprint != fingerprint:
-                    return _error(
-                        _Error(
-                            400,
-                            "idempotency_error",
-                            None,
-                            "Keys for idempotent requests can only be used with the same "
-                            "parameters they were first used with.",
-                        )
-                    )
-                if stored.response is None:
-                    return _error(
-                        _Error(
-                            409,
-                            "invalid_request_error",
-                            "idempotency_key_in_use",
-                            "There is currently another in-progress request using this "
-                            "Stripe-Idempotency-Key; please try again later.",
-                        )
-                    )
-                status, body = stored.response
-                return status, body, {"Idempotent-Replayed": "true"}
             else:
-                stored = self._keys[slot] = _Stored(fingerprint)
+                claimed = self._claim_key(slot, fingerprint)
+                if not isinstance(claimed, _Stored):
+                    return claimed
+                stored = claimed
             parked = None
             if fault in (Fault.SLOW, Fault.SLOW_DROPPED):
                 parked = self._parked[client_key(slot[1])] = _Parked(act=fault is Fault.SLOW)
@@ -330,16 +265,8 @@ class StripeUpstream:
             status, body = self._act(req)
             return status, body, {}
         if parked is not None:
-            parked.release.wait(STUCK_AFTER)
-            try:
-                if not parked.act:
-                    with self._lock:
-                        del self._keys[slot]
-                    return None
-                stored.response = self._act(req)
-                return None
-            finally:
-                parked.finished.set()
+            self._finish_parked(req, slot, stored, parked)
+            return None
         stored.response = self._act(req)
         if fault is Fault.ERROR_AFTER:
             return _error(_Error(500, "api_error", None, "An unexpected error occurred"))
@@ -347,6 +274,54 @@ class StripeUpstream:
             return None
         status, body = stored.response
         return status, body, {}
+
+    def _claim_key(
+        self, slot: tuple[str, str], fingerprint: str
+    ) -> _Stored | tuple[int, dict[str, Any], dict[str, str]]:
+        """A keyed POST's record, made now for a new key; for a used key, its answer
+        instead: the stored response replayed, or a refusal (other parameters, or still in
+        flight). Called holding the lock."""
+        if (stored := self._keys.get(slot)) is not None:
+            if stored.fingerprint != fingerprint:
+                return _error(
+                    _Error(
+                        400,
+                        "idempotency_error",
+                        None,
+                        "Keys for idempotent requests can only be used with the same "
+                        "parameters they were first used with.",
+                    )
+                )
+            if stored.response is None:
+                return _error(
+                    _Error(
+                        409,
+                        "invalid_request_error",
+                        "idempotency_key_in_use",
+                        "There is currently another in-progress request using this "
+                        "Stripe-Idempotency-Key; please try again later.",
+                    )
+                )
+            status, body = stored.response
+            return status, body, {"Idempotent-Replayed": "true"}
+        stored = self._keys[slot] = _Stored(fingerprint)
+        return stored
+
+    def _finish_parked(
+        self, req: _Request, slot: tuple[str, str], stored: _Stored, parked: _Parked
+    ) -> None:
+        """Wait until a parked request is released, then act (storing the response) or
+        drop it (forgetting the key); either way nobody hears an answer."""
+        parked.release.wait(STUCK_AFTER)
+        try:
+            if not parked.act:
+                with self._lock:
+                    del self._keys[slot]
+                return None
+            stored.response = self._act(req)
+            return None
+        finally:
+            parked.finished.set()
 
     def _act(self, req: _Request) -> tuple[int, dict[str, Any]]:
         gate = None
@@ -363,348 +338,6 @@ class StripeUpstream:
                 return 200, self._route(req)
         except _Error as err:
             return err.status, err.body()
-
-    # -- the API -------------------------------------------------------------------------
-    def _route(self, req: _Request) -> dict[str, Any]:
-        parts = req.path.strip("/").split("/")
-        if not parts or parts[0] != "v1" or len(parts) < 2:
-            raise _Error(404, "invalid_request_error", "resource_missing", "Unrecognized URL")
-        resource, rest = parts[1], parts[2:]
-        handlers: dict[tuple[str, str, int], Callable[[_Request, list[str]], dict[str, Any]]] = {
-            ("POST", "customers", 0): self._create_customer,
-            ("GET", "customers", 1): self._retrieve,
-            ("POST", "prices", 0): self._create_price,
-            ("POST", "payment_intents", 0): self._create_intent,
-            ("GET", "payment_intents", 1): self._retrieve,
-            ("GET", "charges", 1): self._retrieve,
-            ("POST", "refunds", 0): self._create_refund,
-            ("GET", "refunds", 1): self._retrieve,
-            ("POST", "invoices", 0): self._create_invoice,
-            ("GET", "invoices", 1): self._retrieve,
-            ("POST", "invoices", 2): self._finalize,
-            ("POST", "invoiceitems", 0): self._create_item,
-        }
-        handler = handlers.get((req.method, resource, len(rest)))
-        if handler is None:
-            raise _Error(
-                404,
-                "invalid_request_error",
-                "resource_missing",
-                f"Unrecognized request URL ({req.method}: {req.path})",
-            )
-        return handler(req, rest)
-
-    def _new(self, prefix: str, obj: dict[str, Any]) -> dict[str, Any]:
-        object_id = f"{prefix}_{next(self._ids):06d}{secrets.token_hex(4)}"
-        obj = {"id": object_id, **obj}
-        self._objects[object_id] = obj
-        return obj
-
-    def _find(self, object_id: str, kind: str) -> dict[str, Any]:
-        obj = self._objects.get(object_id)
-        if obj is None or obj["object"] != kind:
-            raise _Error(
-                404,
-                "invalid_request_error",
-                "resource_missing",
-                f"No such {kind}: '{object_id}'",
-            )
-        return obj
-
-    def _view(self, obj: dict[str, Any], expand: frozenset[str]) -> dict[str, Any]:
-        view = json.loads(json.dumps(obj))
-        for name in expand:
-            value = view.get(name)
-            if isinstance(value, str) and value in self._objects:
-                view[name] = json.loads(json.dumps(self._objects[value]))
-        return view  # type: ignore[no-any-return]
-
-    def _retrieve(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        kind = {
-            "customers": "customer",
-            "payment_intents": "payment_intent",
-            "charges": "charge",
-            "refunds": "refund",
-            "invoices": "invoice",
-        }[req.path.strip("/").split("/")[1]]
-        return self._view(self._find(rest[0], kind), req.expand)
-
-    def _create_customer(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        return self._new(
-            "cus",
-            {
-                "object": "customer",
-                "name": req.params.get("name"),
-                "email": req.params.get("email"),
-                "metadata": _metadata(req.params),
-            },
-        )
-
-    def _create_price(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        amount = _amount(req.params, "unit_amount")
-        return self._new(
-            "price",
-            {
-                "object": "price",
-                "product": req.params.get("product"),
-                "unit_amount": amount,
-                "currency": _currency(req.params),
-            },
-        )
-
-    def _customer(self, req: _Request, required: bool) -> str | None:
-        customer = req.params.get("customer")
-        if customer is None:
-            if required:
-                raise _Error(
-                    400,
-                    "invalid_request_error",
-                    "parameter_missing",
-                    "Missing required param: customer.",
-                )
-            return None
-        self._find(customer, "customer")
-        return customer
-
-    def _create_intent(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        amount, currency = _amount(req.params, "amount"), _currency(req.params)
-        customer = self._customer(req, False)
-        intent = self._new(
-            "pi",
-            {
-                "object": "payment_intent",
-                "amount": amount,
-                "currency": currency,
-                "customer": customer,
-                "status": "requires_payment_method",
-                "amount_received": 0,
-                "latest_charge": None,
-                "metadata": _metadata(req.params),
-            },
-        )
-        if req.params.get("confirm") == "true":
-            charge = self._charge(req, amount, currency, customer, intent["id"])
-            intent.update(status="succeeded", amount_received=amount, latest_charge=charge)
-        return self._view(intent, req.expand)
-
-    def _charge(
-        self, req: _Request, amount: int, currency: str, customer: str | None, source: str
-    ) -> str:
-        charge = self._new(
-            "ch",
-            {
-                "object": "charge",
-                "amount": amount,
-                "amount_refunded": 0,
-                "currency": currency,
-                "customer": customer,
-                "payment_intent": source if source.startswith("pi_") else None,
-                "invoice": source if source.startswith("in_") else None,
-                "refunded": False,
-                "status": "succeeded",
-                "paid": True,
-            },
-        )
-        self._book("charge", charge["id"], amount, currency, customer, source, req)
-        return str(charge["id"])
-
-    def _book(
-        self,
-        kind: str,
-        object_id: str,
-        amount: int,
-        currency: str,
-        customer: str | None,
-        source: str,
-        req: _Request,
-    ) -> None:
-        label = None
-        if customer is not None:
-            label = self._objects[customer].get("metadata", {}).get("label")
-        self._movements.append(
-            Movement(
-                kind,
-                object_id,
-                amount,
-                currency,
-                customer,
-                label,
-                source,
-                req.idempotency_key,
-                req.api_key,
-                req.method,
-                req.path,
-                req.body,
-            )
-        )
-
-    def _create_refund(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        charge_id, intent_id = req.params.get("charge"), req.params.get("payment_intent")
-        if bool(charge_id) == bool(intent_id):
-            raise _Error(
-                400,
-                "invalid_request_error",
-                "parameter_missing",
-                "One of charge or payment_intent is required.",
-            )
-        if intent_id:
-            intent = self._find(intent_id, "payment_intent")
-            charge_id = intent.get("latest_charge")
-            if not charge_id:
-                raise _Error(
-                    400,
-                    "invalid_request_error",
-                    "payment_intent_unexpected_state",
-                    f"PaymentIntent {intent_id} does not have a successful charge to refund.",
-                )
-        charge = self._find(str(charge_id), "charge")
-        remaining = charge["amount"] - charge["amount_refunded"]
-        if remaining <= 0:
-            raise _Error(
-                400,
-                "invalid_request_error",
-                "charge_already_refunded",
-                f"Charge {charge_id} has already been refunded.",
-            )
-        amount = _amount(req.params, "amount") if "amount" in req.params else remaining
-        if amount > remaining:
-            raise _Error(
-                400,
-                "invalid_request_error",
-                "amount_too_large",
-                f"Refund amount ({amount}) is greater than unrefunded amount on charge "
-                f"({remaining})",
-            )
-        if amount <= 0:
-            raise _Error(
-                400, "invalid_request_error", "amount_too_small", "Refund amount must be positive."
-            )
-        charge["amount_refunded"] += amount
-        charge["refunded"] = charge["amount_refunded"] == charge["amount"]
-        refund = self._new(
-            "re",
-            {
-                "object": "refund",
-                "amount": amount,
-                "currency": charge["currency"],
-                "charge": charge["id"],
-                "payment_intent": charge["payment_intent"],
-                "status": "succeeded",
-                "metadata": _metadata(req.params),
-            },
-        )
-        self._book(
-            "refund",
-            refund["id"],
-            amount,
-            charge["currency"],
-            charge["customer"],
-            str(charge["id"]),
-            req,
-        )
-        return dict(refund)
-
-    def _create_invoice(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        customer = self._customer(req, True)
-        method = req.params.get("collection_method", "charge_automatically")
-        if method not in ("charge_automatically", "send_invoice"):
-            raise _Error(
-                400,
-                "invalid_request_error",
-                "parameter_invalid_string",
-                f"Invalid collection_method: {method}",
-            )
-        return self._new(
-            "in",
-            {
-                "object": "invoice",
-                "customer": customer,
-                "currency": "usd",
-                "status": "draft",
-                "collection_method": method,
-                "auto_advance": req.params.get("auto_advance", "false") == "true",
-                "amount_due": 0,
-                "amount_paid": 0,
-                "amount_remaining": 0,
-                "total": 0,
-                "charge": None,
-                "lines": [],
-                "metadata": _metadata(req.params),
-            },
-        )
-
-    def _create_item(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        customer = self._customer(req, True)
-        price_id = req.params.get("price")
-        if price_id:
-            price = self._find(price_id, "price")
-            amount, currency = int(price["unit_amount"]), str(price["currency"])
-        else:
-            amount, currency = _amount(req.params, "amount"), _currency(req.params)
-        invoice_id = req.params.get("invoice")
-        if not invoice_id:
-            raise _Error(
-                400,
-                "invalid_request_error",
-                "parameter_missing",
-                "this fake Stripe needs invoice= on invoice items",
-            )
-        invoice = self._find(invoice_id, "invoice")
-        if invoice["status"] != "draft":
-            raise _Error(
-                400,
-                "invalid_request_error",
-                "invoice_not_editable",
-                f"Invoice {invoice_id} is not a draft; it cannot be edited.",
-            )
-        if invoice["customer"] != customer:
-            raise _Error(
-                400, "invalid_request_error", None, "The invoice belongs to another customer."
-            )
-        if currency != invoice["currency"]:
-            raise _Error(
-                400,
-                "invalid_request_error",
-                None,
-                f"The invoice is in {invoice['currency']}, not {currency}.",
-            )
-        item = self._new(
-            "ii",
-            {
-                "object": "invoiceitem",
-                "amount": amount,
-                "currency": currency,
-                "customer": customer,
-                "invoice": invoice_id,
-            },
-        )
-        invoice["lines"].append(item["id"])
-        for name in ("amount_due", "amount_remaining", "total"):
-            invoice[name] += amount
-        return dict(item)
-
-    def _finalize(self, req: _Request, rest: list[str]) -> dict[str, Any]:
-        if rest[1] != "finalize":
-            raise _Error(404, "invalid_request_error", "resource_missing", "Unrecognized URL")
-        invoice = self._find(rest[0], "invoice")
-        if invoice["status"] != "draft":
-            raise _Error(
-                400,
-                "invalid_request_error",
-                "invoice_not_editable",
-                f"Invoice {rest[0]} is already finalized.",
-            )
-        if "auto_advance" in req.params:
-            invoice["auto_advance"] = req.params["auto_advance"] == "true"
-        invoice["status"] = "open"
-        due = invoice["amount_due"]
-        if invoice["collection_method"] == "charge_automatically" and invoice["auto_advance"]:
-            if due > 0:
-                invoice["charge"] = self._charge(
-                    req, due, invoice["currency"], invoice["customer"], invoice["id"]
-                )
-            invoice.update(status="paid", amount_paid=due, amount_remaining=0)
-        return self._view(invoice, req.expand)
 
 
 def client_key(sent: str) -> str:
@@ -723,28 +356,6 @@ def _route(path: str) -> str:
 
 def _error(err: _Error) -> tuple[int, dict[str, Any], dict[str, str]]:
     return err.status, err.body(), {}
-
-
-def _metadata(params: Mapping[str, str]) -> dict[str, str]:
-    return {k[9:-1]: v for k, v in params.items() if k.startswith("metadata[") and k[-1] == "]"}
-
-
-def _amount(params: Mapping[str, str], name: str) -> int:
-    raw = params.get(name)
-    if raw is None or not raw.isdigit():
-        raise _Error(
-            400, "invalid_request_error", "parameter_invalid_integer", f"Invalid integer: {raw}"
-        )
-    return int(raw)
-
-
-def _currency(params: Mapping[str, str]) -> str:
-    currency = params.get("currency")
-    if not currency:
-        raise _Error(
-            400, "invalid_request_error", "parameter_missing", "Missing required param: currency."
-        )
-    return currency.lower()
 
 
 class _Handler(BaseHTTPRequestHandler):
