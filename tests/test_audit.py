@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from conftest import Clock, refund_policy
 from paymaster import Governor, Money, PolicyViolation
-from paymaster._audit import scrub
+from paymaster._audit.chain import scrub
 
 MakeGov = Callable[..., Governor]
 

@@ -32,16 +32,13 @@ from typer.testing import CliRunner
 from conftest import Clock, refund_policy
 from paymaster import Governor, Money, PolicyViolation, ViolationCode
 from paymaster._audit import (
-    _HASHED,
-    GENESIS,
     AuditRecord,
     Checkpoint,
     CheckpointError,
     VerifyResult,
-    _hashed_fields,
     load_key,
-    row_hash,
 )
+from paymaster._audit.chain import _HASHED, GENESIS, _hashed_fields, row_hash
 from paymaster._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
 from paymaster.cli.app import app
 

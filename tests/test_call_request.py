@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from paymaster import CallRequest, Governor, Money, PolicyViolation, RunPolicy
-from paymaster._request import CallKeywords
+from paymaster._governor.request import CallKeywords
 from paymaster._toolspec import ToolSpec
 
 MakeGov = Callable[..., Governor]

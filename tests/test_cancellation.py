@@ -1,4 +1,4 @@
-"""``aguard`` under cancellation (:mod:`paymaster._cancellation`): a task cancelled while
+"""``aguard`` under cancellation (:mod:`paymaster._governor.cancellation`): a task cancelled while
 it reserves, while its block runs or while it records the outcome ends cancelled, and
 its hold is resolved exactly once, with its audit row. No sleeps: threads and tasks are
 stepped with events."""
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from paymaster import GovernedCall, Governor, HoldState, Money, PolicyViolation
-from paymaster._cancellation import AsyncGovernedCall, aconclude, finish, to_completion
 from paymaster._governor import conclude
+from paymaster._governor.cancellation import AsyncGovernedCall, aconclude, finish, to_completion
 from paymaster._outcomes import Resolution, Verdict
 
 MakeGov = Callable[..., Governor]

@@ -42,7 +42,7 @@ def test_every_public_name_still_resolves_to_its_module_object() -> None:
         module = getattr(value, "__module__", None)
         if isinstance(value, type) and module and module.startswith("paymaster."):
             assert getattr(importlib.import_module(module), name) is value
-    assert paymaster.Governor is importlib.import_module("paymaster._governor").Governor
+    assert paymaster.Governor is importlib.import_module("paymaster._governor.governor").Governor
     assert paymaster.Outcome is importlib.import_module("paymaster._audit").Outcome
     assert paymaster._db is importlib.import_module("paymaster._db")
     assert set(paymaster.__all__) <= set(dir(paymaster))

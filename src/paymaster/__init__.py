@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         MissingExtra,
     )
     from ._governor import (
+        CallRequest,
         GovernedCall,
         Governor,
     )
@@ -80,9 +81,6 @@ if TYPE_CHECKING:
         PolicySet,
         RunPolicy,
         effective_policy,
-    )
-    from ._request import (
-        CallRequest,
     )
     from ._telemetry import (
         Telemetry,
@@ -228,7 +226,7 @@ _SOURCES: dict[str, str] = {
         ("_money", ("CurrencyMismatch", "Money")),
         ("_outcome", ("Outcome",)),
         ("_policy", ("EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy")),
-        ("_request", ("CallRequest",)),
+        ("_governor", ("CallRequest",)),
         ("_telemetry", ("Telemetry", "instrument", "uninstrument")),
         ("_toolspec", ("FREE", "FreeTool", "ToolSpec")),
         (

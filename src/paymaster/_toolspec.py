@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._governor.request import CallRequest
 from ._money import Money
-from ._request import CallRequest
 
 if TYPE_CHECKING:
     from ._governor import Governor

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
-from .. import _audit as audit_log
 from .._audit import AuditEntry, Outcome
+from .._audit import chain as audit_chain
 from .._errors import PolicyViolation
 from ._core import _LedgerCore, _Notes, _token, _written
 from .models import ReserveRequest
@@ -47,7 +47,7 @@ class _Recording(_LedgerCore):
 
         def work(conn: Connection, retrying: bool) -> None:
             if not (retrying and _written(conn, at, token)):
-                audit_log.append(conn, entry, at, token)
+                audit_chain.append(conn, entry, at, token)
 
         self._write("auditing a call", "so this call's audit row was not written", work)
 
@@ -78,7 +78,7 @@ class _Recording(_LedgerCore):
                 # Before the audit append: alert rows, then the chain head (one lock order).
                 ref, committed, cap = exhausted.budget, exhausted.committed, exhausted.cap
                 notes.budget_rose(conn, ref.id, committed, cap, at, lambda: ref, exhausted.refused)
-            audit_log.append(conn, entry, at, token)
+            audit_chain.append(conn, entry, at, token)
 
         self._write("auditing a denial", consequence, work)
         if observer is not None:

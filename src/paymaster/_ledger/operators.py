@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select
 
-from .. import _audit as audit_log
 from .. import _statements as S
 from .. import _storable as storable
 from .._audit import AuditEntry, Outcome
+from .._audit import chain as audit_chain
 from .._errors import HoldNotFound
 from .._schema import hold
 from .models import Hold
@@ -52,7 +52,7 @@ class _Operating(_Transitions):
                     conn.execute(
                         S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": 0, "p_freeze": -1}
                     )
-            audit_log.append(
+            audit_chain.append(
                 conn,
                 AuditEntry(
                     agent=found.agent,

@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from .. import _audit as audit_log
 from .. import _statements as S
 from .. import _storable as storable
 from .._audit import AuditEntry, Outcome
+from .._audit import chain as audit_chain
 from .._money import CurrencyMismatch, Money
 from ._core import _joined, _not_recorded, _Notes, _token, _written, log
 from .models import BudgetRef, Hold, HoldState, check_amount
@@ -282,7 +282,7 @@ class _Resolving(_Transitions):
             error=_joined(template.error, step.note, _overrun_note(step, per_call_cap)),
             outcome=Outcome.OVERRUN if step.freeze else step.outcome or template.outcome,
         )
-        audit_log.append(conn, entry, now, token)
+        audit_chain.append(conn, entry, now, token)
 
     @staticmethod
     def _overran(overruns: list[Hold], notes: _Notes | None, now: datetime) -> None:

@@ -140,7 +140,7 @@ def create(
     as_json: JsonOption = False,
 ) -> None:
     """Make a vault key and print it, once. Only its digest is stored."""
-    from .._governor import _who
+    from .._governor.governor import _who
     from .._loading import load_run_policy
     from .._vault import KEY_PREFIX, VaultKeys
 
@@ -213,7 +213,7 @@ def revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Revoke a vault key for good: every proxy refuses its next request."""
-    from .._governor import _who
+    from .._governor.governor import _who
     from .._vault import KEY_PREFIX, VaultKeys
 
     if not reason.strip():

@@ -9,11 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..._call import GovernedCall
-from ..._cancellation import AsyncGovernedCall
+from ..._governor.call import GovernedCall
+from ..._governor.cancellation import AsyncGovernedCall
+from ..._governor.request import CallRequest
 from ..._money import Money
 from ..._outcomes import Resolution, decide, resolution_of_status
-from ..._request import CallRequest
 from ._binding import StripeBinding
 from ._catalogue import Operation, Quote, StripeRequest
 from ._catalogue import actual_cost as _actual_cost

@@ -14,11 +14,11 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from . import _statements as S
-from ._audit_records import AuditEntry, AuditRecord
-from ._schema import audit, audit_chain
-from ._storable import TEXT_LIMIT, storable
-from ._storable import row as storable_row
+from .. import _statements as S
+from .._schema import audit, audit_chain
+from .._storable import TEXT_LIMIT, storable
+from .._storable import row as storable_row
+from .records import AuditEntry, AuditRecord
 
 MAX_ERROR_CHARS = TEXT_LIMIT
 GENESIS = "0" * 64

@@ -1,5 +1,5 @@
 """The checks of a governed call before anything is reserved: :func:`prepare` turns a
-:class:`~paymaster._request.CallRequest` into the ledger's
+:class:`~paymaster._governor.request.CallRequest` into the ledger's
 :class:`~paymaster._ledger.ReserveRequest` (the one place one is built from the other),
 auditing and raising a refusal."""
 
@@ -8,15 +8,15 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from . import _storable as storable
-from ._errors import PolicyError, PolicyViolation, ViolationCode
-from ._ledger import ReserveRequest, check_amount
-from ._money import Money
-from ._policy import EffectivePolicy, RunPolicy
-from ._request import CallRequest
+from .. import _storable as storable
+from .._errors import PolicyError, PolicyViolation, ViolationCode
+from .._ledger import ReserveRequest, check_amount
+from .._money import Money
+from .._policy import EffectivePolicy, RunPolicy
+from .request import CallRequest
 
 if TYPE_CHECKING:
-    from ._governor import Governor
+    from .governor import Governor
 
 __all__ = ["prepare"]
 

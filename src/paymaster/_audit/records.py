@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ._money import Money
-from ._outcome import Outcome
+from .._money import Money
+from .._outcome import Outcome
 
 
 def _outcome(value: str | Outcome) -> str:

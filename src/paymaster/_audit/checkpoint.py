@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._errors import PaymasterError
+from .._errors import PaymasterError
 
 CHECKPOINT_FORMAT = "paymaster-audit-checkpoint/1"
 CHECKPOINT_MAC = "HMAC-SHA256"

@@ -21,10 +21,10 @@ from pydantic import (
     model_validator,
 )
 
-from . import _storable as storable
-from ._endpoints import validate_pattern
-from ._money import Money, is_currency
-from ._policy_amounts import (
+from .. import _storable as storable
+from .._endpoints import validate_pattern
+from .._money import Money, is_currency
+from .amounts import (
     _bare_amount,
     _is_bare,
     _mark_unknown_currency,

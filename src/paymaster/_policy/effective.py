@@ -13,12 +13,12 @@ from typing import NoReturn, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from . import _storable as storable
-from ._endpoints import InvalidPath, normalise_path, path_matches, pattern_covers
-from ._errors import PolicyError, PolicyViolation, ViolationCode
-from ._money import Money
-from ._policy_amounts import _positive_cap
-from ._policy_rules import Policy, RunPolicy
+from .. import _storable as storable
+from .._endpoints import InvalidPath, normalise_path, path_matches, pattern_covers
+from .._errors import PolicyError, PolicyViolation, ViolationCode
+from .._money import Money
+from .amounts import _positive_cap
+from .rules import Policy, RunPolicy
 
 
 class _Deny(Protocol):

@@ -9,15 +9,16 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
-from ._audit import Outcome, row_number_problem
-from ._errors import HoldAlreadyResolved
-from ._ledger import Hold, Ledger, Reservation, ReserveRequest
-from ._money import Money
-from ._outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, Verdict, decide
-from ._policy import EffectivePolicy
+from .._audit import Outcome
+from .._audit.records import row_number_problem
+from .._errors import HoldAlreadyResolved
+from .._ledger import Hold, Ledger, Reservation, ReserveRequest
+from .._money import Money
+from .._outcomes import OUTCOME_UNKNOWN_EXCEPTIONS, Resolution, Verdict, decide
+from .._policy import EffectivePolicy
 
 if TYPE_CHECKING:
-    from ._cancellation import AsyncGovernedCall
+    from .cancellation import AsyncGovernedCall
 
 __all__ = ["CallSpan", "GovernedCall", "close_call", "conclude", "open_call"]
 

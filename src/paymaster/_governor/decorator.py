@@ -13,15 +13,15 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from ._call import GovernedCall
-from ._errors import SpecError
-from ._ledger import check_amount
-from ._money import Money
-from ._outcomes import describe
-from ._request import CallRequest
+from .._errors import SpecError
+from .._ledger import check_amount
+from .._money import Money
+from .._outcomes import describe
+from .call import GovernedCall
+from .request import CallRequest
 
 if TYPE_CHECKING:
-    from ._governor import Governor
+    from .governor import Governor
 
 __all__ = ["governed"]
 

@@ -1,5 +1,5 @@
 """One governed call, as asked: :class:`CallRequest` (checked, and turned into the
-ledger's request, by :func:`paymaster._prepare.prepare`).
+ledger's request, by :func:`paymaster._governor.prepare.prepare`).
 
 ::
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
-    from ._money import Money
-    from ._policy import RunPolicy
+    from .._money import Money
+    from .._policy import RunPolicy
 
 __all__ = ["CallKeywords", "CallRequest", "as_request"]
 

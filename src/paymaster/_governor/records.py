@@ -11,12 +11,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ._audit import AuditEntry, Outcome, row_number_problem
-from ._errors import PolicyViolation, ViolationCode
-from ._money import Money
+from .._audit import AuditEntry, Outcome
+from .._audit.records import row_number_problem
+from .._errors import PolicyViolation, ViolationCode
+from .._money import Money
 
 if TYPE_CHECKING:
-    from ._governor import Governor
+    from .governor import Governor
 
 __all__ = ["free_call", "record_error", "record_refusal"]
 

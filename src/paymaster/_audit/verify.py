@@ -8,11 +8,11 @@ from typing import Any
 
 from sqlalchemy import Engine, func, or_, select
 
-from ._audit_chain import GENESIS, _hashed_fields, row_hash
-from ._audit_checkpoint import Checkpoint, _iso
-from ._audit_records import AuditRecord
-from ._db import read_only
-from ._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
+from .._db import read_only
+from .._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
+from .chain import GENESIS, _hashed_fields, row_hash
+from .checkpoint import Checkpoint, _iso
+from .records import AuditRecord
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def verify(
     checkpoint: Checkpoint | None = None,
     key: bytes | None = None,
 ) -> VerifyResult:
-    """What :meth:`paymaster._audit.AuditLog.verify` finds (it documents the checks)."""
+    """What :meth:`paymaster.AuditLog.verify` finds (it documents the checks)."""
     problems = _signature_problems(checkpoint, key)
     heads, orphans = _read_heads(engine)
     for chain, first_id in orphans.items():

@@ -1,7 +1,7 @@
 """``aguard`` for asyncio, safe under cancellation: ledger work runs in worker threads,
 never on the loop, and a cancelled task never leaves a hold pending or resolves it twice.
 
-:class:`AsyncGovernedCall` wraps a :class:`~paymaster._call.GovernedCall` (as
+:class:`AsyncGovernedCall` wraps a :class:`~paymaster._governor.call.GovernedCall` (as
 SQLAlchemy's ``AsyncSession`` wraps a ``Session``): its resolving methods run the
 wrapped call's in a worker thread, to completion (:func:`to_completion`).
 """
@@ -16,15 +16,15 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._audit import Outcome
-from ._call import _NO_SPAN, CallSpan, GovernedCall, close_call, open_call
-from ._ledger import Hold, Reservation, ReserveRequest
-from ._money import Money
-from ._outcomes import Resolution, Verdict
-from ._policy import EffectivePolicy
+from .._audit import Outcome
+from .._ledger import Hold, Reservation, ReserveRequest
+from .._money import Money
+from .._outcomes import Resolution, Verdict
+from .._policy import EffectivePolicy
+from .call import _NO_SPAN, CallSpan, GovernedCall, close_call, open_call
 
 if TYPE_CHECKING:
-    from ._governor import Governor
+    from .governor import Governor
 
 __all__ = ["AsyncGovernedCall", "AsyncGuard", "aconclude", "finish", "to_completion"]
 
@@ -316,7 +316,7 @@ class AsyncGovernedCall:
 
 
 async def aconclude(call: GovernedCall | AsyncGovernedCall, verdict: Verdict) -> Hold:
-    """:func:`~paymaster._call.conclude` for the call of an ``aguard``, awaited on its
+    """:func:`~paymaster._governor.call.conclude` for the call of an ``aguard``, awaited on its
     event loop."""
     if not isinstance(call, AsyncGovernedCall):
         raise TypeError("aconclude takes the call of an aguard block; use conclude")

@@ -9,10 +9,10 @@
         refund = stripe_client.refunds.create(...)   # outside any transaction
         call.settle(actual=refund.amount, http_status=200, vendor_request_id=...)
 
-The work is done by small modules: the request (:mod:`._request`) and its checks
-(:mod:`._prepare`), the reserved call (:mod:`._call`), ``aguard`` and its cancellation safety
-(:mod:`._cancellation`), rows of attempts that reserve nothing (:mod:`._records`) and the
-``governed`` decorator (:mod:`._decorator`).
+The work is done by small modules: the request (:mod:`.request`) and its checks
+(:mod:`.prepare`), the reserved call (:mod:`.call`), ``aguard`` and its cancellation safety
+(:mod:`.cancellation`), rows of attempts that reserve nothing (:mod:`.records`) and the
+``governed`` decorator (:mod:`.decorator`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from sqlalchemy import Engine
 
-from . import _decorator, _records
-from ._alerts import Alert, AlertConfig, Alerter, stale_hold_alert
-from ._audit import AuditLog
-from ._call import _NO_SPAN, CallSpan, GovernedCall, close_call, conclude, open_call
-from ._cancellation import AsyncGovernedCall, AsyncGuard, aconclude
-from ._db import SQLiteSync, connect, ensure_schema, is_configured
-from ._ledger import (
+from .._alerts import Alert, AlertConfig, Alerter, stale_hold_alert
+from .._audit import AuditLog
+from .._db import SQLiteSync, connect, ensure_schema, is_configured
+from .._ledger import (
     BudgetStatus,
     Hold,
     Ledger,
@@ -45,18 +42,22 @@ from ._ledger import (
     Revocation,
     RevocationScope,
 )
-from ._loading import load_policies
-from ._money import Money
-from ._outcomes import OUTCOME_UNKNOWN_EXCEPTIONS
-from ._policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
-from ._prepare import prepare
-from ._request import CallRequest, as_request
+from .._loading import load_policies
+from .._money import Money
+from .._outcomes import OUTCOME_UNKNOWN_EXCEPTIONS
+from .._policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_policy
+from . import decorator as _decorator
+from . import records as _records
+from .call import _NO_SPAN, CallSpan, GovernedCall, close_call, conclude, open_call
+from .cancellation import AsyncGovernedCall, AsyncGuard, aconclude
+from .prepare import prepare
+from .request import CallRequest, as_request
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from ._request import CallKeywords
-    from ._telemetry import Telemetry
+    from .._telemetry import Telemetry
+    from .request import CallKeywords
 
 __all__ = [
     "AsyncGovernedCall",
@@ -128,7 +129,7 @@ class Governor:
         #: Spans and metrics (:func:`paymaster.instrument`); ``None`` when off.
         self.telemetry: Telemetry | None = None
         if telemetry:
-            from ._telemetry import Telemetry, attach, instrument
+            from .._telemetry import Telemetry, attach, instrument
 
             if isinstance(telemetry, Telemetry):
                 attach(self, telemetry)
@@ -169,7 +170,7 @@ class Governor:
         return self._effective(self.policies.require(agent, vendor), run_policy)
 
     def _prepare(self, request: CallRequest | None = None, /, **keywords: Any) -> ReserveRequest:
-        """The pure checks of a call (:func:`paymaster._prepare.prepare`)."""
+        """The pure checks of a call (:func:`paymaster._governor.prepare.prepare`)."""
         return prepare(self, as_request(request, keywords, "_prepare"))
 
     record_refusal = _records.record_refusal

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ._money import CURRENCY_EXPONENTS, MAX_AMOUNT, Money, is_currency, major_units
+from .._money import CURRENCY_EXPONENTS, MAX_AMOUNT, Money, is_currency, major_units
 
 #: No cap may exceed what the ledger counts (:data:`paymaster._money.MAX_AMOUNT`).
 MAX_MINOR_UNITS = MAX_AMOUNT

@@ -6,8 +6,8 @@ naming the field). :func:`effective_policy` combines the two into the
 :class:`EffectivePolicy` every call is checked against.
 
 The parts live in private sibling modules, all importable from here: reading amounts
-(:mod:`._policy_amounts`), the policy models (:mod:`._policy_rules`) and the effective
-policy with its checks (:mod:`._policy_effective`). This module holds the
+(:mod:`.amounts`), the policy models (:mod:`.rules`) and the effective
+policy with its checks (:mod:`.effective`). This module holds the
 :class:`PolicySet` in force and the suggestions its errors make.
 """
 
@@ -17,13 +17,13 @@ import difflib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
-from ._errors import PolicyError, PolicyViolation, ViolationCode
-from ._policy_amounts import MAX_MINOR_UNITS as MAX_MINOR_UNITS
-from ._policy_effective import EffectivePolicy, effective_policy
-from ._policy_rules import HTTP_METHODS as HTTP_METHODS
-from ._policy_rules import MAX_CALLS as MAX_CALLS
-from ._policy_rules import CallLimit as CallLimit
-from ._policy_rules import Policy, RunPolicy
+from .._errors import PolicyError, PolicyViolation, ViolationCode
+from .amounts import MAX_MINOR_UNITS as MAX_MINOR_UNITS
+from .effective import EffectivePolicy, effective_policy
+from .rules import HTTP_METHODS as HTTP_METHODS
+from .rules import MAX_CALLS as MAX_CALLS
+from .rules import CallLimit as CallLimit
+from .rules import Policy, RunPolicy
 
 __all__ = ["EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy"]
 

@@ -13,9 +13,9 @@ it commits, and the only calls that queue on a chain head are one agent type's, 
 already queue on that type's budget row; unrelated agents never share a lock.
 
 The log's parts live in private sibling modules, all importable from here: the row types
-(:mod:`._audit_records`), scrubbing, hashing and appending a row
-(:mod:`._audit_chain`), checkpoints (:mod:`._audit_checkpoint`) and verification
-(:mod:`._audit_verify`). This module holds the queries over the log.
+(:mod:`.records`), scrubbing, hashing and appending a row
+(:mod:`.chain`), checkpoints (:mod:`.checkpoint`) and verification
+(:mod:`.verify`). This module holds the queries over the log.
 """
 
 from __future__ import annotations
@@ -27,28 +27,15 @@ from typing import Any
 
 from sqlalchemy import Engine, Select, and_, func, select
 
-from . import _audit_verify
-from ._audit_chain import _HASHED as _HASHED
-from ._audit_chain import GENESIS as GENESIS
-from ._audit_chain import MAX_ERROR_CHARS as MAX_ERROR_CHARS
-from ._audit_chain import _hashed_fields as _hashed_fields
-from ._audit_chain import append as append
-from ._audit_chain import row_hash as row_hash
-from ._audit_chain import scrub as scrub
-from ._audit_checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT
-from ._audit_checkpoint import CHECKPOINT_MAC as CHECKPOINT_MAC
-from ._audit_checkpoint import MIN_KEY_BYTES as MIN_KEY_BYTES
-from ._audit_checkpoint import ChainHead, Checkpoint, CheckpointError, load_key
-from ._audit_records import _NOT_ATTEMPTS, AuditEntry, AuditRecord, RunSummary, _outcome
-from ._audit_records import MAX_DURATION_MS as MAX_DURATION_MS
-from ._audit_records import row_number_problem as row_number_problem
-from ._audit_verify import MAX_PROBLEMS as MAX_PROBLEMS
-from ._audit_verify import VerifyProblem, VerifyResult
-from ._db import read_only
-from ._money import Money
-from ._outcome import Outcome
-from ._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain
-from ._storable import field as storable_field
+from .._db import read_only
+from .._money import Money
+from .._outcome import Outcome
+from .._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain
+from .._storable import field as storable_field
+from . import verify as _audit_verify
+from .checkpoint import ChainHead, Checkpoint, CheckpointError, load_key
+from .records import _NOT_ATTEMPTS, AuditEntry, AuditRecord, RunSummary, _outcome
+from .verify import VerifyProblem, VerifyResult
 
 __all__ = [
     "AuditEntry",
