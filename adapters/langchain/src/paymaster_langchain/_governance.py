@@ -371,6 +371,14 @@ class Captured:
     def raised(self, error: Exception) -> None:
         self.error = error
 
+    @property
+    def finished(self) -> bool:
+        """Whether the tool itself returned or raised. If LangChain's ``run`` raises
+        after that (a content-and-artifact pair it cannot split, a callback that raises),
+        the tool's own outcome is the call's: what LangChain did afterwards cannot undo a
+        payment, so the hold is settled from what the tool returned, never released."""
+        return self.set or self.error is not None
+
 
 #: The call in progress in this context (each governed call sets its own).
 captured: ContextVar[Captured | None] = ContextVar("paymaster_tool_return", default=None)

@@ -191,7 +191,10 @@ class GovernedTool(BaseTool):
                 try:
                     output = self._raw.run(tool_input, *args, **kwargs)
                 except Exception as exc:
-                    tracked.failed(exc)
+                    if caught.finished:  # the tool's own outcome stands
+                        tracked.ended(None, caught)
+                    else:
+                        tracked.failed(exc)
                     raise
                 finally:
                     captured.reset(token)
@@ -221,7 +224,10 @@ class GovernedTool(BaseTool):
                 try:
                     output = await self._raw.arun(tool_input, *args, **kwargs)
                 except Exception as exc:
-                    await tracked.afailed(gov, exc)
+                    if caught.finished:  # the tool's own outcome stands
+                        await tracked.aended(gov, None, caught)
+                    else:
+                        await tracked.afailed(gov, exc)
                     raise
                 finally:
                     captured.reset(token)
