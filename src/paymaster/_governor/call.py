@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -96,6 +97,8 @@ class GovernedCall:
         # Set once this attempt's outcome (and its audit row) is recorded. The hold itself
         # may still be pending: another attempt may hold it too.
         self._done = False
+        self._resolving = False
+        self._claim = threading.Lock()
 
     @property
     def hold_id(self) -> str:
@@ -121,15 +124,31 @@ class GovernedCall:
         return self._done
 
     def _record(self, resolve: Callable[[], Hold], *, attempted: bool = True) -> Hold:
-        if self._done:
-            raise HoldAlreadyResolved(
-                f"this call already recorded its outcome (hold {self.hold.id} is "
-                f"{self.hold.state}); an attempt records it exactly once"
-            )
-        self._attempted = self._attempted or attempted
-        self.hold = resolve()
-        self._done = True
-        return self.hold
+        # One resolver at a time: two settles (or a settle and a fail) racing from two
+        # threads or tasks would otherwise both reach the ledger, which takes the second
+        # for another attempt's late result and writes a second row for this attempt.
+        with self._claim:
+            if self._done:
+                raise HoldAlreadyResolved(
+                    f"this call already recorded its outcome (hold {self.hold.id} is "
+                    f"{self.hold.state}); an attempt records it exactly once"
+                )
+            if self._resolving:
+                raise HoldAlreadyResolved(
+                    f"this call's outcome (hold {self.hold.id}) is being recorded by "
+                    "another settle, fail or unknown; an attempt records it exactly once"
+                )
+            self._resolving = True
+            self._attempted = self._attempted or attempted
+        try:
+            hold = resolve()
+        except BaseException:
+            with self._claim:  # a resolve that raised (ledger down) may be retried
+                self._resolving = False
+            raise
+        with self._claim:
+            self.hold, self._done, self._resolving = hold, True, False
+        return hold
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self._started) * 1000)
