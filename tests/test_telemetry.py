@@ -287,3 +287,58 @@ def test_the_core_works_without_opentelemetry(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+class _BrokenSpan(trace.NonRecordingSpan):
+    """A span whose exporter-side code raises wherever it is touched."""
+
+    def set_attributes(self, attributes: Any) -> None:
+        raise RuntimeError("exporter bug")
+
+    def end(self, end_time: int | None = None) -> None:
+        raise RuntimeError("exporter bug")
+
+
+class _BrokenTracer(trace.NoOpTracer):
+    def __init__(self, broken_start: bool) -> None:
+        self._broken_start = broken_start
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        if self._broken_start:
+            raise RuntimeError("exporter bug")
+        return _BrokenSpan(trace.INVALID_SPAN_CONTEXT)
+
+
+class _BrokenProvider(trace.NoOpTracerProvider):
+    def __init__(self, broken_start: bool) -> None:
+        self._broken_start = broken_start
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _BrokenTracer(self._broken_start)
+
+
+@pytest.mark.parametrize("broken_start", [False, True], ids=["span-raises", "start-raises"])
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["guard", "aguard"])
+def test_a_span_that_raises_breaks_no_call_and_loses_no_row(
+    make_governor: MakeGov, broken_start: bool, asynchronous: bool
+) -> None:
+    gov = make_governor()  # $100 a day
+    instrument(gov, tracer_provider=_BrokenProvider(broken_start))
+    estimate = Money.parse("40.00 USD")
+
+    async def one_async() -> None:
+        async with gov.aguard(**CALL, estimate=estimate) as call:
+            await call.settle()
+
+    for _ in range(3):
+        try:
+            if asynchronous:
+                asyncio.run(one_async())
+            else:
+                with gov.guard(**CALL, estimate=estimate) as call:
+                    call.settle()
+        except PolicyViolation:
+            pass
+    assert gov.holds() == []  # nothing left pending
+    outcomes = sorted(str(r.outcome) for r in gov.audit.query(agent="refund-agent"))
+    assert outcomes == ["allowed", "allowed", "denied"]  # one row per attempt

@@ -219,10 +219,14 @@ class CallSpan:
         from opentelemetry import context
 
         trace = self._telemetry._trace
-        self._span = self._telemetry.tracer.start_span(
-            "paymaster.call", kind=trace.SpanKind.INTERNAL, attributes=self._attributes
-        )
-        self._token = context.attach(trace.set_span_in_context(self._span))
+        try:
+            self._span = self._telemetry.tracer.start_span(
+                "paymaster.call", kind=trace.SpanKind.INTERNAL, attributes=self._attributes
+            )
+            self._token = context.attach(trace.set_span_in_context(self._span))
+        except Exception:  # telemetry never breaks a governed call, nor loses its row
+            log.exception("could not start the governed call's span")
+            self._span, self._token = trace.INVALID_SPAN, None
         return self
 
     def started(self, call: _Call) -> None:
@@ -238,7 +242,10 @@ class CallSpan:
         if "paymaster.estimate" not in self._attributes:  # a free call: estimate 0
             attributes["paymaster.estimate"] = hold.estimate.amount
             attributes["paymaster.currency"] = hold.estimate.currency
-        self._span.set_attributes(attributes)
+        try:  # reserved already: a raise here would leave the hold without its row
+            self._span.set_attributes(attributes)
+        except Exception:
+            log.exception("could not record the governed call's hold on its span")
 
     def __exit__(
         self,
@@ -278,8 +285,12 @@ class CallSpan:
         except Exception:
             log.exception("could not finish the governed call's span")
         finally:
-            span.end()
-            context.detach(self._token)
+            try:
+                span.end()
+                if self._token is not None:
+                    context.detach(self._token)
+            except Exception:
+                log.exception("could not end the governed call's span")
 
 
 def _outcome(call: _Call) -> str:
