@@ -147,3 +147,30 @@ def test_a_tool_spec_builds_the_request_of_a_tool_call() -> None:
     assert request == CallRequest(
         agent="refund-agent", run="run-1", tool_call_id="tc_1", **call.as_guard_kwargs()
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _CreditedRequest(CallRequest):
+    """A subclass whose ``__post_init__`` is not idempotent: each construction takes
+    another $20 off the estimate."""
+
+    def __post_init__(self) -> None:
+        if self.estimate is not None:
+            object.__setattr__(self, "estimate", self.estimate - Money.parse("20.00 USD"))
+
+
+def test_a_subclassed_request_is_read_once_as_built(
+    make_governor: Callable[..., Governor],
+) -> None:
+    gov = make_governor()
+    request = _CreditedRequest(
+        agent="refund-agent",
+        vendor="stripe",
+        endpoint="/v1/refunds",
+        estimate=Money.parse("50.00 USD"),
+    )
+    assert request.estimate == Money.parse("30.00 USD")
+    with gov.guard(request) as call:
+        assert call.estimate == request.estimate  # what was checked is what is reserved
+    [row] = gov.audit.query(agent="refund-agent")
+    assert row.estimate == 3000

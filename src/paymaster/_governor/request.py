@@ -15,7 +15,7 @@ ledger's request, by :func:`paymaster._governor.prepare.prepare`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
@@ -105,4 +105,8 @@ def as_request(request: CallRequest | None, keywords: Mapping[str, Any], name: s
             f"{name}(CallRequest(agent=..., vendor=..., endpoint=...)) or the fields as "
             "keywords"
         )
+    if type(request) is not CallRequest:
+        # A subclass is read once, as the plain value: the checks, the reserve and the
+        # rows then see one request, whatever its ``__post_init__`` or properties do.
+        return CallRequest(**{f.name: getattr(request, f.name) for f in fields(CallRequest)})
     return request
