@@ -9,8 +9,9 @@ UV := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
 VENV := .venv
 SYNCED := $(VENV)/.synced
 PY := $(VENV)/bin/python
+OLDEST := .venv-oldest
 
-.PHONY: demo test lint bench soak dist clean
+.PHONY: demo test test-oldest lint bench soak dist clean
 
 $(TOOLS)/bin/uv:
 	python3 -m venv $(TOOLS)
@@ -26,6 +27,14 @@ demo: $(SYNCED)
 
 test: $(SYNCED)
 	$(PY) -m pytest -q
+
+# The adapters' tests on the oldest framework versions they declare (the lower bounds,
+# pinned in ci/oldest-constraints.txt), in a fresh venv of their own with the dev group.
+test-oldest: | $(UV)
+	$(UV) venv --quiet --clear --python python3 $(OLDEST)
+	$(UV) pip install --quiet --python $(OLDEST)/bin/python -c ci/oldest-constraints.txt \
+		--group dev -e . -e './adapters/openai-agents[stripe]' -e './adapters/langchain[stripe,agents]'
+	$(OLDEST)/bin/python -m pytest -q adapters/openai-agents/tests adapters/langchain/tests
 
 lint: $(SYNCED)
 	$(VENV)/bin/ruff check src adapters tests examples bench
@@ -50,4 +59,4 @@ dist: | $(UV)
 	@ls dist
 
 clean:
-	rm -rf $(VENV) $(TOOLS) dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) $(TOOLS) dist .pytest_cache .mypy_cache .ruff_cache
