@@ -362,3 +362,13 @@ def test_the_real_key_is_read_from_a_file_or_the_environment_and_never_shown(
     assert "sk_live_from_env" not in repr(config) + str(config) + config.model_dump_json()
     with pytest.raises(ValueError, match="vault key"):
         ProxyConfig(stripe_key="pmk_0123456789ab_" + "A" * 43)
+
+
+def test_a_key_id_is_listed_whole_in_a_narrow_terminal(
+    cli: str, keys: VaultKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = keys.create("refund-agent", by="ops", run="r1", label="a long label for a key")
+    monkeypatch.setenv("COLUMNS", "60")  # the id is copied into `keys revoke`: never folded
+    table = runner.invoke(app, ["keys", "list", "--db", cli])
+    assert table.exit_code == 0, table.output
+    assert f"pmk_{made.record.id}" in table.stdout

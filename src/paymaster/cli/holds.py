@@ -10,6 +10,7 @@ import typer
 
 from .._errors import HoldAlreadyResolved
 from .output import (
+    add_columns,
     console,
     echo_json,
     fmt_age,
@@ -66,8 +67,8 @@ def holds_table(holds: list[Hold], title: str) -> Table:
 
     now = hooks.now()
     table = Table(title=title, title_justify="left")
-    for name in ("hold", "state", "agent", "run", "call", "customer", "estimate", "created", "age"):
-        table.add_column(name, overflow="fold", justify="right" if name == "estimate" else "left")
+    names = ("hold", "state", "agent", "run", "call", "customer", "estimate", "created", "age")
+    add_columns(table, names, ids=("hold",), right=("estimate",))
     for h in holds:
         table.add_row(
             h.id,
@@ -126,8 +127,8 @@ def overruns_table(holds: list[Hold]) -> Table:
 
     title = f"{plural(len(holds), 'overrun')} awaiting acknowledgement"
     table = Table(title=title, title_justify="left")
-    for name in ("hold", "agent", "run", "call", "estimate", "actual", "over", "settled"):
-        table.add_column(name, overflow="fold")
+    names = ("hold", "agent", "run", "call", "estimate", "actual", "over", "settled")
+    add_columns(table, names, ids=("hold",))
     for h in holds:
         table.add_row(
             h.id,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from .._errors import PolicyViolation
-from .output import console, echo_json, fmt_time, plural, time_json
+from .output import add_columns, console, echo_json, fmt_time, plural, time_json
 from .params import DEFAULT_DB, POLICIES_ENV, DbOption, JsonOption, parse_duration, parse_time
 from .runtime import fail, hooks, open_database
 
@@ -188,8 +188,8 @@ def list_keys(
         return
     now = hooks.now()
     table = Table(title=plural(len(keys), "vault key"), title_justify="left")
-    for name in ("key", "state", "agent", "run", "run policy", "expires", "created", "label"):
-        table.add_column(name, overflow="fold")
+    names = ("key", "state", "agent", "run", "run policy", "expires", "created", "label")
+    add_columns(table, names, ids=("key",))
     for k in keys:
         table.add_row(
             f"{KEY_PREFIX}{k.id}",
@@ -256,8 +256,7 @@ def failures(
         return
     total = sum(f.count for f in counted)
     table = Table(title=plural(total, "failed authentication"), title_justify="left")
-    for name in ("key", "reason", "count", "first", "last"):
-        table.add_column(name, overflow="fold")
+    add_columns(table, ("key", "reason", "count", "first", "last"), ids=("key",))
     for f in counted:
         row = failure_json(f)
         table.add_row(

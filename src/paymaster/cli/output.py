@@ -143,13 +143,25 @@ def _audit_cells(record: AuditRecord) -> list[str]:
     ]
 
 
+def add_columns(
+    table: Table, names: tuple[str, ...], *, ids: tuple[str, ...] = (), right: tuple[str, ...] = ()
+) -> None:
+    """Add ``names`` to ``table``: long cells fold onto more lines, except the ``ids``
+    (a hold or key id is copied into the next command whole, however narrow the
+    terminal); the ``right`` columns (amounts) are right-aligned."""
+    for name in names:
+        if name in ids:
+            table.add_column(name, no_wrap=True, min_width=len(name))
+        else:
+            table.add_column(name, overflow="fold", justify="right" if name in right else "left")
+
+
 def audit_table(records: list[AuditRecord], title: str | None = None) -> Table:
     """Audit rows as a table, in the order given."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for name in AUDIT_COLUMNS:
-        table.add_column(name, overflow="fold", justify="right" if name == "cost" else "left")
+    add_columns(table, AUDIT_COLUMNS, right=("cost",))
     for record in records:
         table.add_row(*_audit_cells(record))
     return table
