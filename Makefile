@@ -25,8 +25,13 @@ $(SYNCED): pyproject.toml $(wildcard uv.lock) $(wildcard adapters/*/pyproject.to
 demo: $(SYNCED)
 	$(PY) examples/runaway_refund_loop.py
 
+# The suite runs on one worker per CPU (pytest-xdist): every test has its own database
+# (a SQLite file or a PostgreSQL schema) and its own ports, so workers share nothing.
+# PYTEST_WORKERS=0 runs it in this one process.
+PYTEST_WORKERS ?= auto
+
 test: $(SYNCED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 # The adapters' tests on the oldest framework versions they declare (the lower bounds,
 # pinned in ci/oldest-constraints.txt), in a fresh venv of their own with the dev group.
@@ -34,7 +39,7 @@ test-oldest: | $(UV)
 	$(UV) venv --quiet --clear --python python3 $(OLDEST)
 	$(UV) pip install --quiet --python $(OLDEST)/bin/python -c ci/oldest-constraints.txt \
 		--group dev -e . -e './adapters/openai-agents[stripe]' -e './adapters/langchain[stripe,agents]'
-	$(OLDEST)/bin/python -m pytest -q adapters/openai-agents/tests adapters/langchain/tests
+	$(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) adapters/openai-agents/tests adapters/langchain/tests
 
 lint: $(SYNCED)
 	$(VENV)/bin/ruff check src adapters tests examples bench
