@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         MissingExtra,
     )
     from ._governor import (
+        AsyncGovernedCall,
         CallRequest,
         GovernedCall,
         Governor,
@@ -112,6 +113,7 @@ __all__ = [
     "AlertConfig",
     "AlertKind",
     "AlertSink",
+    "AsyncGovernedCall",
     "AuditFilter",
     "AuditLog",
     "AuditRecord",
@@ -219,14 +221,13 @@ _SOURCES: dict[str, str] = {
             ),
         ),
         ("_extras", ("MissingExtra",)),
-        ("_governor", ("GovernedCall", "Governor")),
+        ("_governor", ("AsyncGovernedCall", "CallRequest", "GovernedCall", "Governor")),
         ("_grants", ("grants_sql",)),
         ("_ledger", ("BudgetStatus", "Hold", "HoldState")),
         ("_loading", ("load_policies", "load_run_policy")),
         ("_money", ("CurrencyMismatch", "Money")),
         ("_outcome", ("Outcome",)),
         ("_policy", ("EffectivePolicy", "Policy", "PolicySet", "RunPolicy", "effective_policy")),
-        ("_governor", ("CallRequest",)),
         ("_telemetry", ("Telemetry", "instrument", "uninstrument")),
         ("_toolspec", ("FREE", "FreeTool", "ToolSpec")),
         (
