@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from bench_config import Config
 from bench_env import X, busy_percent, ms, percentile
 from bench_latency import LatencySamples
@@ -295,7 +297,9 @@ def print_targets(
     hot: list[GovernedScenario],
     spread: GovernedScenario | None,
     naive: list[NaiveScenario],
+    extra: Sequence[tuple[str, str, bool]] = (),
 ) -> None:
+    """``extra``: (target, measured, met) rows of other sections (async under load)."""
     table = new_table("Targets from the issue", "target", "measured", "status")
     for samples in latency:
         if samples.backend.kind == "sqlite" and samples.backend.synchronous == "FULL":
@@ -327,4 +331,6 @@ def print_targets(
             f"overshoot {n.overshoot:+d} ({usd(n.check.spent - n.run.spec.cap)} over the cap)",
             "-",
         )
+    for target, measured, ok in extra:
+        table.add_row(target, measured, met(ok))
     console.print(table)
