@@ -47,7 +47,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +54,22 @@ from bench_env import (
     DEFAULT_PG_URL,
     X,
     background_busy,
-    machine_facts,
     ms,
     percentile,
-    pg_facts,
     pg_schema,
     sqlite_dir,
 )
 from bench_latency import Backend
-from bench_report import met, new_table, notes, rate, usd, verdict
+from bench_report import (
+    met,
+    new_table,
+    notes,
+    print_run_header,
+    rate,
+    reachable_postgres,
+    usd,
+    verdict,
+)
 from bench_scenarios import BACKENDS
 from rich.console import Console
 from sqlalchemy import text
@@ -792,26 +798,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=210)
     progress = Console(stderr=True)
     idle_busy = background_busy()
-    pg = None
-    if not settings.no_postgres:
-        try:
-            pg = pg_facts(settings.pg_url)
-        except Exception as exc:  # any connection failure: the SQLite backends only
-            progress.print(
-                f"[yellow]PostgreSQL at {settings.pg_url} unreachable, skipped: {exc}[/]"
-            )
+    pg = None if settings.no_postgres else reachable_postgres(settings.pg_url, progress)
     settings = replace(settings, no_postgres=pg is None)
     with sqlite_dir(settings.tmpdir or None) as tmp:
-        when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-        console.rule("paymaster: async under load")
-        console.print(
-            f"All figures below were measured on this machine, in this run ({when}).",
-            highlight=False,
-        )
-        facts = new_table("Machine", "fact", "value")
-        for label, value in machine_facts(pg, str(tmp), idle_busy):
-            facts.add_row(label, value)
-        console.print(facts)
+        print_run_header(console, "paymaster: async under load", pg, str(tmp), idle_busy)
         results = run_async(settings, tmp, progress)
         print_async(console, results, number="")
         if settings.profile:

@@ -40,8 +40,8 @@ from typing import Any
 
 import stripe
 import yaml
-from bench_env import DEFAULT_PG_URL, background_busy, percentile, pg_facts, pg_schema, sqlite_dir
-from bench_report import new_table, notes
+from bench_env import DEFAULT_PG_URL, background_busy, percentile, pg_schema, sqlite_dir
+from bench_report import new_table, notes, reachable_postgres
 from bench_stripe import (
     AGENT,
     INTENT_AMOUNT,
@@ -432,12 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=210)
     progress = Console(stderr=True)
     idle_busy = background_busy()
-    if not settings.no_postgres:
-        try:
-            pg_facts(settings.pg_url)
-        except Exception as exc:  # any connection failure: SQLite only
-            progress.print(f"[yellow]PostgreSQL unreachable, skipped: {exc}[/]")
-            settings = ProxySettings(**{**settings.__dict__, "no_postgres": True})
+    if not settings.no_postgres and reachable_postgres(settings.pg_url, progress) is None:
+        settings = ProxySettings(**{**settings.__dict__, "no_postgres": True})
     busy = "unknown" if idle_busy is None else f"{idle_busy:.0f}%"
     console.print(f"CPU busy before the run (other processes): {busy}", highlight=False)
     with sqlite_dir(settings.tmpdir or None) as tmp:

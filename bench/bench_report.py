@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 from bench_config import Config
-from bench_env import X, busy_percent, ms, percentile
+from bench_env import X, busy_percent, machine_facts, ms, percentile, pg_facts
 from bench_latency import LatencySamples
 from bench_scenarios import GovernedScenario, NaiveScenario, latency_ratio
 from rich.console import Console
@@ -334,3 +335,30 @@ def print_targets(
     for target, measured, ok in extra:
         table.add_row(target, measured, met(ok))
     console.print(table)
+
+
+def reachable_postgres(url: str, progress: Console) -> dict[str, str] | None:
+    """The PostgreSQL server's facts, or ``None`` (said on ``progress``) if it cannot be
+    reached: a standalone benchmark then measures the SQLite backends only."""
+    try:
+        return pg_facts(url)
+    except Exception as exc:  # any connection failure
+        progress.print(f"[yellow]PostgreSQL at {url} unreachable, skipped: {exc}[/]")
+        return None
+
+
+def print_run_header(
+    console: Console, title: str, pg: dict[str, str] | None, tmp: str, idle_busy: float | None
+) -> None:
+    """The opening of a standalone benchmark's output: its title, when it ran, and the
+    machine it measured."""
+    when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    console.rule(title)
+    console.print(
+        f"All figures below were measured on this machine, in this run ({when}).",
+        highlight=False,
+    )
+    facts = new_table("Machine", "fact", "value")
+    for label, value in machine_facts(pg, tmp, idle_busy):
+        facts.add_row(label, value)
+    console.print(facts)

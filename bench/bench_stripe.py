@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -45,14 +44,12 @@ from typing import Any
 from bench_env import (
     DEFAULT_PG_URL,
     background_busy,
-    machine_facts,
     percentile,
-    pg_facts,
     pg_schema,
     sqlite_dir,
 )
 from bench_latency import Backend
-from bench_report import new_table, notes
+from bench_report import new_table, notes, print_run_header, reachable_postgres
 from bench_scenarios import BACKENDS
 from rich.console import Console
 
@@ -424,23 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=210)
     progress = Console(stderr=True)
     idle_busy = background_busy()
-    pg = None
-    if not settings.no_postgres:
-        try:
-            pg = pg_facts(settings.pg_url)
-        except Exception as exc:  # any connection failure: the SQLite backends only
-            progress.print(
-                f"[yellow]PostgreSQL at {settings.pg_url} unreachable, skipped: {exc}[/]"
-            )
+    pg = None if settings.no_postgres else reachable_postgres(settings.pg_url, progress)
     settings = StripeSettings(**{**settings.__dict__, "no_postgres": pg is None})
     with sqlite_dir(settings.tmpdir or None) as tmp:
-        when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-        console.rule("paymaster: governed Stripe client benchmark")
-        console.print(f"All figures below were measured on this machine, in this run ({when}).")
-        facts = new_table("Machine", "fact", "value")
-        for label, value in machine_facts(pg, str(tmp), idle_busy):
-            facts.add_row(label, value)
-        console.print(facts)
+        title = "paymaster: governed Stripe client benchmark"
+        print_run_header(console, title, pg, str(tmp), idle_busy)
         results = run_stripe(settings, tmp, progress)
     print_stripe(console, results, number="")
     return 0

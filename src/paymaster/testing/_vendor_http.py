@@ -4,7 +4,6 @@ charges it from any process with the same methods and errors."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import threading
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 from ._vendor_types import (
     Charge,
     ChargeResult,
+    ChargesInAThread,
     Fault,
     VendorError,
     VendorRefused,
@@ -168,7 +168,7 @@ class VendorServer:
         self.stop()
 
 
-class VendorClient:
+class VendorClient(ChargesInAThread):
     """A small client of :class:`VendorServer` (stdlib ``http.client``, one connection
     per request), with the same methods and errors as :class:`FakeVendor`.
 
@@ -234,27 +234,6 @@ class VendorClient:
             str(error.get("code", "error")),
             str(error.get("message", "")),
             str(error.get("request_id", "")),
-        )
-
-    async def acharge(
-        self,
-        amount: int,
-        currency: str,
-        *,
-        idempotency_key: str | None = None,
-        labels: Sequence[str] = (),
-        metadata: Mapping[str, str] | None = None,
-        fault: Fault | None = None,
-    ) -> ChargeResult:
-        """:meth:`charge` for asyncio (in a worker thread)."""
-        return await asyncio.to_thread(
-            self.charge,
-            amount,
-            currency,
-            idempotency_key=idempotency_key,
-            labels=labels,
-            metadata=metadata,
-            fault=fault,
         )
 
     def release(self, idempotency_key: str | None = None) -> int:

@@ -4,6 +4,7 @@ and its HTTP client offer."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -122,3 +123,29 @@ class VendorAPI(Protocol):
     ) -> ChargeResult: ...
 
     def release(self, idempotency_key: str | None = None) -> int: ...
+
+
+class ChargesInAThread:
+    """``acharge`` for a vendor API whose ``charge`` blocks: it runs in a worker thread,
+    as an async caller of a blocking client would run it."""
+
+    async def acharge(
+        self: VendorAPI,
+        amount: int,
+        currency: str,
+        *,
+        idempotency_key: str | None = None,
+        labels: Sequence[str] = (),
+        metadata: Mapping[str, str] | None = None,
+        fault: Fault | None = None,
+    ) -> ChargeResult:
+        """:meth:`charge` for asyncio (in a worker thread)."""
+        return await asyncio.to_thread(
+            self.charge,
+            amount,
+            currency,
+            idempotency_key=idempotency_key,
+            labels=labels,
+            metadata=metadata,
+            fault=fault,
+        )

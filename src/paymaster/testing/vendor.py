@@ -50,6 +50,7 @@ from ._vendor_types import (
     _TIMEOUTS,
     Charge,
     ChargeResult,
+    ChargesInAThread,
     Fault,
     VendorAPI,
     VendorError,
@@ -98,7 +99,7 @@ class _Parked:
     request_id: str
 
 
-class FakeVendor:
+class FakeVendor(ChargesInAThread):
     """A thread-safe, stateful fake vendor keeping the books of every charge it makes.
 
     ``rng`` and ``faults`` (weights per :class:`Fault`, the rest of the probability being
@@ -181,27 +182,6 @@ class FakeVendor:
         if isinstance(result, BaseException):
             raise result
         return result
-
-    async def acharge(
-        self,
-        amount: int,
-        currency: str,
-        *,
-        idempotency_key: str | None = None,
-        labels: Sequence[str] = (),
-        metadata: Mapping[str, str] | None = None,
-        fault: Fault | None = None,
-    ) -> ChargeResult:
-        """:meth:`charge` for asyncio (run in a worker thread, like a blocking client)."""
-        return await asyncio.to_thread(
-            self.charge,
-            amount,
-            currency,
-            idempotency_key=idempotency_key,
-            labels=labels,
-            metadata=metadata,
-            fault=fault,
-        )
 
     def _handle(
         self, request: _Request, fault: Fault, request_id: str
