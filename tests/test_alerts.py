@@ -34,6 +34,7 @@ from paymaster import (
     RunPolicy,
     ViolationCode,
     WebhookSink,
+    _driver,
 )
 from paymaster._db import _alembic_config, connect
 from paymaster._schema import alert as alert_table
@@ -615,16 +616,25 @@ def test_alert_to_dict_is_json() -> None:
 
 
 def _statements_per_call(gov: Governor, amount: str, agent: str) -> int:
+    """Statements sent to the database: through SQLAlchemy, and on the driver's cursor
+    (:mod:`paymaster._driver`, which SQLAlchemy's events do not see)."""
     count = 0
 
     def counted(*args: object) -> None:
         nonlocal count
         count += 1
 
+    def run_counted(*args: Any, **kwargs: Any) -> Any:
+        counted()
+        return run(*args, **kwargs)
+
+    run = _driver.run
     event.listen(gov.engine, "before_cursor_execute", counted)
+    _driver.run = run_counted
     try:
         refund(gov, amount, agent=agent)
     finally:
+        _driver.run = run
         event.remove(gov.engine, "before_cursor_execute", counted)
     return count
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from . import _driver
 from ._errors import GovernanceUnavailable, SchemaVersionError
 from ._extras import requires
 
@@ -40,6 +41,10 @@ log = logging.getLogger("paymaster.db")
 SQLiteSync = Literal["FULL", "NORMAL", "EXTRA"]
 _READ_ONLY = "paymaster_read_only"
 _MIGRATION_LOCK_KEY = 0x7061796D  # "paym": serialises concurrent first-use migrations (DDL only)
+
+#: SQLite's BEGINs, run on the driver's cursor (:mod:`._driver`): one per transaction.
+_BEGIN_DEFERRED = text("BEGIN")
+_BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
 
 _CONFIGURED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -117,10 +122,8 @@ def _configure_sqlite(engine: Engine, synchronous: SQLiteSync, busy_timeout_ms: 
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get(_READ_ONLY):
-            conn.exec_driver_sql("BEGIN")
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read = conn.get_execution_options().get(_READ_ONLY)
+        _driver.run(conn, _BEGIN_DEFERRED if read else _BEGIN_IMMEDIATE)
 
 
 @contextmanager

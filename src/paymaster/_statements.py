@@ -19,6 +19,7 @@ from sqlalchemy import (
     case,
     exists,
     insert,
+    literal_column,
     not_,
     or_,
     select,
@@ -56,6 +57,12 @@ __all__ = [
     "take_budget",
 ]
 
+#: A hold still counted (pending or unknown). Constants in the SQL, not an expanding IN
+#: list of binds: the statement compiles to fixed SQL once (:mod:`paymaster._driver`),
+#: and a prepared statement's generic plan can still use the partial indexes on holds in
+#: flight (their predicate is this same constant list).
+_IN_FLIGHT = hold.c.state.in_([literal_column("'pending'"), literal_column("'unknown'")])
+
 # A revocation in force for this agent or run (or everything); ``p_run`` may be NULL.
 _REVOKED_WHERE = and_(
     revocation.c.lifted_at.is_(None),
@@ -87,7 +94,7 @@ AUDIT_WRITTEN = (
 #: The call in flight on a subject (at most one, by the partial unique index).
 HOLD_ON_SUBJECT = (
     select(hold.c.id, hold.c.method, hold.c.endpoint, hold.c.state)
-    .where(hold.c.subject == bindparam("p_subject"), hold.c.state.in_(["pending", "unknown"]))
+    .where(hold.c.subject == bindparam("p_subject"), _IN_FLIGHT)
     .limit(1)
 )
 INSERT_HOLD: Insert = insert(hold)
@@ -166,7 +173,7 @@ SET_HOLD_RESOLUTION: Update = (
 #: An ``unknown`` hold stays unknown (the earlier attempt may have paid).
 RESUME_HOLD: Update = (
     update(hold)
-    .where(hold.c.id == bindparam("p_id"), hold.c.state.in_(["pending", "unknown"]))
+    .where(hold.c.id == bindparam("p_id"), _IN_FLIGHT)
     .values(attempts=hold.c.attempts + 1, holders=hold.c.holders + 1)
     .returning(*hold.c)
 )
@@ -276,7 +283,7 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
 STALE_HOLDS: Update = (
     update(hold)
     .where(
-        hold.c.state.in_(["pending", "unknown"]),
+        _IN_FLIGHT,
         hold.c.created_at <= bindparam("p_cutoff"),
         hold.c.stale_alerted_at.is_(None),
     )

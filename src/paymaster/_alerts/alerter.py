@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection
 
+from .. import _driver
 from .. import _statements as S
 from .._money import Money
 from .sinks import Alert, AlertKind, AlertSink, CallbackSink, _Worker
@@ -173,7 +174,7 @@ class Alerter:
         insert = S.alert_insert(conn.dialect.name == "postgresql")
         for bp in bps:
             row = {"budget_id": budget.id, "threshold_bp": bp, "committed": committed}
-            landed = conn.execute(insert, {**row, "cap": cap, "at": at}).first() is not None
+            landed = _driver.run(conn, insert, {**row, "cap": cap, "at": at}).first() is not None
             batch.seen.append((budget.id, bp))
             if landed:
                 batch.alerts.append(self._threshold_alert(budget, bp, committed, cap, at, refused))

@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from .. import _driver
 from .. import _statements as S
 from .._schema import audit, audit_chain
 from .._storable import TEXT_LIMIT, storable
@@ -77,9 +78,18 @@ def _hashed_fields(record: AuditRecord) -> dict[str, Any]:
 _ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
 
 
-def append(conn: Connection, entry: AuditEntry, at: datetime, token: str | None = None) -> None:
+def append(
+    conn: Connection,
+    entry: AuditEntry,
+    at: datetime,
+    token: str | None = None,
+    *,
+    last: bool = False,
+) -> None:
     """Append one row in the caller's transaction. ``token`` (unhashed) lets a retry after
     a lost COMMIT reply find this very row (:data:`paymaster._statements.AUDIT_WRITTEN`).
+    ``last``: nothing follows in the transaction, so on PostgreSQL the COMMIT goes with the
+    row (:func:`paymaster._driver.run`) and the chain head is locked one round trip less.
 
     The row is built before the agent type's chain head is locked; the lock is taken by
     ``UPDATE ... SET seq = seq + 1 RETURNING seq, head`` (``head`` is still the previous
@@ -92,7 +102,7 @@ def append(conn: Connection, entry: AuditEntry, at: datetime, token: str | None 
     values = storable_row(audit, values)
     chain = values["chain"] = values["agent"]
     postgres = conn.dialect.name == "postgresql"
-    head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).first()
+    head = _driver.run(conn, S.CHAIN_NEXT, {"p_chain": chain}).first()
     if head is None:  # the chain's first row
         dialect_insert = pg_insert if postgres else sqlite_insert
         conn.execute(
@@ -100,15 +110,14 @@ def append(conn: Connection, entry: AuditEntry, at: datetime, token: str | None 
             .values(chain=chain, seq=0, head=GENESIS)
             .on_conflict_do_nothing(index_elements=["chain"])
         )
-        head = conn.execute(S.CHAIN_NEXT, {"p_chain": chain}).one()
+        head = _driver.run(conn, S.CHAIN_NEXT, {"p_chain": chain}).one()
     values.update(seq=int(head.seq), prev_hash=str(head.head))
     values["hash"] = row_hash(values)
     values["write_token"] = token
     if postgres:
         params = {f"a_{name}": value for name, value in values.items()}
-        conn.execute(
-            S.audit_insert_and_head(), {**params, "p_chain": chain, "p_head": values["hash"]}
-        )
+        params.update(p_chain=chain, p_head=values["hash"])
+        _driver.run(conn, S.audit_insert_and_head(), params, last=last)
     else:
-        conn.execute(S.AUDIT_INSERT, values)
-        conn.execute(S.CHAIN_SET_HEAD, {"p_chain": chain, "p_head": values["hash"]})
+        _driver.run(conn, S.AUDIT_INSERT, values)
+        _driver.run(conn, S.CHAIN_SET_HEAD, {"p_chain": chain, "p_head": values["hash"]})

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from .. import _driver
 from .. import _statements as S
 from .._db import unavailable_on_error
 from .._money import Money
@@ -30,7 +31,7 @@ def _token() -> str:
 
 def _written(conn: Connection, at: datetime, token: str) -> bool:
     """Whether the write holding ``token`` committed its audit row (its reply was lost)."""
-    return conn.execute(S.AUDIT_WRITTEN, {"p_at": at, "p_token": token}).first() is not None
+    return _driver.run(conn, S.AUDIT_WRITTEN, {"p_at": at, "p_token": token}).first() is not None
 
 
 def _frozen_by(found: Hold) -> bool:

@@ -47,7 +47,7 @@ class _Recording(_LedgerCore):
 
         def work(conn: Connection, retrying: bool) -> None:
             if not (retrying and _written(conn, at, token)):
-                audit_chain.append(conn, entry, at, token)
+                audit_chain.append(conn, entry, at, token, last=True)
 
         self._write("auditing a call", "so this call's audit row was not written", work)
 
@@ -78,7 +78,7 @@ class _Recording(_LedgerCore):
                 # Before the audit append: alert rows, then the chain head (one lock order).
                 ref, committed, cap = exhausted.budget, exhausted.committed, exhausted.cap
                 notes.budget_rose(conn, ref.id, committed, cap, at, lambda: ref, exhausted.refused)
-            audit_chain.append(conn, entry, at, token)
+            audit_chain.append(conn, entry, at, token, last=True)
 
         self._write("auditing a denial", consequence, work)
         if observer is not None:

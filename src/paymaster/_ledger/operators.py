@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select
 
+from .. import _driver
 from .. import _statements as S
 from .. import _storable as storable
 from .._audit import AuditEntry, Outcome
@@ -30,7 +31,7 @@ class _Operating(_Transitions):
         now = self.now()
 
         def work(conn: Connection, retrying: bool) -> Hold:
-            row = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+            row = _driver.run(conn, S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
             if row is None:
                 raise HoldNotFound(f"no hold {hold_id!r}")
             found = Hold.from_row(row)
@@ -49,8 +50,8 @@ class _Operating(_Transitions):
             acknowledged = self._acknowledged(conn, found, now, by, reason)
             for budget_id in (found.run_budget_id, found.daily_budget_id):
                 if budget_id is not None:
-                    conn.execute(
-                        S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": 0, "p_freeze": -1}
+                    _driver.run(
+                        conn, S.ADJUST_BUDGET, {"p_bid": budget_id, "p_delta": 0, "p_freeze": -1}
                     )
             audit_chain.append(
                 conn,
@@ -92,7 +93,7 @@ class _Operating(_Transitions):
                 mine = conn.execute(select(hold).where(hold.c.stale_alerted_at == at)).all()
                 if mine:
                     return [Hold.from_row(row) for row in mine]
-            rows = conn.execute(S.STALE_HOLDS, {"p_cutoff": at - older_than, "p_at": at}).all()
+            rows = _driver.run(conn, S.STALE_HOLDS, {"p_cutoff": at - older_than, "p_at": at}).all()
             return sorted((Hold.from_row(row) for row in rows), key=lambda h: h.created_at)
 
         return at, self._write("flagging stale holds", "so no hold was flagged", work)

@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from sqlalchemy import Connection
 
+from .. import _driver
 from .. import _statements as S
 from .._errors import PolicyViolation, ViolationCode
 from .._money import Money
@@ -98,7 +99,7 @@ class _Refusals(_LedgerCore):
         # Refused: say why, in this order. A state that no longer refuses means another
         # transaction freed room since the UPDATE ran: run the reserve again.
         self._check_revoked(conn, req)
-        row = conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
+        row = _driver.run(conn, S.BUDGET_STATE, {"p_bid": budget_id}).first()
         if row is None:
             raise _StaleBudgetId
         committed, calls = int(row.committed), int(row.calls)
@@ -120,7 +121,7 @@ class _Refusals(_LedgerCore):
         """Refuse a call on a subject another call in flight is changing. The partial
         unique index on the hold's subject settles races between processes: the loser's
         insert fails, and its retry is refused here."""
-        busy = conn.execute(S.HOLD_ON_SUBJECT, {"p_subject": req.subject}).first()
+        busy = _driver.run(conn, S.HOLD_ON_SUBJECT, {"p_subject": req.subject}).first()
         if busy is not None and busy.id != own:
             raise _Denied(
                 self._violation(
@@ -171,7 +172,7 @@ class _Refusals(_LedgerCore):
     ) -> tuple[Money | None, int | None]:
         """The run budget's limits for this call: those it stored, narrowed by the call's
         run policy. Widening is refused: a run's budget binds for the run's whole life."""
-        row = conn.execute(S.RUN_BUDGET_LOCKED, {"p_bid": budget_id}).first()
+        row = _driver.run(conn, S.RUN_BUDGET_LOCKED, {"p_bid": budget_id}).first()
         if row is None:
             raise _StaleBudgetId
         currency = req.policy.currency
@@ -204,7 +205,8 @@ class _Refusals(_LedgerCore):
         that a freeze outlives the day it happened on."""
         if frozen <= 0 and not daily:
             return
-        overruns = conn.execute(
+        overruns = _driver.run(
+            conn,
             S.UNACKNOWLEDGED_OVERRUNS,
             {
                 "p_bid": budget_id,
@@ -231,7 +233,9 @@ class _Refusals(_LedgerCore):
         )
 
     def _check_revoked(self, conn: Connection, req: ReserveRequest) -> None:
-        row = conn.execute(S.ACTIVE_REVOCATION, {"p_agent": req.agent, "p_run": req.run}).first()
+        row = _driver.run(
+            conn, S.ACTIVE_REVOCATION, {"p_agent": req.agent, "p_run": req.run}
+        ).first()
         if row is not None:
             what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
             raise _Denied(

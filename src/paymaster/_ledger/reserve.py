@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from .. import _driver
 from .. import _statements as S
 from .._db import unavailable_on_error
 from .._errors import GovernanceUnavailable, ViolationCode
@@ -139,7 +140,9 @@ class _Reserving(_Refusals, _Recording):
                 try:
                     with self._engine.begin() as conn:
                         for candidate in written if attempt > 0 else ():
-                            mine = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": candidate}).first()
+                            mine = _driver.run(
+                                conn, S.HOLD_BY_ID_LOCKED, {"p_id": candidate}
+                            ).first()
                             if (
                                 mine is not None
                                 and mine.state == HoldState.PENDING.value
@@ -201,12 +204,12 @@ class _Reserving(_Refusals, _Recording):
         if existing is None:
             hold_id = new_hold_id
             written.append(hold_id)
-            conn.execute(S.INSERT_HOLD, {"id": hold_id, "idempotency_key": key, **fields})
+            _driver.run(conn, S.INSERT_HOLD, {"id": hold_id, "idempotency_key": key, **fields})
         else:  # a released hold retried with its key: reserve it again
             hold_id = existing.id
             written.append(hold_id)
             rearm = {f"p_{k}": v for k, v in fields.items() if k not in ("attempts", "holders")}
-            rearmed = conn.execute(S.REARM_HOLD, {"p_id": hold_id, **rearm})
+            rearmed = _driver.run(conn, S.REARM_HOLD, {"p_id": hold_id, **rearm})
             if rearmed.rowcount != 1:
                 raise _Retry
         daily_left, run_left = self._take_budgets(conn, req, new_ids, daily, run, notes, now)
@@ -222,7 +225,7 @@ class _Reserving(_Refusals, _Recording):
         key = None
         if req.idempotency_key is not None:
             key = hold_key(req.agent, req.run, req.idempotency_key)
-            existing = conn.execute(S.HOLD_BY_KEY, {"p_key": key}).first()
+            existing = _driver.run(conn, S.HOLD_BY_KEY, {"p_key": key}).first()
         if existing is not None:
             found = Hold.from_row(existing)
             self._check_same_call(found, req)
@@ -329,12 +332,12 @@ class _Reserving(_Refusals, _Recording):
             state = (
                 None
                 if budget_id is None
-                else conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
+                else _driver.run(conn, S.BUDGET_STATE, {"p_bid": budget_id}).first()
             )
             if state is not None:
                 daily = budget_id == found.daily_budget_id
                 self._refuse_if_frozen(conn, req, budget_id, int(state.frozen), daily)  # type: ignore[arg-type]
-        row = conn.execute(S.RESUME_HOLD, {"p_id": found.id}).first()
+        row = _driver.run(conn, S.RESUME_HOLD, {"p_id": found.id}).first()
         if row is None:
             raise _Retry
         return self._reservation_of(conn, Hold.from_row(row), resumed=True)
@@ -349,7 +352,7 @@ class _Reserving(_Refusals, _Recording):
         return Reservation(found, daily, run, resumed=resumed)
 
     def _left(self, conn: Connection, budget_id: int, currency: str) -> Money | None:
-        row = conn.execute(S.BUDGET_STATE, {"p_bid": budget_id}).first()
+        row = _driver.run(conn, S.BUDGET_STATE, {"p_bid": budget_id}).first()
         if row is None or row.cap is None:
             return None
         return Money(int(row.cap) - int(row.committed), currency)
@@ -383,7 +386,7 @@ class _Reserving(_Refusals, _Recording):
         stmt = S.take_budget(
             capped=cap is not None, call_capped=calls_cap is not None, check_revoked=check_revoked
         )
-        taken = conn.execute(stmt, params).first()
+        taken = _driver.run(conn, stmt, params).first()
         if taken is not None:
             return None if cap is None else Money(cap - int(taken.committed), currency)
         self._refused(

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from .. import _driver
 from .. import _statements as S
 from .. import _storable as storable
 from .._audit import AuditEntry, Outcome
@@ -198,7 +199,7 @@ class _Resolving(_Transitions):
                 notes.notes.clear()
             overruns.clear()
             if retrying:  # the first attempt may have committed with its reply lost
-                mine = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+                mine = _driver.run(conn, S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
                 if mine is not None and _written(conn, now, token):
                     return Hold.from_row(mine)
             step = self._transition(conn, hold_id, state, amount, now, by, reason, operator)
@@ -282,7 +283,7 @@ class _Resolving(_Transitions):
             error=_joined(template.error, step.note, _overrun_note(step, per_call_cap)),
             outcome=Outcome.OVERRUN if step.freeze else step.outcome or template.outcome,
         )
-        audit_chain.append(conn, entry, now, token)
+        audit_chain.append(conn, entry, now, token, last=True)
 
     @staticmethod
     def _overran(overruns: list[Hold], notes: _Notes | None, now: datetime) -> None:
@@ -324,9 +325,9 @@ class _Resolving(_Transitions):
                 continue
             params = {"p_bid": budget_id, "p_delta": delta, "p_freeze": freeze}
             if rising:
-                adjusted.append(conn.execute(S.ADJUST_BUDGET_RETURNING, params).one())
+                adjusted.append(_driver.run(conn, S.ADJUST_BUDGET_RETURNING, params).one())
             else:
-                conn.execute(S.ADJUST_BUDGET, params)
+                _driver.run(conn, S.ADJUST_BUDGET, params)
         if adjusted and notes is not None:
             self._budgets_rose(conn, notes, resolved, adjusted, now)
         beyond = [
@@ -352,7 +353,7 @@ class _Resolving(_Transitions):
             for budget_id in (found.run_budget_id, found.daily_budget_id):
                 if budget_id is not None:
                     params = {"p_bid": budget_id, "p_delta": 0, "p_freeze": 1}
-                    conn.execute(S.ADJUST_BUDGET, params)
+                    _driver.run(conn, S.ADJUST_BUDGET, params)
         return hold_now, freeze
 
     def _budgets_rose(

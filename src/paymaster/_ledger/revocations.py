@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, func, insert, select, update
 
+from .. import _driver
 from .. import _statements as S
 from .. import _storable as storable
 from .._db import read_only, unavailable_on_error
@@ -105,7 +106,7 @@ class _Revoking(_LedgerCore):
             unavailable_on_error(self._engine, "reading revocations", CALL_NOT_MADE),
             read_only(self._engine) as conn,
         ):
-            row = conn.execute(S.ACTIVE_REVOCATION, {"p_agent": agent, "p_run": run}).first()
+            row = _driver.run(conn, S.ACTIVE_REVOCATION, {"p_agent": agent, "p_run": run}).first()
         if row is None:
             return None
         what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from .. import _driver
 from .. import _statements as S
 from .._audit import Outcome
 from .._errors import HoldAlreadyResolved, HoldNotFound
@@ -62,7 +63,8 @@ class _Transitions(_LedgerCore):
             # Only an unknown hold can carry an overrun already (money counted late past
             # its cap): that one stays as it is, neither frozen again nor acknowledged.
             prior = self._locked(conn, hold_id) if previous is HoldState.UNKNOWN else None
-            row = conn.execute(
+            row = _driver.run(
+                conn,
                 S.RESOLVE_HOLD,
                 {
                     "p_id": hold_id,
@@ -129,7 +131,7 @@ class _Transitions(_LedgerCore):
         """The hold was not in a state this resolve moves from: another attempt holding it
         (or an operator) resolved it first. Refused to an operator; an attempt drops its
         hold on it and records its own truth on top (:meth:`_late`)."""
-        current = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+        current = _driver.run(conn, S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
         if current is None:
             raise HoldNotFound(f"no hold {hold_id!r}")
         found = Hold.from_row(current)
@@ -138,12 +140,12 @@ class _Transitions(_LedgerCore):
                 f"hold {hold_id} is already {found.state} (at {found.resolved_at}); "
                 "a hold resolves exactly once"
             )
-        dropped = conn.execute(S.DROP_HOLDER, {"p_id": hold_id, "p_done": 1}).one()
+        dropped = _driver.run(conn, S.DROP_HOLDER, {"p_id": hold_id, "p_done": 1}).one()
         return self._late(conn, Hold.from_row(dropped), state, amount, now)
 
     @staticmethod
     def _locked(conn: Connection, hold_id: str) -> Hold | None:
-        row = conn.execute(S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+        row = _driver.run(conn, S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
         return None if row is None else Hold.from_row(row)
 
     def _overrun_again(
@@ -236,7 +238,8 @@ class _Transitions(_LedgerCore):
         """Rewrite a locked hold's resolution: its overrun awaiting acknowledgement, or
         acknowledged as ``acknowledged``'s was."""
         ack = acknowledged
-        row = conn.execute(
+        row = _driver.run(
+            conn,
             S.SET_HOLD_RESOLUTION,
             {
                 "p_id": found.id,
@@ -257,7 +260,8 @@ class _Transitions(_LedgerCore):
         self, conn: Connection, found: Hold, now: datetime, by: str | None, reason: str | None
     ) -> Hold:
         return Hold.from_row(
-            conn.execute(
+            _driver.run(
+                conn,
                 S.SET_HOLD_RESOLUTION,
                 {
                     "p_id": found.id,
