@@ -182,21 +182,21 @@ def test_a_commit_sent_with_the_last_statement_and_its_reply_lost_is_found_on_re
         pytest.skip("the pipelined COMMIT is PostgreSQL's")
     import psycopg
 
-    original = psycopg.Connection.commit
+    original = psycopg.Pipeline.__exit__
     lost: list[bool] = []
 
-    def commit_then_drop(self: psycopg.Connection[Any]) -> None:
-        pipelined = self._pipeline is not None
-        original(self)
-        if pipelined and not lost:
-            lost.append(True)
-            self.close()  # as a dropped socket would
+    def exit_then_drop(self: psycopg.Pipeline, *exc_info: Any) -> None:
+        original(self, *exc_info)
+        conn = self._conn
+        if not lost and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            lost.append(True)  # this pipeline's COMMIT was carried out
+            conn.close()  # as a dropped socket would
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
     args: dict[str, Any] = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds"}
     with gov.guard(**args, estimate=Money(3000, "USD")) as warm:  # the budget row exists
         warm.settle()
-    monkeypatch.setattr(psycopg.Connection, "commit", commit_then_drop)
+    monkeypatch.setattr(psycopg.Pipeline, "__exit__", exit_then_drop)
     if call == "settle":
         with gov.guard(**args, estimate=Money(3000, "USD")) as paid:
             paid.settle(Money(2000, "USD"))

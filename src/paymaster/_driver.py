@@ -29,7 +29,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["Rows", "run"]
+__all__ = ["BEGIN_OWED", "Rows", "run"]
+
+#: In ``Connection.info``: the transaction has not sent its BEGIN yet (PostgreSQL engines
+#: made by :func:`paymaster.connect`, whose driver connections are in autocommit mode).
+BEGIN_OWED = "paymaster_begin_owed"
 
 _Processor = Callable[[Any], Any]
 
@@ -170,7 +174,8 @@ def run(
     same round trip (psycopg's pipeline mode), so that the row locks the transaction holds
     are released one round trip sooner; the caller's ``engine.begin()`` still ends the
     transaction (psycopg's ``commit()`` with nothing open sends nothing). A failure of
-    either raises here, as a failed COMMIT would have raised there.
+    either raises here, as a failed COMMIT would have raised there. A BEGIN the
+    transaction still owes (:data:`BEGIN_OWED`) goes in the same round trip too.
     """
     params = params or {}
     keys = tuple(params) if isinstance(statement, Insert) else ()
@@ -182,13 +187,18 @@ def run(
     bound = prepared.parameters(params)
     driver = conn.connection.dbapi_connection
     assert driver is not None
+    begin = conn.info.pop(BEGIN_OWED, False)
     cursor = None
     try:
         cursor = driver.cursor()
-        if last and dialect.name == "postgresql":
+        if begin or (last and dialect.name == "postgresql"):
+            # One round trip: the pipeline's single sync waits for every statement in it.
             with driver.pipeline():
+                if begin:
+                    driver.execute("BEGIN")
                 cursor.execute(prepared.sql, bound)
-                driver.commit()  # sent with the statement; the pipeline's sync waits for both
+                if last:
+                    driver.execute("COMMIT")
         else:
             cursor.execute(prepared.sql, bound)
         raw = list(cursor.fetchall()) if prepared.row is not None else []
