@@ -82,22 +82,41 @@ def _row_type(names: Sequence[str]) -> type[Any]:
 
 
 @dataclass(frozen=True)
+class _Bind:
+    """One bind parameter: where its value comes from, and how the dialect stores it."""
+
+    name: str  # in the SQL
+    key: str  # in the caller's parameters
+    value: Any  # a literal's value (when the caller gives none)
+    required: bool
+    process: _Processor | None
+
+    def bound(self, params: Mapping[str, Any]) -> Any:
+        if self.key in params:
+            value = params[self.key]
+        elif self.required:
+            raise ValueError(f"a value is required for bind parameter {self.key!r}")
+        else:
+            value = self.value
+        return value if self.process is None else self.process(value)
+
+
+@dataclass(frozen=True)
 class _Prepared:
     """One statement compiled for one dialect (and, for an INSERT, one set of columns)."""
 
     statement: ClauseElement  # kept alive: the cache is keyed by its id
     sql: str
-    compiled: SQLCompiler
+    binds: tuple[_Bind, ...]
     #: Bind names in the order the driver takes them (``qmark``), or ``None`` (named).
     positions: tuple[str, ...] | None
-    bind_processors: dict[str, _Processor]
     row: type[Any] | None
     result_processors: tuple[_Processor | None, ...]
 
     def parameters(self, params: Mapping[str, Any]) -> Any:
-        values = self.compiled.construct_params(params)
-        for name, process in self.bind_processors.items():
-            values[name] = process(values[name])
+        """The driver's parameters: what SQLAlchemy's ``construct_params`` and its bind
+        processors would have made of ``params``."""
+        values = {bind.name: bind.bound(params) for bind in self.binds}
         if self.positions is None:
             return values
         return tuple(values[name] for name in self.positions)
@@ -124,13 +143,18 @@ def _prepare(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...]) 
             raise ValueError(f"an INSERT run on the driver must give {missing}")
     compiled = statement.compile(dialect=dialect, column_keys=list(keys) if insert else None)
     assert isinstance(compiled, SQLCompiler)
-    if any(bind.expanding for bind in compiled.bind_names):
-        raise ValueError("a statement run on the driver cannot have an expanding IN list")
-    bind_processors: dict[str, _Processor] = {}
-    for bind, name in compiled.bind_names.items():
-        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
-        if process is not None:
-            bind_processors[name] = process
+    if any(bind.expanding or bind.callable for bind in compiled.bind_names):
+        raise ValueError("a statement run on the driver has plain binds only")
+    binds = {  # a bind named twice in the SQL (``p_cap``) is one parameter
+        name: _Bind(
+            name,
+            bind.key,
+            bind.value,
+            bind.required,
+            bind.type.dialect_impl(dialect).bind_processor(dialect),
+        )
+        for bind, name in compiled.bind_names.items()
+    }
     columns = list(getattr(statement, "exported_columns", ()))
     if columns:
         names = [column.key for column in columns]
@@ -142,7 +166,7 @@ def _prepare(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...]) 
         row, result_processors = None, ()
     positions = tuple(compiled.positiontup or ()) if compiled.positional else None
     return _Prepared(
-        statement, compiled.string, compiled, positions, bind_processors, row, result_processors
+        statement, compiled.string, tuple(binds.values()), positions, row, result_processors
     )
 
 
