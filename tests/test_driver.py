@@ -209,3 +209,31 @@ def test_a_commit_sent_with_the_last_statement_and_its_reply_lost_is_found_on_re
     outcomes = [r.outcome for r in gov.audit.query()]
     assert outcomes == ["allowed", "allowed" if call == "settle" else "denied"]
     assert gov.audit.verify().ok
+
+
+@pytest.mark.postgres
+def test_a_postgresql_engine_made_elsewhere_governs_as_one_made_by_connect(db_url: str) -> None:
+    """An engine the application made (psycopg with its own BEGINs, no BEGIN owed): the
+    same calls, rows and chain as through :func:`paymaster.connect`."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite engines must come from paymaster.connect")
+    from sqlalchemy import create_engine
+
+    from conftest import refund_policy
+
+    engine = create_engine(db_url)
+    try:
+        with Governor(engine, policies=[refund_policy()]) as gov:
+            args: dict[str, Any] = {"agent": "refund-agent", "vendor": "stripe"}
+            with gov.guard(**args, endpoint="/v1/refunds", estimate=Money(3000, "USD")) as call:
+                call.settle(Money(2500, "USD"))
+            with (
+                pytest.raises(PolicyViolation),
+                gov.guard(**args, endpoint="/v1/refunds", estimate=Money(10**9, "USD")),
+            ):
+                pass
+            assert [r.outcome for r in gov.audit.query()] == ["allowed", "denied"]
+            assert gov.budgets()[0].committed == Money(2500, "USD")
+            assert gov.audit.verify().ok
+    finally:
+        engine.dispose()

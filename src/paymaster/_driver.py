@@ -132,7 +132,8 @@ class _Prepared:
         ]
 
 
-_PREPARED: dict[tuple[int, str, tuple[str, ...]], _Prepared] = {}
+#: By statement, dialect, driver and (for an INSERT) the columns given.
+_PREPARED: dict[tuple[int, str, str, tuple[str, ...]], _Prepared] = {}
 
 
 def _prepare(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...]) -> _Prepared:
@@ -194,8 +195,8 @@ def run(
 ) -> Rows:
     """Run ``statement`` with ``params`` in ``conn``'s transaction, on its driver cursor.
 
-    ``last``: the transaction's last statement. On PostgreSQL its COMMIT then goes in the
-    same round trip (psycopg's pipeline mode), so that the row locks the transaction holds
+    ``last``: the transaction's last statement. On PostgreSQL (psycopg 3) its COMMIT then
+    goes in the same round trip (psycopg's pipeline mode), so that the row locks the transaction holds
     are released one round trip sooner; the caller's ``engine.begin()`` still ends the
     transaction (psycopg's ``commit()`` with nothing open sends nothing). A failure of
     either raises here, as a failed COMMIT would have raised there. A BEGIN the
@@ -204,7 +205,7 @@ def run(
     params = params or {}
     keys = tuple(params) if isinstance(statement, Insert) else ()
     dialect = conn.dialect
-    key = (id(statement), dialect.name, keys)
+    key = (id(statement), dialect.name, dialect.driver, keys)
     prepared = _PREPARED.get(key)
     if prepared is None:
         prepared = _PREPARED[key] = _prepare(statement, dialect, keys)
@@ -215,7 +216,7 @@ def run(
     cursor = None
     try:
         cursor = driver.cursor()
-        if begin or (last and dialect.name == "postgresql"):
+        if begin or (last and dialect.driver == "psycopg"):
             # One round trip: the pipeline's single sync waits for every statement in it.
             with driver.pipeline():
                 if begin:
