@@ -1,4 +1,5 @@
-"""Multi-process load on PostgreSQL: governed calls, and the naive enforcer they replace.
+"""Multi-process load on PostgreSQL: governed calls, the naive enforcer they replace, and
+the bare hot-row conditional UPDATE that bounds them (the ceiling).
 
 Every scenario starts ``processes`` OS processes with the ``spawn`` method. Each builds
 its own client (a :class:`~paymaster.Governor`, or a psycopg connection for the naive
@@ -37,12 +38,19 @@ NAIVE_TABLE = "naive_spend"
 NAIVE_SPENT = f"SELECT COALESCE(SUM(amount), 0) FROM {NAIVE_TABLE}"
 NAIVE_RECORD = f"INSERT INTO {NAIVE_TABLE} (worker, amount) VALUES (%s, %s)"
 
+BARE_TABLE = "bare_budget"
+#: A reserve's hot step and nothing else: the conditional UPDATE of one budget row.
+BARE_TAKE = (
+    f"UPDATE {BARE_TABLE} SET committed = committed + %s, calls = calls + 1 "
+    "WHERE id = 1 AND committed <= cap - %s RETURNING committed"
+)
+
 
 @dataclass(frozen=True)
 class LoadSpec:
     """What every process of one scenario does (picklable, sent to spawned children)."""
 
-    kind: Literal["governed", "naive"]
+    kind: Literal["governed", "naive", "bare"]
     url: str  # SQLAlchemy URL selecting the scenario's schema
     agents: tuple[str, ...]  # each process cycles through these, from its own offset
     cap: int  # daily cap of each agent (minor units)
@@ -226,7 +234,36 @@ def naive_worker(index: int, processes: int, spec: LoadSpec, barrier: Barrier) -
         return _attempt_loop(index, processes, spec, attempt)
 
 
-_WORKERS = {"governed": governed_worker, "naive": naive_worker}
+# -- the ceiling ---------------------------------------------------------------------------
+def create_bare_table(dsn: str, cap: int) -> None:
+    """One budget row with room for every attempt."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE {BARE_TABLE} (id int PRIMARY KEY, committed bigint NOT NULL, "
+            "calls bigint NOT NULL, cap bigint NOT NULL)"
+        )
+        conn.execute(f"INSERT INTO {BARE_TABLE} VALUES (1, 0, 0, %s)", (cap,))
+
+
+def bare_worker(index: int, processes: int, spec: LoadSpec, barrier: Barrier) -> WorkerResult:
+    """The ceiling of any enforcer that takes one hot row: each attempt is one transaction
+    of the conditional UPDATE (BEGIN and the UPDATE in one round trip, COMMIT in the
+    next), on a plain psycopg connection."""
+    with psycopg.connect(libpq_url(spec.url)) as conn:
+        for _ in range(spec.warmup):
+            conn.execute("SELECT 1").fetchone()
+            conn.commit()
+
+        def attempt(_agent: str) -> bool:
+            row = conn.execute(BARE_TAKE, (X, X)).fetchone()
+            conn.commit()
+            return row is not None
+
+        barrier.wait(START_TIMEOUT_S)
+        return _attempt_loop(index, processes, spec, attempt)
+
+
+_WORKERS = {"governed": governed_worker, "naive": naive_worker, "bare": bare_worker}
 
 
 def worker_main(

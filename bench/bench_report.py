@@ -12,9 +12,13 @@ from bench_scenarios import GovernedScenario, NaiveScenario, latency_ratio
 from rich.console import Console
 from rich.table import Table
 
-SQLITE_TARGET_RATIO = 2.0  # the issue: SQLite FULL p50 within 2x its floor
-THROUGHPUT_TARGET = 1000.0  # the issue: >= 1,000 governed calls/s with 4 processes
+# The performance issue's targets.
+SQLITE_TARGET_RATIO = 2.0  # SQLite FULL p50 within 2x its floor
+SQLITE_NORMAL_TARGET_S = 150e-6  # SQLite NORMAL governed call p50
+THROUGHPUT_TARGET = 1200.0  # governed calls/s on one hot budget with 4 processes
 THROUGHPUT_TARGET_PROCESSES = 4
+CEILING_TARGET = 0.30  # ... and at least this share of the bare hot-row ceiling
+SPREAD_TARGET = 2000.0  # governed calls/s over 100 budgets with 8 processes
 
 THROUGHPUT_COLUMNS = (
     "attempts",
@@ -190,6 +194,29 @@ def print_hot(console: Console, hot: list[GovernedScenario], config: Config) -> 
     for s in hot:
         table.add_row(*throughput_row(s))
     console.print(table)
+    ceiling = new_table(
+        "2c. The bare hot-row ceiling beside the governed runs, PostgreSQL",
+        "processes",
+        "bare UPDATE tx/s",
+        "governed calls/s",
+        "governed / ceiling",
+    )
+    for s in hot:
+        ratio = s.of_ceiling
+        ceiling.add_row(
+            str(s.run.processes),
+            "-" if s.ceiling is None else f"{s.ceiling:,.0f}",
+            f"{s.calls_per_s:,.0f}",
+            "-" if ratio is None else f"{ratio:.0%}",
+        )
+    console.print(ceiling)
+    notes(
+        console,
+        "bare UPDATE tx/s: the same processes, each on a plain psycopg connection, run "
+        "transactions of one conditional UPDATE of one budget row (committed + x where "
+        "committed <= cap - x) and COMMIT, as many as the governed run attempts, measured "
+        "just before it: what any enforcer that takes one hot row could reach here.",
+    )
     notes(
         console,
         "Each process (multiprocessing, spawn) builds its own Governor, makes "
@@ -310,13 +337,34 @@ def print_targets(
                 f"{ratio:.2f}x",
                 met(ratio <= SQLITE_TARGET_RATIO),
             )
+        if samples.backend.kind == "sqlite" and samples.backend.synchronous == "NORMAL":
+            p50 = percentile(samples.governed, 50)
+            table.add_row(
+                "SQLite NORMAL: governed p50 <= 150 us",
+                f"{p50 * 1e6:,.0f} us",
+                met(p50 <= SQLITE_NORMAL_TARGET_S),
+            )
     for s in hot:
         if s.run.processes == THROUGHPUT_TARGET_PROCESSES:
+            share = s.of_ceiling
             table.add_row(
-                ">= 1,000 governed calls/s on one hot budget, 4 processes, PostgreSQL",
-                f"{s.calls_per_s:,.0f} calls/s",
-                met(s.calls_per_s >= THROUGHPUT_TARGET),
+                ">= 1,200 governed calls/s on one hot budget, 4 processes, PostgreSQL, "
+                "and >= 30% of the bare hot-row ceiling in the same run",
+                f"{s.calls_per_s:,.0f} calls/s"
+                + ("" if share is None else f", {share:.0%} of {s.ceiling:,.0f} tx/s"),
+                met(
+                    s.calls_per_s >= THROUGHPUT_TARGET
+                    and share is not None
+                    and share >= CEILING_TARGET
+                ),
             )
+    if spread is not None:
+        table.add_row(
+            f">= 2,000 governed calls/s over {len(spread.run.spec.agents)} budgets, "
+            f"{spread.run.processes} processes, PostgreSQL",
+            f"{spread.calls_per_s:,.0f} calls/s",
+            met(spread.calls_per_s >= SPREAD_TARGET),
+        )
     checked = [*hot, *([spread] if spread else [])]
     if checked:
         passed = sum(s.ok for s in checked)

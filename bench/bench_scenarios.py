@@ -16,6 +16,7 @@ from bench_load import (
     NaiveCheck,
     check_ledger,
     check_naive,
+    create_bare_table,
     create_naive_table,
     policies_for,
     run_load,
@@ -65,6 +66,13 @@ class GovernedScenario:
 
     run: LoadRun
     check: LedgerCheck
+    #: Bare hot-row UPDATE transactions/s with as many processes, measured just before.
+    ceiling: float | None = None
+
+    @property
+    def of_ceiling(self) -> float | None:
+        """Governed calls/s as a fraction of the bare hot-row ceiling."""
+        return None if not self.ceiling else self.calls_per_s / self.ceiling
 
     @property
     def warmup_allowed(self) -> int:
@@ -146,15 +154,37 @@ def hot_cap(config: Config, processes: int) -> int:
 
 
 def run_hot(config: Config, progress: Console) -> list[GovernedScenario]:
-    """ONE budget, each process count in turn, with a cap the run reaches."""
+    """ONE budget, each process count in turn, with a cap the run reaches; each beside the
+    bare hot-row ceiling with as many processes, measured just before it."""
     scenarios = []
     for processes in config.processes:
-        progress.print(f"[dim]hot budget: {processes} process(es) ...[/]")
+        progress.print(f"[dim]hot budget: {processes} process(es), bare ceiling ...[/]")
+        ceiling = run_ceiling(config, processes)
+        progress.print(f"[dim]hot budget: {processes} process(es), governed ...[/]")
         cap = hot_cap(config, processes)
-        scenarios.append(
-            governed_scenario(config, (HOT_AGENT,), cap, config.per_process, processes)
-        )
+        scenario = governed_scenario(config, (HOT_AGENT,), cap, config.per_process, processes)
+        scenarios.append(replace(scenario, ceiling=ceiling))
     return scenarios
+
+
+def run_ceiling(config: Config, processes: int) -> float:
+    """Transactions/s of the bare conditional UPDATE on one row (:func:`bare_worker`), as
+    many attempts per process as the governed run makes."""
+    with pg_schema(config.pg_url) as schema:
+        cap = (config.per_process * processes + 1) * X * 10
+        create_bare_table(schema.dsn, cap)
+        spec = LoadSpec(
+            kind="bare",
+            url=schema.url,
+            agents=("bare",),
+            cap=cap,
+            attempts=config.per_process,
+            warmup=config.load_warmup,
+        )
+        run = run_load(spec, processes)
+        if run.total("allowed") != run.attempts or run.total("errors"):
+            raise RuntimeError(f"the bare ceiling run failed: {run.results}")
+        return run.total("allowed") / run.allowed_window_s
 
 
 def run_spread(config: Config, progress: Console) -> GovernedScenario:
