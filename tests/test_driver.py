@@ -237,3 +237,32 @@ def test_a_postgresql_engine_made_elsewhere_governs_as_one_made_by_connect(db_ur
             assert gov.audit.verify().ok
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_after_a_restart_the_one_retry_gets_a_fresh_connection(
+    pg_admin_url: str, make_governor: MakeGov
+) -> None:
+    """Every pooled connection died (a PostgreSQL restart): the first call's retry, and
+    every call after it, gets a new connection, not the next dead one in the pool."""
+    gov = make_governor()
+    if gov.engine.dialect.name != "postgresql":
+        pytest.skip("a server that can drop every session is PostgreSQL's")
+    args: dict[str, Any] = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds"}
+    with gov.guard(**args, estimate=Money(100, "USD")) as warm:  # budget and chain exist
+        warm.settle()
+    pooled = [gov.engine.connect() for _ in range(6)]
+    pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in pooled]
+    for conn in pooled:
+        conn.close()  # back to the pool, alive
+    admin = connect(pg_admin_url)
+    try:
+        with admin.begin() as other:
+            for pid in pids:
+                other.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    finally:
+        admin.dispose()
+    for _ in range(4):
+        with gov.guard(**args, estimate=Money(100, "USD")) as call:
+            call.settle()
+    assert [r.outcome for r in gov.audit.query()] == ["allowed"] * 5

@@ -180,6 +180,11 @@ def _wrapped(conn: Connection, exc: Exception, sql: str, params: Any, cursor: An
     fairy = conn.connection
     lost = dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
     if lost and not conn.invalidated:
+        # As SQLAlchemy's own error handling does (Connection._handle_dbapi_exception): a
+        # lost connection means the server may have restarted, so every pooled connection
+        # older than this error is replaced at its next checkout, not only this one;
+        # otherwise the ledger's one retry would likely meet another dead connection.
+        conn.engine.pool._invalidate(fairy, exc)
         conn.invalidate(exc)
     return DBAPIError.instance(
         sql, params, exc, dbapi.Error, connection_invalidated=lost, dialect=dialect
