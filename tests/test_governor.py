@@ -10,6 +10,7 @@ import pytest
 
 from conftest import Clock, refund_policy
 from paymaster import (
+    GovernanceUnavailable,
     Governor,
     HoldAlreadyResolved,
     HoldState,
@@ -684,6 +685,51 @@ def test_a_lost_commit_reply_is_recognised_on_retry(
     assert gov.holds() == []
     assert gov.budgets()[0].committed == Money(2000, USD)
     assert [r.outcome for r in gov.audit.query()] == ["allowed"]
+
+
+def test_a_settle_whose_reply_and_retry_were_both_lost_is_not_recorded_twice(
+    make_governor: MakeGov, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settle commits but its reply is lost, and the ledger's one retry loses its
+    reply too: the settle raises GovernanceUnavailable, and the guard then records the
+    call as unknown. That looks for the settle's commit first and finds it: the attempt
+    keeps its one row, and the hold stays settled at what the vendor moved."""
+    gov = make_governor()
+    dialect = gov.engine.dialect
+    original = dialect.do_commit
+    losing: list[int] = []
+
+    def commit_then_drop(dbapi_connection: object) -> None:
+        original(dbapi_connection)  # type: ignore[arg-type]
+        if losing:
+            losing.pop()
+            if dialect.name == "sqlite":
+                import sqlite3
+
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            import psycopg
+
+            dbapi_connection.dbapi_connection.close()  # type: ignore[attr-defined]
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_drop)
+    with (
+        pytest.raises(GovernanceUnavailable),
+        gov.guard(
+            agent="refund-agent",
+            vendor="stripe",
+            endpoint="/v1/refunds",
+            estimate=Money(3000, USD),
+            tool_call_id="call-1",
+        ) as call,
+    ):
+        losing.extend([1, 1])  # the settle's commit, then its retry's
+        call.settle(Money(2000, USD))
+    assert not losing
+    assert [(r.outcome, r.actual) for r in gov.audit.query()] == [("allowed", 2000)]
+    assert gov.holds() == []
+    assert gov.budgets()[0].committed == Money(2000, USD)
+    assert gov.audit.verify().ok
 
 
 def test_the_first_attempt_cannot_release_a_hold_its_retry_left_unknown(

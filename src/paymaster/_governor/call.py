@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
@@ -99,6 +100,9 @@ class GovernedCall:
         self._done = False
         self._resolving = False
         self._claim = threading.Lock()
+        #: This attempt's id for the ledger: a resolution after one that raised looks for
+        #: that one's commit first, so the attempt never gets two rows.
+        self._attempt = uuid.uuid4().hex
 
     @property
     def hold_id(self) -> str:
@@ -186,6 +190,7 @@ class GovernedCall:
                 per_call_cap=self.policy.per_call_cap,
                 tool_call_id=self.tool_call_id,
                 credential=self.credential,
+                attempt=self._attempt,
             )
         )
 
@@ -209,6 +214,7 @@ class GovernedCall:
                 duration_ms=self._elapsed_ms(),
                 tool_call_id=self.tool_call_id,
                 credential=self.credential,
+                attempt=self._attempt,
             )
         )
 
@@ -221,6 +227,7 @@ class GovernedCall:
                 duration_ms=self._elapsed_ms(),
                 tool_call_id=self.tool_call_id,
                 credential=self.credential,
+                attempt=self._attempt,
             )
         )
 
@@ -234,6 +241,7 @@ class GovernedCall:
                 duration_ms=self._elapsed_ms(),
                 tool_call_id=self.tool_call_id,
                 credential=self.credential,
+                attempt=self._attempt,
             ),
             attempted=False,
         )

@@ -117,6 +117,9 @@ class _LedgerCore:
         # Ids of committed budget rows only: an id seen inside a transaction that rolled
         # back may be handed to another budget (SQLite reuses rowids).
         self._budget_ids: dict[tuple[str, ...], int] = {}
+        #: (hold, attempt) -> (at, write token) of that attempt's resolutions that raised
+        #: but may have committed (:meth:`~paymaster._ledger.Ledger.settle` ``attempt``).
+        self._unconfirmed: dict[tuple[str, str], list[tuple[datetime, str]]] = {}
 
     def now(self) -> datetime:
         """The injected clock, in UTC (audit hashes and UTC days depend on it)."""

@@ -6,6 +6,8 @@ attempt's audit row (:meth:`_audit_row`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from functools import partial
@@ -18,10 +20,14 @@ from .. import _statements as S
 from .. import _storable as storable
 from .._audit import AuditEntry, Outcome
 from .._audit import chain as audit_chain
+from .._errors import GovernanceUnavailable
 from .._money import CurrencyMismatch, Money
 from ._core import _joined, _not_recorded, _Notes, _token, _written, log
 from .models import BudgetRef, Hold, HoldState, check_amount
 from .transitions import _Step, _Transitions
+
+#: Attempts whose resolution's outcome is unconfirmed that one ledger remembers at most.
+_MAX_UNCONFIRMED = 10_000
 
 
 def _overrun_note(step: _Step, per_call_cap: Money | None) -> str | None:
@@ -39,6 +45,16 @@ def _overrun_note(step: _Step, per_call_cap: Money | None) -> str | None:
         note + f"; its budgets are frozen until an operator acknowledges it "
         f"(paymaster holds acknowledge {step.hold.id})"
     )
+
+
+def _landed(conn: Connection, hold_id: str, writes: list[tuple[datetime, str]]) -> Hold | None:
+    """The hold (locked), if one of ``writes`` (when, token) committed its audit row."""
+    if not writes:
+        return None
+    mine = _driver.run(conn, S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
+    if mine is not None and any(_written(conn, at, token) for at, token in writes):
+        return Hold.from_row(mine)
+    return None
 
 
 def _template(outcome: Outcome, **fields: Any) -> AuditEntry:
@@ -62,6 +78,7 @@ class _Resolving(_Transitions):
         per_call_cap: Money | None = None,
         tool_call_id: str | None = None,
         credential: str | None = None,
+        attempt: str | None = None,
     ) -> Hold:
         """The call succeeded and cost ``actual``. Above the estimate it is an overrun:
         recorded as it is, and the hold's budgets are frozen until acknowledged
@@ -81,6 +98,7 @@ class _Resolving(_Transitions):
                 credential=credential,
             ),
             per_call_cap=per_call_cap,
+            attempt=attempt,
         )
 
     def release(
@@ -94,6 +112,7 @@ class _Resolving(_Transitions):
         error: str | None = None,
         tool_call_id: str | None = None,
         credential: str | None = None,
+        attempt: str | None = None,
     ) -> Hold:
         """This attempt failed and moved no money: free the estimate, unless another
         attempt holds the hold too (then it stays counted; this attempt's row is written)."""
@@ -110,6 +129,7 @@ class _Resolving(_Transitions):
                 tool_call_id=tool_call_id,
                 credential=credential,
             ),
+            attempt=attempt,
         )
 
     def mark_unknown(
@@ -120,12 +140,16 @@ class _Resolving(_Transitions):
         duration_ms: int | None = None,
         tool_call_id: str | None = None,
         credential: str | None = None,
+        attempt: str | None = None,
     ) -> Hold:
         """Whether money moved is unknown: keep the hold counted, flag it for reconciliation.
 
         ``tool_call_id`` (for each resolver) names the attempt on its audit row; ``None``:
         the hold's, as its first attempt gave it. ``credential`` names what the attempt
-        was presented with (a proxy's vault key id)."""
+        was presented with (a proxy's vault key id). ``attempt`` (for each resolver) is the
+        attempt's own id: if an earlier resolution by the same attempt raised but may have
+        committed (its reply lost, the retry failed too), this one first looks for that
+        commit, and if it landed, writes nothing (one row per attempt)."""
         return self._resolve(
             hold_id,
             HoldState.UNKNOWN,
@@ -137,6 +161,7 @@ class _Resolving(_Transitions):
                 tool_call_id=tool_call_id,
                 credential=credential,
             ),
+            attempt=attempt,
         )
 
     def resolve_hold(
@@ -177,14 +202,14 @@ class _Resolving(_Transitions):
         reason: str | None = None,
         operator: bool = False,
         per_call_cap: Money | None = None,
+        attempt: str | None = None,
     ) -> Hold:
         """Record how one attempt (or an operator) ended a hold, with the attempt's audit
         row, in one transaction.
 
         An attempt finds its hold as it left it (pending, or unknown after a retry) in the
         common case: one UPDATE. Otherwise another attempt holding the same hold, or an
-        operator, got there first, and :meth:`_late` records this attempt's truth on top.
-        """
+        operator, got there first, and :meth:`_late` records this attempt's truth on top."""
         if actual is not None:
             check_amount(actual, "actual")
         amount = actual.amount if actual is not None else 0
@@ -193,15 +218,17 @@ class _Resolving(_Transitions):
         observer = self.observer
         notes = None if observer is None else _Notes(observer)
         overruns: list[Hold] = []
+        # This attempt's earlier resolutions that raised but may have committed.
+        earlier = [] if attempt is None else self._unconfirmed.get((hold_id, attempt), [])
 
         def work(conn: Connection, retrying: bool) -> Hold:
             if notes is not None:
                 notes.notes.clear()
             overruns.clear()
-            if retrying:  # the first attempt may have committed with its reply lost
-                mine = _driver.run(conn, S.HOLD_BY_ID_LOCKED, {"p_id": hold_id}).first()
-                if mine is not None and _written(conn, now, token):
-                    return Hold.from_row(mine)
+            # The first try or an earlier resolution may have committed, its reply lost.
+            landed = _landed(conn, hold_id, [*earlier, (now, token)] if retrying else earlier)
+            if landed is not None:
+                return landed
             step = self._transition(conn, hold_id, state, amount, now, by, reason, operator)
             currency = step.hold.estimate.currency
             if actual is not None and actual.currency != currency:
@@ -217,12 +244,31 @@ class _Resolving(_Transitions):
 
         started, done = time.perf_counter(), None
         try:
-            done = self._write(action, _not_recorded(hold_id), work)
+            with self._remembered(hold_id, attempt, now, token):
+                done = self._write(action, _not_recorded(hold_id), work)
         finally:
             if observer is not None:
                 observer.resolved(state, done, time.perf_counter() - started)
         self._overran(overruns, notes, now)
         return done
+
+    @contextmanager
+    def _remembered(
+        self, hold_id: str, attempt: str | None, at: datetime, token: str
+    ) -> Iterator[None]:
+        """Remember a resolution that raised after it may have committed, for the same
+        attempt's next resolution of the hold to look for first; forget them once one
+        is recorded."""
+        try:
+            yield
+        except GovernanceUnavailable:
+            if attempt is not None:
+                if len(self._unconfirmed) > _MAX_UNCONFIRMED:  # attempts that never came back
+                    self._unconfirmed.clear()
+                self._unconfirmed.setdefault((hold_id, attempt), []).append((at, token))
+            raise
+        if attempt is not None:
+            self._unconfirmed.pop((hold_id, attempt), None)
 
     def _count(
         self,
