@@ -201,10 +201,10 @@ def run(
     """Run ``statement`` with ``params`` in ``conn``'s transaction, on its driver cursor.
 
     ``last``: the transaction's last statement. On PostgreSQL (psycopg 3) its COMMIT then
-    goes in the same round trip (psycopg's pipeline mode), so that the row locks the transaction holds
-    are released one round trip sooner; the caller's ``engine.begin()`` still ends the
-    transaction (psycopg's ``commit()`` with nothing open sends nothing). A failure of
-    either raises here, as a failed COMMIT would have raised there. A BEGIN the
+    goes in the same round trip (psycopg's pipeline mode), so that the row locks the
+    transaction holds are released one round trip sooner; the caller's ``engine.begin()``
+    still ends the transaction (psycopg's ``commit()`` with nothing open sends nothing). A
+    failure of either raises here, as a failed COMMIT would have raised there. A BEGIN the
     transaction still owes (:data:`BEGIN_OWED`) goes in the same round trip too.
     """
     params = params or {}
