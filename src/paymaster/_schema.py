@@ -88,6 +88,8 @@ budget = Table(
     # every reserve on it is refused (see Ledger.acknowledge_overrun).
     Column("frozen", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("kind", "agent", "vendor", "currency", "run", "window", name="uq_budget"),
+    # One day's budgets, for status (revision 0010): the unique key starts with kind alone.
+    Index("ix_budget_kind_window", "kind", "window"),
 )
 
 hold = Table(
@@ -146,6 +148,16 @@ Index(
     unique=True,
     sqlite_where=_IN_FLIGHT,
     postgresql_where=_IN_FLIGHT,
+)
+
+#: A run budget's holds, which status sums (revision 0010); a hold without a run budget
+#: has no entry, so its call pays nothing for the index.
+_WITH_RUN_BUDGET = hold.c.run_budget_id.is_not(None)
+Index(
+    "ix_hold_run_budget",
+    hold.c.run_budget_id,
+    sqlite_where=_WITH_RUN_BUDGET,
+    postgresql_where=_WITH_RUN_BUDGET,
 )
 
 #: The holds whose overrun still awaits acknowledgement, by agent type: while one exists,
