@@ -1,12 +1,14 @@
 """Verifying the audit log: every chain walked from genesis to its head, cross-checked
-against the holds, and against a checkpoint kept outside the database."""
+against the holds, and against a checkpoint kept outside the database; or, from a
+checkpoint, only what was written since (its cost follows the rows written since, not the
+size of the log)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import Engine, exists, func, or_, select
 
 from .._db import read_only
 from .._schema import AUDIT_RECORD_COLUMNS, audit, audit_chain, hold
@@ -40,6 +42,9 @@ class VerifyResult:
     chain walk: a chain is not read past its first bad row)."""
     checkpoint_heads: int = 0
     """How many chain heads of a checkpoint were checked (0 without a checkpoint)."""
+    since_checkpoint: bool = False
+    """Whether only the rows written since the checkpoint were walked (``rows_checked``
+    counts those), the rows up to it taken as the checkpoint vouches for them."""
 
 
 #: At most this many problems are reported (a wiped log would otherwise list every hold).
@@ -48,6 +53,13 @@ _SAMPLE = 20  # rows or holds listed per cross-check
 
 #: Per chain: its head's seq, its head's hash, and the lowest id of a row outside 1..seq.
 _Heads = dict[str, tuple[int, str, Any]]
+#: Per chain: where its walk starts, after the row at this seq, whose hash is this one.
+_Starts = dict[str, tuple[int, str]]
+#: Rows walked that name a hold: (row id, hold id).
+_Named = list[tuple[int, str]]
+_GENESIS_START = (0, GENESIS)
+#: Hold ids looked up per statement (well under any backend's bound-parameter limit).
+_LOOKUP_BATCH = 500
 
 
 def verify(
@@ -56,18 +68,24 @@ def verify(
     batch: int = 1000,
     checkpoint: Checkpoint | None = None,
     key: bytes | None = None,
+    since_checkpoint: bool = False,
 ) -> VerifyResult:
     """What :meth:`paymaster.AuditLog.verify` finds (it documents the checks)."""
+    if since_checkpoint and checkpoint is None:
+        raise ValueError("since_checkpoint=True verifies from a checkpoint: pass checkpoint=")
     problems = _signature_problems(checkpoint, key)
     heads, orphans = _read_heads(engine)
     for chain, first_id in orphans.items():
         problems.append(VerifyProblem(f"chain {chain!r} has rows but no head row", first_id))
-    checked, chain_problems = _walk_chains(engine, heads, batch)
+    starts: _Starts = {}
+    if since_checkpoint and checkpoint is not None:
+        starts = {head.chain: (head.seq, head.hash) for head in checkpoint.heads}
+    checked, chain_problems, named = _walk_chains(engine, heads, batch, starts)
     problems += chain_problems
     if checkpoint is not None:
         live = {chain: seq for chain, (seq, _, _) in heads.items()}
         problems += _verify_checkpoint(engine, checkpoint, live, set(orphans))
-    problems += _verify_holds(engine)
+    problems += _verify_named_holds(engine, named) if since_checkpoint else _verify_holds(engine)
     problems.sort(key=lambda p: (p.row_id is None, p.row_id or 0))
     del problems[MAX_PROBLEMS:]
     heads_checked = 0 if checkpoint is None else len(checkpoint.heads)
@@ -75,9 +93,18 @@ def verify(
     if problems:
         first = problems[0]
         return VerifyResult(
-            False, checked, chains, first.row_id, first.reason, tuple(problems), heads_checked
+            False,
+            checked,
+            chains,
+            first.row_id,
+            first.reason,
+            tuple(problems),
+            heads_checked,
+            since_checkpoint,
         )
-    return VerifyResult(True, checked, chains, checkpoint_heads=heads_checked)
+    return VerifyResult(
+        True, checked, chains, checkpoint_heads=heads_checked, since_checkpoint=since_checkpoint
+    )
 
 
 def _signature_problems(checkpoint: Checkpoint | None, key: bytes | None) -> list[VerifyProblem]:
@@ -101,20 +128,28 @@ def _signature_problems(checkpoint: Checkpoint | None, key: bytes | None) -> lis
 def _read_heads(engine: Engine) -> tuple[_Heads, dict[str, int]]:
     """Every chain head (with the first row outside its range), and every chain that has
     rows but no head (with its first row's id)."""
-    outside = (
+    # Whether a chain has a row outside 1..seq, as two probes of uq_audit_chain_seq. Not
+    # min(id) here: for min(id) PostgreSQL walks the primary key until a row matches,
+    # which on a sound log (none does) reads every row, once per chain.
+    above = exists().where(audit.c.chain == audit_chain.c.chain, audit.c.seq > audit_chain.c.seq)
+    below = exists().where(audit.c.chain == audit_chain.c.chain, audit.c.seq < 1)
+    outside = or_(above, below)
+    # The chains that have rows, one index probe each (the next chain name above the last
+    # one found, on uq_audit_chain_seq) rather than a pass over every row: a few dozen
+    # chains, however many rows.
+    found = select(func.min(audit.c.chain).label("chain")).cte("chains", recursive=True)
+    following = select(func.min(audit.c.chain)).where(audit.c.chain > found.c.chain)
+    found = found.union_all(select(following.scalar_subquery()).where(found.c.chain.is_not(None)))
+    first_id = (
         select(func.min(audit.c.id))
-        .where(
-            audit.c.chain == audit_chain.c.chain,
-            or_(audit.c.seq > audit_chain.c.seq, audit.c.seq < 1),
-        )
-        .correlate(audit_chain)
+        .where(audit.c.chain == found.c.chain)
+        .correlate(found)
         .scalar_subquery()
     )
     headless = (
-        select(audit.c.chain, func.min(audit.c.id).label("first_id"))
-        .select_from(audit.outerjoin(audit_chain, audit_chain.c.chain == audit.c.chain))
-        .where(audit_chain.c.chain.is_(None))
-        .group_by(audit.c.chain)
+        select(found.c.chain, first_id.label("first_id"))
+        .select_from(found.outerjoin(audit_chain, audit_chain.c.chain == found.c.chain))
+        .where(found.c.chain.is_not(None), audit_chain.c.chain.is_(None))
     )
     with read_only(engine) as conn:
         # One statement each: a row and its chain head commit together, so a call
@@ -124,19 +159,35 @@ def _read_heads(engine: Engine) -> tuple[_Heads, dict[str, int]]:
             for row in conn.execute(select(audit_chain, outside.label("outside")))
         }
         orphans = {row.chain: int(row.first_id) for row in conn.execute(headless)}
+        for chain, (seq, head, flagged) in heads.items():
+            first_outside = None
+            if flagged:  # calls landing meanwhile add rows above seq with newer ids
+                first_outside = conn.execute(
+                    # id + 0: not the primary key's order (see above), the chain's rows
+                    select(func.min(audit.c.id + 0)).where(
+                        audit.c.chain == chain, or_(audit.c.seq > seq, audit.c.seq < 1)
+                    )
+                ).scalar_one()
+            heads[chain] = (seq, head, first_outside)
     return heads, orphans
 
 
-def _walk_chains(engine: Engine, heads: _Heads, batch: int) -> tuple[int, list[VerifyProblem]]:
-    """Walk every chain up to its head: rows checked, and the problems found."""
+def _walk_chains(
+    engine: Engine, heads: _Heads, batch: int, starts: _Starts
+) -> tuple[int, list[VerifyProblem], _Named]:
+    """Walk every chain up to its head, from genesis or from its start in ``starts``: rows
+    checked, the problems found, and the rows walked that name a hold."""
     problems: list[VerifyProblem] = []
+    named: _Named = []
     checked = 0
     for chain in sorted(heads):
         head_seq, head_hash, outside_id = heads[chain]
-        n, problem = _verify_chain(engine, chain, head_seq, head_hash, batch)
-        checked += n
-        if problem is not None:
-            problems.append(problem)
+        start = starts.get(chain, _GENESIS_START)
+        if start[0] <= head_seq:  # a head below its checkpoint's is the checkpoint's finding
+            n, problem = _verify_chain(engine, chain, head_seq, head_hash, batch, start, named)
+            checked += n
+            if problem is not None:
+                problems.append(problem)
         if outside_id is not None:
             problems.append(
                 VerifyProblem(
@@ -145,13 +196,21 @@ def _walk_chains(engine: Engine, heads: _Heads, batch: int) -> tuple[int, list[V
                     int(outside_id),
                 )
             )
-    return checked, problems
+    return checked, problems, named
 
 
 def _verify_chain(
-    engine: Engine, chain: str, head_seq: int, head_hash: str, batch: int
+    engine: Engine,
+    chain: str,
+    head_seq: int,
+    head_hash: str,
+    batch: int,
+    start: tuple[int, str],
+    named: _Named,
 ) -> tuple[int, VerifyProblem | None]:
-    expected_seq, prev, last_id, checked = 1, GENESIS, None, 0
+    """Walk ``chain`` from the row after ``start`` (seq and hash: genesis, or a
+    checkpoint's head) to its head."""
+    expected_seq, prev, last_id, checked = start[0] + 1, start[1], None, 0
     while True:
         query = (
             select(*AUDIT_RECORD_COLUMNS)
@@ -184,6 +243,8 @@ def _verify_chain(
                     f"chain {chain!r}: a row of agent type {record.agent!r}", record.id
                 )
             expected_seq, prev, last_id = record.seq + 1, record.hash, record.id
+            if record.hold_id is not None:
+                named.append((record.id, record.hold_id))
         if len(rows) < batch:
             break
     if expected_seq - 1 != head_seq:
@@ -237,6 +298,26 @@ def _verify_holds(engine: Engine) -> list[VerifyProblem]:
         for held in bare_holds
     ]
     return problems
+
+
+def _verify_named_holds(engine: Engine, named: _Named) -> list[VerifyProblem]:
+    """The rows walked that name a hold which does not exist: what :func:`_verify_holds`
+    checks of every row, for the rows written since a checkpoint (by primary key)."""
+    missing: list[tuple[int, str]] = []
+    with read_only(engine) as conn:
+        for i in range(0, len(named), _LOOKUP_BATCH):
+            part = named[i : i + _LOOKUP_BATCH]
+            wanted = sorted({hold_id for _, hold_id in part})
+            exist = set(conn.execute(select(hold.c.id).where(hold.c.id.in_(wanted))).scalars())
+            missing += [(row_id, hold_id) for row_id, hold_id in part if hold_id not in exist]
+    return [
+        VerifyProblem(
+            f"audit row {row_id} names hold {hold_id!r}, which does not exist "
+            "(a forged row, or its hold was deleted)",
+            row_id,
+        )
+        for row_id, hold_id in sorted(missing)[:_SAMPLE]
+    ]
 
 
 def _verify_checkpoint(

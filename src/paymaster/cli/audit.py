@@ -233,22 +233,39 @@ def verify(
     db: DbOption = DEFAULT_DB,
     checkpoint_file: CheckpointFile = None,
     key_file: KeyFile = None,
+    since_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--since-checkpoint",
+            help="Walk only the rows written since the --checkpoint (from its heads), so "
+            "the check takes as long as they do, however long the log; rows up to it are "
+            "not re-read, and holds only as those rows name them. Run a full verify now "
+            "and then.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Check the audit log's hash chains, and rows against holds; exit 1 naming the first
     bad row and listing every problem.
 
     With --checkpoint, also check the log against a checkpoint kept outside the database;
-    with --key-file, the checkpoint's signature too.
+    with --key-file, the checkpoint's signature too; with --since-checkpoint, only what
+    was written since it.
     """
     from .._audit import AuditLog
 
     key = _key(key_file)
     if key is not None and checkpoint_file is None:
         raise typer.BadParameter("--key-file checks a --checkpoint", param_hint="'--key-file'")
+    if since_checkpoint and checkpoint_file is None:
+        raise typer.BadParameter(
+            "--since-checkpoint verifies from a --checkpoint", param_hint="'--since-checkpoint'"
+        )
     saved = _read_checkpoint(checkpoint_file)
     with open_database(db) as engine:
-        result = AuditLog(engine).verify(checkpoint=saved, key=key)
+        result = AuditLog(engine).verify(
+            checkpoint=saved, key=key, since_checkpoint=since_checkpoint
+        )
     unchecked = saved is not None and saved.signature is not None and key is None
     if as_json:
         echo_json(_verify_document(result, saved, key))
@@ -288,20 +305,23 @@ def _verify_document(
         "problems": [{"row_id": p.row_id, "reason": p.reason} for p in result.problems],
         "checkpoint_heads": result.checkpoint_heads,
         "signature_checked": saved is not None and key is not None,
+        "since_checkpoint": result.since_checkpoint,
     }
 
 
 def _verify_ok_line(result: VerifyResult, saved: Checkpoint | None, key: bytes | None) -> str:
     """The line a clean log gets, naming the checkpoint it holds against."""
-    against = ""
+    against = since = ""
     if saved is not None:
         signed = " (signed)" if key is not None else ""
         against = (
             f"; the checkpoint{signed} of {saved.created_at.isoformat()} holds for its "
             f"{plural(len(saved.heads), 'chain')}"
         )
+    if result.since_checkpoint:
+        since = " written since the checkpoint"
     return (
-        f"ok: {plural(result.rows_checked, 'audit row')} checked in "
+        f"ok: {plural(result.rows_checked, 'audit row')}{since} checked in "
         f"{plural(result.chains, 'chain')}{against}"
     )
 
