@@ -1,6 +1,7 @@
 """Benchmark of paymaster's ledger; every figure is measured on this machine, in one run.
 
-    .venv/bin/python bench/ledger_bench.py            # everything: ~4 minutes on 2 CPUs
+    .venv/bin/python bench/ledger_bench.py            # everything: ~4 minutes on 2 CPUs,
+                                                      # and section 8's ledgers: ~20 more
     .venv/bin/python bench/ledger_bench.py --quick    # a smoke run with small counts
     .venv/bin/python bench/ledger_bench.py --help     # every count, and its env variable
 
@@ -25,6 +26,14 @@
    loop and 1,000 bare ``sleep(0)`` tasks; invariants checked from the database
    (bench_async.py, which also has ``--profile``; its counts: ``PAYMASTER_BENCH_ASYNC_TASKS``,
    ``_WARMUP``, ``_IDLE_TICKS``, ``_CAP_FRACTION``).
+8. Audit-log scale: ``AuditLog.run_summary(run)``, ``paymaster status`` (and ``--json``),
+   ``audit tail``, ``runs show RUN``, ``audit verify --checkpoint`` (every row, and
+   ``--since-checkpoint``) and a governed call, on a ledger bulk-loaded with 10 M audit
+   rows on PostgreSQL and 1 M on SQLite (holds, budgets, 10,000 runs, 50 agent types),
+   each beside the same on a 100 k-row ledger, against the issue's targets
+   (run_summary <= 50 ms, status <= 200 ms) or flatness (bench_auditlog.py; its counts:
+   ``PAYMASTER_BENCH_AUDIT_ROWS_PG``, ``_ROWS_SQLITE`` (0 skips that backend),
+   ``_BASELINE_ROWS``, ``_REPS``, ...; ``--quick``: 200 k and 100 k rows).
 
 PostgreSQL: ``--pg-url`` / ``PAYMASTER_BENCH_PG_URL`` / ``PAYMASTER_TEST_POSTGRES_URL``,
 default ``postgresql+psycopg://root@127.0.0.1:5432/test``; every scenario runs in a
@@ -41,6 +50,8 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 from bench_async import async_section, target_rows
+from bench_auditlog import auditlog_section
+from bench_auditlog import target_rows as auditlog_target_rows
 from bench_config import Config, parse_args
 from bench_env import background_busy, machine_facts, pg_facts, sqlite_dir
 from bench_proxy import proxy_section
@@ -109,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     proxy_section(config, console, progress)
     startup_section(console, progress)
     async_results = async_section(config, console, progress)
-    print_targets(console, latency, hot, spread, naive, target_rows(async_results))
+    audit_results = auditlog_section(config, console, progress)
+    targets = [*target_rows(async_results), *auditlog_target_rows(audit_results)]
+    print_targets(console, latency, hot, spread, naive, targets)
     console.print(f"\nTotal wall time: {time.perf_counter() - started:.1f} s", highlight=False)
     return 0
 
