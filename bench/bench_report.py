@@ -195,7 +195,7 @@ def print_hot(console: Console, hot: list[GovernedScenario], config: Config) -> 
         table.add_row(*throughput_row(s))
     console.print(table)
     ceiling = new_table(
-        "2c. The bare hot-row ceiling beside the governed runs, PostgreSQL",
+        "2a'. The bare hot-row ceiling beside the governed runs of 2a, PostgreSQL",
         "processes",
         "bare UPDATE tx/s",
         "governed calls/s",
