@@ -36,10 +36,8 @@ fresh ``bench_<random>`` schema, dropped afterwards.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import cProfile
-import os
 import pstats
 import sys
 import time
@@ -54,10 +52,13 @@ from bench_env import (
     DEFAULT_PG_URL,
     X,
     background_busy,
+    env_count,
     ms,
+    parsed,
     percentile,
     pg_schema,
     sqlite_dir,
+    standalone_parser,
 )
 from bench_latency import Backend
 from bench_report import (
@@ -105,16 +106,13 @@ HELP = {
 }
 
 
-def _env(name: str, default: Any) -> Any:
-    value = os.environ.get(ENV_PREFIX + name.upper())
-    return default if value in (None, "") else type(default)(value)
-
-
 def settings_for(config: Any) -> AsyncSettings:
     """The settings when ``ledger_bench.py`` runs this: its database choices, and counts
     from ``PAYMASTER_BENCH_ASYNC_*`` (or the quick ones under ``--quick``)."""
     counts = {
-        k: _env(k, QUICK[k] if config.quick and k in QUICK else getattr(AsyncSettings, k))
+        k: env_count(
+            ENV_PREFIX, k, QUICK[k] if config.quick and k in QUICK else getattr(AsyncSettings, k)
+        )
         for k in HELP
     }
     return AsyncSettings(
@@ -123,36 +121,9 @@ def settings_for(config: Any) -> AsyncSettings:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AsyncSettings:
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog=f"Every count also reads {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}TASKS=5000.",
-    )
-    for name, help_text in HELP.items():
-        default = _env(name, getattr(AsyncSettings, name))
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=type(default),
-            default=default,
-            help=f"{help_text} (default: {default})",
-        )
-    pg_default = next(
-        (
-            os.environ[v]
-            for v in ("PAYMASTER_BENCH_PG_URL", "PAYMASTER_TEST_POSTGRES_URL")
-            if os.environ.get(v)
-        ),
-        DEFAULT_PG_URL,
-    )
-    parser.add_argument("--pg-url", default=pg_default, help=f"PostgreSQL (default: {pg_default})")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite backends only")
-    parser.add_argument("--tmpdir", default="", help="directory for the SQLite files")
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    parser = standalone_parser(__doc__, AsyncSettings, HELP, ENV_PREFIX, "TASKS=5000")
     parser.add_argument("--profile", action="store_true", help="also: where the loop time goes")
-    args = vars(parser.parse_args(argv))
-    if args.pop("quick"):
-        args.update({k: v for k, v in QUICK.items() if v is not None})
-    args["pg_url"] = args["pg_url"].replace("postgresql://", "postgresql+psycopg://", 1)
-    return AsyncSettings(**args)
+    return AsyncSettings(**parsed(parser, argv, QUICK))
 
 
 # -- the ticker ----------------------------------------------------------------------------

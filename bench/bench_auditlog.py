@@ -34,7 +34,6 @@ ledger takes about 10 GB of disk and 5-10 minutes to load on 2 CPUs.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import os
@@ -52,7 +51,17 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from bench_env import DEFAULT_PG_URL, background_busy, ms, percentile, pg_schema, sqlite_dir
+from bench_env import (
+    DEFAULT_PG_URL,
+    background_busy,
+    env_count,
+    ms,
+    parsed,
+    percentile,
+    pg_schema,
+    sqlite_dir,
+    standalone_parser,
+)
 from bench_report import met, new_table, notes, print_run_header, reachable_postgres
 from rich.console import Console
 from startup_bench import paymaster_script
@@ -1242,21 +1251,18 @@ def target_rows(results: AuditResults) -> list[tuple[str, str, bool]]:
 ENV_PREFIX = "PAYMASTER_BENCH_AUDIT_"
 
 
-def _env(name: str, default: Any) -> Any:
-    value = os.environ.get(ENV_PREFIX + name.upper())
-    return default if value in (None, "") else type(default)(value)
-
-
 def settings_for(config: Any) -> AuditSettings:
     """The settings when ``ledger_bench.py`` runs this: its database choices, and counts
     from ``PAYMASTER_BENCH_AUDIT_*`` (or the quick ones under ``--quick``)."""
     counts = {
-        k: _env(k, QUICK[k] if config.quick and k in QUICK else getattr(AuditSettings, k))
+        k: env_count(
+            ENV_PREFIX, k, QUICK[k] if config.quick and k in QUICK else getattr(AuditSettings, k)
+        )
         for k in HELP
     }
     return AuditSettings(
         **counts,
-        valid_chains=_env("valid_chains", 0) == 1,
+        valid_chains=env_count(ENV_PREFIX, "valid_chains", 0) == 1,
         pg_url=config.pg_url,
         no_postgres=config.no_postgres,
         tmpdir=config.tmpdir,
@@ -1264,41 +1270,14 @@ def settings_for(config: Any) -> AuditSettings:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AuditSettings:
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog=f"Every count also reads {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}ROWS_PG=1000000.",
-    )
-    for name, help_text in HELP.items():
-        default = _env(name, getattr(AuditSettings, name))
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=type(default),
-            default=default,
-            help=f"{help_text} (default: {default:,})",
-        )
-    pg_default = next(
-        (
-            os.environ[v]
-            for v in ("PAYMASTER_BENCH_PG_URL", "PAYMASTER_TEST_POSTGRES_URL")
-            if os.environ.get(v)
-        ),
-        DEFAULT_PG_URL,
-    )
-    parser.add_argument("--pg-url", default=pg_default, help=f"PostgreSQL (default: {pg_default})")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
-    parser.add_argument("--tmpdir", default="", help="directory for the SQLite files")
+    parser = standalone_parser(__doc__, AuditSettings, HELP, ENV_PREFIX, "ROWS_PG=1000000")
     parser.add_argument(
         "--valid-chains",
         action="store_true",
         help="PostgreSQL: hash every chain in Python (slow), so verify --checkpoint is "
         "measured on the big ledger too",
     )
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    args = vars(parser.parse_args(argv))
-    if args.pop("quick"):
-        args.update(QUICK)
-    args["pg_url"] = args["pg_url"].replace("postgresql://", "postgresql+psycopg://", 1)
-    return AuditSettings(**args)
+    return AuditSettings(**parsed(parser, argv, QUICK))
 
 
 def check_disk(settings: AuditSettings, tmp: Path, progress: Console) -> None:

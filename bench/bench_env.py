@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sqlite3
@@ -10,17 +11,24 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
 
 DEFAULT_PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
+#: Where a standalone benchmark looks for its PostgreSQL URL, first set first.
+PG_URL_VARIABLES = (
+    "PAYMASTER_BENCH_POSTGRES_URL",
+    "PAYMASTER_BENCH_PG_URL",
+    "PAYMASTER_TEST_POSTGRES_URL",
+)
 X = 100  # minor units per governed call: $1.00
 
 
@@ -192,3 +200,50 @@ def percentile(samples: Sequence[float], q: float) -> float:
 def ms(seconds: float) -> str:
     """Seconds formatted as milliseconds."""
     return f"{seconds * 1000:.2f}"
+
+
+# -- the standalone benchmarks' command line ------------------------------------------------
+def env_count(prefix: str, name: str, default: Any) -> Any:
+    """``default``, or the environment's ``<prefix><NAME>`` read as the same type."""
+    value = os.environ.get(prefix + name.upper())
+    return default if value in (None, "") else type(default)(value)
+
+
+def standalone_parser(
+    doc: str | None, settings: type, counts: Mapping[str, str], prefix: str, example: str
+) -> argparse.ArgumentParser:
+    """A standalone benchmark's flags: one per count (``counts``: name -> help, defaults
+    from ``settings`` or ``<prefix><NAME>``), then ``--pg-url``, ``--no-postgres``,
+    ``--tmpdir`` and ``--quick``. Add its own flags, then call :func:`parsed`."""
+    parser = argparse.ArgumentParser(
+        description=(doc or "").split("\n\n")[0],
+        epilog=f"Every count also reads {prefix}<FLAG>, e.g. {prefix}{example}.",
+    )
+    for name, help_text in counts.items():
+        default = env_count(prefix, name, getattr(settings, name))
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{help_text} (default: {default:,})",
+        )
+    pg_default = next(
+        (os.environ[v] for v in PG_URL_VARIABLES if os.environ.get(v)), DEFAULT_PG_URL
+    )
+    parser.add_argument("--pg-url", default=pg_default, help=f"PostgreSQL (default: {pg_default})")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--tmpdir", default="", help="directory for the SQLite files")
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    return parser
+
+
+def parsed(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The settings' fields from ``argv``: ``quick``'s counts under ``--quick``, and the
+    PostgreSQL URL in SQLAlchemy's psycopg 3 form."""
+    args = vars(parser.parse_args(argv))
+    if args.pop("quick"):
+        args.update({k: v for k, v in quick.items() if v is not None})
+    args["pg_url"] = args["pg_url"].replace("postgresql://", "postgresql+psycopg://", 1)
+    return args

@@ -26,8 +26,6 @@ read from ``PAYMASTER_BENCH_PROXY_<FLAG>``) and the PostgreSQL URL as bench_stri
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import threading
 import time
@@ -40,7 +38,16 @@ from typing import Any
 
 import stripe
 import yaml
-from bench_env import DEFAULT_PG_URL, background_busy, percentile, pg_schema, sqlite_dir
+from bench_env import (
+    DEFAULT_PG_URL,
+    background_busy,
+    env_count,
+    parsed,
+    percentile,
+    pg_schema,
+    sqlite_dir,
+    standalone_parser,
+)
 from bench_report import new_table, notes, reachable_postgres
 from bench_stripe import (
     AGENT,
@@ -85,51 +92,21 @@ HELP = {
 }
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(ENV_PREFIX + name.upper())
-    return default if value in (None, "") else int(value)
-
-
 def settings_for(config: Any) -> ProxySettings:
     """The settings under ``ledger_bench.py``: its database choices, counts from
     ``PAYMASTER_BENCH_PROXY_*`` (or the quick ones under ``--quick``)."""
-    counts = {k: _env_int(k, QUICK[k] if config.quick else getattr(ProxySettings, k)) for k in HELP}
+    counts = {
+        k: env_count(ENV_PREFIX, k, QUICK[k] if config.quick else getattr(ProxySettings, k))
+        for k in HELP
+    }
     return ProxySettings(
         **counts, pg_url=config.pg_url, no_postgres=config.no_postgres, tmpdir=config.tmpdir
     )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ProxySettings:
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog=f"Every count also reads {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}CALLS=500.",
-    )
-    for name, help_text in HELP.items():
-        default = _env_int(name, getattr(ProxySettings, name))
-        parser.add_argument(
-            "--" + name, type=int, default=default, help=f"{help_text} (default: {default})"
-        )
-    pg_default = next(
-        (
-            os.environ[v]
-            for v in (
-                "PAYMASTER_BENCH_POSTGRES_URL",
-                "PAYMASTER_BENCH_PG_URL",
-                "PAYMASTER_TEST_POSTGRES_URL",
-            )
-            if os.environ.get(v)
-        ),
-        DEFAULT_PG_URL,
-    )
-    parser.add_argument("--pg-url", default=pg_default, help=f"PostgreSQL (default: {pg_default})")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
-    parser.add_argument("--tmpdir", default="", help="directory for the SQLite files")
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    args = vars(parser.parse_args(argv))
-    if args.pop("quick"):
-        args.update(QUICK)
-    args["pg_url"] = args["pg_url"].replace("postgresql://", "postgresql+psycopg://", 1)
-    return ProxySettings(**args)
+    parser = standalone_parser(__doc__, ProxySettings, HELP, ENV_PREFIX, "CALLS=500")
+    return ProxySettings(**parsed(parser, argv, QUICK))
 
 
 # -- revoke to refusal ---------------------------------------------------------------------

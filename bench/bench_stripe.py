@@ -28,7 +28,6 @@ schema, dropped afterwards.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -44,9 +43,12 @@ from typing import Any
 from bench_env import (
     DEFAULT_PG_URL,
     background_busy,
+    env_count,
+    parsed,
     percentile,
     pg_schema,
     sqlite_dir,
+    standalone_parser,
 )
 from bench_latency import Backend
 from bench_report import new_table, notes, print_run_header, reachable_postgres
@@ -90,11 +92,6 @@ HELP = {
 }
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(ENV_PREFIX + name.upper())
-    return default if value in (None, "") else int(value)
-
-
 def _sqlalchemy_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg://", 1)
 
@@ -103,7 +100,8 @@ def settings_for(config: Any) -> StripeSettings:
     """The settings when ``ledger_bench.py`` runs this: its database choices, and counts
     from ``PAYMASTER_BENCH_STRIPE_*`` (or the quick ones under ``--quick``)."""
     counts = {
-        k: _env_int(k, QUICK[k] if config.quick else getattr(StripeSettings, k)) for k in HELP
+        k: env_count(ENV_PREFIX, k, QUICK[k] if config.quick else getattr(StripeSettings, k))
+        for k in HELP
     }
     return StripeSettings(
         **counts, pg_url=config.pg_url, no_postgres=config.no_postgres, tmpdir=config.tmpdir
@@ -111,36 +109,8 @@ def settings_for(config: Any) -> StripeSettings:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> StripeSettings:
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog=f"Every count also reads {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}CALLS=500.",
-    )
-    for name, help_text in HELP.items():
-        default = _env_int(name, getattr(StripeSettings, name))
-        parser.add_argument(
-            "--" + name, type=int, default=default, help=f"{help_text} (default: {default})"
-        )
-    pg_default = next(
-        (
-            os.environ[v]
-            for v in (
-                "PAYMASTER_BENCH_POSTGRES_URL",
-                "PAYMASTER_BENCH_PG_URL",
-                "PAYMASTER_TEST_POSTGRES_URL",
-            )
-            if os.environ.get(v)
-        ),
-        DEFAULT_PG_URL,
-    )
-    parser.add_argument("--pg-url", default=pg_default, help=f"PostgreSQL (default: {pg_default})")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite backends only")
-    parser.add_argument("--tmpdir", default="", help="directory for the SQLite files")
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    args = vars(parser.parse_args(argv))
-    if args.pop("quick"):
-        args.update(QUICK)
-    args["pg_url"] = _sqlalchemy_url(args["pg_url"])
-    return StripeSettings(**args)
+    parser = standalone_parser(__doc__, StripeSettings, HELP, ENV_PREFIX, "CALLS=500")
+    return StripeSettings(**parsed(parser, argv, QUICK))
 
 
 # -- measurement ---------------------------------------------------------------------------
