@@ -41,20 +41,20 @@ class Forwarded:
 
 
 @dataclass
-class RecordingUpstream(httpx.AsyncBaseTransport):
+class RecordingUpstream(httpx.BaseTransport):
     """Forwards to the real upstream and records each request. ``fault`` may replace the
     upstream's answer for a request (or raise, as a lost response)."""
 
     seen: list[Forwarded] = field(default_factory=list)
     fault: Callable[[httpx.Request, httpx.Response], httpx.Response] | None = None
-    inner: httpx.AsyncHTTPTransport = field(default_factory=httpx.AsyncHTTPTransport)
+    inner: httpx.HTTPTransport = field(default_factory=httpx.HTTPTransport)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
         self.seen.append(Forwarded(request.method, request.url.path, request.headers, body))
-        response = await self.inner.handle_async_request(request)
+        response = self.inner.handle_request(request)
         if self.fault is not None:
-            await response.aread()
+            response.read()
             return self.fault(request, response)
         return response
 

@@ -48,6 +48,16 @@ UpstreamTimeoutOption = Annotated[
     float,
     typer.Option("--upstream-timeout", min=1, help="Seconds to wait for the upstream."),
 ]
+WorkersOption = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        min=1,
+        max=1024,
+        help="Requests governed and forwarded at once (one worker thread and one upstream "
+        "connection each); more wait for a free worker.",
+    ),
+]
 FdOption = Annotated[int | None, typer.Option("--fd", hidden=True)]
 LogLevelOption = Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")]
 
@@ -59,6 +69,7 @@ def proxy(
     stripe_key_file: StripeKeyFileOption = None,
     max_body: MaxBodyOption = 256 * 1024,
     upstream_timeout: UpstreamTimeoutOption = 60.0,
+    workers: WorkersOption = 32,
     fd: FdOption = None,
     log_level: LogLevelOption = "info",
     db: DbOption = DEFAULT_DB,
@@ -88,6 +99,7 @@ def proxy(
             stripe_key=key,
             max_body_bytes=max_body,
             upstream_timeout=upstream_timeout,
+            workers=workers,
         )
     except ValidationError as exc:
         fail(describe_error(exc), 2)

@@ -24,10 +24,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
+import functools
 import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy import text
@@ -56,6 +60,8 @@ from .upstream import UpstreamClient, UpstreamNotReached
 __all__ = ["FORWARDED_HEADERS", "create_app"]
 
 log = logging.getLogger("paymaster.proxy")
+
+T = TypeVar("T")
 
 #: The request headers forwarded upstream; every other one (the vault key, cookies,
 #: forwarding and hop-by-hop headers) is dropped. The real key is added upstream.
@@ -96,7 +102,7 @@ class _Proxy:
         self,
         governor: Governor,
         config: ProxyConfig,
-        transport: httpx.AsyncBaseTransport | None,
+        transport: httpx.BaseTransport | None,
     ) -> None:
         self.governor = governor
         self.config = config
@@ -106,9 +112,25 @@ class _Proxy:
             config.upstream,
             config.stripe_key,
             timeout=config.upstream_timeout,
+            connections=config.workers,
             transport=transport,
         )
         self.stripe = GovernedHTTPClient(governor, inner=self.upstream)
+        self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="paymaster-proxy")
+
+    async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``fn`` on one of the proxy's worker threads, with this task's
+        context variables. Each request's ledger work and upstream call run there in one
+        piece, one hand-off from the event loop and one back. A request whose client goes
+        away is still finished: its hold is settled or released from the real response.
+        """
+        work = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.wrap_future(self._workers.submit(work))
+
+    def close(self) -> None:
+        """Wait for the requests in flight, then close the upstream connections."""
+        self._workers.shutdown(wait=True)
+        self.upstream.close()
 
     async def handle(self, request: Request) -> Response:
         # Authenticate first, whatever the request: every refusal after this is audited
@@ -116,19 +138,46 @@ class _Proxy:
         key = await self._authenticate(request)
         if isinstance(key, Response):
             return key
-        method = request.method
+        method, path = request.method, request.url.path
         headers: dict[str, str] = {}
+        try:
+            _check_method(request)
+            _check_declared_length(request, self.config.max_body_bytes)
+            body = await _read_body(request, self.config.max_body_bytes)
+            headers.update(_forwarded(request))
+            url = self.config.upstream + _target(request)
+        except _Refused as refused:  # the agent is known: audit the refusal
+            work: Callable[[], Response] = functools.partial(
+                self._audit_refusal, key, method, path, refused
+            )
+        else:
+            if method == "POST" and "Idempotency-Key" not in headers:
+                # Made here rather than from the hold, so the client can be told it
+                # (in every answer's headers) and retry with it.
+                headers["Idempotency-Key"] = f"paymaster-proxy-{uuid.uuid4().hex}"
+            work = functools.partial(self._governed, key, method, url, headers, body)
+        response = await self.in_worker(self._answer, key, method, path, work)
+        sent_key = headers.get("Idempotency-Key")
+        if sent_key is not None and "idempotency-key" not in response.headers:
+            response.headers["Idempotency-Key"] = sent_key
+        return response
+
+    def _answer(
+        self, key: VaultKey, method: str, path: str, work: Callable[[], Response]
+    ) -> Response:
+        """Run ``work`` (on a worker thread) as the key's agent and run, and answer every
+        way it can end in Stripe's error shape."""
         with bind(
             agent=key.agent, run=key.run, run_policy=key.run_policy, credential=key.credential
         ):
             try:
-                response = await self._forward(key, request, headers)
+                return work()
             except PolicyViolation as violation:
-                response = violation_response(violation)
+                return violation_response(violation)
             except GovernanceUnavailable as exc:
-                response = _unavailable(exc)
+                return _unavailable(exc)
             except UpstreamNotReached as exc:
-                response = stripe_error(
+                return stripe_error(
                     502,
                     "upstream_unreachable",
                     f"the proxy could not reach Stripe ({exc}); the request was not sent and "
@@ -137,7 +186,7 @@ class _Proxy:
                     retry=True,
                 )
             except httpx.HTTPError as exc:
-                response = stripe_error(
+                return stripe_error(
                     502,
                     "upstream_outcome_unknown",
                     f"the request to Stripe failed mid-way ({type(exc).__name__}), so whether "
@@ -147,24 +196,20 @@ class _Proxy:
                     retry=True,
                 )
             except Exception:
-                log.exception("the proxy failed on %s %r", method, request.url.path)
-                response = stripe_error(
+                log.exception("the proxy failed on %s %r", method, path)
+                return stripe_error(
                     500,
                     "proxy_error",
                     "the proxy failed unexpectedly; if this was a payment, check before "
                     "retrying (the proxy's log has the details)",
                     kind="api_error",
                 )
-        sent_key = headers.get("Idempotency-Key")
-        if sent_key is not None and "idempotency-key" not in response.headers:
-            response.headers["Idempotency-Key"] = sent_key
-        return response
 
     async def _authenticate(self, request: Request) -> VaultKey | Response:
         """The request's vault key, or the answer refusing it (a failure is counted)."""
         try:
             presented = _presented_key(request)
-            return await self.governor.in_worker(self.keys.authenticate, presented)
+            return await self.in_worker(self.keys.authenticate, presented)
         except _Refused as refused:  # no key at all
             await self._count_failure(None, "missing")
             return refused.response
@@ -175,34 +220,15 @@ class _Proxy:
         except GovernanceUnavailable as exc:
             return _unavailable(exc)
 
-    async def _forward(self, key: VaultKey, request: Request, headers: dict[str, str]) -> Response:
-        """Read, check and govern one authenticated request. ``headers`` is filled with
-        the headers forwarded (the answer repeats their ``Idempotency-Key``)."""
-        method = request.method
-        try:
-            _check_method(request)
-            _check_declared_length(request, self.config.max_body_bytes)
-            body = await _read_body(request, self.config.max_body_bytes)
-            headers.update(_forwarded(request))
-            url = self.config.upstream + _target(request)
-        except _Refused as refused:  # the agent is known: audit the refusal
-            await self.governor.in_worker(self._audit_refusal, key, request, refused)
-            return refused.response
-        if method == "POST" and "Idempotency-Key" not in headers:
-            # Made here rather than from the hold, so the client can be told it
-            # (in every answer's headers) and retry with it.
-            headers["Idempotency-Key"] = f"paymaster-proxy-{uuid.uuid4().hex}"
-        return await self._governed(key, method, url, headers, body)
-
     async def _count_failure(self, key_id: str | None, reason: str) -> None:
         """Count a failed authentication; the answer is a 401 whether or not it counts."""
         try:
-            await self.governor.in_worker(self.keys.record_failure, key_id, reason)
+            await self.in_worker(self.keys.record_failure, key_id, reason)
         except Exception:
             log.exception("could not count a failed authentication (%s)", reason)
 
-    def _audit_refusal(self, key: VaultKey, request: Request, refused: _Refused) -> None:
-        endpoint = request.url.path[:500]
+    def _audit_refusal(self, key: VaultKey, method: str, path: str, refused: _Refused) -> Response:
+        endpoint = path[:500]
         violation = PolicyViolation(
             refused.violation,
             refused.reason,
@@ -216,36 +242,32 @@ class _Proxy:
             agent=key.agent,
             vendor=VENDOR,
             endpoint=endpoint,
-            method=request.method[:10],
+            method=method[:10],
             run=key.run,
             credential=key.credential,
         )
+        return refused.response
 
-    async def _governed(
+    def _governed(
         self, key: VaultKey, method: str, url: str, headers: dict[str, str], body: bytes
     ) -> Response:
+        """Replay, or govern and forward, one request (on a worker thread)."""
         ledger_key = ledger_key_of(method, url, headers, body) if method == "POST" else None
         if ledger_key is not None:
-            kept = await self.governor.in_worker(
-                self.replays.find, ledger_key, key.agent, key.credential
-            )
+            kept = self.replays.find(ledger_key, key.agent, key.credential)
             if kept is not None:
-                return await self._replay(key, method, url, headers, body, kept)
+                return self._replay(key, method, url, headers, body, kept)
         try:
-            content, status, sent_back = await self.stripe.request_async(
-                method, url, headers, body or None
-            )
+            content, status, sent_back = self.stripe.request(method, url, headers, body or None)
         except PolicyViolation as violation:
             # A retry racing the first attempt's kept response (or a keep that failed):
             # the call succeeded, so its answer is replayed if it was kept.
             if ledger_key is None or violation.code is not ViolationCode.ALREADY_COMPLETED:
                 raise
-            kept = await self.governor.in_worker(
-                self.replays.find, ledger_key, key.agent, key.credential
-            )
+            kept = self.replays.find(ledger_key, key.agent, key.credential)
             if kept is None:
                 raise
-            return await self._replay(key, method, url, headers, body, kept)
+            return self._replay(key, method, url, headers, body, kept)
         if status == 401:  # the proxy's own key was refused: the agent cannot fix that
             log.error("Stripe refused the proxy's own API key (HTTP 401)")
             return stripe_error(
@@ -256,21 +278,14 @@ class _Proxy:
             )
         if ledger_key is not None and 200 <= status < 300:
             try:
-                await self.governor.in_worker(
-                    self.replays.keep,
-                    ledger_key,
-                    key.agent,
-                    key.run,
-                    key.credential,
-                    status,
-                    sent_back,
-                    content,
+                self.replays.keep(
+                    ledger_key, key.agent, key.run, key.credential, status, sent_back, content
                 )
             except Exception:  # the call happened: its answer goes back regardless
                 log.exception("could not keep the response for replay")
         return Response(content, status, headers=dict(sent_back))
 
-    async def _replay(
+    def _replay(
         self,
         key: VaultKey,
         method: str,
@@ -282,10 +297,10 @@ class _Proxy:
         """Answer a retry with the kept response (made with this same key), governed like
         the call it repeats: a free call of the key's agent, run and run policy, checked
         against the policy (endpoint, method, the original hold's customer, connected
-        accounts), run policy,
-        expiry and revocations, counted, and audited as its own attempt. A refusal raises
-        :class:`PolicyViolation`, answered as any policy refusal."""
-        async with self.governor.aguard(
+        accounts), run policy, expiry and revocations, counted, and audited as its own
+        attempt. A refusal raises :class:`PolicyViolation`, answered as any policy
+        refusal."""
+        with self.governor.guard(
             agent=key.agent,
             vendor=VENDOR,
             endpoint=httpx.URL(url).path,
@@ -297,16 +312,14 @@ class _Proxy:
             accounts=accounts_of(method, url, headers, body or None),
             free=True,
         ) as call:
-            await call.settle(
-                http_status=kept.status, vendor_request_id=_get(kept.headers, "Request-Id")
-            )
+            call.settle(http_status=kept.status, vendor_request_id=_get(kept.headers, "Request-Id"))
         headers = {k: v for k, v in kept.headers.items() if k.lower() != "idempotent-replayed"}
         return Response(kept.body, kept.status, headers={**headers, "Idempotent-Replayed": "true"})
 
     async def health(self, request: Request) -> Response:
         """200 when the ledger answers, 503 when it does not."""
         try:
-            await self.governor.in_worker(self._ping)
+            await self.in_worker(self._ping)
         except GovernanceUnavailable as exc:
             log.error("health check: %s", exc)
             return JSONResponse({"status": "unavailable"}, 503)
@@ -321,7 +334,7 @@ class _Proxy:
     async def purge_forever(self) -> None:
         while True:
             try:
-                removed = await self.governor.in_worker(self.replays.purge)
+                removed = await self.in_worker(self.replays.purge)
                 if removed:
                     log.info("forgot %d replayable responses older than the window", removed)
             except Exception:
@@ -344,7 +357,7 @@ def create_app(
     governor: Governor,
     config: ProxyConfig,
     *,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    upstream_transport: httpx.BaseTransport | None = None,
 ) -> Starlette:
     """The proxy as an ASGI app, governing with ``governor`` (which the caller closes).
 
@@ -362,7 +375,7 @@ def create_app(
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-            await proxy.upstream.close_async()
+            await asyncio.to_thread(proxy.close)
 
     app = Starlette(
         routes=[

@@ -30,6 +30,11 @@ class ProxyConfig(BaseModel):
     upstream_timeout: float = Field(default=60.0, gt=0)
     """Seconds to wait for the upstream: under stripe-python's own 80, so that a client
     hears the proxy's answer (and the idempotency key to retry with) before it gives up."""
+    workers: int = Field(default=32, gt=0, le=1024)
+    """Requests governed and forwarded at once, each on a worker thread of its own with
+    one kept-alive upstream connection; later requests wait for a free worker. The ledger's
+    connection pool is only held during its short transactions, not during the upstream
+    call."""
     replay_window: timedelta = timedelta(hours=24)
     """How long a settled POST's response is replayed to a retry with its idempotency key
     (Stripe keeps keys 24 hours)."""

@@ -53,8 +53,13 @@ class UpstreamNotReached(PaymasterError, httpx.TransportError):
 
 
 class UpstreamClient(stripe.HTTPClient):
-    """Sends governed requests to the configured upstream with the real key (async only:
-    the proxy is an ASGI app). Redirects are not followed."""
+    """Sends governed requests to the configured upstream with the real key.
+
+    Synchronous: the proxy governs and forwards each request on one of its worker threads
+    (:mod:`paymaster.proxy.app`), so the ledger's work before and after the call and the
+    call itself need no hand-offs between threads. Keeps up to ``connections`` HTTP/1.1
+    connections alive (one per worker thread). Redirects are not followed.
+    """
 
     name = "paymaster-upstream"
 
@@ -64,21 +69,29 @@ class UpstreamClient(stripe.HTTPClient):
         key: SecretStr,
         *,
         timeout: float,
-        transport: httpx.AsyncBaseTransport | None = None,
+        connections: int,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__()
         self._origin = httpx.URL(upstream)
         self._key = key
-        self._client = httpx.AsyncClient(
+        self._client = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             follow_redirects=False,
             transport=transport,
             trust_env=False,  # HTTP(S)_PROXY in the environment must not reroute Stripe
         )
 
-    async def request_async(
-        self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
-    ) -> tuple[bytes, int, Mapping[str, str]]:
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> tuple[Any, int, Mapping[str, str]]:  # the body is bytes (as stripe's own clients')
         target = httpx.URL(url)
         if (target.scheme, target.host, target.port) != (
             self._origin.scheme,
@@ -86,9 +99,9 @@ class UpstreamClient(stripe.HTTPClient):
             self._origin.port,
         ):
             raise ValueError("refusing to forward outside the configured upstream")
-        sent = {**headers, "Authorization": f"Bearer {self._key.get_secret_value()}"}
+        sent = {**(headers or {}), "Authorization": f"Bearer {self._key.get_secret_value()}"}
         try:
-            response = await self._client.request(method, target, headers=sent, content=post_data)
+            response = self._client.request(method, target, headers=sent, content=post_data)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise UpstreamNotReached(f"{type(exc).__name__}: {exc}") from exc
         body = response.content
@@ -97,8 +110,8 @@ class UpstreamClient(stripe.HTTPClient):
         kept = {k: v for k, v in response.headers.items() if k.lower() in RESPONSE_HEADERS}
         return body, response.status_code, kept
 
-    def request(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise NotImplementedError("the proxy's upstream client is async only")
+    async def request_async(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise NotImplementedError("the proxy's upstream client runs on its worker threads")
 
-    async def close_async(self) -> None:
-        await self._client.aclose()
+    def close(self) -> None:
+        self._client.close()
