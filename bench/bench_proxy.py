@@ -66,10 +66,12 @@ from rich.console import Console
 
 from paymaster import Governor
 from paymaster._vault import VaultKeys
-from paymaster.testing.localstripe import run_localstripe
+from paymaster.testing.localstripe import TEST_API_KEY, run_localstripe
 from paymaster.testing.proxy import RunningProxy, run_proxy
+from paymaster.vendors.stripe import governed_client
 
 ENV_PREFIX = "PAYMASTER_BENCH_PROXY_"
+IN_PROCESS = "governed in process (no proxy)"
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,17 @@ def run_proxy_bench(settings: ProxySettings, tmp: Path, progress: Console) -> Pr
             label = f"through the proxy, {backend}"
             reads.append(read_variant(client, customer, label, gov))
             refunds.append(refund_variant(client, intent, label, gov))
+            # The same governance in this process, without the proxy: what the hop adds.
+            here = governed_client(
+                gov,
+                TEST_API_KEY,
+                agent=AGENT,
+                run="bench-in-process",
+                base_addresses={"api": ls.url},
+            )
+            label = f"{IN_PROCESS}, {backend}"
+            reads.append(read_variant(here, customer, label, gov))
+            refunds.append(refund_variant(here, intent, label, gov))
         for op, variants in (("read", reads), ("refund", refunds)):
             progress.print(f"[dim]proxy: {op}, {len(variants)} variants ...[/]")
             measure(variants, settings)
@@ -308,6 +321,7 @@ def print_proxy(console: Console, results: ProxyResults, number: str = "5.") -> 
         "added p99",
         "added p50 vs same HTTP work",
         "added p99 vs same HTTP work",
+        "the proxy's own p50: above governed in process",
         "ledger check",
     )
     by_label = {(v.op, v.label): v for v in results.variants}
@@ -316,9 +330,13 @@ def print_proxy(console: Console, results: ProxyResults, number: str = "5.") -> 
         same = by_label.get(
             (v.op, "direct" if v.op == "read" else "bare GET+POST (same HTTP work)")
         )
-        check = "-"
+        check, backend = "-", v.label.rpartition(", ")[2]
+        in_process = by_label.get((v.op, f"{IN_PROCESS}, {backend}"))
+        own = "-"
+        if v.label.startswith("through the proxy") and in_process is not None:
+            own = _added(v, in_process, 50)
         if v.governor is not None:
-            c = results.checks[v.label.removeprefix("through the proxy, ")]
+            c = results.checks[backend]
             check = (
                 f"{'[green]ok[/]' if c.ok else '[red]MISMATCH[/]'}: {c.calls} calls, "
                 f"${c.settled.major:.2f} settled, ${c.pending.major:.2f} pending"
@@ -335,6 +353,7 @@ def print_proxy(console: Console, results: ProxyResults, number: str = "5.") -> 
             _added(v, base, 99),
             _added(v, same, 50),
             _added(v, same, 99),
+            own,
             check,
         )
     console.print(table)
@@ -344,16 +363,19 @@ def print_proxy(console: Console, results: ProxyResults, number: str = "5.") -> 
         "this client and the database share its CPUs. Direct: ls.client() (stripe's default "
         "HTTP client, requests, keep-alive). Through the proxy: the same client class with a "
         "vault key and base_addresses={'api': proxy_url}, to a `paymaster proxy` process "
-        "(uvicorn, one worker) that governs and forwards to the same localstripe with httpx.",
+        "(uvicorn, one worker) that governs and forwards to the same localstripe with httpx. "
+        "Governed in process: governed_client() on the same ledger, calling localstripe "
+        "directly; the proxy's own cost is its p50 above that one's.",
         "Through the proxy a refund is a governed look-up GET of the PaymentIntent plus the "
         "governed POST (2 HTTP calls upstream); 'same HTTP work' is the direct GET + POST. "
-        "A proxied call pays an extra HTTP hop, the vault key check (one SELECT), the "
-        "reserve and settle transactions, and for a POST with an idempotency key (stripe "
-        "sends one on every POST) the replay look-up and the kept response (one SELECT, one "
-        "INSERT).",
+        "A proxied call pays, over a call governed in process: an extra HTTP hop, one hand-off "
+        "to a worker thread and back, the vault key check (one SELECT), and for a POST with "
+        "an idempotency key (stripe sends one on every POST) the replay look-up and the kept "
+        "response (one SELECT, one INSERT).",
         f"Warm-up {s.warmup} calls per variant, then {s.calls} per variant in {s.rounds} "
-        "alternating batches; p50/p99 nearest-rank. Ledger check: every proxied refund "
-        "settled at $0.01, one counted call per governed call, nothing pending.",
+        "alternating batches; p50/p99 nearest-rank. Ledger check: every governed refund "
+        "(proxied and in process) settled at $0.01, one counted call per governed call, "
+        "nothing pending.",
     )
     table = new_table(
         f"{number[:-1]}b Revoke to refusal: from the revoke call's start (its own "
