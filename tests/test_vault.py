@@ -18,13 +18,14 @@ from sqlalchemy import Engine, MetaData, Table, inspect, select, update
 from typer.testing import CliRunner
 
 from conftest import Clock
-from paymaster import RunPolicy
+from paymaster import Governor, Money, PolicyViolation, RunPolicy, ViolationCode
 from paymaster._db import _alembic_config, connect, ensure_schema
 from paymaster._schema import metadata, proxy_replay, vault_key
 from paymaster._vault import VaultKeyNotFound, VaultKeyRefused, VaultKeys
 from paymaster.cli import runtime
 from paymaster.cli.app import app
 from paymaster.proxy import ProxyConfig, read_stripe_key
+from stripe_fixtures import refund_agent_policy
 
 Reason = VaultKeyRefused.Reason
 runner = CliRunner()
@@ -372,3 +373,46 @@ def test_a_key_id_is_listed_whole_in_a_narrow_terminal(
     table = runner.invoke(app, ["keys", "list", "--db", cli])
     assert table.exit_code == 0, table.output
     assert f"pmk_{made.record.id}" in table.stdout
+
+
+def test_every_governed_call_presented_with_a_revoked_vault_key_is_refused_by_the_ledger(
+    db_url: str, clock: Clock
+) -> None:
+    """The proxy does not read a key it has authenticated before: the ledger refuses a
+    call whose ``credential`` names a revoked key, in a new reserve, a free call, a retry
+    of a hold still counted and a call that reserves nothing, and audits each refusal."""
+    with Governor(db_url, policies=[refund_agent_policy()], clock=clock) as gov:
+        made = VaultKeys(gov.engine, clock).create("refund-agent", by="ops")
+        other = VaultKeys(gov.engine, clock).create("refund-agent", by="ops")
+        call = {"agent": "refund-agent", "vendor": "stripe", "endpoint": "/v1/refunds"}
+        mine = {**call, "credential": made.record.credential}
+        held = gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1")
+        held.__enter__()  # a hold still counted, as a call in flight leaves it
+        VaultKeys(gov.engine, clock).revoke(made.record.id, by="oncall", reason="leaked")
+        attempts = {
+            "new": lambda: gov.guard(**mine, estimate=Money(100, "USD")),
+            "free": lambda: gov.guard(**mine, free=True),
+            "retry": lambda: gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1"),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(PolicyViolation) as refused:
+                with attempt():
+                    pass
+            assert refused.value.code is ViolationCode.REVOKED, name
+            assert f"vault key {made.record.credential} was revoked by oncall: leaked" in str(
+                refused.value
+            ), name
+        with pytest.raises(PolicyViolation) as refused:
+            gov.free_call(**mine)
+        assert refused.value.code is ViolationCode.REVOKED
+        with gov.guard(
+            **call, estimate=Money(100, "USD"), credential=other.record.credential
+        ) as ok:
+            ok.settle()
+        held.__exit__(None, None, None)
+        rows = gov.audit.query()
+        denied = [r for r in rows if r.outcome == "denied"]
+        assert [(r.violation_code, r.credential) for r in denied] == [
+            ("revoked", made.record.credential)
+        ] * 4
+        assert gov.audit.verify().ok

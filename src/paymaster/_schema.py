@@ -252,6 +252,18 @@ audit_chain = Table(
     Column("head", String(64), nullable=False),
 )
 
+#: A vault key's public name, ``pmk_<id>``: how a call presented with one names it in its
+#: ``credential`` (and how its audit rows name it).
+VAULT_KEY_PREFIX = "pmk_"
+
+
+def vault_key_id(credential: str | None) -> str | None:
+    """The id of the vault key a call's ``credential`` names, or ``None`` (no vault key)."""
+    if credential is None or not credential.startswith(VAULT_KEY_PREFIX):
+        return None
+    return credential[len(VAULT_KEY_PREFIX) :]
+
+
 #: Vault keys (revision 0004): what a proxy client presents instead of the real vendor
 #: key. Only a digest of the secret part is stored; the key id is public.
 vault_key = Table(

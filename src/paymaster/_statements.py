@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from ._schema import alert, audit, audit_chain, budget, hold, revocation
+from ._schema import alert, audit, audit_chain, budget, hold, revocation, vault_key
 
 __all__ = [
     "ACTIVE_REVOCATION",
@@ -48,6 +48,7 @@ __all__ = [
     "REARM_HOLD",
     "RESOLVE_HOLD",
     "RESUME_HOLD",
+    "REVOKED_VAULT_KEY",
     "RUN_BUDGET_LOCKED",
     "SET_HOLD_RESOLUTION",
     "STALE_HOLDS",
@@ -71,6 +72,17 @@ _REVOKED_WHERE = and_(
         and_(revocation.c.kind == "agent", revocation.c.target == bindparam("p_agent")),
         and_(revocation.c.kind == "run", revocation.c.target == bindparam("p_run")),
     ),
+)
+
+# The vault key the call was presented with, revoked (``p_vault_key`` NULL: none was).
+# A proxy trusts a key it has authenticated before without reading it again, so the
+# key's revocation is checked here, by the reserve itself, as the kill switch's is.
+_VAULT_KEY_REVOKED_WHERE = and_(
+    vault_key.c.id == bindparam("p_vault_key"), vault_key.c.revoked_at.is_not(None)
+)
+
+REVOKED_VAULT_KEY = select(vault_key.c.id, vault_key.c.revoked_by, vault_key.c.revoke_reason).where(
+    _VAULT_KEY_REVOKED_WHERE
 )
 
 ACTIVE_REVOCATION: Select[tuple[str, str, str]] = (
@@ -248,8 +260,8 @@ RUN_BUDGET_LOCKED = (
 def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Update:
     """``committed = committed + x, calls = calls + 1`` only where the budget has room.
 
-    With ``check_revoked`` the same statement also refuses when a revocation is in force
-    (as of the statement's start), saving a round trip.
+    With ``check_revoked`` the same statement also refuses when a revocation is in force,
+    or the call's vault key is revoked (as of the statement's start), saving a round trip.
     """
     x = bindparam("p_x", type_=BigInteger)
     stmt = (
@@ -270,7 +282,9 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
         stmt = stmt.where(budget.c.calls < bindparam("p_calls_cap", type_=BigInteger))
     if check_revoked:  # the agent type's daily budget
         stmt = stmt.where(
-            not_(exists().where(_REVOKED_WHERE)), not_(exists().where(_AGENT_OVERRUN_WHERE))
+            not_(exists().where(_REVOKED_WHERE)),
+            not_(exists().where(_VAULT_KEY_REVOKED_WHERE)),
+            not_(exists().where(_AGENT_OVERRUN_WHERE)),
         )
     return stmt
 

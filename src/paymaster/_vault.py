@@ -34,7 +34,7 @@ from . import _storable as storable
 from ._db import unavailable_on_error
 from ._errors import PaymasterError
 from ._policy import RunPolicy
-from ._schema import auth_failure, vault_key
+from ._schema import VAULT_KEY_PREFIX, auth_failure, vault_key
 
 __all__ = [
     "KEY_PREFIX",
@@ -48,7 +48,7 @@ __all__ = [
     "VaultKeys",
 ]
 
-KEY_PREFIX = "pmk_"
+KEY_PREFIX = VAULT_KEY_PREFIX
 _ID_LENGTH = 12
 _KEY = re.compile(r"pmk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _PRESENTED_ID = re.compile(r"pmk_([0-9a-f]{12})(?![0-9a-f])")

@@ -124,9 +124,9 @@ def free_call(
 
 
 def _check_not_revoked(governor: Governor, base: AuditEntry) -> None:
-    """Refuse, and audit, a free call whose agent or run is revoked."""
+    """Refuse, and audit, a free call whose agent, run or vault key is revoked."""
     agent, run = base.agent, base.run
-    revoked = governor.ledger.active_revocation(agent, run)
+    revoked = governor.ledger.active_revocation(agent, run, base.credential)
     if revoked is None:
         return
     violation = PolicyViolation(

@@ -16,6 +16,7 @@ from .._errors import PolicyViolation, ViolationCode
 from .._money import Money
 from ._core import _LedgerCore, _Retry, _StaleBudgetId
 from .models import BudgetRef, Hold, HoldState, ReserveRequest
+from .revocations import revoked_because
 
 
 @dataclass(frozen=True)
@@ -233,14 +234,9 @@ class _Refusals(_LedgerCore):
         )
 
     def _check_revoked(self, conn: Connection, req: ReserveRequest) -> None:
-        row = _driver.run(
-            conn, S.ACTIVE_REVOCATION, {"p_agent": req.agent, "p_run": req.run}
-        ).first()
-        if row is not None:
-            what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
-            raise _Denied(
-                self._violation(req, ViolationCode.REVOKED, f"{what} is revoked: {row.reason}")
-            )
+        why = revoked_because(conn, req.agent, req.run, req.credential)
+        if why is not None:
+            raise _Denied(self._violation(req, ViolationCode.REVOKED, why))
 
     @staticmethod
     def _violation(req: ReserveRequest, code: ViolationCode, message: str) -> PolicyViolation:

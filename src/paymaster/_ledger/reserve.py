@@ -20,7 +20,7 @@ from .. import _statements as S
 from .._db import unavailable_on_error
 from .._errors import GovernanceUnavailable, ViolationCode
 from .._money import Money
-from .._schema import budget
+from .._schema import budget, vault_key_id
 from ._core import (
     _ATTEMPTS,
     _MAX_CACHED_BUDGETS,
@@ -382,7 +382,9 @@ class _Reserving(_Refusals, _Recording):
             "p_calls_cap": calls_cap,
         }
         if check_revoked:
-            params.update(p_agent=req.agent, p_run=req.run)
+            params.update(
+                p_agent=req.agent, p_run=req.run, p_vault_key=vault_key_id(req.credential)
+            )
         stmt = S.take_budget(
             capped=cap is not None, call_capped=calls_cap is not None, check_revoked=check_revoked
         )

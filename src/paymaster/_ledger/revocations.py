@@ -9,9 +9,29 @@ from .. import _driver
 from .. import _statements as S
 from .. import _storable as storable
 from .._db import read_only, unavailable_on_error
-from .._schema import revocation
+from .._schema import VAULT_KEY_PREFIX, revocation, vault_key_id
 from ._core import CALL_NOT_MADE, _LedgerCore
 from .models import Revocation, RevocationScope
+
+
+def revoked_because(
+    conn: Connection, agent: str, run: str | None, credential: str | None
+) -> str | None:
+    """Why a call of ``agent`` (in ``run``, presented with ``credential``) is revoked
+    now, or ``None``: a revocation in force for it, or its vault key revoked."""
+    row = _driver.run(conn, S.ACTIVE_REVOCATION, {"p_agent": agent, "p_run": run}).first()
+    if row is not None:
+        what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
+        return f"{what} is revoked: {row.reason}"
+    key_id = vault_key_id(credential)
+    if key_id is None:
+        return None
+    key = _driver.run(conn, S.REVOKED_VAULT_KEY, {"p_vault_key": key_id}).first()
+    if key is None:
+        return None
+    return (
+        f"vault key {VAULT_KEY_PREFIX}{key.id} was revoked by {key.revoked_by}: {key.revoke_reason}"
+    )
 
 
 def _target(scope: RevocationScope, target: str | None) -> str:
@@ -98,16 +118,14 @@ class _Revoking(_LedgerCore):
                 for r in conn.execute(query)
             ]
 
-    def active_revocation(self, agent: str, run: str | None) -> str | None:
-        """Why ``agent`` (or ``run``) is revoked now, or ``None``: the kill switch for
-        calls that reserve nothing."""
+    def active_revocation(
+        self, agent: str, run: str | None, credential: str | None = None
+    ) -> str | None:
+        """Why ``agent`` (or ``run``, or the vault key ``credential`` names) is revoked
+        now, or ``None``: the kill switch for calls that reserve nothing."""
         agent, run = storable.field("agent", agent), storable.field("run", run)
         with (
             unavailable_on_error(self._engine, "reading revocations", CALL_NOT_MADE),
             read_only(self._engine) as conn,
         ):
-            row = _driver.run(conn, S.ACTIVE_REVOCATION, {"p_agent": agent, "p_run": run}).first()
-        if row is None:
-            return None
-        what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
-        return f"{what} is revoked: {row.reason}"
+            return revoked_because(conn, agent, run, credential)
