@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import stripe
+from sqlalchemy import event
 
 from conftest import Clock, _pg_schema_url
 from paymaster import AuditRecord, Governor, HoldState, Money, Policy, RunPolicy
@@ -640,6 +641,56 @@ def test_a_revoked_vault_key_is_refused_on_its_next_request(proxy: Proxy) -> Non
         client.v1.customers.list()
     assert error_of(refused.value) == (401, "paymaster_vault_key_revoked")
     assert "leaked in a log" in str(refused.value.user_message)
+    assert len(proxy.upstream.seen) == 1
+
+
+def test_a_remembered_key_is_not_read_again_and_its_revocation_is_still_caught(
+    proxy: Proxy,
+) -> None:
+    """After its first request a key is not read again: its revocation is caught inside
+    the reserve of the next governed call (here a refund's pricing look-up), answered as
+    a revoked key (401, the failure counted), audited, and nothing is sent."""
+    key_reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "paymaster_vault_key" in statement:
+            key_reads.append(statement)
+
+    event.listen(proxy.gov.engine, "before_cursor_execute", count)
+    client = proxy.client()
+    for _ in range(3):
+        client.v1.customers.list()
+    assert len(key_reads) == 1
+    intent = paid_intent(proxy.server, 5000)
+    seen = len(proxy.upstream.seen)
+    proxy.keys().revoke(proxy.key, by="oncall", reason="leaked in a log")
+    for _ in range(2):  # caught by the reserve, then refused by authentication
+        with pytest.raises(stripe.AuthenticationError) as refused:
+            client.v1.refunds.create(params={"payment_intent": intent, "amount": 100})
+        assert error_of(refused.value) == (401, "paymaster_vault_key_revoked")
+        assert "leaked in a log" in str(refused.value.user_message)
+    assert len(proxy.upstream.seen) == seen
+    assert refunds_of(proxy.server, intent) == []
+    counted = {(f.key_id, f.reason): f.count for f in proxy.keys().failures(proxy.key)}
+    assert counted == {(credential_of(proxy.key)[4:], "revoked"): 2}
+    denied = [r for r in proxy.gov.audit.query() if r.outcome == "denied"]
+    assert [(r.violation_code, r.credential) for r in denied] == [
+        ("revoked", credential_of(proxy.key))
+    ]
+    assert proxy.committed() == Money(0, "USD")
+    assert proxy.gov.audit.verify().ok
+
+
+def test_a_remembered_key_that_expires_is_refused_before_anything_is_sent(
+    proxy: Proxy, clock: Clock
+) -> None:
+    expiring = proxy.new_key(expires_at=clock() + timedelta(hours=1))
+    client = proxy.client(expiring)
+    client.v1.customers.list()
+    clock.advance(hours=1)
+    with pytest.raises(stripe.AuthenticationError) as refused:
+        client.v1.customers.list()
+    assert error_of(refused.value) == (401, "paymaster_vault_key_expired")
     assert len(proxy.upstream.seen) == 1
 
 

@@ -3,7 +3,10 @@
 Agents hold a vault key and the proxy's URL, never the real key. Each request is:
 
 1. authenticated: without a valid vault key it is refused (401) before anything is read
-   or reserved, and the failure is counted (:meth:`VaultKeys.record_failure`);
+   or reserved, and the failure is counted (:meth:`VaultKeys.record_failure`). A key
+   authenticated before is remembered (its expiry still checked on every request); its
+   revocation is then caught by the ledger, inside the reserve of the request's governed
+   call, and answered as any revoked key is;
 2. refused, and audited under the key, if its method is not GET, POST or DELETE (405),
    its body is too large (413) or its headers are unreadable (400);
 3. replayed, if it is a retry of a POST that already succeeded with the same vault key
@@ -26,8 +29,10 @@ import binascii
 import contextlib
 import contextvars
 import functools
+import hashlib
 import logging
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +83,7 @@ FORWARDED_HEADERS = (
 _METHODS = ("GET", "POST", "DELETE")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 _PURGE_EVERY = 3600.0  # seconds between sweeps of expired replays
+_KNOWN_KEYS = 10_000  # keys remembered as authenticated; the oldest is forgotten first
 
 
 class _Refused(Exception):
@@ -117,6 +123,13 @@ class _Proxy:
         )
         self.stripe = GovernedHTTPClient(governor, inner=self.upstream)
         self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="paymaster-proxy")
+        # Keys authenticated before, by the digest of the whole presented key: a request
+        # presenting one is not read again. Its expiry is checked here on every request,
+        # and its revocation by the ledger, inside the reserve of every governed call (a
+        # key revoked since is refused there, then forgotten and refused as any revoked
+        # key is).
+        self._known: dict[bytes, VaultKey] = {}
+        self._known_lock = threading.Lock()
 
     async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking ``fn`` on one of the proxy's worker threads, with this task's
@@ -135,7 +148,12 @@ class _Proxy:
     async def handle(self, request: Request) -> Response:
         # Authenticate first, whatever the request: every refusal after this is audited
         # under the key, and every failure before it is counted.
-        key = await self._authenticate(request)
+        try:
+            presented = _presented_key(request)
+        except _Refused as refused:  # no key at all
+            await self._count_failure(None, "missing")
+            return refused.response
+        key = await self._authenticate(presented, request.url.path)
         if isinstance(key, Response):
             return key
         method, path = request.method, request.url.path
@@ -156,14 +174,19 @@ class _Proxy:
                 # (in every answer's headers) and retry with it.
                 headers["Idempotency-Key"] = f"paymaster-proxy-{uuid.uuid4().hex}"
             work = functools.partial(self._governed, key, method, url, headers, body)
-        response = await self.in_worker(self._answer, key, method, path, work)
+        response = await self.in_worker(self._answer, key, presented, method, path, work)
         sent_key = headers.get("Idempotency-Key")
         if sent_key is not None and "idempotency-key" not in response.headers:
             response.headers["Idempotency-Key"] = sent_key
         return response
 
     def _answer(
-        self, key: VaultKey, method: str, path: str, work: Callable[[], Response]
+        self,
+        key: VaultKey,
+        presented: str,
+        method: str,
+        path: str,
+        work: Callable[[], Response],
     ) -> Response:
         """Run ``work`` (on a worker thread) as the key's agent and run, and answer every
         way it can end in Stripe's error shape."""
@@ -173,6 +196,13 @@ class _Proxy:
             try:
                 return work()
             except PolicyViolation as violation:
+                if violation.code is ViolationCode.REVOKED:
+                    # Perhaps the key itself, revoked since it was remembered: then it is
+                    # refused as a revoked key is (401), and the failure counted.
+                    self._forget(presented)
+                    refused = self._refusal_of(presented)
+                    if refused is not None:
+                        return refused
                 return violation_response(violation)
             except GovernanceUnavailable as exc:
                 return _unavailable(exc)
@@ -205,20 +235,45 @@ class _Proxy:
                     kind="api_error",
                 )
 
-    async def _authenticate(self, request: Request) -> VaultKey | Response:
-        """The request's vault key, or the answer refusing it (a failure is counted)."""
+    async def _authenticate(self, presented: str, path: str) -> VaultKey | Response:
+        """The presented vault key, or the answer refusing it (a failure is counted)."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        known = self._known.get(digest)
+        if known is not None and known.state(self.governor.ledger.now()) == "active":
+            return known
         try:
-            presented = _presented_key(request)
-            return await self.in_worker(self.keys.authenticate, presented)
-        except _Refused as refused:  # no key at all
-            await self._count_failure(None, "missing")
-            return refused.response
+            key = await self.in_worker(self.keys.authenticate, presented)
         except VaultKeyRefused as refused:
-            log.warning("refused a request to %r: %s", request.url.path, refused)
+            self._forget(presented)
+            log.warning("refused a request to %r: %s", path, refused)
             await self._count_failure(refused.key_id, refused.failure)
             return key_refused_response(refused)
         except GovernanceUnavailable as exc:
             return _unavailable(exc)
+        with self._known_lock:
+            if len(self._known) >= _KNOWN_KEYS:
+                del self._known[next(iter(self._known))]
+            self._known[digest] = key
+        return key
+
+    def _forget(self, presented: str) -> None:
+        with self._known_lock:
+            self._known.pop(hashlib.sha256(presented.encode()).digest(), None)
+
+    def _refusal_of(self, presented: str) -> Response | None:
+        """The answer refusing ``presented`` if it no longer authenticates (the failure
+        counted), else ``None``; on a worker thread."""
+        try:
+            self.keys.authenticate(presented)
+        except VaultKeyRefused as refused:
+            try:
+                self.keys.record_failure(refused.key_id, refused.failure)
+            except Exception:
+                log.exception("could not count a failed authentication (%s)", refused.failure)
+            return key_refused_response(refused)
+        except GovernanceUnavailable:  # the call is refused either way
+            return None
+        return None
 
     async def _count_failure(self, key_id: str | None, reason: str) -> None:
         """Count a failed authentication; the answer is a 401 whether or not it counts."""
