@@ -8,7 +8,9 @@ proxy and with which key.
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -23,6 +25,7 @@ from conftest import Clock, _pg_schema_url
 from paymaster import AuditRecord, Governor, HoldState, Money, Policy, RunPolicy
 from paymaster._vault import UNKNOWN_KEY, VaultKeys
 from paymaster.proxy import ProxyConfig, create_app
+from paymaster.proxy import app as proxy_app
 from paymaster.testing.localstripe import TEST_API_KEY, LocalStripe
 from paymaster.testing.proxy import proxy_client, serve_app
 from stripe_fixtures import localstripe, paid_intent, refund_agent_policy, refunds_of
@@ -692,6 +695,46 @@ def test_a_remembered_key_that_expires_is_refused_before_anything_is_sent(
         client.v1.customers.list()
     assert error_of(refused.value) == (401, "paymaster_vault_key_expired")
     assert len(proxy.upstream.seen) == 1
+
+
+def test_a_key_that_expires_while_its_request_body_is_being_sent_moves_nothing(
+    proxy: Proxy, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is checked when the headers arrive; a body sent after the key expired
+    must not reach Stripe (the ledger checks the key again in the reserve)."""
+    expiring = proxy.new_key(expires_at=clock() + timedelta(hours=1))
+    intent = paid_intent(proxy.server, 5000)
+    reading = threading.Event()
+    read_body = proxy_app._read_body
+
+    async def noticed(request: Any, limit: int) -> bytes:
+        reading.set()  # authenticated: the proxy now waits for the body
+        return await read_body(request, limit)
+
+    monkeypatch.setattr(proxy_app, "_read_body", noticed)
+    body = f"payment_intent={intent}&amount=700".encode()
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/refunds HTTP/1.1\r\nHost: proxy\r\n"
+            + f"Authorization: Bearer {expiring}\r\n".encode()
+            + b"Content-Type: application/x-www-form-urlencoded\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert reading.wait(10)
+        clock.advance(hours=1)
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"401", answer
+    assert json.loads(payload)["error"]["code"] == "paymaster_vault_key_expired"
+    assert proxy.upstream.seen == []
+    assert refunds_of(proxy.server, intent) == []
+    denied = [(r.outcome, r.violation_code) for r in proxy.gov.audit.query()]
+    assert denied == [("denied", "expired")]
+    assert [b.committed for b in proxy.gov.budgets() if b.committed.amount] == []
 
 
 def test_bad_keys_are_refused_before_anything_is_read_reserved_or_sent(

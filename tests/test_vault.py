@@ -416,3 +416,43 @@ def test_every_governed_call_presented_with_a_revoked_vault_key_is_refused_by_th
             ("revoked", made.record.credential)
         ] * 4
         assert gov.audit.verify().ok
+
+
+def test_every_governed_call_presented_with_an_expired_vault_key_is_refused_by_the_ledger(
+    db_url: str, clock: Clock
+) -> None:
+    """A request may reach its reserve long after its key was checked (its body sent
+    slowly, a wait for a worker): the ledger refuses a call whose key has expired since."""
+    with Governor(db_url, policies=[refund_agent_policy()], clock=clock) as gov:
+        made = VaultKeys(gov.engine, clock).create(
+            "refund-agent", by="ops", expires_at=clock() + timedelta(hours=1)
+        )
+        mine = {
+            "agent": "refund-agent",
+            "vendor": "stripe",
+            "endpoint": "/v1/refunds",
+            "credential": made.record.credential,
+        }
+        held = gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1")
+        held.__enter__()
+        clock.advance(hours=1)
+        attempts = {
+            "new": lambda: gov.guard(**mine, estimate=Money(100, "USD")),
+            "free": lambda: gov.guard(**mine, free=True),
+            "retry": lambda: gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1"),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(PolicyViolation) as refused:
+                with attempt():
+                    pass
+            assert refused.value.code is ViolationCode.EXPIRED, name
+            assert f"vault key {made.record.credential} expired at" in str(refused.value), name
+        with pytest.raises(PolicyViolation) as refused:
+            gov.free_call(**mine)
+        assert refused.value.code is ViolationCode.EXPIRED
+        held.__exit__(None, None, None)
+        denied = [r for r in gov.audit.query() if r.outcome == "denied"]
+        assert [(r.violation_code, r.credential) for r in denied] == [
+            ("expired", made.record.credential)
+        ] * 4
+        assert gov.audit.verify().ok

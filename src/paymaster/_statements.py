@@ -46,9 +46,9 @@ __all__ = [
     "HOLD_ON_SUBJECT",
     "INSERT_HOLD",
     "REARM_HOLD",
+    "REFUSED_VAULT_KEY",
     "RESOLVE_HOLD",
     "RESUME_HOLD",
-    "REVOKED_VAULT_KEY",
     "RUN_BUDGET_LOCKED",
     "SET_HOLD_RESOLUTION",
     "STALE_HOLDS",
@@ -74,16 +74,23 @@ _REVOKED_WHERE = and_(
     ),
 )
 
-# The vault key the call was presented with, revoked (``p_vault_key`` NULL: none was).
-# A proxy trusts a key it has authenticated before without reading it again, so the
-# key's revocation is checked here, by the reserve itself, as the kill switch's is.
-_VAULT_KEY_REVOKED_WHERE = and_(
-    vault_key.c.id == bindparam("p_vault_key"), vault_key.c.revoked_at.is_not(None)
+# The vault key the call was presented with, revoked or expired as of ``p_now``
+# (``p_vault_key`` NULL: none was). A proxy trusts a key it has authenticated before
+# without reading it again, and a request may reach its reserve long after its key was
+# checked (a slow body, a queue for a worker): so the key is checked here, by the reserve
+# itself, as the kill switch is.
+_VAULT_KEY_REFUSED_WHERE = and_(
+    vault_key.c.id == bindparam("p_vault_key"),
+    or_(vault_key.c.revoked_at.is_not(None), vault_key.c.expires_at <= bindparam("p_now")),
 )
 
-REVOKED_VAULT_KEY = select(vault_key.c.id, vault_key.c.revoked_by, vault_key.c.revoke_reason).where(
-    _VAULT_KEY_REVOKED_WHERE
-)
+REFUSED_VAULT_KEY = select(
+    vault_key.c.id,
+    vault_key.c.revoked_at,
+    vault_key.c.revoked_by,
+    vault_key.c.revoke_reason,
+    vault_key.c.expires_at,
+).where(_VAULT_KEY_REFUSED_WHERE)
 
 ACTIVE_REVOCATION: Select[tuple[str, str, str]] = (
     select(revocation.c.kind, revocation.c.target, revocation.c.reason)
@@ -261,7 +268,8 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
     """``committed = committed + x, calls = calls + 1`` only where the budget has room.
 
     With ``check_revoked`` the same statement also refuses when a revocation is in force,
-    or the call's vault key is revoked (as of the statement's start), saving a round trip.
+    or the call's vault key is revoked or expired (as of the statement's start), saving a
+    round trip.
     """
     x = bindparam("p_x", type_=BigInteger)
     stmt = (
@@ -283,7 +291,7 @@ def take_budget(*, capped: bool, call_capped: bool, check_revoked: bool) -> Upda
     if check_revoked:  # the agent type's daily budget
         stmt = stmt.where(
             not_(exists().where(_REVOKED_WHERE)),
-            not_(exists().where(_VAULT_KEY_REVOKED_WHERE)),
+            not_(exists().where(_VAULT_KEY_REFUSED_WHERE)),
             not_(exists().where(_AGENT_OVERRUN_WHERE)),
         )
     return stmt

@@ -4,8 +4,10 @@ A vault key (``pmk_<id>_<secret>``) is shown once, when it is made; the ledger s
 public id and a SHA-256 digest of its secret only. (The secret is 256 random bits, so a
 fast digest is enough: there is nothing to guess.) A key binds the calls made with it to
 an agent type, optionally a run and a run policy, and an expiry. The governing proxy
-(:mod:`paymaster.proxy`) authenticates every request with :meth:`VaultKeys.authenticate`,
-reading the key's row each time, so a revoke refuses the very next request. A key made
+(:mod:`paymaster.proxy`) authenticates a key with :meth:`VaultKeys.authenticate` and then
+remembers it; the ledger checks the key again inside the reserve of every governed call
+presented with it (its ``credential``), so a revoke, or the key's expiry, refuses the very
+next call. A key made
 without a run has its own id (``pmk_<id>``) as its run, so ``paymaster revoke --run
 pmk_<id>`` stops its calls.
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .._audit import AuditEntry, Outcome
 from .._audit.records import row_number_problem
-from .._errors import PolicyViolation, ViolationCode
+from .._errors import PolicyViolation
 from .._money import Money
 
 if TYPE_CHECKING:
@@ -124,14 +124,14 @@ def free_call(
 
 
 def _check_not_revoked(governor: Governor, base: AuditEntry) -> None:
-    """Refuse, and audit, a free call whose agent, run or vault key is revoked."""
+    """Refuse, and audit, a free call whose agent, run or vault key is revoked (or whose
+    vault key has expired)."""
     agent, run = base.agent, base.run
-    revoked = governor.ledger.active_revocation(agent, run, base.credential)
-    if revoked is None:
+    stopped = governor.ledger.stopped(agent, run, base.credential)
+    if stopped is None:
         return
     violation = PolicyViolation(
-        ViolationCode.REVOKED,
-        revoked,
+        *stopped,
         agent=agent,
         run=run,
         vendor=base.vendor,

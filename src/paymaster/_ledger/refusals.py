@@ -16,7 +16,7 @@ from .._errors import PolicyViolation, ViolationCode
 from .._money import Money
 from ._core import _LedgerCore, _Retry, _StaleBudgetId
 from .models import BudgetRef, Hold, HoldState, ReserveRequest
-from .revocations import revoked_because
+from .revocations import stopped_because
 
 
 @dataclass(frozen=True)
@@ -234,9 +234,9 @@ class _Refusals(_LedgerCore):
         )
 
     def _check_revoked(self, conn: Connection, req: ReserveRequest) -> None:
-        why = revoked_because(conn, req.agent, req.run, req.credential)
-        if why is not None:
-            raise _Denied(self._violation(req, ViolationCode.REVOKED, why))
+        stopped = stopped_because(conn, req.agent, req.run, req.credential, self.now())
+        if stopped is not None:
+            raise _Denied(self._violation(req, *stopped))
 
     @staticmethod
     def _violation(req: ReserveRequest, code: ViolationCode, message: str) -> PolicyViolation:

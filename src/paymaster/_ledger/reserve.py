@@ -383,7 +383,10 @@ class _Reserving(_Refusals, _Recording):
         }
         if check_revoked:
             params.update(
-                p_agent=req.agent, p_run=req.run, p_vault_key=vault_key_id(req.credential)
+                p_agent=req.agent,
+                p_run=req.run,
+                p_vault_key=vault_key_id(req.credential),
+                p_now=self.now(),
             )
         stmt = S.take_budget(
             capped=cap is not None, call_capped=calls_cap is not None, check_revoked=check_revoked

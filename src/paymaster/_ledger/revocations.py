@@ -3,35 +3,43 @@ reserve in scope is refused, by the budget's own UPDATE), restore, and list them
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import Connection, func, insert, select, update
 
 from .. import _driver
 from .. import _statements as S
 from .. import _storable as storable
 from .._db import read_only, unavailable_on_error
+from .._errors import ViolationCode
 from .._schema import VAULT_KEY_PREFIX, revocation, vault_key_id
 from ._core import CALL_NOT_MADE, _LedgerCore
 from .models import Revocation, RevocationScope
 
 
-def revoked_because(
-    conn: Connection, agent: str, run: str | None, credential: str | None
-) -> str | None:
-    """Why a call of ``agent`` (in ``run``, presented with ``credential``) is revoked
-    now, or ``None``: a revocation in force for it, or its vault key revoked."""
+def stopped_because(
+    conn: Connection, agent: str, run: str | None, credential: str | None, now: datetime
+) -> tuple[ViolationCode, str] | None:
+    """Why a call of ``agent`` (in ``run``, presented with ``credential``) may not be
+    made at ``now``, or ``None``: a revocation in force for it, or its vault key revoked
+    (both :attr:`~ViolationCode.REVOKED`) or expired (:attr:`~ViolationCode.EXPIRED`)."""
     row = _driver.run(conn, S.ACTIVE_REVOCATION, {"p_agent": agent, "p_run": run}).first()
     if row is not None:
         what = "everything" if row.kind == "all" else f"{row.kind} {row.target!r}"
-        return f"{what} is revoked: {row.reason}"
+        return ViolationCode.REVOKED, f"{what} is revoked: {row.reason}"
     key_id = vault_key_id(credential)
     if key_id is None:
         return None
-    key = _driver.run(conn, S.REVOKED_VAULT_KEY, {"p_vault_key": key_id}).first()
+    key = _driver.run(conn, S.REFUSED_VAULT_KEY, {"p_vault_key": key_id, "p_now": now}).first()
     if key is None:
         return None
-    return (
-        f"vault key {VAULT_KEY_PREFIX}{key.id} was revoked by {key.revoked_by}: {key.revoke_reason}"
-    )
+    name = f"{VAULT_KEY_PREFIX}{key.id}"
+    if key.revoked_at is not None:
+        return (
+            ViolationCode.REVOKED,
+            f"vault key {name} was revoked by {key.revoked_by}: {key.revoke_reason}",
+        )
+    return ViolationCode.EXPIRED, f"vault key {name} expired at {key.expires_at:%Y-%m-%d %H:%M:%S}Z"
 
 
 def _target(scope: RevocationScope, target: str | None) -> str:
@@ -118,14 +126,20 @@ class _Revoking(_LedgerCore):
                 for r in conn.execute(query)
             ]
 
-    def active_revocation(
+    def active_revocation(self, agent: str, run: str | None) -> str | None:
+        """Why ``agent`` (or ``run``) is revoked now, or ``None``."""
+        stopped = self.stopped(agent, run)
+        return None if stopped is None else stopped[1]
+
+    def stopped(
         self, agent: str, run: str | None, credential: str | None = None
-    ) -> str | None:
-        """Why ``agent`` (or ``run``, or the vault key ``credential`` names) is revoked
-        now, or ``None``: the kill switch for calls that reserve nothing."""
+    ) -> tuple[ViolationCode, str] | None:
+        """Why a call of ``agent`` (in ``run``, presented with ``credential``) may not be
+        made now (:func:`stopped_because`), or ``None``: the kill switch for calls that
+        reserve nothing."""
         agent, run = storable.field("agent", agent), storable.field("run", run)
         with (
             unavailable_on_error(self._engine, "reading revocations", CALL_NOT_MADE),
             read_only(self._engine) as conn,
         ):
-            return revoked_because(conn, agent, run, credential)
+            return stopped_because(conn, agent, run, credential, self.now())

@@ -5,8 +5,9 @@ Agents hold a vault key and the proxy's URL, never the real key. Each request is
 1. authenticated: without a valid vault key it is refused (401) before anything is read
    or reserved, and the failure is counted (:meth:`VaultKeys.record_failure`). A key
    authenticated before is remembered (its expiry still checked on every request); its
-   revocation is then caught by the ledger, inside the reserve of the request's governed
-   call, and answered as any revoked key is;
+   revocation, and an expiry that falls while the request is read or waits for a worker,
+   are caught by the ledger, inside the reserve of the request's governed call, and
+   answered as for any revoked or expired key;
 2. refused, and audited under the key, if its method is not GET, POST or DELETE (405),
    its body is too large (413) or its headers are unreadable (400);
 3. replayed, if it is a retry of a POST that already succeeded with the same vault key
@@ -196,9 +197,9 @@ class _Proxy:
             try:
                 return work()
             except PolicyViolation as violation:
-                if violation.code is ViolationCode.REVOKED:
-                    # Perhaps the key itself, revoked since it was remembered: then it is
-                    # refused as a revoked key is (401), and the failure counted.
+                if violation.code in (ViolationCode.REVOKED, ViolationCode.EXPIRED):
+                    # Perhaps the key itself, revoked or expired since it was checked:
+                    # then it is refused as such a key is (401), the failure counted.
                     self._forget(presented)
                     refused = self._refusal_of(presented)
                     if refused is not None:
