@@ -126,17 +126,18 @@ class _Proxy:
         self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="paymaster-proxy")
         # Keys authenticated before, by the digest of the whole presented key: a request
         # presenting one is not read again. Its expiry is checked here on every request,
-        # and its revocation by the ledger, inside the reserve of every governed call (a
-        # key revoked since is refused there, then forgotten and refused as any revoked
-        # key is).
+        # and the ledger checks the key again, revoked or expired, inside the reserve of
+        # every governed call (a key refused there is forgotten, then refused as any
+        # revoked or expired key is).
         self._known: dict[bytes, VaultKey] = {}
         self._known_lock = threading.Lock()
 
     async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking ``fn`` on one of the proxy's worker threads, with this task's
         context variables. Each request's ledger work and upstream call run there in one
-        piece, one hand-off from the event loop and one back. A request whose client goes
-        away is still finished: its hold is settled or released from the real response.
+        piece, one hand-off from the event loop and one back. Work a thread has begun is
+        finished even if the request's client goes away, so its hold is settled or
+        released from the real response.
         """
         work = functools.partial(contextvars.copy_context().run, fn, *args)
         return await asyncio.wrap_future(self._workers.submit(work))
