@@ -4,6 +4,8 @@ commands, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,10 +16,10 @@ import yaml
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, MetaData, Table, inspect, select, update
+from sqlalchemy import Engine, MetaData, Table, create_engine, inspect, select, text, update
 from typer.testing import CliRunner
 
-from conftest import Clock
+from conftest import Clock, _pg_schema_url
 from paymaster import Governor, Money, PolicyViolation, RunPolicy, ViolationCode
 from paymaster._db import _alembic_config, connect, ensure_schema
 from paymaster._schema import metadata, proxy_replay, vault_key
@@ -456,3 +458,88 @@ def test_every_governed_call_presented_with_an_expired_vault_key_is_refused_by_t
             ("expired", made.record.credential)
         ] * 4
         assert gov.audit.verify().ok
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("stop", "code"),
+    [
+        ("key revoked", ViolationCode.REVOKED),
+        ("key expired", ViolationCode.EXPIRED),
+        ("agent revoked", ViolationCode.REVOKED),
+    ],
+)
+def test_a_reserve_that_waited_on_its_budget_row_sees_a_revoke_made_meanwhile(
+    pg_admin_url: str, clock: Clock, stop: str, code: ViolationCode
+) -> None:
+    """On PostgreSQL the day's UPDATE checks the kill switch and the vault key as of its
+    start, then may wait on the budget row's lock: a reserve that waited checks them
+    again, so a revoke or an expiry during the wait stops the call (found by an
+    adversarial review: a stalled peer holding the row let a revoked key's payment
+    through after the revoke returned)."""
+    url, drop = _pg_schema_url(pg_admin_url)
+    try:
+        with Governor(url, policies=[refund_agent_policy()], clock=clock) as gov:
+            keys = VaultKeys(gov.engine, clock)
+            made = keys.create("refund-agent", by="ops", expires_at=clock() + timedelta(hours=1))
+            call = {
+                "agent": "refund-agent",
+                "vendor": "stripe",
+                "endpoint": "/v1/refunds",
+                "credential": made.record.credential,
+            }
+            with gov.guard(**call, estimate=Money(100, "USD")) as first:
+                first.settle()
+            (daily,) = [b for b in gov.budgets() if b.kind == "daily"]
+            outcome: dict[str, Any] = {}
+
+            def reserve() -> None:
+                try:
+                    with gov.guard(**call, estimate=Money(200, "USD")) as second:
+                        second.settle()
+                    outcome["allowed"] = True
+                except PolicyViolation as refused:
+                    outcome["refused"] = refused.code
+
+            with gov.engine.connect() as blocker:  # a peer stalled holding the day's row
+                blocker.begin()
+                pid = blocker.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                blocker.execute(
+                    text("SELECT 1 FROM paymaster_budget WHERE id = :id FOR UPDATE"),
+                    {"id": daily.id},
+                )
+                waiter = threading.Thread(target=reserve)
+                waiter.start()
+                _wait_until_blocked_by(pg_admin_url, pid)
+                if stop == "key revoked":
+                    keys.revoke(made.record.id, by="oncall", reason="leaked")
+                elif stop == "key expired":
+                    clock.advance(hours=1)
+                else:
+                    gov.revoke(agent="refund-agent", reason="runaway", by="oncall")
+                clock.advance(seconds=1)  # the reserve has waited (on the ledger's clock)
+                blocker.rollback()
+            waiter.join(30)
+            assert outcome == {"refused": code}
+            (budget,) = [b for b in gov.budgets() if b.kind == "daily"]
+            assert budget.committed == Money(100, "USD")
+            rows = [(r.outcome, r.violation_code) for r in gov.audit.query()]
+            assert rows == [("allowed", None), ("denied", code.value)]
+            assert gov.audit.verify().ok
+    finally:
+        drop()
+
+
+def _wait_until_blocked_by(admin_url: str, pid: int) -> None:
+    """Until some session waits on a lock that session ``pid`` holds. Asked from a
+    connection of its own: a transaction sees one snapshot of ``pg_stat_activity``."""
+    deadline = time.monotonic() + 30
+    blocked = text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            while not conn.execute(blocked, {"pid": pid}).scalar_one():
+                assert time.monotonic() < deadline, "the reserve never waited on the budget row"
+                time.sleep(0.005)  # polling the server for the wait, not a wait for it
+    finally:
+        engine.dispose()

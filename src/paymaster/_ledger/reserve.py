@@ -6,7 +6,7 @@ retried under contention and after a lost COMMIT reply."""
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -38,6 +38,13 @@ from .refusals import _budget_ref, _Denied, _Refusals
 
 #: A budget as a reserve takes it: (its key, its id, the call's run).
 _Budget = tuple[tuple[str, ...], int, "str | None"]
+
+#: A PostgreSQL reserve that took longer than this checks the kill switch and its vault
+#: key again before it commits. The day's UPDATE checks them as of the statement's start
+#: (READ COMMITTED), and the statement may then wait on the budget row's lock for as long
+#: as another transaction holds it: without this, a revoke, or a key's expiry, during a
+#: long wait would not stop the call. A wait this short is an ordinary call in flight.
+RECHECK_AFTER = timedelta(milliseconds=20)
 
 
 def _hold_fields(
@@ -317,6 +324,8 @@ class _Reserving(_Refusals, _Recording):
             created=daily_key in new_ids,
         )
         assert daily_left is not None
+        if self._postgres and self.now() - now > RECHECK_AFTER:
+            self._check_revoked(conn, req)
         if notes is not None:  # threshold alerts, once every budget row is taken
             if run is not None and run_left is not None and run_cap is not None:
                 self._budget_rose(conn, notes, run, run_cap, run_left, now)
