@@ -20,8 +20,9 @@ from sqlalchemy import Engine, MetaData, Table, create_engine, inspect, select, 
 from typer.testing import CliRunner
 
 from conftest import Clock, _pg_schema_url
-from paymaster import Governor, Money, PolicyViolation, RunPolicy, ViolationCode
+from paymaster import AlertConfig, Governor, Money, PolicyViolation, RunPolicy, ViolationCode
 from paymaster._db import _alembic_config, connect, ensure_schema
+from paymaster._ledger import reserve as reserve_module
 from paymaster._schema import metadata, proxy_replay, vault_key
 from paymaster._vault import VaultKeyNotFound, VaultKeyRefused, VaultKeys
 from paymaster.cli import runtime
@@ -470,13 +471,18 @@ def test_every_governed_call_presented_with_an_expired_vault_key_is_refused_by_t
     ],
 )
 def test_a_reserve_that_waited_on_its_budget_row_sees_a_revoke_made_meanwhile(
-    pg_admin_url: str, clock: Clock, stop: str, code: ViolationCode
+    pg_admin_url: str,
+    clock: Clock,
+    stop: str,
+    code: ViolationCode,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On PostgreSQL the day's UPDATE checks the kill switch and the vault key as of its
     start, then may wait on the budget row's lock: a reserve that waited checks them
     again, so a revoke or an expiry during the wait stops the call (found by an
     adversarial review: a stalled peer holding the row let a revoked key's payment
     through after the revoke returned)."""
+    timer = _Timer(monkeypatch)
     url, drop = _pg_schema_url(pg_admin_url)
     try:
         with Governor(url, policies=[refund_agent_policy()], clock=clock) as gov:
@@ -517,7 +523,7 @@ def test_a_reserve_that_waited_on_its_budget_row_sees_a_revoke_made_meanwhile(
                     clock.advance(hours=1)
                 else:
                     gov.revoke(agent="refund-agent", reason="runaway", by="oncall")
-                clock.advance(seconds=1)  # the reserve has waited (on the ledger's clock)
+                timer.advance(1.0)  # the reserve has waited a second
                 blocker.rollback()
             waiter.join(30)
             assert outcome == {"refused": code}
@@ -530,16 +536,103 @@ def test_a_reserve_that_waited_on_its_budget_row_sees_a_revoke_made_meanwhile(
         drop()
 
 
-def _wait_until_blocked_by(admin_url: str, pid: int) -> None:
-    """Until some session waits on a lock that session ``pid`` holds. Asked from a
-    connection of its own: a transaction sees one snapshot of ``pg_stat_activity``."""
+def _wait_until_blocked_by(admin_url: str, pid: int) -> list[int]:
+    """Until some session waits on a lock that session ``pid`` holds; returns their
+    pids. Asked from a connection of its own: a transaction sees one snapshot of
+    ``pg_stat_activity``."""
     deadline = time.monotonic() + 30
-    blocked = text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
+    blocked = text("SELECT pid FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
-            while not conn.execute(blocked, {"pid": pid}).scalar_one():
-                assert time.monotonic() < deadline, "the reserve never waited on the budget row"
+            while not (waiting := list(conn.execute(blocked, {"pid": pid}).scalars())):
+                assert time.monotonic() < deadline, f"nothing waited on session {pid}"
                 time.sleep(0.005)  # polling the server for the wait, not a wait for it
     finally:
         engine.dispose()
+    return waiting
+
+
+class _Timer:
+    """The reserve's monotonic timer, moved by the test instead of by sleeping."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(reserve_module, "_monotonic", lambda: self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("stop", ["agent revoked", "key revoked", "key expired"])
+def test_a_reserve_that_waited_on_an_alert_row_sees_a_revoke_made_meanwhile(
+    pg_admin_url: str, clock: Clock, stop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-check is the reserve's last statement: a reserve that crossed an alert
+    threshold can wait, after the day's UPDATE, on the same threshold's alert row written
+    by a concurrent refusal that itself waits on a stalled peer (found by an adversarial
+    review: the call went out 500 ms after the revoke returned)."""
+    timer = _Timer(monkeypatch)
+    url, drop = _pg_schema_url(pg_admin_url)
+    try:
+        sent: list[object] = []
+        with Governor(
+            url,
+            policies=[refund_agent_policy(per_call_cap="100.00")],
+            clock=clock,
+            alerts=AlertConfig(sinks=[sent.append]),
+        ) as gov:
+            keys = VaultKeys(gov.engine, clock)
+            made = keys.create("refund-agent", by="ops", expires_at=clock() + timedelta(hours=1))
+            call = {
+                "agent": "refund-agent",
+                "vendor": "stripe",
+                "endpoint": "/v1/refunds",
+                "credential": made.record.credential,
+            }
+            with gov.guard(**call, estimate=Money(7000, "USD")) as first:  # $70 of $100
+                first.settle()
+            outcome: dict[str, Any] = {}
+
+            def attempt(name: str, cents: int) -> None:
+                try:
+                    with gov.guard(**call, estimate=Money(cents, "USD")) as made_call:
+                        made_call.settle()
+                    outcome[name] = "allowed"
+                except PolicyViolation as refused:
+                    outcome[name] = refused.code.value
+
+            with gov.engine.connect() as stalled:  # a peer stalled holding the chain head
+                stalled.begin()
+                pid = stalled.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                stalled.execute(
+                    text("SELECT 1 FROM paymaster_audit_chain WHERE chain = :c FOR UPDATE"),
+                    {"c": "refund-agent"},
+                )
+                # $40 would pass the cap: refused, it writes the 100% alert row, then waits
+                # on the chain head for its audit row.
+                denied = threading.Thread(target=attempt, args=("denied", 4000))
+                denied.start()
+                (denied_pid,) = _wait_until_blocked_by(pg_admin_url, pid)
+                # $30 reaches the cap exactly: its alert row waits on the refusal's.
+                reserving = threading.Thread(target=attempt, args=("reserving", 3000))
+                reserving.start()
+                _wait_until_blocked_by(pg_admin_url, denied_pid)
+                if stop == "agent revoked":
+                    gov.revoke(agent="refund-agent", reason="runaway", by="oncall")
+                elif stop == "key revoked":
+                    keys.revoke(made.record.id, by="oncall", reason="leaked")
+                else:
+                    clock.advance(hours=1)
+                timer.advance(1.0)
+                stalled.rollback()
+            denied.join(30)
+            reserving.join(30)
+            expected = "expired" if stop == "key expired" else "revoked"
+            assert outcome == {"denied": "cap_exceeded", "reserving": expected}
+            (budget,) = [b for b in gov.budgets() if b.kind == "daily"]
+            assert budget.committed == Money(7000, "USD")
+            assert gov.audit.verify().ok
+    finally:
+        drop()

@@ -6,7 +6,7 @@ retried under contention and after a lost COMMIT reply."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -39,12 +39,17 @@ from .refusals import _budget_ref, _Denied, _Refusals
 #: A budget as a reserve takes it: (its key, its id, the call's run).
 _Budget = tuple[tuple[str, ...], int, "str | None"]
 
-#: A PostgreSQL reserve that took longer than this checks the kill switch and its vault
-#: key again before it commits. The day's UPDATE checks them as of the statement's start
-#: (READ COMMITTED), and the statement may then wait on the budget row's lock for as long
-#: as another transaction holds it: without this, a revoke, or a key's expiry, during a
-#: long wait would not stop the call. A wait this short is an ordinary call in flight.
-RECHECK_AFTER = timedelta(milliseconds=20)
+#: A PostgreSQL reserve that took longer than this (seconds, on a monotonic timer) checks
+#: the kill switch and its vault key again as its last statement before COMMIT. The day's
+#: UPDATE checks them as of the statement's start (READ COMMITTED), and the transaction
+#: may then wait on a lock for as long as another transaction holds it (the budget row,
+#: an alert row a concurrent refusal wrote): without this, a revoke, or a key's expiry,
+#: during a long wait would not stop the call. A reserve this short is an ordinary call
+#: in flight at the revoke.
+RECHECK_AFTER = 0.020
+
+#: The timer the wait is measured on (not the ledger's clock, which may be simulated).
+_monotonic = time.monotonic
 
 
 def _hold_fields(
@@ -138,7 +143,7 @@ class _Reserving(_Refusals, _Recording):
     ) -> Reservation:
         # Fixed across attempts, so that a retry can recognise a hold that an attempt whose
         # COMMIT reply was lost did write: pending, and created at exactly this instant.
-        hold_id, now = _new_id(), self.now()
+        hold_id, now, started = _new_id(), self.now(), _monotonic()
         written: list[str] = []
         with unavailable_on_error(self._engine, "reserving", CALL_NOT_MADE):
             for attempt in range(_ATTEMPTS):
@@ -157,7 +162,7 @@ class _Reserving(_Refusals, _Recording):
                             ):
                                 return self._reservation_of(conn, Hold.from_row(mine))
                         reservation = self._reserve(
-                            conn, request, now, new_ids, hold_id, written, notes
+                            conn, request, now, new_ids, hold_id, written, notes, started
                         )
                 except _Denied as denied:
                     self.record_denial(request, denied.violation, exhausted=denied.exhausted)
@@ -200,7 +205,11 @@ class _Reserving(_Refusals, _Recording):
         new_hold_id: str,
         written: list[str],
         notes: _Notes | None = None,
+        started: float | None = None,
     ) -> Reservation:
+        """Reserve ``req`` in ``conn``'s transaction. ``started``: when the reserve began
+        (:data:`_monotonic`); default now."""
+        started = _monotonic() if started is None else started
         existing, key, resumed = self._existing(conn, req)
         if resumed is not None:
             return resumed
@@ -220,6 +229,8 @@ class _Reserving(_Refusals, _Recording):
             if rearmed.rowcount != 1:
                 raise _Retry
         daily_left, run_left = self._take_budgets(conn, req, new_ids, daily, run, notes, now)
+        if self._postgres and _monotonic() - started > RECHECK_AFTER:
+            self._check_revoked(conn, req)  # the transaction's last statement: see RECHECK_AFTER
         reserved = _reserved_hold(req, hold_id, now, daily[1], fields["run_budget_id"])
         return Reservation(reserved, daily_left, run_left)
 
@@ -324,8 +335,6 @@ class _Reserving(_Refusals, _Recording):
             created=daily_key in new_ids,
         )
         assert daily_left is not None
-        if self._postgres and self.now() - now > RECHECK_AFTER:
-            self._check_revoked(conn, req)
         if notes is not None:  # threshold alerts, once every budget row is taken
             if run is not None and run_left is not None and run_cap is not None:
                 self._budget_rose(conn, notes, run, run_cap, run_left, now)
