@@ -392,22 +392,12 @@ def test_every_governed_call_presented_with_a_revoked_vault_key_is_refused_by_th
         held = gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1")
         held.__enter__()  # a hold still counted, as a call in flight leaves it
         VaultKeys(gov.engine, clock).revoke(made.record.id, by="oncall", reason="leaked")
-        attempts = {
-            "new": lambda: gov.guard(**mine, estimate=Money(100, "USD")),
-            "free": lambda: gov.guard(**mine, free=True),
-            "retry": lambda: gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1"),
-        }
-        for name, attempt in attempts.items():
-            with pytest.raises(PolicyViolation) as refused:
-                with attempt():
-                    pass
-            assert refused.value.code is ViolationCode.REVOKED, name
-            assert f"vault key {made.record.credential} was revoked by oncall: leaked" in str(
-                refused.value
-            ), name
-        with pytest.raises(PolicyViolation) as refused:
-            gov.free_call(**mine)
-        assert refused.value.code is ViolationCode.REVOKED
+        _refused_every_way(
+            gov,
+            mine,
+            ViolationCode.REVOKED,
+            f"vault key {made.record.credential} was revoked by oncall: leaked",
+        )
         with gov.guard(
             **call, estimate=Money(100, "USD"), credential=other.record.credential
         ) as ok:
@@ -419,6 +409,27 @@ def test_every_governed_call_presented_with_a_revoked_vault_key_is_refused_by_th
             ("revoked", made.record.credential)
         ] * 4
         assert gov.audit.verify().ok
+
+
+def _refused_every_way(
+    gov: Governor, mine: dict[str, Any], code: ViolationCode, message: str
+) -> None:
+    """A call presented as ``mine`` is refused with ``code`` and ``message`` in a new
+    reserve, a free call, a retry of the counted hold keyed ``k-1``, and ``free_call``."""
+    attempts = {
+        "new": lambda: gov.guard(**mine, estimate=Money(100, "USD")),
+        "free": lambda: gov.guard(**mine, free=True),
+        "retry": lambda: gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1"),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(PolicyViolation) as refused:
+            with attempt():
+                pass
+        assert refused.value.code is code, name
+        assert message in str(refused.value), name
+    with pytest.raises(PolicyViolation) as refused:
+        gov.free_call(**mine)
+    assert refused.value.code is code
 
 
 def test_every_governed_call_presented_with_an_expired_vault_key_is_refused_by_the_ledger(
@@ -439,20 +450,9 @@ def test_every_governed_call_presented_with_an_expired_vault_key_is_refused_by_t
         held = gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1")
         held.__enter__()
         clock.advance(hours=1)
-        attempts = {
-            "new": lambda: gov.guard(**mine, estimate=Money(100, "USD")),
-            "free": lambda: gov.guard(**mine, free=True),
-            "retry": lambda: gov.guard(**mine, estimate=Money(500, "USD"), idempotency_key="k-1"),
-        }
-        for name, attempt in attempts.items():
-            with pytest.raises(PolicyViolation) as refused:
-                with attempt():
-                    pass
-            assert refused.value.code is ViolationCode.EXPIRED, name
-            assert f"vault key {made.record.credential} expired at" in str(refused.value), name
-        with pytest.raises(PolicyViolation) as refused:
-            gov.free_call(**mine)
-        assert refused.value.code is ViolationCode.EXPIRED
+        _refused_every_way(
+            gov, mine, ViolationCode.EXPIRED, f"vault key {made.record.credential} expired at"
+        )
         held.__exit__(None, None, None)
         denied = [r for r in gov.audit.query() if r.outcome == "denied"]
         assert [(r.violation_code, r.credential) for r in denied] == [

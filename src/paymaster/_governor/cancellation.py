@@ -9,6 +9,7 @@ wrapped call's in a worker thread, to completion (:func:`to_completion`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import threading
@@ -31,6 +32,15 @@ __all__ = ["AsyncGovernedCall", "AsyncGuard", "aconclude", "finish", "to_complet
 log = logging.getLogger("paymaster")
 
 T = TypeVar("T")
+
+
+async def in_executor(executor: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Await blocking ``fn`` run in ``executor`` with this task's context variables. Once
+    a thread has begun it, ``fn`` runs to completion even if the awaiting task is
+    cancelled (which ends at once); work cancelled before a thread picks it up never
+    starts."""
+    work = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.wrap_future(executor.submit(work))
 
 
 async def to_completion(

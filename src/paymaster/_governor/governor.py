@@ -17,7 +17,6 @@ The work is done by small modules: the request (:mod:`.request`) and its checks
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import getpass
@@ -49,7 +48,7 @@ from .._policy import EffectivePolicy, Policy, PolicySet, RunPolicy, effective_p
 from . import decorator as _decorator
 from . import records as _records
 from .call import _NO_SPAN, CallSpan, GovernedCall, close_call, conclude, open_call
-from .cancellation import AsyncGovernedCall, AsyncGuard, aconclude
+from .cancellation import AsyncGovernedCall, AsyncGuard, aconclude, in_executor
 from .prepare import prepare
 from .request import CallRequest, as_request
 
@@ -247,8 +246,7 @@ class Governor:
         need not wait for it). Work cancelled before a thread picks it up never starts.
         :meth:`close` waits for work in flight.
         """
-        work = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await asyncio.wrap_future(self._executor.submit(work))
+        return await in_executor(self._executor, fn, *args, **kwargs)
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run blocking ``fn`` in the governor's worker threads without waiting for it

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import contextvars
 import functools
 import hashlib
 import logging
@@ -50,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 from .._db import unavailable_on_error
 from .._errors import GovernanceUnavailable, PolicyViolation, ViolationCode
 from .._governor import Governor
+from .._governor.cancellation import in_executor
 from .._vault import VaultKey, VaultKeyRefused, VaultKeys
 from ..vendors.stripe._transport import (
     VENDOR,
@@ -139,8 +139,7 @@ class _Proxy:
         finished even if the request's client goes away, so its hold is settled or
         released from the real response.
         """
-        work = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.wrap_future(self._workers.submit(work))
+        return await in_executor(self._workers, fn, *args)
 
     def close(self) -> None:
         """Wait for the requests in flight, then close the upstream connections."""
@@ -268,19 +267,19 @@ class _Proxy:
         try:
             self.keys.authenticate(presented)
         except VaultKeyRefused as refused:
-            try:
-                self.keys.record_failure(refused.key_id, refused.failure)
-            except Exception:
-                log.exception("could not count a failed authentication (%s)", refused.failure)
+            self._record_failure(refused.key_id, refused.failure)
             return key_refused_response(refused)
         except GovernanceUnavailable:  # the call is refused either way
             return None
         return None
 
     async def _count_failure(self, key_id: str | None, reason: str) -> None:
+        await self.in_worker(self._record_failure, key_id, reason)
+
+    def _record_failure(self, key_id: str | None, reason: str) -> None:
         """Count a failed authentication; the answer is a 401 whether or not it counts."""
         try:
-            await self.in_worker(self.keys.record_failure, key_id, reason)
+            self.keys.record_failure(key_id, reason)
         except Exception:
             log.exception("could not count a failed authentication (%s)", reason)
 
