@@ -180,6 +180,13 @@ def cpu_ticks() -> CpuTicks | None:
     return CpuTicks(total - idle, total)
 
 
+def busy_cpu_s(before: CpuTicks | None, after: CpuTicks | None) -> float | None:
+    """CPU-seconds, summed over all CPUs, that were busy between two snapshots."""
+    if before is None or after is None:
+        return None
+    return (after.busy - before.busy) / os.sysconf("SC_CLK_TCK")
+
+
 def busy_percent(before: CpuTicks | None, after: CpuTicks | None) -> float | None:
     """Share of all CPUs' time that was busy between two snapshots, in percent."""
     if before is None or after is None or after.total == before.total:

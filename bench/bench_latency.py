@@ -11,9 +11,12 @@ alternating batches so drift in the machine's I/O affects both alike.
 from __future__ import annotations
 
 import sqlite3
+import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Literal, Protocol
 
 import psycopg
@@ -47,6 +50,10 @@ class LatencySamples:
     floor: list[float] = field(default_factory=list)
     governed_cpu_s: float = 0.0
     floor_cpu_s: float = 0.0
+    #: SQLite only: per governed call, the seconds inside the sqlite3 module's functions.
+    sqlite_own: list[float] = field(default_factory=list)
+    #: SQLite only: pages written to the WAL per governed call.
+    wal_pages: float | None = None
 
 
 class Floor(Protocol):
@@ -143,9 +150,20 @@ def _governed_batch(gov: Governor, n: int, out: LatencySamples) -> None:
 
 
 def measure(
-    backend: Backend, gov: Governor, floor: Floor, *, calls: int, warmup: int, rounds: int
+    backend: Backend,
+    gov: Governor,
+    floor: Floor,
+    *,
+    calls: int,
+    warmup: int,
+    rounds: int,
+    sqlite_own: bool = False,
 ) -> LatencySamples:
-    """Warm both up, then take ``calls`` samples of each in ``rounds`` alternating batches."""
+    """Warm both up, then take ``calls`` samples of each in ``rounds`` alternating batches.
+
+    ``sqlite_own``: after each governed batch, a fifth as many calls again whose time
+    inside SQLite is taken (:func:`sqlite_own_times`), in the same conditions as the
+    batches beside it; they are not in ``governed``."""
     for _ in range(warmup):
         governed_call(gov)
         floor.pair()
@@ -155,6 +173,8 @@ def measure(
         batch = calls // rounds + (1 if r < calls % rounds else 0)
         _floor_batch(floor, batch, samples)
         _governed_batch(gov, batch, samples)
+        if sqlite_own:
+            samples.sqlite_own.extend(sqlite_own_times(gov, max(10, batch // 5)))
     return samples
 
 
@@ -166,10 +186,61 @@ def measure_sqlite(
     gov = governor_for(f"sqlite:///{path}", backend.synchronous, calls + warmup)
     floor = SqliteFloor(path, backend.synchronous)
     try:
-        return measure(backend, gov, floor, calls=calls, warmup=warmup, rounds=rounds)
+        samples = measure(
+            backend, gov, floor, calls=calls, warmup=warmup, rounds=rounds, sqlite_own=True
+        )
+        samples.wal_pages = wal_pages_per_call(gov, path)
+        return samples
     finally:
         floor.close()
         gov.close()
+
+
+def sqlite_own_times(gov: Governor, calls: int) -> list[float]:
+    """Per governed call, the seconds spent inside the sqlite3 module's functions
+    (``execute``, ``commit``, ``fetchall``, ...): the work SQLite itself does for the
+    call's statements and commits, whatever Python runs around them. Timed from each such
+    function's entry to its return with a profile hook (``sys.setprofile``), which slows
+    the Python between them, not them."""
+    spent = 0.0
+    entered = 0.0
+
+    def hook(_frame: FrameType, event: str, arg: object) -> None:
+        nonlocal spent, entered
+        if event == "c_call" and _is_sqlite(arg):
+            entered = time.perf_counter()
+        elif event in ("c_return", "c_exception") and _is_sqlite(arg):
+            spent += time.perf_counter() - entered
+
+    samples = []
+    sys.setprofile(hook)
+    try:
+        for _ in range(calls):
+            spent = 0.0
+            governed_call(gov)
+            samples.append(spent)
+    finally:
+        sys.setprofile(None)
+    return samples
+
+
+def _is_sqlite(function: object) -> bool:
+    """Whether ``function`` is a method of a sqlite3 connection or cursor."""
+    return type(getattr(function, "__self__", None)).__module__ == "sqlite3"
+
+
+def wal_pages_per_call(gov: Governor, path: Path, calls: int = 20) -> float | None:
+    """Pages the governed calls write to the WAL, per call: the WAL is emptied, ``calls``
+    calls run (well under the 1,000-page auto-checkpoint), and its frames are counted.
+    ``None`` if the WAL could not be emptied (a reader held it)."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            return None
+        for _ in range(calls):
+            governed_call(gov)
+        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(frames) / calls
 
 
 def measure_postgres(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench_config import Config
-from bench_env import X, percentile, pg_schema
+from bench_env import X, busy_cpu_s, percentile, pg_schema
 from bench_latency import Backend, LatencySamples, measure_postgres, measure_sqlite
 from bench_load import (
     LedgerCheck,
@@ -97,6 +98,20 @@ class GovernedScenario:
     def calls_per_s(self) -> float:
         """Allowed calls per second, from the barrier to the last allowed call."""
         return self.run.total("allowed") / self.run.allowed_window_s
+
+    @property
+    def cpu_per_attempt_s(self) -> float | None:
+        """CPU-seconds the whole machine was busy per attempt, barrier -> end: the worker
+        processes, PostgreSQL's backends and anything else running."""
+        busy = busy_cpu_s(self.run.cpu_before, self.run.cpu_after)
+        return None if busy is None else busy / self.run.attempts
+
+    @property
+    def cpu_bound(self) -> float | None:
+        """Attempts/s this machine's CPUs could run at the CPU each attempt took in this run:
+        no change to the code's scheduling or waiting passes it, only doing less work."""
+        per_attempt = self.cpu_per_attempt_s
+        return None if not per_attempt else (os.cpu_count() or 1) / per_attempt
 
     @property
     def ok(self) -> bool:

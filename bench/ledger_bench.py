@@ -7,7 +7,8 @@
 
 1. Single-thread overhead of a governed call (reserve + settle + audit row), p50 and p99,
    on SQLite synchronous=FULL, SQLite synchronous=NORMAL and PostgreSQL, each beside its
-   floor: the two bare durable commits the protocol needs, measured alongside.
+   floor: the two bare durable commits the protocol needs, measured alongside; and, on
+   SQLite, how much of the call is SQLite's own work and how many WAL pages it writes.
 2. Governed calls on ONE hot budget with 1, 2, 4 and 8 processes on PostgreSQL, with a cap
    the run reaches, checked from the database afterwards (overshoot must be 0); and the
    same kind of load spread over 100 agent types' budgets.
@@ -61,6 +62,7 @@ from bench_report import (
     print_machine,
     print_naive,
     print_spread,
+    print_sqlite_own,
     print_targets,
 )
 from bench_scenarios import (
@@ -104,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_machine(console, machine_facts(pg, str(tmp), idle_busy), when)
         latency = run_latency(config, tmp, progress)
     print_latency(console, latency, config)
+    print_sqlite_own(console, latency)
     hot: list[GovernedScenario] = []
     spread: GovernedScenario | None = None
     naive: list[NaiveScenario] = []
