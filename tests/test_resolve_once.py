@@ -108,3 +108,39 @@ def test_the_async_call_and_the_sync_call_it_wraps_resolve_once(
     assert len(rows) == 1 and str(rows[0].outcome) == "allowed"
     [budget] = [b for b in gov.budgets() if b.cap is not None]
     assert budget.committed == Money(rows[0].actual or 0, "USD")
+
+
+@pytest.mark.parametrize("how", ["settle", "fail"])
+def test_an_interrupt_after_the_outcome_committed_leaves_the_attempt_one_row(
+    make_governor: Callable[..., Governor], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Ctrl-C (KeyboardInterrupt) delivered just after the settle's or fail's COMMIT, before
+    the call learns it is resolved: the guard then records the attempt as of unknown
+    outcome, which must find the outcome already recorded by this attempt, not write a
+    second row (nor count a released hold again as if it may have paid)."""
+    gov = make_governor()
+    write = gov.ledger._write
+    interrupted: list[str] = []
+
+    def commit_then_interrupt(action: str, *args: Any) -> Any:
+        done = write(action, *args)
+        if action.startswith("recording hold") and not interrupted:
+            interrupted.append(action)
+            raise KeyboardInterrupt  # as a signal handler would, once COMMIT returned
+        return done
+
+    monkeypatch.setattr(gov.ledger, "_write", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), gov.guard(**REFUND, tool_call_id="call-1") as call:
+        if how == "settle":
+            call.settle(Money.parse("30.00 USD"))
+        else:
+            call.fail(http_status=402, error="declined")
+
+    assert len(interrupted) == 1
+    rows = gov.audit.query(agent="refund-agent")
+    expected = ("allowed", 3000) if how == "settle" else ("failed", 0)
+    assert [(str(r.outcome), r.actual) for r in rows] == [expected]
+    [hold] = gov.ledger.holds(states=list(HoldState))
+    assert hold.state == (HoldState.SETTLED if how == "settle" else HoldState.RELEASED)
+    [budget] = [b for b in gov.budgets() if b.cap is not None]
+    assert budget.committed == Money.parse("30.00 USD" if how == "settle" else "0.00 USD")

@@ -20,7 +20,6 @@ from .. import _statements as S
 from .. import _storable as storable
 from .._audit import AuditEntry, Outcome
 from .._audit import chain as audit_chain
-from .._errors import GovernanceUnavailable
 from .._money import CurrencyMismatch, Money
 from ._core import _joined, _not_recorded, _Notes, _token, _written, log
 from .models import BudgetRef, Hold, HoldState, check_amount
@@ -258,10 +257,16 @@ class _Resolving(_Transitions):
     ) -> Iterator[None]:
         """Remember a resolution that raised after it may have committed, for the same
         attempt's next resolution of the hold to look for first; forget them once one
-        is recorded."""
+        is recorded.
+
+        Whatever raised: a lost COMMIT reply (:class:`~paymaster.GovernanceUnavailable`),
+        and just as well a ``KeyboardInterrupt`` or ``SystemExit`` delivered after the
+        COMMIT returned, after which the guard records the attempt as of unknown outcome.
+        A resolution that did not commit costs that next one a look-up that finds
+        nothing."""
         try:
             yield
-        except GovernanceUnavailable:
+        except BaseException:
             if attempt is not None:
                 if len(self._unconfirmed) > _MAX_UNCONFIRMED:  # attempts that never came back
                     self._unconfirmed.clear()
